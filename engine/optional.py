@@ -1,0 +1,32 @@
+"""Optional dependencies: imported lazily, with one clear message naming the extra to install."""
+from __future__ import annotations
+
+import importlib
+import logging
+from types import ModuleType
+
+log = logging.getLogger(__name__)
+
+
+class MissingDependencyError(ImportError):
+    """An optional package needed for the requested feature is not installed."""
+
+
+def require(module: str, extra: str, purpose: str) -> ModuleType:
+    """Import ``module`` or raise :class:`MissingDependencyError` naming ``pip install refseg[extra]``."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        top = module.split(".")[0]
+        raise MissingDependencyError(
+            f"{purpose} needs the optional package '{top}', which is not installed: "
+            f"pip install 'refseg[{extra}]' (or pip install {top})") from exc
+
+
+def available(module: str) -> bool:
+    """True when ``module`` can be imported (the import is attempted once)."""
+    try:
+        importlib.import_module(module)
+        return True
+    except ImportError:
+        return False

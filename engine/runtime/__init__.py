@@ -1,0 +1,1 @@
+"""Runtime backends: torch, ONNX Runtime, TensorRT behind one small interface."""

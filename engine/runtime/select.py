@@ -1,0 +1,67 @@
+"""Backend selection: ``torch``, ``onnxruntime``, ``tensorrt`` or ``auto``.
+
+``auto`` tries TensorRT -> ONNX Runtime -> torch and logs each step down once with its reason.
+The accelerated backends run exported graphs (``refseg export``) found in ``config``'s engine
+folder; the torch backend loads the official checkpoints directly.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from refseg.config import SegmenterConfig
+from refseg.runtime.torch_backend import TorchBackend, resolve_device
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
+
+
+def load_models(config: SegmenterConfig, sam_checkpoint=None, dinov2_checkpoint=None):
+    """Build DINOv2 and SAM for ``config``; explicit checkpoints decide the model size.
+
+    Returns:
+        (dinov2 module, sam module, config) where config's ``dinov2``/``sam`` names are those of
+        the checkpoints actually loaded.
+    """
+    from refseg.models import build_dinov2, build_sam
+
+    dinov2 = build_dinov2(None if dinov2_checkpoint else config.dinov2, dinov2_checkpoint)
+    sam = build_sam(None if sam_checkpoint else config.sam, sam_checkpoint)
+    changes = {}
+    if dinov2.spec.name != config.dinov2:
+        log.info("DINOv2 %s from %s (config named %s)", dinov2.spec.name, dinov2_checkpoint, config.dinov2)
+        changes["dinov2"] = dinov2.spec.name
+    if sam.spec.name != config.sam:
+        log.info("SAM %s from %s (config named %s)", sam.spec.name, sam_checkpoint, config.sam)
+        changes["sam"] = sam.spec.name
+    return dinov2, sam, config.replace(**changes) if changes else config
+
+
+def create_backend(name: str, config: SegmenterConfig, sam_checkpoint=None, dinov2_checkpoint=None,
+                   device: str = "auto", engine_dir: str | os.PathLike | None = None):
+    """Create the runtime backend ``name`` for ``config`` on ``device``.
+
+    Raises:
+        ValueError: unknown backend name, or an explicitly requested backend that cannot run here
+            (the message says why).
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    dev = resolve_device(device)
+    candidates = ["tensorrt", "onnxruntime", "torch"] if name == "auto" else [name]
+    for candidate in candidates:
+        if candidate == "torch":
+            dinov2, sam, config = load_models(config, sam_checkpoint, dinov2_checkpoint)
+            backend = TorchBackend(dinov2, sam, dev, config.precision, config.feature_key)
+            backend.config = config
+            return backend
+        try:
+            from refseg.runtime.exported import create_exported_backend
+            return create_exported_backend(candidate, config, dev, sam_checkpoint=sam_checkpoint,
+                                           dinov2_checkpoint=dinov2_checkpoint, engine_dir=engine_dir)
+        except (ImportError, RuntimeError, ValueError, OSError) as exc:
+            if name != "auto":
+                raise ValueError(f"backend {candidate!r} is not usable: {exc}") from exc
+            log.warning("backend %s unavailable (%s); trying the next one", candidate, exc)
+    raise AssertionError("unreachable: torch is always the last candidate")

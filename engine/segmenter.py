@@ -1,0 +1,212 @@
+"""The stateful Segmenter: set the reference once, segment many targets.
+
+    seg = Segmenter.from_preset("sat", sam_checkpoint="sam_vit_b_01ec64.pth",
+                                dinov2_checkpoint="dinov2_vitb14_pretrain.pth")
+    seg.set_reference(ref_image, ref_mask)       # encodes the reference once
+    result = seg.segment(target_image)           # SegmentationResult
+    results = seg.segment_batch([img1, img2])    # both encoders batched
+
+Images are numpy arrays (H, W) or (H, W, C) of uint8/uint16/float (grayscale and RGBA are
+converted to RGB); masks are (H, W) integer/bool arrays, 0 = background, other values = classes.
+All point coordinates are (x, y) pixels of the image they refer to.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from refseg.config import SegmenterConfig
+from refseg.io.raster import to_rgb_uint8
+from refseg.models.sam_transforms import prepare_images
+from refseg.pipeline.decode import decode_target, to_label_map
+from refseg.pipeline.features import PATCH, dinov2_batch
+from refseg.pipeline.grid import FG, grids_from_config
+from refseg.pipeline.matching import candidates_to_points, match_candidates
+from refseg.pipeline.prompts import engineer_padded
+from refseg.runtime.select import create_backend
+from refseg.runtime.timing import StageTimer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SegmentationResult:
+    """The segmentation of one target image.
+
+    Attributes:
+        mask: (H, W) uint8 label map in the input's geometry: 0 background, otherwise the class
+            value of the reference mask (1 for a binary reference).
+        class_masks: class value -> (H, W) bool mask.
+        points: class value -> (N, 2) float32 prompt points, (x, y) pixels of the target.
+        point_labels: class value -> (N,) int64, 1 positive / 0 negative.
+        boxes: class value -> (4,) float32 box (x0, y0, x1, y1) pixels, or None.
+        scores: class value -> SAM's predicted IoU of the chosen mask (0.0 when no prompt).
+        timings: stage name -> seconds spent for this image (batch stages divided evenly).
+    """
+
+    mask: np.ndarray
+    class_masks: dict[int, np.ndarray] = field(default_factory=dict)
+    points: dict[int, np.ndarray] = field(default_factory=dict)
+    point_labels: dict[int, np.ndarray] = field(default_factory=dict)
+    boxes: dict[int, np.ndarray | None] = field(default_factory=dict)
+    scores: dict[int, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        """Prompts, scores and timings as plain JSON types (used for ``<stem>.json``)."""
+        return {
+            "classes": {
+                str(c): {
+                    "points": self.points[c].tolist(),
+                    "labels": self.point_labels[c].tolist(),
+                    "box": None if self.boxes.get(c) is None else self.boxes[c].tolist(),
+                    "predicted_iou": self.scores.get(c, 0.0),
+                    "area": int(self.class_masks[c].sum()),
+                } for c in self.class_masks
+            },
+            "timings_s": self.timings,
+        }
+
+
+class Segmenter:
+    """One-shot reference-guided segmentation (DINOv2 matching -> prompts -> SAM).
+
+    Args:
+        config: the configuration (see :class:`refseg.SegmenterConfig` and its presets).
+        sam_checkpoint, dinov2_checkpoint: official checkpoint files; ``None`` looks them up by
+            their official names (``$REFSEG_CHECKPOINT_DIR``, ``~/.cache/refseg``, download).
+        device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ...
+        backend: ``"torch"``, ``"onnxruntime"``, ``"tensorrt"`` or ``"auto"``.
+    """
+
+    def __init__(self, config: SegmenterConfig, sam_checkpoint: str | os.PathLike | None = None,
+                 dinov2_checkpoint: str | os.PathLike | None = None, device: str = "auto",
+                 backend: str = "torch"):
+        self.backend = create_backend(backend, config, sam_checkpoint=sam_checkpoint,
+                                      dinov2_checkpoint=dinov2_checkpoint, device=device)
+        self.config = self.backend.config  # model names as actually loaded
+        self.device = self.backend.device
+        self._ref_tokens: list[torch.Tensor] = []   # each (T, D)
+        self._ref_grids: list[dict[int, torch.Tensor]] = []  # each class -> (T,) int8 {1, 0, -1}
+
+    @classmethod
+    def from_preset(cls, name: str = "sat", sam_checkpoint=None, dinov2_checkpoint=None,
+                    device: str = "auto", backend: str = "torch", **overrides) -> "Segmenter":
+        """Build from a named preset (``sat``, ``gbmseg``) with field overrides."""
+        return cls(SegmenterConfig.from_preset(name, **overrides), sam_checkpoint=sam_checkpoint,
+                   dinov2_checkpoint=dinov2_checkpoint, device=device, backend=backend)
+
+    # ------------------------------------------------------------------ reference
+    @property
+    def classes(self) -> list[int]:
+        """Class values present in the reference mask(s), ascending."""
+        return sorted({c for grid in self._ref_grids for c in grid})
+
+    def set_reference(self, image: np.ndarray, mask: np.ndarray, source: str = "reference") -> "Segmenter":
+        """Forget earlier references and encode this one (cached for every later target)."""
+        self._ref_tokens.clear()
+        self._ref_grids.clear()
+        return self.add_reference(image, mask, source)
+
+    def add_reference(self, image: np.ndarray, mask: np.ndarray, source: str = "reference") -> "Segmenter":
+        """Add one more labelled reference (n-shot: reference patches are pooled).
+
+        Raises:
+            ValueError: naming ``source``: mask size differs from the image, the mask is empty or
+                all foreground, or no patch of a class survives the grid rule.
+        """
+        rgb = to_rgb_uint8(np.asarray(image))
+        mask = np.asarray(mask)
+        if mask.ndim != 2:
+            raise ValueError(f"{source}: reference mask must be (H, W), got shape {mask.shape}")
+        if mask.shape != rgb.shape[:2]:
+            raise ValueError(f"{source}: reference mask size {mask.shape[1]}x{mask.shape[0]} differs "
+                             f"from its image {rgb.shape[1]}x{rgb.shape[0]} (W x H)")
+        if not mask.any():
+            raise ValueError(f"{source}: reference mask is empty (no foreground pixel)")
+        if mask.all():
+            raise ValueError(f"{source}: reference mask is all foreground (no background pixel)")
+        classes, stacked = grids_from_config(mask, self.config)
+        grids = {c: g.flatten() for c, g in zip(classes, stacked)}
+        empty = [c for c, g in grids.items() if not bool((g == FG).any())]
+        if empty:
+            raise ValueError(
+                f"{source}: class(es) {empty} cover no whole {PATCH}x{PATCH} patch at image_size "
+                f"{self.config.image_size}; use a larger image_size or grid_rule='fraction'/'any'")
+        tokens = self.backend.encode_dinov2(dinov2_batch([rgb], self.config.image_size))[0]
+        self._ref_tokens.append(tokens)
+        self._ref_grids.append({c: g.to(tokens.device) for c, g in grids.items()})
+        return self
+
+    def _reference(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled reference tokens (Nr, D) and grid labels (C, Nr) in :attr:`classes` order."""
+        if not self._ref_tokens:
+            raise RuntimeError("call set_reference(image, mask) before segment()")
+        labels = [torch.stack([g[c] if c in g else torch.zeros_like(next(iter(g.values())))
+                               for c in self.classes]) for g in self._ref_grids]
+        return torch.cat(self._ref_tokens), torch.cat(labels, dim=1)  # absent class = background
+
+    # ------------------------------------------------------------------ targets
+    def segment(self, image: np.ndarray) -> SegmentationResult:
+        """Segment one target image (see :meth:`segment_batch`)."""
+        return self.segment_batch([image])[0]
+
+    def segment_batch(self, images: list[np.ndarray]) -> list[SegmentationResult]:
+        """Segment several targets; both encoders run on chunks of ``config.batch_size``.
+
+        Raises:
+            ValueError: an image smaller than one 14-px patch, or not 2-D/3-D.
+        """
+        rgbs = []
+        for i, image in enumerate(images):
+            rgb = to_rgb_uint8(np.asarray(image))
+            if min(rgb.shape[:2]) < PATCH:
+                raise ValueError(f"image {i}: {rgb.shape[1]}x{rgb.shape[0]} is smaller than one "
+                                 f"{PATCH}x{PATCH} patch")
+            rgbs.append(rgb)
+        results = []
+        step = max(1, self.config.batch_size)
+        for start in range(0, len(rgbs), step):
+            results.extend(self._segment_chunk(rgbs[start:start + step]))
+        return results
+
+    def _segment_chunk(self, rgbs: list[np.ndarray]) -> list[SegmentationResult]:
+        cfg, classes = self.config, self.classes
+        timer = StageTimer(self.device)
+        ref_tokens, ref_labels = self._reference()
+        sizes = [tuple(rgb.shape[:2]) for rgb in rgbs]
+        with timer("dinov2"):
+            tgt_tokens = self.backend.encode_dinov2(dinov2_batch(rgbs, cfg.image_size))
+        with timer("matching"):
+            cand = match_candidates(ref_tokens, ref_labels, tgt_tokens, cfg)
+            sets = candidates_to_points(cand, cfg.grid_size, cfg.image_size, sizes)
+        with timer("prompts"):
+            set_sizes = torch.as_tensor(sizes).repeat_interleave(len(classes), 0)
+            hard = sets["hard_negatives"] if cfg.hard_negatives else (None, None)
+            prompts = engineer_padded(*sets["positives"], *sets["negatives"], set_sizes, cfg, *hard)
+        with timer("sam_encoder"):
+            prepared = prepare_images(rgbs)
+            embeddings = self.backend.encode_sam(prepared.pixels)
+        results = []
+        for i in range(len(rgbs)):
+            rows = list(range(i * len(classes), (i + 1) * len(classes)))
+            with timer("decoder"):
+                decoded = decode_target(self.backend, embeddings[i], prompts, rows,
+                                        prepared.input_sizes[i], sizes[i], cfg)
+            with timer("postprocess"):
+                label_map, class_masks = to_label_map(decoded, classes, cfg)
+            result = SegmentationResult(mask=label_map, class_masks=class_masks)
+            for j, (c, row) in enumerate(zip(classes, rows)):
+                result.points[c], result.point_labels[c] = prompts.prompt(row)
+                box = None if prompts.boxes is None else prompts.boxes[row].numpy()
+                result.boxes[c] = None if box is None or np.isnan(box).any() else box
+                result.scores[c] = float(decoded.iou[j])
+            results.append(result)
+        per_image = {k: v / len(rgbs) for k, v in timer.totals.items()}
+        for r in results:
+            r.timings = dict(per_image)
+        return results

@@ -1,0 +1,1 @@
+"""Test helpers shipped with refseg: deterministic random checkpoints in the official formats."""

@@ -1,0 +1,56 @@
+"""Post-processing (connected components, holes) against scipy.ndimage as the reference."""
+import numpy as np
+import pytest
+import torch
+
+from refseg.pipeline.postprocess import clean_mask, fill_holes, label_components
+
+ndi = pytest.importorskip("scipy.ndimage")
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_label_components_matches_scipy(connectivity):
+    rng = np.random.default_rng(0)
+    structure = np.ones((3, 3)) if connectivity == 8 else None
+    for _ in range(25):
+        shape = (int(rng.integers(1, 70)), int(rng.integers(1, 70)))
+        m = rng.random(shape) < rng.uniform(0.2, 0.7)
+        labels, sizes = label_components(torch.from_numpy(m), connectivity)
+        ref, k = ndi.label(m, structure=structure)
+        assert int(labels.max()) == k
+        np.testing.assert_array_equal(labels.numpy(), ref)
+        np.testing.assert_array_equal(sizes.numpy(), np.bincount(ref.ravel(), minlength=k + 1)[1:])
+
+
+def test_label_components_long_snake():
+    # A one-pixel-wide serpentine: plain label propagation would need thousands of rounds.
+    m = np.zeros((201, 201), bool)
+    m[::4, :] = True
+    m[1::8, -1] = m[2::8, -1] = m[3::8, -1] = True
+    m[5::8, 0] = m[6::8, 0] = m[7::8, 0] = True
+    labels, sizes = label_components(torch.from_numpy(m))
+    assert int(labels.max()) == 1 and int(sizes[0]) == m.sum()
+
+
+def test_fill_holes_matches_scipy():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        m = rng.random((40, 50)) < 0.55
+        np.testing.assert_array_equal(fill_holes(torch.from_numpy(m)).numpy(), ndi.binary_fill_holes(m))
+
+
+def test_clean_mask_rules():
+    m = np.zeros((60, 60), bool)
+    m[5:35, 5:35] = True          # big: 900 px with a hole
+    m[15:20, 15:20] = False
+    m[40:55, 40:55] = True        # 225 px = 26 % of the big one (before hole filling: 875 -> 25.7 %)
+    m[2:4, 50:52] = True          # tiny
+    t = torch.from_numpy(m)
+    largest = clean_mask(t, keep_largest=True).numpy()
+    assert largest[5:35, 5:35].all() and not largest[40:, 40:].any() and not largest[2:4, 50:52].any()
+    kept = clean_mask(t, min_component_fraction=0.25).numpy()
+    assert kept[40:55, 40:55].all() and not kept[2:4, 50:52].any() and not kept[15:20, 15:20].any()
+    kept30 = clean_mask(t, min_component_fraction=0.3, holes=True).numpy()
+    assert not kept30[40:55, 40:55].any() and kept30[15:20, 15:20].all()
+    assert clean_mask(torch.zeros(5, 5, dtype=torch.bool), keep_largest=True).sum() == 0
+    np.testing.assert_array_equal(clean_mask(t).numpy(), m)
