@@ -69,12 +69,13 @@ def _config_from_args(args: argparse.Namespace):
 def _cmd_segment(args: argparse.Namespace) -> int:
     from refseg.io import raster
     from refseg.runner import run_folder
-    from refseg.segmenter import Segmenter
+    from refseg.segmenter import Segmenter, check_reference
 
     if len(args.reference) != len(args.reference_mask):
         raise ValueError("give one -m/--reference-mask per -r/--reference")
     config = _config_from_args(args)
-    references = [(raster.to_rgb_uint8(raster.read_image(img)), raster.read_mask(msk), msk)
+    # Everything about the references is checked before any model is loaded.
+    references = [(*check_reference(raster.read_image(img), raster.read_mask(msk), msk), msk)
                   for img, msk in zip(args.reference, args.reference_mask)]
     inputs = raster.list_images(args.input)
     segmenter = Segmenter(config, sam_checkpoint=args.sam_checkpoint,

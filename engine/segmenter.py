@@ -72,6 +72,31 @@ class SegmentationResult:
         }
 
 
+def check_reference(image: np.ndarray, mask: np.ndarray, source: str = "reference"
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a reference pair before any model work.
+
+    Returns:
+        (RGB uint8 image (H, W, 3), mask (H, W)).
+
+    Raises:
+        ValueError: naming ``source``: mask not 2-D, size differs from the image, mask empty or
+            all foreground.
+    """
+    rgb = to_rgb_uint8(np.asarray(image))
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"{source}: reference mask must be (H, W), got shape {mask.shape}")
+    if mask.shape != rgb.shape[:2]:
+        raise ValueError(f"{source}: reference mask size {mask.shape[1]}x{mask.shape[0]} differs "
+                         f"from its image {rgb.shape[1]}x{rgb.shape[0]} (W x H)")
+    if not mask.any():
+        raise ValueError(f"{source}: reference mask is empty (no foreground pixel)")
+    if mask.all():
+        raise ValueError(f"{source}: reference mask is all foreground (no background pixel)")
+    return rgb, mask
+
+
 class Segmenter:
     """One-shot reference-guided segmentation (DINOv2 matching -> prompts -> SAM).
 
@@ -119,17 +144,7 @@ class Segmenter:
             ValueError: naming ``source``: mask size differs from the image, the mask is empty or
                 all foreground, or no patch of a class survives the grid rule.
         """
-        rgb = to_rgb_uint8(np.asarray(image))
-        mask = np.asarray(mask)
-        if mask.ndim != 2:
-            raise ValueError(f"{source}: reference mask must be (H, W), got shape {mask.shape}")
-        if mask.shape != rgb.shape[:2]:
-            raise ValueError(f"{source}: reference mask size {mask.shape[1]}x{mask.shape[0]} differs "
-                             f"from its image {rgb.shape[1]}x{rgb.shape[0]} (W x H)")
-        if not mask.any():
-            raise ValueError(f"{source}: reference mask is empty (no foreground pixel)")
-        if mask.all():
-            raise ValueError(f"{source}: reference mask is all foreground (no background pixel)")
+        rgb, mask = check_reference(image, mask, source)
         classes, stacked = grids_from_config(mask, self.config)
         grids = {c: g.flatten() for c, g in zip(classes, stacked)}
         empty = [c for c, g in grids.items() if not bool((g == FG).any())]
