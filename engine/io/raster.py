@@ -1,0 +1,314 @@
+"""2-D raster input: reading images and masks from PNG / JPEG / TIFF / BMP files.
+
+Pixels are returned exactly as stored in the file (no EXIF rotation, no colour management), so that a mask
+and the image it belongs to always share the same pixel grid. Arrays are row-major: ``array[y, x]`` with
+``y`` the row and ``x`` the column, i.e. the (x, y) pixel convention used for prompts.
+
+Decoding uses Pillow. The optional ``tifffile`` package (``pip install 'refseg[io]'``) is imported only for
+TIFF files Pillow cannot decode losslessly (several samples per pixel at 16 or 32 bits, e.g. 16-bit RGB).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from refseg.optional import require
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
+"""Lower-case file suffixes accepted as 2-D images (matched case-insensitively)."""
+
+_JPEG_SUFFIXES = frozenset({".jpg", ".jpeg"})
+_TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
+_EXIF_ORIENTATION = 0x0112
+# Largest R/G/B difference accepted in a grey JPEG mask (compression noise), in grey levels.
+_JPEG_CHANNEL_TOLERANCE = 48
+# Integer images whose value range is at most this wide get an exact histogram percentile (bincount).
+_BINCOUNT_MAX_RANGE = 1 << 20
+
+
+class ImageReadError(ValueError):
+    """A file could not be read as an image or mask; the message names the file and the problem."""
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """True when ``path`` has one of :data:`IMAGE_SUFFIXES` (case-insensitive); the file is not opened."""
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def list_images(path: str | os.PathLike) -> list[Path]:
+    """Image files named by ``path``.
+
+    A file gives ``[file]`` (its suffix must be in :data:`IMAGE_SUFFIXES`). A folder gives its image files
+    (not recursive), sorted by file name, skipping hidden files (names starting with ``.``) and sub-folders.
+    Raises ``FileNotFoundError`` when ``path`` does not exist and ``ValueError`` when a folder holds no image
+    or a file has an unsupported suffix.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if path.is_file():
+        if not is_image_file(path):
+            raise ValueError(f"{path}: unsupported file type {path.suffix!r}; "
+                             f"expected one of {sorted(IMAGE_SUFFIXES)}")
+        return [path]
+    found = sorted((p for p in path.iterdir()
+                    if not p.name.startswith(".") and p.is_file() and is_image_file(p)),
+                   key=lambda p: p.name)
+    if not found:
+        raise ValueError(f"{path}: folder holds no image file ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return found
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise ImageReadError(f"{path}: file does not exist")
+    if not path.is_file():
+        raise ImageReadError(f"{path}: not a regular file")
+    if path.stat().st_size == 0:
+        raise ImageReadError(f"{path}: file is empty (0 bytes)")
+
+
+def _tiff_needs_tifffile(im: Image.Image) -> bool:
+    """True for TIFFs with several samples per pixel wider than 8 bits, which Pillow reduces to 8 bits."""
+    tags = getattr(im, "tag_v2", None)
+    if tags is None:
+        return False
+    bits = tags.get(258, (8,))
+    bits = bits if isinstance(bits, tuple) else (bits,)
+    samples = int(tags.get(277, 1))
+    return samples > 1 and max(bits) > 8
+
+
+def _read_tifffile(path: Path) -> np.ndarray:
+    tifffile = require("tifffile", extra="io", purpose=f"Reading {path.name} (TIFF with >8-bit colour samples)")
+    try:
+        array = np.asarray(tifffile.imread(str(path), key=0))
+    except Exception as exc:  # tifffile raises many types; report them as one read error
+        raise ImageReadError(f"{path}: corrupt or unsupported TIFF ({exc})") from exc
+    if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] not in (3, 4):
+        array = np.moveaxis(array, 0, -1)  # planar (C, H, W) storage
+    return array
+
+
+def _pil_to_array(im: Image.Image, path: Path, keep_palette: bool) -> np.ndarray:
+    """Convert a loaded Pillow image to (H, W) or (H, W, C) numpy, C in {3, 4}."""
+    mode = im.mode
+    if mode == "P" and keep_palette:
+        return np.asarray(im, dtype=np.uint8)
+    if mode in ("P", "PA"):
+        has_alpha = mode == "PA" or "transparency" in im.info
+        im = im.convert("RGBA" if has_alpha else "RGB")
+    elif mode == "LA":
+        im = im.convert("RGBA")  # keeps the grey value in R=G=B and the alpha
+    elif mode in ("CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa"):
+        im = im.convert("RGB")
+    mode = im.mode
+    if mode == "1":
+        return np.asarray(im, dtype=bool)
+    if mode in ("L", "RGB", "RGBA"):
+        return np.asarray(im, dtype=np.uint8)
+    if mode.startswith("I;16"):
+        return np.asarray(im).astype(np.uint16)  # big-endian variants become native uint16
+    if mode == "I":
+        array = np.asarray(im, dtype=np.int32)
+        if array.size and array.min() >= 0 and array.max() <= np.iinfo(np.uint16).max:
+            return array.astype(np.uint16)
+        return array
+    if mode == "F":
+        return np.asarray(im, dtype=np.float32)
+    raise ImageReadError(f"{path}: unsupported image mode {mode!r}")
+
+
+def _read_array(path: str | os.PathLike, keep_palette: bool = False) -> tuple[np.ndarray, str]:
+    """Decode ``path`` fully; return (array as stored, Pillow format name such as 'PNG' or 'JPEG')."""
+    path = Path(path)
+    _check_file(path)
+    try:
+        with Image.open(path) as im:
+            fmt = im.format or ""
+            if getattr(im, "n_frames", 1) > 1:
+                log.warning("%s: holds %d frames/pages; reading the first only", path, im.n_frames)
+            if fmt == "TIFF" and _tiff_needs_tifffile(im):
+                return _read_tifffile(path), fmt
+            if fmt == "PNG" and im.mode in ("RGB", "RGBA") and im.tile and ";16" in str(im.tile[0][3]):
+                log.warning("%s: 16-bit colour PNG is reduced to 8 bits per channel by Pillow", path)
+            im.load()  # Pillow is lazy: decode now so truncated data fails here
+            orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+            if orientation not in (0, 1):
+                log.warning("%s: EXIF orientation %s is ignored; pixels are used as stored",
+                            path, orientation)
+            array = _pil_to_array(im, path, keep_palette)
+    except ImageReadError:
+        raise
+    except UnidentifiedImageError as exc:
+        raise ImageReadError(f"{path}: not a recognised image file (corrupt or wrong suffix)") from exc
+    except Image.DecompressionBombError as exc:  # Pillow refuses > 2 x MAX_IMAGE_PIXELS
+        raise ImageReadError(f"{path}: image too large for a 2-D read ({exc}); use the slide reader") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageReadError(f"{path}: corrupt or truncated image data ({exc})") from exc
+    return array, fmt
+
+
+def _check_size(array: np.ndarray, path: Path, min_side: int) -> None:
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise ImageReadError(f"{path}: unsupported array shape {array.shape}; expected (H, W) or (H, W, 3|4)")
+    height, width = array.shape[:2]
+    if min(height, width) < min_side:
+        raise ImageReadError(f"{path}: image too small ({width}x{height} px, W x H); "
+                             f"each side must be at least {min_side} px")
+
+
+def read_image(path: str | os.PathLike, min_side: int = 2) -> np.ndarray:
+    """Read a 2-D image as stored.
+
+    Returns (H, W) for grayscale (dtype bool for 1-bit, uint8, uint16, int32 for 32-bit integers outside
+    the uint16 range, float32) or (H, W, C) uint8 / uint16 with C = 3 (RGB) or 4 (RGBA). Palette images
+    become RGB/RGBA, grey+alpha becomes RGBA, CMYK/YCbCr become RGB. Raises :class:`ImageReadError` for a
+    missing, empty, corrupt or truncated file, an unsupported mode, or a side shorter than ``min_side``.
+    """
+    path = Path(path)
+    array, _ = _read_array(path)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    _check_size(array, path, min_side)
+    return array
+
+
+def _percentile_window(values: np.ndarray, low: float, high: float) -> tuple[float, float]:
+    """Lower/upper percentiles with the inverted-CDF definition (an actual data value, no interpolation)."""
+    flat = values.reshape(-1)
+    if np.issubdtype(flat.dtype, np.integer):
+        vmin, vmax = int(flat.min()), int(flat.max())
+        if vmax - vmin < _BINCOUNT_MAX_RANGE:
+            # Exact histogram percentile: O(N) and much faster than a sort for 16-bit data.
+            cdf = np.cumsum(np.bincount((flat.astype(np.int64) - vmin), minlength=vmax - vmin + 1))
+            lo = int(np.searchsorted(cdf, low / 100.0 * flat.size)) + vmin
+            hi = int(np.searchsorted(cdf, high / 100.0 * flat.size)) + vmin
+            return float(lo), float(hi)
+    lo, hi = np.percentile(flat, [low, high], method="inverted_cdf")
+    return float(lo), float(hi)
+
+
+def _window_to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    if not hi > lo:
+        return np.zeros(values.shape, np.uint8)
+    scaled = (values.astype(np.float32) - np.float32(lo)) * np.float32(255.0 / (hi - lo))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
+    """Convert an image array to (H, W, 3) uint8 RGB for the models and overlays.
+
+    Accepts (H, W), (H, W, 1), (H, W, 3) or (H, W, 4). Rules, applied to all channels jointly:
+
+    * uint8: unchanged; grayscale is repeated to 3 channels.
+    * bool: False -> 0, True -> 255.
+    * other integers (uint16, int16 CT, int32, ...): window [p0.5, p99.5] (0.5th and 99.5th percentiles,
+      inverted-CDF definition, i.e. actual data values) mapped linearly to 0..255 and clipped; this ignores
+      hot pixels and uses the contrast of microscopy / radiology data that fill a small part of the dtype
+      range. If the window is empty (p0.5 == p99.5) the full min..max range is used; a constant image
+      gives zeros.
+    * float: min..max of the finite values mapped to 0..255; NaN -> 0, +inf -> 255, -inf -> 0; a constant
+      image gives zeros.
+    * RGBA: the alpha channel is dropped (colour values are kept as stored, not composited on a
+      background, so transparent pixels keep their colour).
+    """
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[..., 0]
+    if image.ndim == 3 and image.shape[2] == 4:
+        image = image[..., :3]
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
+        raise ValueError(f"image: expected shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {image.shape}")
+    if image.dtype == np.uint8:
+        out = image
+    elif image.dtype == bool:
+        out = image.astype(np.uint8) * np.uint8(255)
+    elif np.issubdtype(image.dtype, np.integer):
+        if image.size == 0:
+            out = np.zeros(image.shape, np.uint8)
+        else:
+            lo, hi = _percentile_window(image, 0.5, 99.5)
+            if not hi > lo:
+                lo, hi = float(image.min()), float(image.max())
+            out = _window_to_uint8(image, lo, hi)
+    elif np.issubdtype(image.dtype, np.floating):
+        values = image.astype(np.float32)
+        finite = np.isfinite(values)
+        if finite.any():
+            lo, hi = float(values[finite].min()), float(values[finite].max())
+            out = _window_to_uint8(np.where(finite, values, lo), lo, hi)
+        else:
+            out = np.zeros(values.shape, np.uint8)
+        out[np.isposinf(values)] = 255
+    else:
+        raise ValueError(f"image: unsupported dtype {image.dtype}")
+    if out.ndim == 2:
+        out = np.repeat(out[..., None], 3, axis=2)
+    return np.ascontiguousarray(out)
+
+
+def read_mask(path: str | os.PathLike, threshold: int = 128, min_side: int = 2) -> np.ndarray:
+    """Read a segmentation mask as (H, W) int64 labels (0 = background).
+
+    Rules, in order:
+
+    1. Palette ("P") PNGs: the palette indices are the labels (PASCAL-VOC style).
+    2. Colour masks: if R == G == B everywhere (alpha, if any, ignored) the first channel is used;
+       otherwise :class:`ImageReadError` (colour-coded classes must be converted to integer labels first).
+       JPEG masks may differ by up to 48 grey levels between channels (compression noise); the channel
+       mean is then used.
+    3. JPEG masks (lossy, so never exactly binary): binary, ``value >= threshold`` -> 1. A warning is
+       logged when more than 1 % of the pixels lie in the ambiguous middle band [threshold/2,
+       threshold + (255 - threshold)/2), i.e. when the mask does not form two clusters near 0 and 255.
+    4. Lossless integer masks whose unique values are a subset of {0, dtype max} (e.g. {0, 255} for uint8,
+       {0, 65535} for uint16) or 1-bit masks: binary, foreground -> 1.
+    5. Otherwise the stored values are the labels (multi-class masks keep their values; {0, 1} stays
+       {0, 1}). Float masks must hold whole numbers, or values in [0, 1] which are thresholded at 0.5.
+    """
+    path = Path(path)
+    array, fmt = _read_array(path, keep_palette=True)
+    if array.ndim == 3:
+        if array.shape[2] == 1:
+            array = array[..., 0]
+        else:
+            colour = array[..., :3]
+            lossy = fmt == "JPEG" or path.suffix.lower() in _JPEG_SUFFIXES
+            # JPEG colour conversion and chroma subsampling make grey masks differ slightly between
+            # channels; allow that (and average) but still reject really colour-coded masks.
+            spread = int(np.ptp(colour.astype(np.int16), axis=2).max()) if colour.size else 0
+            if spread > (_JPEG_CHANNEL_TOLERANCE if lossy else 0):
+                raise ImageReadError(
+                    f"{path}: colour mask with differing R, G, B channels (up to {spread} grey levels apart); "
+                    f"masks must be grayscale or integer label images (convert colour-coded classes to "
+                    f"labels 1..K first)")
+            array = colour.mean(axis=2).round().astype(np.uint8) if lossy and spread else colour[..., 0]
+    _check_size(array, path, min_side)
+    if array.dtype == bool:
+        return array.astype(np.int64)
+    if fmt == "JPEG" or path.suffix.lower() in _JPEG_SUFFIXES:
+        lo_band, hi_band = threshold / 2.0, threshold + (255 - threshold) / 2.0
+        ambiguous = np.count_nonzero((array >= lo_band) & (array < hi_band))
+        if ambiguous > 0.01 * array.size:
+            log.warning("%s: JPEG mask is not clearly binary (%.1f %% of pixels in [%g, %g)); thresholded "
+                        "at %d", path, 100.0 * ambiguous / array.size, lo_band, hi_band, threshold)
+        return (array >= threshold).astype(np.int64)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ImageReadError(f"{path}: float mask holds NaN or infinite values")
+        if np.array_equal(array, np.round(array)):
+            return array.astype(np.int64)
+        if array.min() >= 0.0 and array.max() <= 1.0:
+            return (array >= 0.5).astype(np.int64)
+        raise ImageReadError(f"{path}: float mask with fractional values outside [0, 1]; cannot tell labels")
+    values = np.unique(array)
+    full = np.iinfo(array.dtype).max
+    if values.size <= 2 and set(values.tolist()) <= {0, int(full)} and full > 1:
+        return (array > 0).astype(np.int64)
+    return array.astype(np.int64)
