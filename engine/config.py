@@ -1,0 +1,264 @@
+"""`SegmenterConfig`: one frozen dataclass holding every knob of the pipeline, with named presets.
+
+Presets (see docs/algorithm.md):
+
+* ``gbmseg`` — parity with the released GBMSeg code (§1): DINOv2 ViT-g/14 at 560, Euclidean matching,
+  strict "all pixels" grid rule with the release's skip-last-row/column quirk, hard negatives, radii
+  0 / 64 / 128 / 64 *pixels of the target image*, one SAM ViT-L decoder call, single-mask output.
+* ``sat`` — our default (§2): DINOv2 ViT-B/14 at 518, cosine matching, radii 0.125 × the target's
+  longer side for positives, negatives and the exclusion zone, no hard negatives, k-means thinning,
+  ``multimask_output=True``.
+
+Radii representation: ``radius_unit`` says how ``pos_radius``, ``neg_radius``, ``exclusion_radius``
+and ``hard_radius`` are read. ``"pixel"``: absolute distances in pixels of the target image (what the
+release did: 64 px whatever the image size); ``"side"``: fractions of the target's longer side
+``max(H, W)`` (0.125 ⇒ 64 px on a 512² image). Distances are always measured between (x, y) points in
+target pixel coordinates.
+
+Usage::
+
+    cfg = SegmenterConfig.from_preset("sat", dinov2="vitl14")
+    cfg = cfg.override_from_strings(["metric=euclidean", "kmeans_k=0"])
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, fields
+from typing import Any, Optional
+
+PATCH_SIZE = 14
+
+DINOV2_MODELS = ("vits14", "vitb14", "vitl14", "vitg14",
+                 "vits14_reg", "vitb14_reg", "vitl14_reg", "vitg14_reg")
+SAM_MODELS = ("vit_b", "vit_l", "vit_h", "medsam")
+FEATURE_KEYS = ("x_norm_patchtokens", "x_prenorm")
+_CHOICES = {
+    "dinov2": DINOV2_MODELS,
+    "sam": SAM_MODELS,
+    "feature_key": FEATURE_KEYS,
+    "metric": ("euclidean", "cosine"),
+    "grid_rule": ("all", "any", "fraction"),
+    "matcher": ("nn", "hungarian"),
+    "radius_unit": ("pixel", "side"),
+    "precision": ("fp32", "fp16", "bf16"),
+}
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    """Every setting of the refseg pipeline (immutable; derive variants with :meth:`replace`).
+
+    Encoders: ``dinov2`` (official hub name), ``sam`` (``vit_b``/``vit_l``/``vit_h``), ``image_size``
+    S of the square DINOv2 input (multiple of 14; grid S/14 per side), ``feature_key`` (which DINOv2
+    output dict entry is matched).
+    Grid: ``grid_rule`` — ``all`` (cell FG only if all 14×14 pixels are FG, BG only if all are BG,
+    mixed cells ignored), ``any`` (FG if any pixel is FG, else BG), ``fraction`` (FG if the FG share
+    ≥ ``grid_fraction``, BG if the BG share ≥ ``grid_fraction``, else ignored);
+    ``gbmseg_skip_last`` ignores the last grid row and column like the release's scan.
+    Matching: ``metric``; ``matcher`` ``nn`` (nearest neighbour) or ``hungarian`` (one-to-one
+    assignment); ``cycle_check`` (back-match must land in the same class); ``hard_negatives``;
+    ``gbmseg_offimage_quirk`` reproduces the release's off-image point (553, −7) in S space.
+    Physical space: radii (see module docstring for ``radius_unit``; 0 = de-duplicate only);
+    ``kmeans_k`` (0 = off) thins every class holding more than K points to K points;
+    ``max_points`` (0 = no cap) caps points per prompt set (positives + negatives);
+    ``fallback`` supplies one point when a class ends up empty.
+    Decoding: ``use_box`` (box from the positive extent), ``multimask_output`` (then argmax
+    predicted IoU), ``keep_largest_contour``, ``min_component_fraction`` (drop components smaller
+    than this share of the largest; 0 = off), ``fill_holes``.
+    Runtime: ``batch_size`` targets per encoder call, ``precision`` of the encoders.
+    """
+
+    name: str = "sat"
+    # encoders
+    dinov2: str = "vitb14"
+    sam: str = "vit_b"
+    image_size: int = 518
+    feature_key: str = "x_norm_patchtokens"
+    # mask -> patch grid
+    grid_rule: str = "all"
+    grid_fraction: float = 0.95
+    gbmseg_skip_last: bool = False
+    # feature-space matching
+    metric: str = "cosine"
+    matcher: str = "nn"
+    cycle_check: bool = True
+    hard_negatives: bool = False
+    gbmseg_offimage_quirk: bool = False
+    # physical-space prompt engineering
+    radius_unit: str = "side"
+    pos_radius: float = 0.125
+    neg_radius: float = 0.125
+    exclusion_radius: float = 0.125
+    hard_radius: float = 0.125
+    kmeans_k: int = 16
+    kmeans_iters: int = 100
+    kmeans_seed: int = 0
+    max_points: int = 0
+    fallback: bool = True
+    # SAM decoding and post-processing
+    use_box: bool = False
+    multimask_output: bool = True
+    keep_largest_contour: bool = False
+    min_component_fraction: float = 0.3
+    fill_holes: bool = False
+    # runtime
+    batch_size: int = 16
+    precision: str = "fp32"
+    device: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        for key, allowed in _CHOICES.items():
+            value = getattr(self, key)
+            if value not in allowed:
+                raise ValueError(f"SegmenterConfig.{key}={value!r} is not one of {', '.join(allowed)}")
+        if self.image_size <= 0 or self.image_size % PATCH_SIZE:
+            raise ValueError(f"SegmenterConfig.image_size={self.image_size} must be a positive "
+                             f"multiple of the DINOv2 patch size {PATCH_SIZE} (e.g. 518 or 560)")
+        if not 0.5 <= self.grid_fraction <= 1.0:
+            raise ValueError(f"SegmenterConfig.grid_fraction={self.grid_fraction} must lie in "
+                             "[0.5, 1] (FG needs at least half of a cell's pixels)")
+        for key in ("pos_radius", "neg_radius", "exclusion_radius", "hard_radius",
+                    "min_component_fraction"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"SegmenterConfig.{key}={getattr(self, key)} must be >= 0")
+        if self.radius_unit == "side":
+            for key in ("pos_radius", "neg_radius", "exclusion_radius", "hard_radius"):
+                if getattr(self, key) > 2.0:
+                    raise ValueError(f"SegmenterConfig.{key}={getattr(self, key)} is read as a fraction "
+                                     "of the image side (radius_unit='side'); use radius_unit='pixel' "
+                                     "for pixel radii")
+        if self.min_component_fraction > 1:
+            raise ValueError(f"SegmenterConfig.min_component_fraction={self.min_component_fraction} "
+                             "must lie in [0, 1]")
+        for key in ("kmeans_k", "max_points"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"SegmenterConfig.{key}={getattr(self, key)} must be >= 0 (0 = off)")
+        if self.kmeans_iters < 1:
+            raise ValueError(f"SegmenterConfig.kmeans_iters={self.kmeans_iters} must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError(f"SegmenterConfig.batch_size={self.batch_size} must be >= 1")
+        if self.max_points == 1:
+            raise ValueError("SegmenterConfig.max_points=1 leaves no room for a negative; use 0 (no cap) "
+                             "or >= 2")
+
+    # -- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str = "sat", **overrides: Any) -> "SegmenterConfig":
+        """The named preset (``PRESETS``) with ``overrides`` applied; unknown names raise ValueError."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return PRESETS[name].replace(**overrides)
+
+    def replace(self, **changes: Any) -> "SegmenterConfig":
+        """A copy with ``changes`` applied (validated again); unknown keys raise ValueError."""
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise ValueError(f"unknown SegmenterConfig field(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes)
+
+    def override_from_strings(self, items: typing.Iterable[str]) -> "SegmenterConfig":
+        """Apply ``["key=value", ...]`` overrides (e.g. from a CLI), parsing each value by field type.
+
+        bool accepts 1/0, true/false, yes/no, on/off; Optional fields accept ``none``/``null``;
+        tuples accept ``a,b`` or ``(a, b)``. Raises ValueError naming the key on an unknown key or a
+        value that does not parse / validate.
+        """
+        hints = typing.get_type_hints(type(self))
+        changes: dict[str, Any] = {}
+        for item in items:
+            key, sep, text = item.partition("=")
+            key = key.strip()
+            if not sep:
+                raise ValueError(f"config override {item!r} is not of the form key=value")
+            if key not in hints:
+                raise ValueError(f"config override {item!r}: unknown key {key!r}")
+            try:
+                changes[key] = _parse_value(text.strip(), hints[key])
+            except ValueError as exc:
+                raise ValueError(f"config override {key!r}: {exc}") from None
+        return self.replace(**changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain ``{field: value}`` dict (JSON-serialisable; tuples stay tuples)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    # -- derived quantities -------------------------------------------------------------------------
+    @property
+    def grid_size(self) -> int:
+        """Patches per side of the DINOv2 grid, S / 14."""
+        return self.image_size // PATCH_SIZE
+
+    def radius_px(self, key: str, image_size: tuple[int, int]) -> float:
+        """Radius field ``key`` (e.g. ``"neg_radius"``) in pixels of an (H, W) target image."""
+        value = float(getattr(self, key))
+        return value if self.radius_unit == "pixel" else value * max(image_size)
+
+
+def _parse_value(text: str, tp: Any) -> Any:
+    """Parse ``text`` into type ``tp`` (bool, int, float, str, Optional[...], tuple[...], Literal)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for a in inner:
+            try:
+                return _parse_value(text, a)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError("; ".join(errors))
+    if origin is typing.Literal:
+        for a in args:
+            try:
+                if _parse_value(text, type(a)) == a:
+                    return a
+            except ValueError:
+                pass
+        raise ValueError(f"{text!r} is not one of {args}")
+    if origin is tuple:
+        parts = [p.strip() for p in text.strip("()[] ").split(",") if p.strip()]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_parse_value(p, args[0]) for p in parts)
+        if len(parts) != len(args):
+            raise ValueError(f"{text!r} needs {len(args)} comma-separated values")
+        return tuple(_parse_value(p, a) for p, a in zip(parts, args))
+    if tp is bool:
+        low = text.lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ValueError(f"{text!r} is not a boolean (true/false)")
+    if tp is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not an integer") from None
+    if tp is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a number") from None
+    if tp is str:
+        return text
+    raise ValueError(f"fields of type {tp} cannot be set from a string")
+
+
+PRESETS: dict[str, SegmenterConfig] = {
+    "sat": SegmenterConfig(),
+    "gbmseg": SegmenterConfig(
+        name="gbmseg", dinov2="vitg14", sam="vit_l", image_size=560,
+        grid_rule="all", gbmseg_skip_last=True,
+        metric="euclidean", matcher="nn", cycle_check=True, hard_negatives=True,
+        gbmseg_offimage_quirk=False,
+        radius_unit="pixel", pos_radius=0.0, neg_radius=64.0, exclusion_radius=128.0, hard_radius=64.0,
+        kmeans_k=0, max_points=0, fallback=False,
+        use_box=False, multimask_output=False, keep_largest_contour=False, min_component_fraction=0.0,
+        fill_holes=False, batch_size=1, precision="fp32"),
+}
