@@ -64,7 +64,7 @@ def _check_result(result, image, classes=(1,)):
         assert (labels == 1).any() and set(np.unique(labels)) <= {0, 1}
         assert (pts[:, 0] >= 0).all() and (pts[:, 0] < w).all()
         assert (pts[:, 1] >= 0).all() and (pts[:, 1] < h).all()
-        assert 0.0 <= result.scores[c] or np.isnan(result.scores[c]) is False
+        assert np.isfinite(result.scores[c])  # random weights: any finite predicted IoU
     assert {"dinov2", "matching", "prompts", "sam_encoder", "decoder", "postprocess"} <= set(result.timings)
 
 
