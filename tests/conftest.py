@@ -10,3 +10,41 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+KVASIR = SHARED_DATA / "kvasir_seg5"
+
+
+def write_small_checkpoints(folder: Path) -> tuple[Path, Path]:
+    """Official-format random checkpoints: SAM ViT-B reduced to 2 blocks, DINOv2 ViT-S/14 (full)."""
+    from refseg.models.dinov2 import DINOV2_SPECS, DinoVisionTransformer
+    from refseg.models.dinov2 import init_random_ as init_dinov2
+    from refseg.models.sam import SAM_SPECS, Sam
+    from refseg.models.sam import init_random_ as init_sam
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sam = Sam(SAM_SPECS["vit_b"].with_depth(2))
+    init_sam(sam, seed=0)
+    dino = DinoVisionTransformer(DINOV2_SPECS["vits14"])
+    init_dinov2(dino, seed=0)
+    sam_path, dino_path = folder / "sam_small.pth", folder / "dinov2_vits14_pretrain.pth"
+    torch.save(sam.state_dict(), sam_path)
+    torch.save(dino.state_dict(), dino_path)
+    return sam_path, dino_path
+
+
+@pytest.fixture(scope="session")
+def small_checkpoints(tmp_path_factory):
+    """(sam_path, dinov2_path) of small random checkpoints, written once per test session."""
+    return write_small_checkpoints(tmp_path_factory.mktemp("small_ckpt"))
+
+
+@pytest.fixture(scope="session")
+def kvasir_dir():
+    if not (KVASIR / "images").is_dir():
+        pytest.skip(f"Kvasir pairs not found at {KVASIR} (shared test data absent in this clone)")
+    return KVASIR

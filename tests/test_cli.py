@@ -10,15 +10,13 @@ import pytest
 from PIL import Image
 
 from refseg.cli import main
-from test_segmenter import DATA, write_small_checkpoints
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    if not (DATA / "images").is_dir():
-        pytest.skip(f"Kvasir pairs not found at {DATA} (shared test data absent in this clone)")
+def setup(tmp_path_factory, small_checkpoints, kvasir_dir):
+    DATA = kvasir_dir
     root = tmp_path_factory.mktemp("cli")
-    sam, dino = write_small_checkpoints(root / "ckpt")
+    sam, dino = small_checkpoints
     images = sorted((DATA / "images").iterdir())
     inputs = root / "inputs"
     inputs.mkdir()
@@ -37,6 +35,7 @@ def setup(tmp_path_factory):
 
 def test_segment_folder_with_bad_files_and_resume(setup, capsys):
     root, inputs, images, common, ref = setup
+    data = images[0].parent.parent
     out = root / "out"
     code = main(["segment", *ref, "-i", str(inputs), "-o", str(out), "--save-prompts", "--overlay", *common])
     assert code == 1  # some inputs failed, the others were written
@@ -62,7 +61,7 @@ def test_segment_folder_with_bad_files_and_resume(setup, capsys):
     assert (out / f"{images[1].stem}.png").stat().st_mtime_ns == first
 
     capsys.readouterr()
-    assert main(["eval", "-p", str(out), "-g", str(DATA / "masks")]) == 0
+    assert main(["eval", "-p", str(out), "-g", str(data / "masks")]) == 0
     table = capsys.readouterr().out
     assert images[1].stem in table and "mean" in table.lower() and "empty" in table.lower()
 
@@ -74,7 +73,7 @@ def test_bad_reference_stops_before_any_work(setup):
     out = root / "out_bad"
     code = main(["segment", "-r", str(images[0]), "-m", str(empty), "-i", str(inputs), "-o", str(out), *common])
     assert code == 2 and not out.exists()
-    code = main(["segment", "-r", str(images[0]), "-m", str(DATA / "masks" / images[1].name),
+    code = main(["segment", "-r", str(images[0]), "-m", str(images[0].parent.parent / "masks" / images[1].name),
                  "-i", str(inputs), "-o", str(out), *common])
     assert code == 2 and not out.exists()  # mask of another size
 

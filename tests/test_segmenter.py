@@ -4,51 +4,21 @@ Random weights: the masks mean nothing, so these tests check shapes, value sets,
 image, determinism, batch = single, one SAM encode per target and the refusal of bad references.
 SAM uses a reduced-depth ViT-B (same widths, 2 blocks) and DINOv2-S runs at 224 to keep CI time low.
 """
-from pathlib import Path
-
 import numpy as np
 import pytest
-import torch
 
-from refseg.models.dinov2 import DINOV2_SPECS, DinoVisionTransformer
-from refseg.models.dinov2 import init_random_ as init_dinov2
-from refseg.models.sam import SAM_SPECS, Sam
-from refseg.models.sam import init_random_ as init_sam
 from refseg.segmenter import Segmenter
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kvasir_seg5"
-
-
-def write_small_checkpoints(folder: Path) -> tuple[Path, Path]:
-    """Official-format random checkpoints: SAM ViT-B reduced to 2 blocks, DINOv2 ViT-S/14."""
-    folder.mkdir(parents=True, exist_ok=True)
-    sam = Sam(SAM_SPECS["vit_b"].with_depth(2))
-    init_sam(sam, seed=0)
-    dino = DinoVisionTransformer(DINOV2_SPECS["vits14"])
-    init_dinov2(dino, seed=0)
-    sam_path, dino_path = folder / "sam_small.pth", folder / "dinov2_vits14_pretrain.pth"
-    torch.save(sam.state_dict(), sam_path)
-    torch.save(dino.state_dict(), dino_path)
-    return sam_path, dino_path
-
-
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    return write_small_checkpoints(tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
-def kvasir():
-    if not (DATA / "images").is_dir():
-        pytest.skip(f"Kvasir pairs not found at {DATA} (shared test data absent in this clone)")
+def kvasir(kvasir_dir):
     from refseg.io.raster import list_images, read_image, read_mask
-    images = list_images(DATA / "images")
-    return [(p, read_image(p), read_mask(DATA / "masks" / p.name)) for p in images]
+    images = list_images(kvasir_dir / "images")
+    return [(p, read_image(p), read_mask(kvasir_dir / "masks" / p.name)) for p in images]
 
 
 @pytest.fixture(scope="module")
-def segmenter(checkpoints):
-    sam_path, dino_path = checkpoints
+def segmenter(small_checkpoints):
+    sam_path, dino_path = small_checkpoints
     return Segmenter.from_preset("sat", sam_checkpoint=sam_path, dinov2_checkpoint=dino_path,
                                  device="cpu", image_size=224, batch_size=2)
 

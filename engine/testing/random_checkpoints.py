@@ -53,9 +53,7 @@ def random_dinov2_state_dict(name: str, seed: int = 0) -> dict[str, torch.Tensor
 
 def random_sam_state_dict(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """A SAM state dict with official keys and shapes, random values from ``seed``."""
-    model = sam_mod.Sam(sam_mod.SAM_SPECS[name])
-    sam_mod.init_random_(model, seed)
-    return model.state_dict()
+    return sam_mod.random_sam(name, seed).state_dict()
 
 
 def write_random_checkpoints(outdir: str | os.PathLike, sam: list[str] = (), dinov2: list[str] = (),

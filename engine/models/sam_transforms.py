@@ -1,0 +1,153 @@
+"""SAM pre- and post-processing, equivalent to the official ``SamPredictor`` / ``ResizeLongestSide``.
+
+Coordinate frames:
+
+* original frame: the image as given, (H, W), points (x, y) in pixels, boxes XYXY in pixels;
+* input frame: the image resized so its longer side is ``img_size`` (1024) -> (h, w), then
+  zero-padded on the right and bottom to img_size × img_size; prompts given to the model are in this
+  frame (scale x by w/W and y by h/H);
+* low-resolution frame: the decoder's 256 × 256 logits cover the whole padded input.
+
+Images are resized with PIL bilinear resampling (what the official code reaches through
+torchvision's ``to_pil_image`` + ``resize``), so the pixels match the official ones exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+"""RGB mean on the 0–255 scale used by every released SAM."""
+PIXEL_STD = (58.395, 57.12, 57.375)
+"""RGB standard deviation on the 0–255 scale."""
+
+
+def preprocess_shape(height: int, width: int, long_side: int = 1024) -> tuple[int, int]:
+    """(h, w) after scaling (height, width) so the longer side is ``long_side`` (rounded half up)."""
+    scale = long_side * 1.0 / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def _as_rgb_uint8(image: np.ndarray, name: str) -> np.ndarray:
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"{name}: expected a uint8 image, got dtype {image.dtype}")
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    elif image.ndim == 3 and image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
+        raise ValueError(f"{name}: expected an (H, W, 3) RGB, (H, W, 1) or (H, W) image, "
+                         f"got shape {image.shape}")
+    return np.ascontiguousarray(image)
+
+
+def resize_image(image: np.ndarray, long_side: int = 1024) -> np.ndarray:
+    """Resize an (H, W, 3) uint8 RGB image (grey (H, W) / (H, W, 1) is replicated to RGB) so that
+    its longer side is ``long_side``; PIL bilinear, returns (h, w, 3) uint8."""
+    image = _as_rgb_uint8(image, "resize_image(image)")
+    new_h, new_w = preprocess_shape(image.shape[0], image.shape[1], long_side)
+    if (new_h, new_w) == image.shape[:2]:
+        return image
+    return np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR))
+
+
+def resize_coords(coords: np.ndarray | torch.Tensor, original_size: tuple[int, int],
+                  long_side: int = 1024) -> np.ndarray | torch.Tensor:
+    """Map (..., 2) (x, y) pixel coordinates from the original (H, W) frame to the input frame.
+
+    NumPy input -> float64 array (as the official ``apply_coords``); tensor input -> float32
+    tensor on the same device, computed in float64 first.
+    """
+    old_h, old_w = original_size
+    new_h, new_w = preprocess_shape(old_h, old_w, long_side)
+    if coords.shape[-1] != 2:
+        raise ValueError(f"resize_coords: coords must be (..., 2) (x, y), got {tuple(coords.shape)}")
+    if isinstance(coords, torch.Tensor):
+        scale = torch.tensor([new_w / old_w, new_h / old_h], dtype=torch.float64, device=coords.device)
+        return (coords.to(torch.float64) * scale).to(torch.float32)
+    return np.asarray(coords, dtype=np.float64) * np.array([new_w / old_w, new_h / old_h])
+
+
+def resize_boxes(boxes: np.ndarray | torch.Tensor, original_size: tuple[int, int],
+                 long_side: int = 1024) -> np.ndarray | torch.Tensor:
+    """Map (..., 4) XYXY pixel boxes from the original (H, W) frame to the input frame."""
+    if boxes.shape[-1] != 4:
+        raise ValueError(f"resize_boxes: boxes must be (..., 4) XYXY, got {tuple(boxes.shape)}")
+    out = resize_coords(boxes.reshape(*boxes.shape[:-1], 2, 2), original_size, long_side)
+    return out.reshape(*boxes.shape[:-1], 4)
+
+
+def normalize_pad(image: torch.Tensor, img_size: int = 1024,
+                  pixel_mean: Sequence[float] = PIXEL_MEAN,
+                  pixel_std: Sequence[float] = PIXEL_STD) -> torch.Tensor:
+    """(B, 3, h, w) or (3, h, w) RGB on the 0–255 scale (any dtype) -> (B, 3, img_size, img_size)
+    float32: ``(x − mean) / std``, then zero padding on the right and bottom."""
+    if image.dim() == 3:
+        image = image[None]
+    h, w = image.shape[-2:]
+    if image.dim() != 4 or image.shape[1] != 3 or h > img_size or w > img_size:
+        raise ValueError(f"normalize_pad: image must be (B, 3, h, w) with h, w <= {img_size}, "
+                         f"got {tuple(image.shape)}")
+    mean = torch.tensor(pixel_mean, dtype=torch.float32, device=image.device).view(3, 1, 1)
+    std = torch.tensor(pixel_std, dtype=torch.float32, device=image.device).view(3, 1, 1)
+    x = (image.to(torch.float32) - mean) / std
+    return F.pad(x, (0, img_size - w, 0, img_size - h))
+
+
+@dataclass
+class PreparedImages:
+    """A batch ready for ``Sam.encode_image``.
+
+    Attributes:
+        pixels: (B, 3, img_size, img_size) float32, normalised and zero-padded.
+        input_sizes: per image (h, w) of the resized image inside the padded input.
+        original_sizes: per image (H, W) as given.
+    """
+
+    pixels: torch.Tensor
+    input_sizes: list[tuple[int, int]]
+    original_sizes: list[tuple[int, int]]
+
+
+def prepare_images(images: Sequence[np.ndarray], img_size: int = 1024,
+                   device: torch.device | str | None = None,
+                   pixel_mean: Sequence[float] = PIXEL_MEAN,
+                   pixel_std: Sequence[float] = PIXEL_STD) -> PreparedImages:
+    """Resize (longest side ``img_size``), normalise and pad several RGB uint8 images of any sizes.
+
+    Each image is (H, W, 3) uint8 RGB (grey (H, W) is replicated). Returns :class:`PreparedImages`
+    with the pixels on ``device``.
+    """
+    if len(images) == 0:
+        raise ValueError("prepare_images: images is empty")
+    batch, input_sizes, original_sizes = [], [], []
+    for i, image in enumerate(images):
+        image = _as_rgb_uint8(image, f"prepare_images(images[{i}])")
+        resized = resize_image(image, img_size)
+        tensor = torch.tensor(resized, device=device).permute(2, 0, 1)  # copies: input may be read-only
+        batch.append(normalize_pad(tensor, img_size, pixel_mean, pixel_std))
+        input_sizes.append((resized.shape[0], resized.shape[1]))
+        original_sizes.append((image.shape[0], image.shape[1]))
+    return PreparedImages(torch.cat(batch), input_sizes, original_sizes)
+
+
+def postprocess_masks(low_res_masks: torch.Tensor, input_size: tuple[int, int],
+                      original_size: tuple[int, int], img_size: int = 1024) -> torch.Tensor:
+    """Low-resolution logits (B, C, 256, 256) -> logits (B, C, H, W) in the original frame.
+
+    Bilinear (``align_corners=False``) up to img_size², crop the (h, w) = ``input_size`` region
+    (drops the padding), bilinear to ``original_size`` (H, W). Threshold at 0
+    (``Sam.mask_threshold``) for binary masks.
+    """
+    if low_res_masks.dim() != 4:
+        raise ValueError(f"postprocess_masks: low_res_masks must be (B, C, h, w), "
+                         f"got {tuple(low_res_masks.shape)}")
+    masks = F.interpolate(low_res_masks, (img_size, img_size), mode="bilinear", align_corners=False)
+    masks = masks[..., :input_size[0], :input_size[1]]
+    return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
