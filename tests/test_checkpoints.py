@@ -107,3 +107,27 @@ def test_download_verifies_sha256_and_renames_atomically(tmp_path, monkeypatch):
     assert sorted(p.name for p in cache.iterdir()) == ["w_ok.pth"]  # no partial or bad file left
     with pytest.raises(ck.CheckpointError, match="could not be downloaded"):
         ck.resolve_checkpoint(ck.CheckpointSource("w_gone.pth", url=(tmp_path / "gone").as_uri()))
+
+
+def test_random_checkpoints_cli_writes_official_files(tmp_path, monkeypatch):
+    from refseg.models import build_dinov2, build_sam
+    from refseg.testing.random_checkpoints import main
+
+    assert main([str(tmp_path / "a"), "--sam", "vit_b", "--dinov2", "vits14"]) == 0
+    sam_file, dino_file = tmp_path / "a" / "sam_vit_b_01ec64.pth", tmp_path / "a" / "dinov2_vits14_pretrain.pth"
+    assert sam_file.is_file() and dino_file.is_file()
+    # Found by official name through REFSEG_CHECKPOINT_DIR; size inferred from the file otherwise.
+    monkeypatch.setenv(ck.CHECKPOINT_DIR_ENV, str(tmp_path / "a"))
+    sam = build_sam("vit_b", download=False)
+    dino = build_dinov2(checkpoint=dino_file)
+    assert sam.spec.name == "vit_b" and dino.spec.name == "vits14"
+    # Deterministic: the same seed gives the same tensors, also through safetensors.
+    pytest.importorskip("safetensors")
+    assert main([str(tmp_path / "b"), "--dinov2", "vits14", "--safetensors"]) == 0
+    again = ck.load_state_dict(tmp_path / "b" / "dinov2_vits14_pretrain.safetensors")
+    first = ck.load_state_dict(dino_file)
+    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
+    with pytest.raises(ck.CheckpointError, match="not a SAM one"):
+        build_sam(checkpoint=dino_file)
+    with pytest.raises(ck.CheckpointError, match="vitb14|shape mismatches"):
+        build_dinov2("vitb14", checkpoint=dino_file)
