@@ -94,6 +94,9 @@ def check_reference(image: np.ndarray, mask: np.ndarray, source: str = "referenc
         raise ValueError(f"{source}: reference mask is empty (no foreground pixel)")
     if mask.all():
         raise ValueError(f"{source}: reference mask is all foreground (no background pixel)")
+    if mask.min() < 0 or mask.max() > 255:
+        raise ValueError(f"{source}: class values must lie in 0..255 (the output is a uint8 label map), "
+                         f"got {mask.min()}..{mask.max()}")
     return rgb, mask
 
 
@@ -217,7 +220,7 @@ class Segmenter:
             result = SegmentationResult(mask=label_map, class_masks=class_masks)
             for j, (c, row) in enumerate(zip(classes, rows)):
                 result.points[c], result.point_labels[c] = prompts.prompt(row)
-                box = None if prompts.boxes is None else prompts.boxes[row].numpy()
+                box = None if prompts.boxes is None else prompts.boxes[row].cpu().numpy()
                 result.boxes[c] = None if box is None or np.isnan(box).any() else box
                 result.scores[c] = float(decoded.iou[j])
             results.append(result)

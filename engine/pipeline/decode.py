@@ -44,13 +44,11 @@ def decode_target(backend, embedding: torch.Tensor, prompts: PromptBatch, rows: 
         original_size: (H, W) of the target.
     """
     h, w = original_size
-    rows_t = torch.as_tensor(rows, dtype=torch.int64)
+    rows_t = torch.as_tensor(rows, dtype=torch.int64, device=prompts.num_points.device)
     counts = prompts.num_points[rows_t]
-    logits = torch.full((len(rows), h, w), float("-inf"))
-    iou = torch.zeros(len(rows))
     live = (counts > 0).nonzero().flatten()
     if live.numel() == 0:
-        return DecodedTarget(logits, iou)
+        return DecodedTarget(torch.full((len(rows), h, w), float("-inf")), torch.zeros(len(rows)))
     sel = rows_t[live]
     m = int(counts[live].max())
     coords = resize_coords(prompts.points[sel, :m].double(), original_size).float()
@@ -59,11 +57,15 @@ def decode_target(backend, embedding: torch.Tensor, prompts: PromptBatch, rows: 
     if config.use_box and prompts.boxes is not None:
         boxes = resize_boxes(prompts.boxes[sel].double(), original_size).float()
     low_res, scores = backend.decode(embedding, coords, labels, boxes, config.multimask_output)
-    low_res, scores = low_res.float().cpu(), scores.float().cpu()
+    low_res, scores = low_res.float(), scores.float()  # stay on the backend's device
+    dev = low_res.device
+    pick = torch.arange(len(sel), device=dev)
     best = scores.argmax(dim=1)  # with single-mask output this is 0
-    chosen = low_res[torch.arange(len(sel)), best][:, None]
-    logits[live] = postprocess_masks(chosen, input_size, original_size)[:, 0]
-    iou[live] = scores[torch.arange(len(sel)), best]
+    live = live.to(dev)
+    logits = torch.full((len(rows), h, w), float("-inf"), device=dev)
+    iou = torch.zeros(len(rows), device=dev)
+    logits[live] = postprocess_masks(low_res[pick, best][:, None], input_size, original_size)[:, 0]
+    iou[live] = scores[pick, best]
     return DecodedTarget(logits, iou)
 
 
@@ -81,10 +83,10 @@ def to_label_map(decoded: DecodedTarget, classes: list[int], config: SegmenterCo
         clean_mask(logits[i] > 0, keep_largest=config.keep_largest_contour,
                    min_component_fraction=config.min_component_fraction, holes=config.fill_holes)
         for i in range(len(classes))])
-    scored = torch.where(masks, logits, torch.tensor(float("-inf")))
+    scored = torch.where(masks, logits, torch.full((), float("-inf"), device=logits.device))
     winner = scored.argmax(dim=0)
     any_fg = masks.any(dim=0)
-    values = torch.as_tensor(classes, dtype=torch.int64)
-    label_map = torch.where(any_fg, values[winner], torch.zeros((), dtype=torch.int64))
-    class_masks = {c: (label_map == c).numpy() for c in classes}
-    return label_map.to(torch.uint8).numpy(), class_masks
+    values = torch.as_tensor(classes, dtype=torch.int64, device=logits.device)
+    label_map = torch.where(any_fg, values[winner], 0).to(torch.uint8).cpu().numpy()  # one copy to host
+    class_masks = {c: label_map == c for c in classes}
+    return label_map, class_masks

@@ -26,5 +26,7 @@ SAM_DECODER_HAS_MASK = "has_mask_input"      # (1,) float: 1 when mask_input is 
 SAM_DECODER_INPUTS = (SAM_DECODER_EMBEDDINGS, SAM_DECODER_COORDS, SAM_DECODER_LABELS,
                       SAM_DECODER_MASK_INPUT, SAM_DECODER_HAS_MASK)
 SAM_DECODER_MASKS = "low_res_masks"          # (P, C, 256, 256) logits, C = 3 multimask else 1
+# refseg export writes the decoder with all four mask tokens (C = 4: index 0 the single-mask output,
+# 1..3 the multimask ones; manifest "mask_outputs": "all"); the backends slice C = 3 or 1 from it.
 SAM_DECODER_IOU = "iou_predictions"          # (P, C)
 SAM_DECODER_OUTPUTS = (SAM_DECODER_MASKS, SAM_DECODER_IOU)

@@ -1,0 +1,366 @@
+"""ONNX Runtime and TensorRT backends: the exported graphs behind the torch backend's interface.
+
+Both offer ``encode_dinov2``, ``encode_sam`` and ``decode`` with the tensors of
+:class:`refseg.runtime.torch_backend.TorchBackend` (float32 in and out, prompts in SAM's 1024
+frame, (x, y) order), plus ``name``, ``device`` and ``config``, so either drops in for it.
+
+Where the graphs come from (``engine_dir``):
+
+* given: a folder written by ``refseg export``; its manifest must match the request (models,
+  precision, DINOv2 input side, and the checkpoints when given) and its checksums, else
+  :class:`refseg.export.manifest.ManifestError` (a ValueError) says what differs;
+* None: ``~/.cache/refseg/exports/<dinov2>-<sam>-<S>-<precision>-<key>/``, the key hashing each
+  checkpoint's resolved path, size and modification time plus the export settings. When that
+  folder has no valid manifest the models are exported there on first use (minutes for the large
+  encoders; logged), written to a temporary sibling and renamed into place.
+
+TensorRT engines are built from those graphs on first use and cached in ``~/.cache/refseg/engines``
+(see :mod:`refseg.export.tensorrt_build`). Unusable backends raise ImportError (package missing),
+ValueError (request not supported: bf16, ``x_prenorm`` features, a CPU device for TensorRT) or
+RuntimeError, which ``backend="auto"`` logs before falling back.
+"""
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from refseg.config import SegmenterConfig
+from refseg.optional import require
+from refseg.runtime import io_names as io
+
+log = logging.getLogger(__name__)
+
+EXPORTED_BACKENDS = ("onnxruntime", "tensorrt")
+EXPORT_LAYOUT = 1  # bump when the exported graphs change meaning
+
+
+class ExportedBackend(abc.ABC):
+    """What both exported backends share: the manifest, input checks and prompt packing."""
+
+    name = "exported"
+
+    def __init__(self, export_dir: str | os.PathLike, config: SegmenterConfig,
+                 device: torch.device, manifest: dict) -> None:
+        self.export_dir = Path(export_dir)
+        self.manifest = manifest
+        self.config = config
+        self.device = torch.device(device)
+        self.precision = manifest["precision"]
+        self.image_size = int(manifest["image_size"])
+        self.mask_outputs = manifest["graphs"]["sam_decoder"].get("mask_outputs", "all")
+        shape = manifest["graphs"]["sam_encoder"]["inputs"][io.SAM_ENCODER_INPUT]["shape"]
+        self.sam_size = int(shape[-1])
+
+    @abc.abstractmethod
+    def _run(self, graph: str, inputs: dict[str, torch.Tensor],
+             outputs: tuple[str, ...]) -> list[torch.Tensor]:
+        """Run ``graph`` on named float32 inputs; return the named outputs, float32, in order."""
+
+    @staticmethod
+    def _check(images: torch.Tensor, side: int, what: str) -> None:
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, side, side):
+            raise ValueError(f"{what}: images must be (B, 3, {side}, {side}), got {tuple(images.shape)}")
+
+    def encode_dinov2(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) ImageNet-normalised float -> patch tokens (B, (S/14)², D) float32."""
+        self._check(images, self.image_size, f"{self.name} encode_dinov2")
+        return self._run("dinov2", {io.DINOV2_INPUT: images}, (io.DINOV2_PATCH_TOKENS,))[0]
+
+    def encode_sam(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 1024, 1024) normalised, zero-padded float -> embeddings (B, 256, 64, 64) float32."""
+        self._check(images, self.sam_size, f"{self.name} encode_sam")
+        return self._run("sam_encoder", {io.SAM_ENCODER_INPUT: images}, (io.SAM_ENCODER_OUTPUT,))[0]
+
+    def decode(self, embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor,
+               boxes: torch.Tensor | None = None, multimask: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode P prompt sets against one embedding, as ``TorchBackend.decode``.
+
+        Args:
+            embedding: (256, 64, 64); coords: (P, N, 2) (x, y) 1024-frame pixels;
+            labels: (P, N) 1 / 0 / -1 (padding); boxes: (P, 4) XYXY or None.
+            multimask: 3 masks per set (True) or the single-mask output (False).
+
+        Returns:
+            low-res logits (P, C, 256, 256) and predicted IoU (P, C), float32, C = 3 or 1.
+        """
+        from refseg.export.wrappers import pack_prompts
+
+        if coords.ndim != 3 or coords.shape[-1] != 2 or tuple(labels.shape) != tuple(coords.shape[:2]):
+            raise ValueError(f"{self.name} decode: coords must be (P, N, 2) and labels (P, N), got "
+                             f"{tuple(coords.shape)} and {tuple(labels.shape)}")
+        if boxes is not None and tuple(boxes.shape) != (coords.shape[0], 4):
+            raise ValueError(f"{self.name} decode: boxes must be (P, 4), got {tuple(boxes.shape)}")
+        points, point_labels = pack_prompts(coords, labels, boxes)
+        low = 4 * embedding.shape[-1]
+        feeds = {io.SAM_DECODER_EMBEDDINGS: embedding.float().reshape(1, *embedding.shape[-3:]),
+                 io.SAM_DECODER_COORDS: points, io.SAM_DECODER_LABELS: point_labels,
+                 io.SAM_DECODER_MASK_INPUT: torch.zeros(1, 1, low, low),
+                 io.SAM_DECODER_HAS_MASK: torch.zeros(1)}
+        masks, iou = self._run("sam_decoder", feeds, io.SAM_DECODER_OUTPUTS)
+        if self.mask_outputs == "all":
+            pick = slice(1, 4) if multimask else slice(0, 1)
+            return masks[:, pick], iou[:, pick]
+        if (self.mask_outputs == "multi") != multimask:
+            raise ValueError(f"{self.export_dir}: the decoder was exported with "
+                             f"mask_outputs={self.mask_outputs!r}; multimask={multimask} needs a "
+                             "re-export")
+        return masks, iou
+
+
+def _symbols(shapes: dict, inputs: dict[str, torch.Tensor]) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    for name, tensor in inputs.items():
+        for dim, size in zip(shapes[name]["shape"], tensor.shape):
+            if isinstance(dim, str):
+                sizes.setdefault(dim, int(size))
+    return sizes
+
+
+class OnnxRuntimeBackend(ExportedBackend):
+    """Runs the exported graphs with ONNX Runtime.
+
+    Providers: CPU on a CPU device; on CUDA the CUDA provider (``onnxruntime-gpu``) with
+    io-binding, torch tensors bound in place. ``providers`` overrides the list, e.g.
+    ``["TensorrtExecutionProvider", "CUDAExecutionProvider"]`` (not the default: the
+    ``tensorrt`` backend is refseg's TensorRT path, with explicit profiles and its own cache).
+    ``threads`` sets intra-op threads (default: ``torch.get_num_threads()``).
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, export_dir, config, device, manifest, providers: list | None = None,
+                 threads: int | None = None) -> None:
+        super().__init__(export_dir, config, device, manifest)
+        ort = require("onnxruntime", "onnx", "the onnxruntime backend")
+        available = ort.get_available_providers()
+        if providers is None:
+            if self.device.type == "cuda":
+                if "CUDAExecutionProvider" not in available:
+                    raise RuntimeError(f"onnxruntime {ort.__version__} has no CUDA provider (has "
+                                       f"{', '.join(available)}); pip install onnxruntime-gpu")
+                providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}),
+                             "CPUExecutionProvider"]
+            elif self.device.type == "cpu":
+                providers = ["CPUExecutionProvider"]
+            else:
+                raise ValueError(f"onnxruntime backend: unsupported device {self.device}")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.log_severity_level = 3  # ORT warns about initialisers its optimiser folded away
+        self.sessions = {}
+        for graph, record in manifest["graphs"].items():
+            path = self.export_dir / record["files"][0]
+            self.sessions[graph] = ort.InferenceSession(str(path), options, providers=providers)
+        self.providers = self.sessions["sam_encoder"].get_providers()
+        log.info("onnxruntime %s backend on %s (%s), graphs from %s", ort.__version__, self.device,
+                 ", ".join(self.providers), self.export_dir)
+
+    def _run(self, graph, inputs, outputs):
+        session = self.sessions[graph]
+        if self.device.type != "cuda":
+            feeds = {k: v.detach().to("cpu", torch.float32).contiguous().numpy() for k, v in inputs.items()}
+            return [torch.from_numpy(o) for o in session.run(list(outputs), feeds)]
+        record = self.manifest["graphs"][graph]
+        index = self.device.index or 0
+        feeds = {k: v.detach().to(self.device, torch.float32).contiguous() for k, v in inputs.items()}
+        sizes = _symbols(record["inputs"], feeds)
+        results = [torch.empty([sizes[d] if isinstance(d, str) else d for d in record["outputs"][n]["shape"]],
+                               dtype=torch.float32, device=self.device) for n in outputs]
+        binding = session.io_binding()
+        for name, tensor in feeds.items():
+            binding.bind_input(name, "cuda", index, np.float32, tuple(tensor.shape), tensor.data_ptr())
+        for name, tensor in zip(outputs, results):
+            binding.bind_output(name, "cuda", index, np.float32, tuple(tensor.shape), tensor.data_ptr())
+        torch.cuda.current_stream(self.device).synchronize()  # ORT runs on its own stream
+        session.run_with_iobinding(binding)
+        return results
+
+
+class TensorRTBackend(ExportedBackend):
+    """Runs TensorRT engines built from the exported graphs, on torch's current CUDA stream.
+
+    Encoder batches above the export's ``max_batch`` and prompt sets above ``max_prompt_sets``
+    are split into several engine calls; prompt sets of more than ``max_points`` points
+    (padding and box corners included) are refused with a ValueError.
+    """
+
+    name = "tensorrt"
+
+    def __init__(self, export_dir, config, device, manifest, engine_cache=None,
+                 max_prompt_sets: int = 64, max_points: int = 256) -> None:
+        super().__init__(export_dir, config, device, manifest)
+        from refseg.export.tensorrt_build import (EngineBuilder, EngineCache, default_profiles,
+                                                  import_tensorrt)
+        from refseg.runtime.tensorrt_runner import EngineRunner
+
+        trt = import_tensorrt()
+        if self.device.type != "cuda":
+            raise ValueError(f"the tensorrt backend needs a CUDA device, got {self.device}")
+        cache = engine_cache or EngineCache()
+        props = torch.cuda.get_device_properties(self.device)
+        self.max_batch = int(manifest.get("max_batch", 16))
+        self.max_prompt_sets = max_prompt_sets
+        self.runners = {}
+        for graph, record in manifest["graphs"].items():
+            onnx_file = self.export_dir / record["files"][0]
+            precision = record.get("precision", "fp32")
+            profiles = default_profiles(graph, manifest, max_prompt_sets, max_points)
+            timing = cache.root / f"timing-trt{trt.__version__}-{props.name.replace(' ', '_')}.cache"
+            builder = EngineBuilder(onnx_file, profiles, precision=precision,
+                                    graph_precision=precision, timing_cache=timing,
+                                    log_path=cache.root / f"{graph}-build.log")
+            fields = cache.key_fields(manifest["files"][onnx_file.name]["sha256"], str(trt.__version__),
+                                      props.name, f"{props.major}.{props.minor}", builder.cache_fields(trt))
+            engine_path = cache.get_or_build(graph, fields, builder.build)
+            self.runners[graph] = EngineRunner(engine_path, self.device)
+        log.info("tensorrt %s backend on %s (%s), engines in %s", trt.__version__, props.name,
+                 self.precision, cache.root)
+
+    def _run(self, graph, inputs, outputs):
+        runner = self.runners[graph]
+        chunk = self.max_prompt_sets if graph == "sam_decoder" else self.max_batch
+        lead = io.SAM_DECODER_COORDS if graph == "sam_decoder" else next(iter(inputs))
+        total = inputs[lead].shape[0]
+        parts = []
+        for start in range(0, total, chunk):
+            feeds = {}
+            for name, tensor in inputs.items():
+                split = name in (io.SAM_DECODER_COORDS, io.SAM_DECODER_LABELS) or graph != "sam_decoder"
+                feeds[name] = tensor[start:start + chunk] if split else tensor
+            parts.append(runner.run(feeds, outputs))
+        if len(parts) == 1:
+            return parts[0]
+        return [torch.cat([p[k] for p in parts]) for k in range(len(outputs))]
+
+
+def _checkpoint_identity(path: Path | None) -> dict | None:
+    if path is None:
+        return None
+    path = path.expanduser().resolve()
+    stat = path.stat()
+    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def default_export_dir(config: SegmenterConfig, dinov2_checkpoint: Path, sam_checkpoint: Path,
+                       max_batch: int) -> Path:
+    """``~/.cache/refseg/exports/<dinov2>-<sam>-<S>-<precision>-<key>`` (see module docstring)."""
+    from refseg.models.checkpoints import cache_dir
+
+    key = json.dumps({"layout": EXPORT_LAYOUT, "dinov2": _checkpoint_identity(dinov2_checkpoint),
+                      "sam": _checkpoint_identity(sam_checkpoint), "image_size": config.image_size,
+                      "precision": config.precision, "max_batch": max_batch}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_dir() / "exports" / (f"{config.dinov2}-{config.sam}-{config.image_size}-"
+                                      f"{config.precision}-{digest}")
+
+
+def _resolve_checkpoints(config, dinov2_checkpoint, sam_checkpoint) -> tuple[Path, Path]:
+    from refseg.models.checkpoints import resolve_checkpoint
+    from refseg.models.dinov2 import DINOV2_SPECS
+    from refseg.models.sam import SAM_SPECS
+
+    dinov2 = resolve_checkpoint(DINOV2_SPECS[config.dinov2].checkpoint, dinov2_checkpoint)
+    sam = resolve_checkpoint(SAM_SPECS[config.sam].checkpoint, sam_checkpoint)
+    return Path(dinov2), Path(sam)
+
+
+def _export_into(final: Path, config, dinov2_checkpoint, sam_checkpoint, max_batch: int) -> None:
+    """Export into a temporary sibling of ``final`` and rename it into place."""
+    from refseg.export.manifest import ManifestError, verify_manifest
+    from refseg.export.onnx_export import export_models
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    log.warning("no usable export in %s: exporting DINOv2 %s and SAM %s (%s) now; this takes "
+                "minutes once", final, config.dinov2, config.sam, config.precision)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        export_models(tmp, dinov2_checkpoint, sam_checkpoint, precision=config.precision,
+                      image_size=config.image_size, max_batch=max_batch)
+        if final.exists():
+            try:  # another process may have finished the same export meanwhile: keep that one
+                verify_manifest(final, precision=config.precision, image_size=config.image_size,
+                                dinov2_checkpoint=dinov2_checkpoint, sam_checkpoint=sam_checkpoint)
+                return
+            except ManifestError:
+                shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def create_exported_backend(name: str, config: SegmenterConfig, device: torch.device,
+                            sam_checkpoint=None, dinov2_checkpoint=None, engine_dir=None, **options):
+    """Create the ``onnxruntime`` or ``tensorrt`` backend for ``config`` (see module docstring).
+
+    Args:
+        name: ``onnxruntime`` or ``tensorrt``.
+        config: models, ``precision`` (fp32 / fp16) and ``image_size`` to run.
+        device: torch device (TensorRT: CUDA only).
+        sam_checkpoint, dinov2_checkpoint: checkpoint files; None uses the official files.
+        engine_dir: export folder, or None for the cached export (exported on first use).
+        options: passed to the backend class (e.g. ``providers``, ``threads``, ``max_prompt_sets``).
+
+    Raises:
+        ImportError: onnxruntime / tensorrt / onnx not installed (names the extra to install).
+        ValueError: unsupported request or an export folder that does not match it.
+        RuntimeError: the runtime cannot use the device.
+    """
+    from refseg.export.manifest import ManifestError, verify_manifest
+
+    if name not in EXPORTED_BACKENDS:
+        raise ValueError(f"unknown exported backend {name!r}; choose one of {EXPORTED_BACKENDS}")
+    if config.precision not in ("fp32", "fp16"):
+        raise ValueError(f"precision {config.precision!r} is not available in exported graphs "
+                         "(fp32 or fp16)")
+    if config.feature_key != "x_norm_patchtokens":
+        raise ValueError(f"exported DINOv2 graphs return x_norm_patchtokens, not {config.feature_key!r}")
+    device = torch.device(device)
+    if name == "tensorrt":
+        require("tensorrt", "gpu", "the tensorrt backend")
+        if device.type != "cuda":
+            raise ValueError(f"the tensorrt backend needs a CUDA device, got {device}")
+    else:
+        require("onnxruntime", "onnx", "the onnxruntime backend")
+    max_batch = max(16, config.batch_size)
+    if engine_dir is not None:
+        engine_dir = Path(engine_dir)
+        names = {"dinov2": None if dinov2_checkpoint else config.dinov2,
+                 "sam": None if sam_checkpoint else config.sam}
+        manifest = verify_manifest(engine_dir, precision=config.precision, image_size=config.image_size,
+                                   dinov2_checkpoint=dinov2_checkpoint, sam_checkpoint=sam_checkpoint,
+                                   **names)
+    else:
+        require("onnx", "onnx", "exporting models for the onnxruntime/tensorrt backends")
+        dinov2_path, sam_path = _resolve_checkpoints(config, dinov2_checkpoint, sam_checkpoint)
+        engine_dir = default_export_dir(config, dinov2_path, sam_path, max_batch)
+        request = dict(precision=config.precision, image_size=config.image_size,
+                       dinov2_checkpoint=dinov2_path, sam_checkpoint=sam_path)
+        try:
+            manifest = verify_manifest(engine_dir, **request)
+        except ManifestError as exc:
+            if (engine_dir / "manifest.json").exists():
+                log.warning("cached export unusable (%s)", exc)
+            _export_into(engine_dir, config, dinov2_path, sam_path, max_batch)
+            manifest = verify_manifest(engine_dir, **request)
+    for key in ("dinov2", "sam"):  # the config names the models actually exported
+        exported = manifest["models"].get(key)
+        if exported != getattr(config, key):
+            try:
+                config = config.replace(**{key: exported})
+            except ValueError:
+                log.info("exported %s model %r is not a named model; config keeps %r", key,
+                         exported, getattr(config, key))
+    cls = TensorRTBackend if name == "tensorrt" else OnnxRuntimeBackend
+    return cls(engine_dir, config, device, manifest, **options)

@@ -1,0 +1,101 @@
+"""``refseg export``: write the ONNX graphs (and optionally TensorRT engines) of a model pair.
+
+    refseg export --dinov2-checkpoint dinov2_vitb14_pretrain.pth \\
+                  --sam-checkpoint sam_vit_b_01ec64.pth -o exports/b_b --precision fp16 \\
+                  --format onnx,tensorrt
+
+Exit codes: 0 written; 2 bad arguments, unusable checkpoints, or TensorRT requested where it
+cannot run (the ONNX graphs are written first and stay valid).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "tensorrt")
+
+
+def _formats(text: str) -> tuple[str, ...]:
+    items = tuple(f.strip().lower() for f in text.split(",") if f.strip())
+    bad = [f for f in items if f not in FORMATS]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(f"--format takes a comma list of {', '.join(FORMATS)}, "
+                                         f"got {text!r}")
+    return items
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``export`` on the ``refseg`` command's subparsers."""
+    p = subparsers.add_parser(
+        "export", help="export DINOv2 + SAM to ONNX (and TensorRT engines)",
+        description="Export DINOv2, the SAM image encoder and the SAM prompt decoder to ONNX "
+                    "(opset >= 17, dynamic batch / prompt sets / points) with a manifest; "
+                    "optionally build TensorRT engines into the engine cache.")
+    p.add_argument("--dinov2-checkpoint", help="official DINOv2 checkpoint (default: --dinov2's file)")
+    p.add_argument("--sam-checkpoint", help="official SAM checkpoint (default: --sam's file)")
+    p.add_argument("--dinov2", help="DINOv2 model name when no checkpoint is given (vitb14 ...)")
+    p.add_argument("--sam", help="SAM model name when no checkpoint is given (vit_b ...)")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
+                   help="encoder precision baked into the graphs (LayerNorm/Softmax stay fp32)")
+    p.add_argument("--format", type=_formats, default=("onnx",), dest="formats",
+                   help="onnx (default) or onnx,tensorrt")
+    p.add_argument("--image-size", type=int, default=518, help="DINOv2 input side (multiple of 14)")
+    p.add_argument("--max-batch", type=int, default=16, help="largest encoder batch (TensorRT profiles)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
+    p.add_argument("-d", "--device", default="cpu",
+                   help="device to trace on (cuda is faster for the large encoders; TensorRT "
+                        "engines are built on cuda, or cuda:0 when this is cpu)")
+    p.set_defaults(func=run_export)
+    return p
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Handler of ``refseg export``; returns the exit code."""
+    from refseg.optional import MissingDependencyError, require
+
+    try:
+        require("onnx", "onnx", "refseg export")
+    except MissingDependencyError as exc:
+        log.error("%s", exc)
+        return 2
+    from refseg.export.onnx_export import export_models
+
+    if args.image_size <= 0 or args.image_size % 14:
+        log.error("--image-size %d is not a positive multiple of 14 (e.g. 518, 560)", args.image_size)
+        return 2
+    manifest = export_models(args.output, args.dinov2_checkpoint, args.sam_checkpoint,
+                             dinov2=args.dinov2, sam=args.sam, precision=args.precision,
+                             image_size=args.image_size, max_batch=args.max_batch, opset=args.opset,
+                             device=args.device)
+    for key, graph in manifest["graphs"].items():
+        sys.stdout.write(f"{key}: {', '.join(graph['files'])} ({graph['precision']})\n")
+    if "tensorrt" in args.formats:
+        return _build_engines(args, manifest)
+    return 0
+
+
+def _build_engines(args: argparse.Namespace, manifest: dict) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from refseg.config import SegmenterConfig
+    from refseg.runtime.exported import TensorRTBackend
+
+    if not torch.cuda.is_available():
+        log.error("--format tensorrt needs a CUDA GPU; the ONNX graphs in %s are written", args.output)
+        return 2
+    device = torch.device(args.device if args.device.startswith("cuda") else "cuda:0")
+    config = SegmenterConfig(precision=manifest["precision"], image_size=manifest["image_size"])
+    try:
+        backend = TensorRTBackend(Path(args.output), config, device, manifest)
+    except (ImportError, RuntimeError, ValueError) as exc:
+        log.error("TensorRT engines not built: %s (the ONNX graphs in %s are written)", exc, args.output)
+        return 2
+    for graph, runner in backend.runners.items():
+        sys.stdout.write(f"{graph}: TensorRT engine ready ({len(runner.ranges)} profiles)\n")
+    return 0

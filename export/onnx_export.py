@@ -1,0 +1,220 @@
+"""Export DINOv2, the SAM image encoder and the SAM prompt decoder to ONNX.
+
+Usage::
+
+    manifest = export_models("exports/b_b", dinov2_checkpoint="dinov2_vitb14_pretrain.pth",
+                             sam_checkpoint="sam_vit_b_01ec64.pth", precision="fp16")
+
+writes ``dinov2.onnx``, ``sam_encoder.onnx``, ``sam_decoder.onnx`` (plus ``<name>.onnx.data``
+for graphs over ~1.8 GB, e.g. DINOv2-g and SAM-H) and ``manifest.json``.
+
+Graphs are traced with the TorchScript-based ``torch.onnx.export`` (``dynamo=False``: the
+dynamo exporter needs ``onnxscript``, not a refseg dependency) at opset >= 17, so LayerNorm is a
+single ``LayerNormalization``. Dynamic dimensions: the batch of both encoders, the prompt sets and
+points of the decoder. Precision ``fp16`` bakes half precision into the encoders' graphs with
+LayerNorm and Softmax kept in fp32 (:mod:`refseg.export.fp16`); the decoder (3.6 GFLOP per
+prompt set) stays fp32, like the torch backend's. Every graph passes ``onnx.checker``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from refseg.export.fp16 import convert_float_to_float16, float16_report
+from refseg.export.manifest import (GRAPH_FILES, MANIFEST_NAME, build_manifest, checkpoint_record,
+                                    write_manifest)
+from refseg.export.wrappers import Dinov2Export, SamDecoderExport, SamEncoderExport
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+PRECISIONS = ("fp32", "fp16")
+EXTERNAL_DATA_BYTES = 1800 << 20  # protobuf caps a single file at 2 GiB
+
+
+def _weights_bytes(model: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) for t in model.graph.initializer)
+
+
+def save_onnx(model: onnx.ModelProto, path: str | os.PathLike) -> list[str]:
+    """Save ``model`` to ``path``; weights go to ``<name>.data`` beside it when over ~1.8 GB.
+
+    Returns:
+        The names of the files written (relative to ``path``'s folder).
+    """
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)
+    if _weights_bytes(model) > EXTERNAL_DATA_BYTES:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+        return [path.name, data.name]
+    onnx.save_model(model, str(path))
+    return [path.name]
+
+
+def _stamp_shapes(model: onnx.ModelProto, shapes: dict) -> None:
+    """Write the declared I/O shapes (ints fixed, strings symbolic) over the tracer's guesses.
+
+    The tracer leaves sizes it could not propagate symbolic (e.g. DINOv2's token count after a
+    Slice); the wrappers know them.
+    """
+    for value in list(model.graph.input) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        declared = shapes[value.name]
+        if len(dims) != len(declared):
+            raise RuntimeError(f"traced {value.name} has rank {len(dims)}, declared {declared}")
+        for dim, size in zip(dims, declared):
+            if isinstance(size, str):
+                dim.dim_param = size
+            else:
+                dim.dim_value = int(size)
+
+
+def export_graph(wrapper: nn.Module, path: str | os.PathLike, precision: str = "fp32",
+                 opset: int = DEFAULT_OPSET, device: str | torch.device = "cpu") -> dict:
+    """Trace one export wrapper (:mod:`refseg.export.wrappers`) into an ONNX file and check it.
+
+    Args:
+        wrapper: a module with ``io`` (:class:`GraphIO`) and ``example_inputs()``.
+        path: output ``.onnx`` file.
+        precision: ``fp32``, or ``fp16`` to convert the traced graph (fp32 I/O kept).
+        opset: ONNX opset, >= 17.
+        device: where the trace runs (a GPU makes tracing the large encoders faster).
+
+    Returns:
+        The manifest record: ``{"files", "precision", "inputs", "outputs"}``, inputs/outputs
+        ``{name: {"shape": dims, "dtype": "float32"}}``.
+
+    Raises:
+        ValueError: bad ``precision`` or ``opset``.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if opset < 17:
+        raise ValueError(f"opset {opset} < 17: LayerNormalization needs opset 17 or later")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wrapper = wrapper.eval().to(device)
+    example = tuple(t.to(device) for t in wrapper.example_inputs())
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=".trace-", dir=path.parent) as tmp:
+        raw = Path(tmp) / "graph.onnx"
+        with torch.no_grad(), warnings.catch_warnings():
+            # The tracer warns about every shape it turns into a constant (all static by design)
+            # and about the TorchScript exporter's deprecation.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapper, example, str(raw), dynamo=False, opset_version=opset,
+                              input_names=list(wrapper.io.inputs),
+                              output_names=list(wrapper.io.outputs),
+                              dynamic_axes=wrapper.io.dynamic_axes(), do_constant_folding=True)
+        model = onnx.load(str(raw))  # pulls in external weight files, if the tracer wrote any
+    traced = time.perf_counter() - start
+    _stamp_shapes(model, wrapper.io.shapes)
+    if precision == "fp16":
+        model = convert_float_to_float16(model)
+        log.info("%s fp16: %s", path.name, float16_report(model))
+    model.producer_name = "refseg"
+    model.doc_string = f"refseg export of {type(wrapper).__name__} ({precision})"
+    files = save_onnx(model, path)
+    onnx.checker.check_model(str(path))  # by path: handles external data over 2 GiB
+    log.info("exported %s (%s) in %.1f s (trace %.1f s)", path.name, precision,
+             time.perf_counter() - start, traced)
+    shapes = wrapper.io.shapes
+    return {
+        "files": files,
+        "precision": precision,
+        "inputs": {n: {"shape": shapes[n], "dtype": "float32"} for n in wrapper.io.inputs},
+        "outputs": {n: {"shape": shapes[n], "dtype": "float32"} for n in wrapper.io.outputs},
+    }
+
+
+def export_models(out_dir: str | os.PathLike, dinov2_checkpoint: str | os.PathLike | None = None,
+                  sam_checkpoint: str | os.PathLike | None = None, *, dinov2: str | None = None,
+                  sam: str | None = None, precision: str = "fp32", image_size: int = 518,
+                  max_batch: int = 16, opset: int = DEFAULT_OPSET,
+                  device: str | torch.device = "cpu", dinov2_model: nn.Module | None = None,
+                  sam_model: nn.Module | None = None) -> dict:
+    """Export the three graphs of one (DINOv2, SAM) pair into ``out_dir`` with its manifest.
+
+    Args:
+        out_dir: output folder (created). An existing manifest is removed first, so a folder
+            whose export is interrupted is never taken for a complete one.
+        dinov2_checkpoint, sam_checkpoint: official checkpoint files; None looks up the official
+            files of ``dinov2`` / ``sam`` (see :func:`refseg.models.build_dinov2`).
+        dinov2, sam: model names (inferred from the checkpoints when None).
+        precision: ``fp32`` or ``fp16`` (encoders; the decoder stays fp32).
+        image_size: DINOv2 input side S (multiple of 14); fixed in the graph.
+        max_batch: largest encoder batch the export is meant for (recorded; TensorRT profiles).
+        dinov2_model, sam_model: already built modules to export instead of loading checkpoints
+            (tests); their checkpoints are recorded as None.
+
+    Returns:
+        The manifest dict (also written to ``out_dir/manifest.json``).
+
+    Raises:
+        ValueError: bad precision/opset/image size/max_batch; CheckpointError for unusable files.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS} for export, got {precision!r}")
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    if image_size <= 0 or image_size % 14:
+        raise ValueError(f"image_size {image_size} is not a positive multiple of the DINOv2 patch "
+                         "size 14 (e.g. 518, 560)")
+    from refseg.models.build import build_dinov2, build_sam
+    from refseg.models.dinov2 import DINOV2_SPECS
+    from refseg.models.sam import SAM_SPECS
+
+    for kind, name, specs in (("DINOv2", dinov2, DINOV2_SPECS), ("SAM", sam, SAM_SPECS)):
+        if name is not None and name not in specs:
+            raise ValueError(f"unsupported {kind} model {name!r} for export; choose one of "
+                             f"{', '.join(specs)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+
+    checkpoints = {}
+    if dinov2_model is None:
+        dinov2_model = build_dinov2(dinov2, dinov2_checkpoint)
+        dinov2_checkpoint = dinov2_checkpoint or _official_path(dinov2_model.spec.checkpoint)
+    if sam_model is None:
+        sam_model = build_sam(sam, sam_checkpoint)
+        sam_checkpoint = sam_checkpoint or _official_path(sam_model.spec.checkpoint)
+    checkpoints["dinov2"] = checkpoint_record(dinov2_checkpoint)
+    checkpoints["sam"] = checkpoint_record(sam_checkpoint)
+    dinov2_model = dinov2_model.float().eval()
+    sam_model = sam_model.float().eval()
+    graphs = {
+        "dinov2": export_graph(Dinov2Export(dinov2_model, image_size),
+                               out_dir / GRAPH_FILES["dinov2"], precision, opset, device),
+        "sam_encoder": export_graph(SamEncoderExport(sam_model), out_dir / GRAPH_FILES["sam_encoder"],
+                                    precision, opset, device),
+        "sam_decoder": export_graph(SamDecoderExport(sam_model, "all"),
+                                    out_dir / GRAPH_FILES["sam_decoder"], "fp32", opset, device),
+    }
+    graphs["sam_decoder"]["mask_outputs"] = "all"
+    manifest = build_manifest(out_dir, graphs, precision=precision, image_size=image_size,
+                              models={"dinov2": dinov2_model.spec.name, "sam": sam_model.spec.name},
+                              checkpoints=checkpoints, opset=opset, max_batch=max_batch)
+    write_manifest(out_dir, manifest)
+    log.info("export written to %s (%s, DINOv2 %s @%d, SAM %s)", out_dir, precision,
+             dinov2_model.spec.name, image_size, sam_model.spec.name)
+    return manifest
+
+
+def _official_path(source) -> Path | None:
+    """The local file an official checkpoint was loaded from (None when it has no source)."""
+    if source is None:
+        return None
+    from refseg.models.checkpoints import find_checkpoint
+
+    return find_checkpoint(source)

@@ -1,0 +1,220 @@
+"""Export-only modules: the exact tensors each exported graph takes and returns.
+
+Each wrapper holds a model (sharing its parameters, no copy) and exposes a ``forward`` whose
+positional inputs and tuple outputs are the graph's, named by :mod:`refseg.runtime.io_names`:
+
+* :class:`Dinov2Export`: ``images`` (B, 3, S, S) float32 -> ``patch_tokens`` (B, T, D),
+  ``cls_token`` (B, D), T = (S/14)². S is fixed when the wrapper is built: the position table is
+  resampled once here (exactly as ``DinoVisionTransformer.prepare_tokens`` does) and enters the
+  graph as one constant, so the graph holds no bicubic resize.
+* :class:`SamEncoderExport`: ``images`` (B, 3, 1024, 1024) float32 -> ``image_embeddings``
+  (B, 256, 64, 64).
+* :class:`SamDecoderExport`: P prompt sets against one image embedding, the calling convention
+  of the official SAM ONNX model: ``point_coords`` (P, N, 2) (x, y) pixels of the 1024 frame,
+  ``point_labels`` (P, N) float (1 positive, 0 negative, -1 padding / "not a point", 2 and 3 the
+  top-left and bottom-right box corners), ``mask_input`` (M, 1, 256, 256) logits with M = 1
+  (shared) or P, ``has_mask_input`` (1,) (1.0 uses ``mask_input``). Boxes are therefore passed as
+  two extra points, and a prompt without a box needs one padding point appended, as SAM's prompt
+  encoder does itself (:func:`pack_prompts` does both).
+
+Graph inputs and outputs are always float32; fp16 graphs cast inside (see :mod:`refseg.export.fp16`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from refseg.models.dinov2 import DinoVisionTransformer, interpolate_pos_embed
+from refseg.runtime import io_names as io
+
+MASK_OUTPUTS = ("all", "multi", "single")  # decoder mask sets an export can return
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """Names and shapes of one graph's inputs and outputs.
+
+    ``shapes`` maps every tensor name to its dimensions: ints for fixed sizes, strings for the
+    dynamic ones (the same string means the same size, e.g. ``"batch"``).
+    """
+
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    shapes: dict
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """``torch.onnx.export``'s ``dynamic_axes``: {name: {axis: symbol}} for string dims."""
+        return {name: {i: d for i, d in enumerate(dims) if isinstance(d, str)}
+                for name, dims in self.shapes.items() if any(isinstance(d, str) for d in dims)}
+
+
+class Dinov2Export(nn.Module):
+    """DINOv2 -> (``patch_tokens`` (B, T, D), ``cls_token`` (B, D)) at a fixed input side S.
+
+    Args:
+        model: a :class:`DinoVisionTransformer` (eval mode; with or without register tokens).
+        image_size: S, a multiple of the patch size (14).
+
+    The forward pass is ``forward_features`` for ``masks=None``; the resampled position table is
+    a buffer computed here, so tracing sees no shape arithmetic on it.
+    """
+
+    def __init__(self, model: DinoVisionTransformer, image_size: int) -> None:
+        super().__init__()
+        patch = model.patch_size
+        if image_size <= 0 or image_size % patch:
+            raise ValueError(f"Dinov2Export: image_size {image_size} is not a positive multiple "
+                             f"of the patch size {patch}")
+        self.model = model
+        self.image_size = image_size
+        grid = image_size // patch
+        spec = model.spec
+        with torch.no_grad():
+            pos = interpolate_pos_embed(model.pos_embed.detach(), (grid, grid),
+                                        spec.interpolate_offset, spec.interpolate_antialias)
+        self.register_buffer("pos_embed", pos.to(model.pos_embed.dtype).clone(), persistent=False)
+        self.num_tokens = grid * grid
+        self.io = GraphIO(
+            inputs=(io.DINOV2_INPUT,), outputs=io.DINOV2_OUTPUTS,
+            shapes={io.DINOV2_INPUT: ["batch", 3, image_size, image_size],
+                    io.DINOV2_PATCH_TOKENS: ["batch", self.num_tokens, model.embed_dim],
+                    io.DINOV2_CLS_TOKEN: ["batch", model.embed_dim]})
+
+    def example_inputs(self, batch: int = 2) -> tuple[torch.Tensor, ...]:
+        """Random ``images`` of the export size (batch 2 keeps the traced batch symbolic)."""
+        gen = torch.Generator().manual_seed(0)
+        return (torch.randn(batch, 3, self.image_size, self.image_size, generator=gen),)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.model
+        tokens = m.patch_embed(images)
+        batch = tokens.shape[0]
+        tokens = torch.cat((m.cls_token.to(tokens.dtype).expand(batch, -1, -1), tokens), dim=1)
+        tokens = tokens + self.pos_embed.to(tokens.dtype)
+        if m.register_tokens is not None:  # registers go after cls, once positions are added
+            registers = m.register_tokens.to(tokens.dtype).expand(batch, -1, -1)
+            tokens = torch.cat((tokens[:, :1], registers, tokens[:, 1:]), dim=1)
+        for block in m.blocks:
+            tokens = block(tokens)
+        normed = m.norm(tokens)
+        return normed[:, 1 + m.num_register_tokens:], normed[:, 0]
+
+
+class SamEncoderExport(nn.Module):
+    """SAM image encoder: ``images`` (B, 3, 1024, 1024) -> ``image_embeddings`` (B, 256, 64, 64)."""
+
+    def __init__(self, sam: nn.Module) -> None:
+        super().__init__()
+        self.encoder = sam.image_encoder
+        self.img_size = sam.spec.img_size
+        grid = sam.spec.embedding_size
+        self.io = GraphIO(
+            inputs=(io.SAM_ENCODER_INPUT,), outputs=(io.SAM_ENCODER_OUTPUT,),
+            shapes={io.SAM_ENCODER_INPUT: ["batch", 3, self.img_size, self.img_size],
+                    io.SAM_ENCODER_OUTPUT: ["batch", sam.spec.prompt_embed_dim, grid, grid]})
+
+    def example_inputs(self, batch: int = 1) -> tuple[torch.Tensor, ...]:
+        """Random ``images`` (batch 1 by default: tracing the full encoder is the costly part)."""
+        gen = torch.Generator().manual_seed(0)
+        return (torch.randn(batch, 3, self.img_size, self.img_size, generator=gen),)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(images)
+
+
+class SamDecoderExport(nn.Module):
+    """SAM prompt encoder + mask decoder for P prompt sets against one image embedding.
+
+    Args:
+        sam: a SAM model (``prompt_encoder``, ``mask_decoder``).
+        mask_outputs: ``"all"`` returns the 4 mask-token outputs (index 0 the single-mask output,
+            1..3 the multimask outputs) so one graph serves both modes; ``"multi"`` returns
+            1..3 and ``"single"`` index 0, like SAM's ``multimask_output`` fixed at export time.
+
+    Forward inputs/outputs: see the module docstring; returns ``low_res_masks`` (P, C, 256, 256)
+    logits and ``iou_predictions`` (P, C), C = 4 / 3 / 1.
+    """
+
+    def __init__(self, sam: nn.Module, mask_outputs: str = "all") -> None:
+        super().__init__()
+        if mask_outputs not in MASK_OUTPUTS:
+            raise ValueError(f"SamDecoderExport: mask_outputs must be one of {MASK_OUTPUTS}, "
+                             f"got {mask_outputs!r}")
+        self.prompt_encoder = sam.prompt_encoder
+        self.mask_decoder = sam.mask_decoder
+        self.mask_outputs = mask_outputs
+        with torch.no_grad():
+            self.register_buffer("dense_pe", sam.prompt_encoder.get_dense_pe().clone(),
+                                 persistent=False)
+        dim = sam.spec.prompt_embed_dim
+        grid = sam.spec.embedding_size
+        low = 4 * grid
+        count = {"all": 4, "multi": 3, "single": 1}[mask_outputs]
+        self.io = GraphIO(
+            inputs=io.SAM_DECODER_INPUTS, outputs=io.SAM_DECODER_OUTPUTS,
+            shapes={io.SAM_DECODER_EMBEDDINGS: [1, dim, grid, grid],
+                    io.SAM_DECODER_COORDS: ["prompt_sets", "points", 2],
+                    io.SAM_DECODER_LABELS: ["prompt_sets", "points"],
+                    io.SAM_DECODER_MASK_INPUT: ["mask_sets", 1, low, low],
+                    io.SAM_DECODER_HAS_MASK: [1],
+                    io.SAM_DECODER_MASKS: ["prompt_sets", count, low, low],
+                    io.SAM_DECODER_IOU: ["prompt_sets", count]})
+
+    def example_inputs(self, prompt_sets: int = 2, points: int = 4) -> tuple[torch.Tensor, ...]:
+        """Random embedding, points (with one padding point per set), a shared zero mask input."""
+        gen = torch.Generator().manual_seed(0)
+        _, dim, grid, _ = self.io.shapes[io.SAM_DECODER_EMBEDDINGS]
+        embedding = torch.randn(1, dim, grid, grid, generator=gen)
+        coords = torch.rand(prompt_sets, points, 2, generator=gen) * 1024
+        labels = torch.randint(0, 2, (prompt_sets, points), generator=gen).float()
+        labels[:, -1] = -1
+        mask_input = torch.zeros(1, 1, 4 * grid, 4 * grid)
+        return embedding, coords, labels, mask_input, torch.zeros(1)
+
+    def forward(self, image_embeddings: torch.Tensor, point_coords: torch.Tensor,
+                point_labels: torch.Tensor, mask_input: torch.Tensor,
+                has_mask_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pe = self.prompt_encoder
+        sparse = pe.embed_points(point_coords, point_labels, pad=False)
+        # embed_points gives labels 2/3 the positional encoding alone; add the corner embeddings
+        # as the prompt encoder's box path does.
+        lab = point_labels[..., None]
+        zero = sparse.new_zeros(())
+        sparse = sparse + torch.where(lab == 2, pe.point_embeddings[2].weight, zero)
+        sparse = sparse + torch.where(lab == 3, pe.point_embeddings[3].weight, zero)
+        use_mask = has_mask_input.reshape(1, 1, 1, 1)
+        no_mask = pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        dense = use_mask * pe.embed_masks(mask_input) + (1 - use_mask) * no_mask
+        masks, iou = self.mask_decoder.predict_masks(image_embeddings, self.dense_pe, sparse, dense)
+        if self.mask_outputs == "multi":
+            return masks[:, 1:], iou[:, 1:]
+        if self.mask_outputs == "single":
+            return masks[:, :1], iou[:, :1]
+        return masks, iou
+
+
+def pack_prompts(coords: torch.Tensor, labels: torch.Tensor,
+                 boxes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn SAM's (points, boxes) prompts into the decoder graph's ``point_coords``/``point_labels``.
+
+    Args:
+        coords: (P, N, 2) (x, y) pixels of the 1024 frame; labels: (P, N) 1 / 0 / -1.
+        boxes: (P, 4) XYXY pixels of the 1024 frame, or None.
+
+    Returns:
+        coords (P, N + 2, 2) with the box corners (labels 2, 3) appended when ``boxes`` is given,
+        else (P, N + 1, 2) with one padding point (0, 0) of label -1, both float32 — the same
+        sparse prompt SAM's prompt encoder builds from (points, boxes).
+    """
+    coords = coords.float()
+    labels = labels.float()
+    sets = coords.shape[0]
+    if boxes is None:
+        extra = coords.new_zeros(sets, 1, 2)
+        extra_labels = labels.new_full((sets, 1), -1.0)
+    else:
+        extra = boxes.float().reshape(sets, 2, 2).to(coords.device)
+        extra_labels = torch.tensor([2.0, 3.0], device=labels.device).expand(sets, 2)
+    return torch.cat([coords, extra], dim=1), torch.cat([labels, extra_labels], dim=1)

@@ -1,0 +1,241 @@
+"""TensorRT engine building, the engine cache, and the TensorRT / ONNX Runtime GPU backends.
+
+The engine-cache bookkeeping, the optimisation profiles and the TensorRT 10 / 11 typing decision
+are plain Python and run everywhere. Everything that builds or runs an engine needs the
+``tensorrt`` package and a CUDA GPU and is skipped otherwise (the reason is printed with -ra);
+the ONNX Runtime io-binding test needs ``onnxruntime-gpu``'s CUDA provider.
+
+GPU tolerances: fp32 engines (TF32 off) vs torch fp32, max abs diff <= 1e-3; fp16 engines vs
+torch fp32, max abs diff <= 2 % of the reference's max abs value and mean cosine >= 0.999.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from refseg.export.tensorrt_build import EngineBuilder, EngineCache, default_profiles
+from refseg.runtime import io_names as io
+
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+HAS_CUDA = torch.cuda.is_available()
+needs_trt = pytest.mark.skipif(not (HAS_TRT and HAS_CUDA),
+                               reason=f"needs tensorrt and a CUDA GPU (tensorrt installed: {HAS_TRT}, "
+                                      f"CUDA available: {HAS_CUDA})")
+
+FP32_ATOL = 1e-3
+FP16_REL = 2e-2
+FP16_MIN_COS = 0.999
+SIZE = 224
+SAM_SIZE = 256
+
+MANIFEST = {
+    "max_batch": 8,
+    "graphs": {
+        "dinov2": {"inputs": {io.DINOV2_INPUT: {"shape": ["batch", 3, 518, 518]}}},
+        "sam_encoder": {"inputs": {io.SAM_ENCODER_INPUT: {"shape": ["batch", 3, 1024, 1024]}}},
+        "sam_decoder": {"inputs": {
+            io.SAM_DECODER_EMBEDDINGS: {"shape": [1, 256, 64, 64]},
+            io.SAM_DECODER_COORDS: {"shape": ["prompt_sets", "points", 2]},
+            io.SAM_DECODER_LABELS: {"shape": ["prompt_sets", "points"]},
+            io.SAM_DECODER_MASK_INPUT: {"shape": ["mask_sets", 1, 256, 256]},
+            io.SAM_DECODER_HAS_MASK: {"shape": [1]}}},
+    },
+}
+
+
+# ----------------------------------------------------------------------------- plain Python
+def test_default_profiles_cover_batches_and_prompts():
+    enc = default_profiles("sam_encoder", MANIFEST)[io.SAM_ENCODER_INPUT]
+    assert enc == [((1, 3, 1024, 1024),) * 3,
+                   ((2, 3, 1024, 1024), (8, 3, 1024, 1024), (8, 3, 1024, 1024))]
+    dec = default_profiles("sam_decoder", MANIFEST, max_prompt_sets=32, max_points=40)
+    assert dec[io.SAM_DECODER_COORDS] == [((1, 1, 2), (8, 16, 2), (32, 40, 2))]
+    assert dec[io.SAM_DECODER_EMBEDDINGS] == [((1, 256, 64, 64),) * 3]
+    assert dec[io.SAM_DECODER_MASK_INPUT][0][2] == (32, 1, 256, 256)
+    with pytest.raises(ValueError, match="unknown graph"):
+        default_profiles("mask_head", MANIFEST)
+
+
+def fake_trt(version: str, fp16_flag: bool) -> SimpleNamespace:
+    """A stand-in for the tensorrt module: only what ``EngineBuilder.typing`` reads."""
+    flags = SimpleNamespace(FP16=1) if fp16_flag else SimpleNamespace()
+    return SimpleNamespace(__version__=version, BuilderFlag=flags)
+
+
+def test_typing_decision_tensorrt_10_and_11(tmp_path):
+    onnx_file = tmp_path / "g.onnx"
+    assert EngineBuilder(onnx_file, {}, "fp16", "fp16").typing(fake_trt("11.1.0", False)) == "strong"
+    assert EngineBuilder(onnx_file, {}, "fp32", "fp32").typing(fake_trt("10.9.0", True)) == "strong"
+    assert EngineBuilder(onnx_file, {}, "fp16", "fp32").typing(fake_trt("10.9.0", True)) == "fp16-flag"
+    with pytest.raises(ValueError, match="--precision fp16"):
+        EngineBuilder(onnx_file, {}, "fp16", "fp32").typing(fake_trt("11.1.0", False))
+    with pytest.raises(ValueError, match="cannot be built"):
+        EngineBuilder(onnx_file, {}, "fp32", "fp16").typing(fake_trt("10.9.0", True))
+
+
+def cache_fields(**changes) -> dict:
+    fields = EngineCache.key_fields("ab" * 32, "10.9.0", "NVIDIA H100", "9.0",
+                                    {"precision": "fp16", "typing": "strong", "profiles": {}})
+    fields.update(changes)
+    return fields
+
+
+def test_engine_cache_hit_stale_and_rebuild(tmp_path):
+    cache = EngineCache(tmp_path)
+    builds = []
+
+    def build() -> bytes:
+        builds.append(1)
+        return b"plan-%d" % len(builds)
+
+    fields = cache_fields()
+    first = cache.get_or_build("sam_encoder", fields, build)
+    assert first.read_bytes() == b"plan-1" and first.with_suffix(".json").is_file()
+    assert cache.get_or_build("sam_encoder", fields, build) == first and len(builds) == 1
+
+    # another GPU or TensorRT version is another key: a new engine, the old one untouched
+    other = cache.get_or_build("sam_encoder", cache_fields(gpu="NVIDIA A100"), build)
+    assert other != first and len(builds) == 2 and first.is_file()
+
+    # a sidecar that no longer matches its key is refused, deleted and rebuilt
+    sidecar = first.with_suffix(".json")
+    record = json.loads(sidecar.read_text())
+    record["fields"]["tensorrt"] = "10.0.0"
+    sidecar.write_text(json.dumps(record))
+    assert cache.lookup("sam_encoder", fields) is None and not first.exists()
+    rebuilt = cache.get_or_build("sam_encoder", fields, build)
+    assert rebuilt == first and rebuilt.read_bytes() == b"plan-3"
+
+    # a truncated engine fails its checksum
+    rebuilt.write_bytes(b"plan")
+    assert cache.lookup("sam_encoder", fields) is None
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.fixture(scope="module")
+def small_exports(tmp_path_factory):
+    """fp32 and fp16 exports of DINOv2-S@224 and a 2-block SAM-B on a 256² input, and the models."""
+    pytest.importorskip("onnx", reason="onnx not installed")
+    from refseg.export.onnx_export import export_models
+    from refseg.models.dinov2 import DINOV2_SPECS, DinoVisionTransformer
+    from refseg.models.dinov2 import init_random_ as dinov2_random_
+    from refseg.models.sam import SAM_SPECS, Sam
+    from refseg.models.sam import init_random_ as sam_random_
+
+    dinov2 = dinov2_random_(DinoVisionTransformer(DINOV2_SPECS["vits14"]), seed=0).eval()
+    spec = dataclasses.replace(SAM_SPECS["vit_b"].with_depth(2), img_size=SAM_SIZE)
+    sam = sam_random_(Sam(spec), seed=1).eval()
+    out = {}
+    for precision in ("fp32", "fp16"):
+        folder = tmp_path_factory.mktemp(f"export_{precision}")
+        manifest = export_models(folder, precision=precision, image_size=SIZE, max_batch=4,
+                                 dinov2_model=dinov2, sam_model=sam)
+        out[precision] = (folder, manifest)
+    return out, dinov2, sam
+
+
+@pytest.fixture(scope="module")
+def torch_gpu(small_exports):
+    from refseg.runtime.torch_backend import TorchBackend
+
+    _, dinov2, sam = small_exports
+    return TorchBackend(dinov2, sam, torch.device("cuda"))
+
+
+def trt_backend(small_exports, precision, engine_root, **options):
+    from refseg.config import SegmenterConfig
+    from refseg.runtime.exported import TensorRTBackend
+
+    exports, _, _ = small_exports
+    folder, manifest = exports[precision]
+    config = SegmenterConfig(dinov2="vits14", image_size=SIZE, precision=precision)
+    return TensorRTBackend(folder, config, torch.device("cuda"), manifest,
+                           engine_cache=EngineCache(engine_root), **options)
+
+
+def gpu_images(batch: int, side: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, side, side, generator=gen).cuda()
+
+
+@needs_trt
+@pytest.mark.parametrize("batch", [1, 3, 6])  # 6 > max_batch 4: two engine calls
+def test_tensorrt_fp32_encoders_match_torch(small_exports, torch_gpu, tmp_path_factory, batch):
+    backend = trt_backend(small_exports, "fp32", tmp_path_factory.mktemp("engines"))
+    x = gpu_images(batch, SIZE, seed=batch)
+    assert float((backend.encode_dinov2(x) - torch_gpu.encode_dinov2(x)).abs().max()) <= FP32_ATOL
+    y = gpu_images(batch, SAM_SIZE, seed=10 + batch)
+    assert float((backend.encode_sam(y) - torch_gpu.encode_sam(y)).abs().max()) <= FP32_ATOL
+
+
+@needs_trt
+@pytest.mark.parametrize("points", [1, 37])
+def test_tensorrt_decoder_matches_torch(small_exports, torch_gpu, tmp_path_factory, points):
+    backend = trt_backend(small_exports, "fp32", tmp_path_factory.mktemp("engines"), max_prompt_sets=4)
+    gen = torch.Generator().manual_seed(points)
+    embedding = torch.randn(256, 16, 16, generator=gen).cuda()
+    coords = (torch.rand(6, points, 2, generator=gen) * SAM_SIZE).cuda()  # 6 sets > 4: chunked
+    labels = torch.randint(0, 2, (6, points), generator=gen).cuda()
+    for multimask in (False, True):
+        masks, iou = backend.decode(embedding, coords, labels, None, multimask)
+        ref_masks, ref_iou = torch_gpu.decode(embedding, coords, labels, None, multimask)
+        assert masks.shape == ref_masks.shape
+        assert float((masks - ref_masks).abs().max()) <= FP32_ATOL
+        assert float((iou - ref_iou).abs().max()) <= FP32_ATOL
+
+
+@needs_trt
+def test_tensorrt_fp16_strongly_typed_close_to_torch(small_exports, torch_gpu, tmp_path_factory):
+    backend = trt_backend(small_exports, "fp16", tmp_path_factory.mktemp("engines"))
+    x, y = gpu_images(2, SIZE, 5), gpu_images(2, SAM_SIZE, 6)
+    for out, ref, dim in ((backend.encode_dinov2(x), torch_gpu.encode_dinov2(x), -1),
+                          (backend.encode_sam(y), torch_gpu.encode_sam(y), 1)):
+        scale = float(ref.abs().max())
+        assert float((out - ref).abs().max()) <= FP16_REL * scale
+        assert float(torch.nn.functional.cosine_similarity(out, ref, dim=dim).mean()) >= FP16_MIN_COS
+
+
+@needs_trt
+def test_tensorrt_engine_cache_reused_and_stale_rebuilt(small_exports, tmp_path):
+    first = trt_backend(small_exports, "fp32", tmp_path)
+    engines = sorted(tmp_path.glob("*.engine"))
+    assert len(engines) == 3 and (tmp_path / "sam_encoder-build.log").is_file()
+    stamps = {p: p.stat().st_mtime_ns for p in engines}
+    second = trt_backend(small_exports, "fp32", tmp_path)
+    assert {p: p.stat().st_mtime_ns for p in engines} == stamps  # cache hits, nothing rebuilt
+    sidecar = engines[0].with_suffix(".json")
+    record = json.loads(sidecar.read_text())
+    record["fields"]["onnx_sha256"] = "0" * 64
+    sidecar.write_text(json.dumps(record))
+    trt_backend(small_exports, "fp32", tmp_path)
+    assert engines[0].stat().st_mtime_ns != stamps[engines[0]]  # refused and rebuilt
+    assert first.runners.keys() == second.runners.keys()
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_onnxruntime_cuda_io_binding_matches_torch(small_exports, torch_gpu):
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime has no CUDA provider (pip install onnxruntime-gpu)")
+    from refseg.config import SegmenterConfig
+    from refseg.runtime.exported import OnnxRuntimeBackend
+
+    exports, _, _ = small_exports
+    folder, manifest = exports["fp32"]
+    backend = OnnxRuntimeBackend(folder, SegmenterConfig(dinov2="vits14", image_size=SIZE),
+                                 torch.device("cuda"), manifest)
+    x = gpu_images(3, SIZE, seed=7)
+    out = backend.encode_dinov2(x)
+    assert out.is_cuda
+    assert float((out - torch_gpu.encode_dinov2(x)).abs().max()) <= FP32_ATOL
+    embedding = torch.randn(256, 16, 16, generator=torch.Generator().manual_seed(8)).cuda()
+    coords = torch.rand(3, 5, 2, generator=torch.Generator().manual_seed(9)).cuda() * SAM_SIZE
+    labels = torch.ones(3, 5, dtype=torch.int64, device="cuda")
+    masks, _ = backend.decode(embedding, coords, labels, None, True)
+    ref, _ = torch_gpu.decode(embedding, coords, labels, None, True)
+    assert float((masks - ref).abs().max()) <= FP32_ATOL
