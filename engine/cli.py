@@ -30,6 +30,7 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dinov2-checkpoint", help="DINOv2 checkpoint file (official format)")
     p.add_argument("-d", "--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--backend", default="torch", help="torch (default), onnxruntime, tensorrt, auto")
+    p.add_argument("--engine-dir", help="folder written by `refseg export` (exported backends)")
     p.add_argument("--batch-size", type=int, help="targets encoded together")
     p.add_argument("--image-size", type=int, help="DINOv2 input side S (multiple of 14)")
     p.add_argument("--metric", choices=["cosine", "euclidean"], help="feature matching metric")
@@ -80,7 +81,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     inputs = raster.list_images(args.input)
     segmenter = Segmenter(config, sam_checkpoint=args.sam_checkpoint,
                           dinov2_checkpoint=args.dinov2_checkpoint, device=args.device,
-                          backend=args.backend)
+                          backend=args.backend, engine_dir=args.engine_dir)
     for image, mask, source in references:
         segmenter.add_reference(image, mask, source=source)
     summary = run_folder(segmenter, inputs, Path(args.output), save_prompts=args.save_prompts,

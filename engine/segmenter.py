@@ -108,14 +108,18 @@ class Segmenter:
         sam_checkpoint, dinov2_checkpoint: official checkpoint files; ``None`` looks them up by
             their official names (``$REFSEG_CHECKPOINT_DIR``, ``~/.cache/refseg``, download).
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ...
-        backend: ``"torch"``, ``"onnxruntime"``, ``"tensorrt"`` or ``"auto"``.
+        backend: ``"torch"``, ``"onnxruntime"``, ``"tensorrt"`` or ``"auto"`` (TensorRT -> ONNX
+            Runtime -> torch, each step down logged with its reason).
+        engine_dir: folder written by ``refseg export`` for the exported backends; ``None`` uses
+            (and on first use fills) the export cache under ``~/.cache/refseg/exports``.
     """
 
     def __init__(self, config: SegmenterConfig, sam_checkpoint: str | os.PathLike | None = None,
                  dinov2_checkpoint: str | os.PathLike | None = None, device: str = "auto",
-                 backend: str = "torch"):
+                 backend: str = "torch", engine_dir: str | os.PathLike | None = None):
         self.backend = create_backend(backend, config, sam_checkpoint=sam_checkpoint,
-                                      dinov2_checkpoint=dinov2_checkpoint, device=device)
+                                      dinov2_checkpoint=dinov2_checkpoint, device=device,
+                                      engine_dir=engine_dir)
         self.config = self.backend.config  # model names as actually loaded
         self.device = self.backend.device
         self._ref_tokens: list[torch.Tensor] = []   # each (T, D)
@@ -123,10 +127,12 @@ class Segmenter:
 
     @classmethod
     def from_preset(cls, name: str = "sat", sam_checkpoint=None, dinov2_checkpoint=None,
-                    device: str = "auto", backend: str = "torch", **overrides) -> "Segmenter":
+                    device: str = "auto", backend: str = "torch", engine_dir=None,
+                    **overrides) -> "Segmenter":
         """Build from a named preset (``sat``, ``gbmseg``) with field overrides."""
         return cls(SegmenterConfig.from_preset(name, **overrides), sam_checkpoint=sam_checkpoint,
-                   dinov2_checkpoint=dinov2_checkpoint, device=device, backend=backend)
+                   dinov2_checkpoint=dinov2_checkpoint, device=device, backend=backend,
+                   engine_dir=engine_dir)
 
     # ------------------------------------------------------------------ reference
     @property
