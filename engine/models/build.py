@@ -18,9 +18,22 @@ DEFAULT_SAM = "vit_b"
 PathLike = str | os.PathLike
 
 
-def _check_name(name: str | None, specs: dict, kind: str) -> None:
+def _build(kind: str, specs: dict, default: str, from_state_dict, name: str | None,
+           checkpoint: PathLike | None, download: bool) -> nn.Module:
     if name is not None and name not in specs:
         raise ValueError(f"unknown {kind} model {name!r}; choose one of {', '.join(specs)}")
+    if checkpoint is None:
+        name = name or default
+        checkpoint = resolve_checkpoint(specs[name].checkpoint, download=download)
+    path = os.fspath(checkpoint)
+    state = load_state_dict(path)
+    is_sam = "image_encoder.pos_embed" in state
+    if is_sam != (kind == "SAM"):
+        other = "SAM" if is_sam else "DINOv2"
+        raise CheckpointError(f"{path}: this is a {other} checkpoint, not a {kind} one")
+    model = from_state_dict(state, name=name, source=path)
+    log.info("%s %s loaded from %s", kind, model.spec.name, path)
+    return model.eval()
 
 
 def build_dinov2(name: str | None = None, checkpoint: PathLike | None = None,
@@ -43,17 +56,7 @@ def build_dinov2(name: str | None = None, checkpoint: PathLike | None = None,
     Raises:
         CheckpointError: missing/unreadable file, or a checkpoint of another model or size.
     """
-    _check_name(name, DINOV2_SPECS, "DINOv2")
-    if checkpoint is None:
-        name = name or DEFAULT_DINOV2
-        checkpoint = resolve_checkpoint(DINOV2_SPECS[name].checkpoint, download=download)
-    path = os.fspath(checkpoint)
-    state = load_state_dict(path)
-    if "image_encoder.pos_embed" in state:
-        raise CheckpointError(f"{path}: this is a SAM checkpoint, not a DINOv2 one")
-    model = dinov2_from_state_dict(state, name=name, source=path)
-    log.info("DINOv2 %s loaded from %s", model.spec.name, path)
-    return model.eval()
+    return _build("DINOv2", DINOV2_SPECS, DEFAULT_DINOV2, dinov2_from_state_dict, name, checkpoint, download)
 
 
 def build_sam(name: str | None = None, checkpoint: PathLike | None = None,
@@ -70,14 +73,4 @@ def build_sam(name: str | None = None, checkpoint: PathLike | None = None,
     Raises:
         CheckpointError: missing/unreadable file, or a checkpoint of another model or size.
     """
-    _check_name(name, SAM_SPECS, "SAM")
-    if checkpoint is None:
-        name = name or DEFAULT_SAM
-        checkpoint = resolve_checkpoint(SAM_SPECS[name].checkpoint, download=download)
-    path = os.fspath(checkpoint)
-    state = load_state_dict(path)
-    if "image_encoder.pos_embed" not in state and "cls_token" in state:
-        raise CheckpointError(f"{path}: this is a DINOv2 checkpoint, not a SAM one")
-    model = sam_from_state_dict(state, name=name, source=path)
-    log.info("SAM %s loaded from %s", model.spec.name, path)
-    return model.eval()
+    return _build("SAM", SAM_SPECS, DEFAULT_SAM, sam_from_state_dict, name, checkpoint, download)
