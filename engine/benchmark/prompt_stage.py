@@ -1,0 +1,91 @@
+"""The matching + prompt stage on given features, for refseg and for the research-style baseline.
+
+:func:`refseg_prompt_stage` runs exactly the calls :class:`refseg.Segmenter` makes between the
+DINOv2 and the SAM encoders (matching, candidates -> points, physical-space stage), so both sides can
+be timed and compared on the SAME tokens. The baseline lives in ``bench/baseline.py`` of the source
+checkout; :func:`load_baseline` imports it from there by file location.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import torch
+
+from refseg.config import SegmenterConfig
+from refseg.pipeline.grid import grids_from_config
+from refseg.pipeline.matching import candidates_to_points, match_candidates
+from refseg.pipeline.prompts import PromptBatch, engineer_padded
+
+_BASELINE_NAME = "refseg_bench_baseline"
+
+
+def baseline_path() -> Path:
+    """``bench/baseline.py`` beside the ``engine/`` folder of the source checkout."""
+    import refseg
+
+    return Path(refseg.__file__).resolve().parents[1] / "bench" / "baseline.py"
+
+
+def load_baseline() -> ModuleType:
+    """Import ``bench/baseline.py`` (the research-style baseline) by its path.
+
+    Raises:
+        ImportError: the file is not there (refseg installed without its source checkout).
+    """
+    if _BASELINE_NAME in sys.modules:
+        return sys.modules[_BASELINE_NAME]
+    path = baseline_path()
+    if not path.is_file():
+        raise ImportError(f"research baseline {path} not found: it ships with the source checkout only")
+    spec = importlib.util.spec_from_file_location(_BASELINE_NAME, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[_BASELINE_NAME] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception:
+        del sys.modules[_BASELINE_NAME]
+        raise
+    return module
+
+
+def reference_labels(mask: np.ndarray, config: SegmenterConfig) -> tuple[list[int], torch.Tensor]:
+    """Reference mask (H, W) -> (class values, (C, T) int8 grid labels 1 / 0 / −1), as the Segmenter."""
+    classes, grids = grids_from_config(mask, config)
+    return classes, grids.reshape(len(classes), -1)
+
+
+def refseg_prompt_stage(ref_tokens: torch.Tensor, ref_labels: torch.Tensor, tgt_tokens: torch.Tensor,
+                        sizes: list[tuple[int, int]], config: SegmenterConfig) -> PromptBatch:
+    """Matching + prompts for B targets: the Segmenter's stage between the two encoders.
+
+    Args:
+        ref_tokens: (T, D) reference tokens; ref_labels: (C, T) grid labels on the same device.
+        tgt_tokens: (B, T, D) target tokens.
+        sizes: B (H, W) target sizes.
+
+    Returns:
+        :class:`PromptBatch` of B·C prompt sets (target-major), points (x, y) in target pixels.
+    """
+    c = ref_labels.shape[0]
+    cand = match_candidates(ref_tokens, ref_labels, tgt_tokens, config)
+    sets = candidates_to_points(cand, config.grid_size, config.image_size, sizes)
+    set_sizes = torch.as_tensor(sizes).repeat_interleave(c, 0)
+    hard = sets["hard_negatives"] if config.hard_negatives else (None, None)
+    return engineer_padded(*sets["positives"], *sets["negatives"], set_sizes, config, *hard)
+
+
+def prompt_set(points: np.ndarray, labels: np.ndarray) -> set[tuple[int, int, int]]:
+    """{(x, y, label)} of one prompt set (points rounded to whole pixels)."""
+    pts = np.rint(np.asarray(points, dtype=np.float64)).astype(np.int64).reshape(-1, 2)
+    return {(int(x), int(y), int(lab)) for (x, y), lab in zip(pts, np.asarray(labels).reshape(-1))}
+
+
+def compare_prompts(ours: tuple[np.ndarray, np.ndarray], theirs: tuple[np.ndarray, np.ndarray]) -> dict:
+    """Compare two prompt sets as sets of (x, y, label): equality, sizes and the differences."""
+    a, b = prompt_set(*ours), prompt_set(*theirs)
+    return {"equal": a == b, "refseg_points": len(a), "baseline_points": len(b),
+            "only_refseg": sorted(a - b)[:10], "only_baseline": sorted(b - a)[:10]}
