@@ -233,3 +233,14 @@ def test_constructor_validation():
         SegmenterConfig().replace(radius=3)
     with pytest.raises(ValueError, match="radius_unit='pixel'"):
         SegmenterConfig(neg_radius=64)
+
+
+def test_grouping_ties_within_float_noise_go_to_the_earliest_member():
+    from refseg.pipeline.grouping import group_by_radius
+
+    pts = torch.tensor([[[10, 10], [12, 10], [100, 100]]], dtype=torch.float64)
+    valid = torch.ones(1, 3, dtype=torch.bool)
+    score = torch.tensor([[5.0, 5.0 + 1e-13, 1.0]], dtype=torch.float64)  # equal but for summation noise
+    assert group_by_radius(pts, valid, 5.0, score).tolist() == [[0, 2]]
+    score = torch.tensor([[5.0, 5.001, 1.0]], dtype=torch.float64)  # a real difference still wins
+    assert group_by_radius(pts, valid, 5.0, score).tolist() == [[1, 2]]

@@ -7,7 +7,7 @@ distances take a float64 square root.
 
 Greedy radius grouping (the GBMSeg "sparse sampling"): walk the list in order; each unassigned point
 opens a group of every still-unassigned point within ``radius`` (inclusive, ``d <= r``); the group is
-represented by the member with the largest score (ties: earliest). Equivalently, point i leads a group
+represented by the member with the largest score (ties, up to 1e-9 relative: earliest). Equivalently, point i leads a group
 iff no earlier leader lies within r of it, and every point joins the earliest leader within r. Only
 the leaders are found sequentially (:func:`greedy_leaders`: vectorised steps or rounds, all sets in
 parallel); membership and representatives are then computed in one pass.
@@ -181,7 +181,9 @@ def group_by_radius(points: torch.Tensor, valid: torch.Tensor, radius: torch.Ten
                                                                     dtype=torch.float64))
     best = torch.full((pn, n + 1), float("-inf"), dtype=torch.float64, device=device)
     best = best.scatter_reduce(1, group, s, reduce="amax", include_self=True)
-    is_best = valid & (s == best.gather(1, group))
+    # Scores equal up to float summation order (1e-9 relative) count as ties: the earliest member wins.
+    top = best.gather(1, group)
+    is_best = valid & (s >= top - 1e-9 * top.abs().clamp(min=1.0))
     rep = torch.full((pn, n + 1), n, dtype=torch.int64, device=device)
     rep = rep.scatter_reduce(1, group, torch.where(is_best, idx, torch.full_like(idx, n)),
                              reduce="amin", include_self=True)[:, :n]
