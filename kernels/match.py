@@ -126,6 +126,14 @@ def match_reference(ref: Tensor, tgt: Tensor, metric: str = "cosine", ref_valid:
     else:
         score = torch.cdist(a, b) if Nr and Nt else a.new_zeros(B, Nr, Nt)
         key = -score  # negation is exact: ties stay ties
+    if ref_valid is None and tgt_valid is None and k == 1 and Nr and Nt:
+        # No masks, top-1: three reductions of the one score matrix, no masked copies
+        # (torch.max / torch.min return the first index on ties, as the general path does).
+        best, worst = (torch.max, torch.min) if metric == "cosine" else (torch.min, torch.max)
+        fwd_val, fwd_idx = best(score, dim=-1)
+        far_val, far_idx = worst(score, dim=-1)
+        bwd_val, bwd_idx = best(score, dim=1)
+        return MatchResult(fwd_idx[..., None], fwd_val[..., None], far_idx, far_val, bwd_idx, bwd_val)
     nan = float("nan")
 
     def gather(idx: Tensor, found: Tensor, scores: Tensor, valid_rows: Tensor) -> tuple[Tensor, Tensor]:

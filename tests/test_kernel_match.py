@@ -270,3 +270,16 @@ def test_compiles_without_graph_break():
     compiled = torch.compile(prompt_stage, backend="eager", fullgraph=True)
     for a, b in zip(compiled(ref, tgt), prompt_stage(ref, tgt)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_reference_fast_path_equals_masked_path(metric):
+    # Unmasked top-1 takes a shortcut in match_reference; all-True masks take the general path.
+    gen = torch.Generator().manual_seed(11)
+    ref = torch.randint(-2, 3, (2, 37, 8), generator=gen).float()  # small integers: many exact ties
+    tgt = torch.randint(-2, 3, (2, 41, 8), generator=gen).float()
+    fast = match_reference(ref, tgt, metric)
+    slow = match_reference(ref, tgt, metric, ref_valid=torch.ones(2, 37, dtype=torch.bool),
+                           tgt_valid=torch.ones(2, 41, dtype=torch.bool))
+    for a, b in zip(fast, slow):
+        assert a.shape == b.shape and torch.equal(a, b)
