@@ -377,3 +377,23 @@ def test_medsam_format_loads(vit_b, tmp_path):
         assert torch.equal(loaded_sd[key], value), key
     wrapped = sam_from_state_dict({"model": ours.state_dict()})  # dict wrapper, inferred layout
     assert wrapped.spec.name == "vit_b"
+
+
+def test_row_chunked_global_attention_equals_full_bias():
+    from refseg.models.sam_image_encoder import (attention_in_row_chunks, decomposed_rel_pos_bias,
+                                                 decomposed_rel_pos_terms)
+
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(2, 3, 12 * 10, 8, generator=gen) for _ in range(3))
+    rel_pos_h, rel_pos_w = torch.randn(23, 8, generator=gen), torch.randn(19, 8, generator=gen)
+    full = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=decomposed_rel_pos_bias(q, rel_pos_h, rel_pos_w, (12, 10), (12, 10)))
+    rel_h, rel_w = decomposed_rel_pos_terms(q, rel_pos_h, rel_pos_w, (12, 10), (12, 10))
+    import refseg.models.sam_image_encoder as enc
+    old = enc._CHUNK_BIAS_ELEMENTS
+    enc._CHUNK_BIAS_ELEMENTS = 2 * 3 * 10 * 12 * 10 * 5  # 5 query rows per chunk: 12 = 5 + 5 + 2
+    try:
+        chunked = attention_in_row_chunks(q, k, v, rel_h, rel_w)
+    finally:
+        enc._CHUNK_BIAS_ELEMENTS = old
+    torch.testing.assert_close(chunked, full, rtol=0, atol=1e-6)

@@ -96,9 +96,10 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor
     return table[offsets.long()]
 
 
-def decomposed_rel_pos_bias(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
-                            q_size: tuple[int, int], k_size: tuple[int, int]) -> torch.Tensor:
-    """Additive attention bias of decomposed relative positions (MViTv2 / ViTDet / SAM).
+def decomposed_rel_pos_terms(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
+                             q_size: tuple[int, int], k_size: tuple[int, int]
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two factors of the decomposed relative-position bias (MViTv2 / ViTDet / SAM).
 
     Args:
         q: unscaled queries (B, heads, q_h·q_w, C), row-major over the (q_h, q_w) grid.
@@ -106,8 +107,8 @@ def decomposed_rel_pos_bias(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w:
         q_size, k_size: query and key grids as (height, width).
 
     Returns:
-        (B, heads, q_h·q_w, k_h·k_w) bias in q's dtype: bias[.., (y, x), (y', x')] =
-        q(y, x)·R_h[y, y'] + q(y, x)·R_w[x, x'].
+        rel_h (B·heads, q_h, q_w, k_h) = q(y, x)·R_h[y, y'] and rel_w (B·heads, q_h, q_w, k_w) =
+        q(y, x)·R_w[x, x'], in q's dtype.
     """
     q_h, q_w = q_size
     k_h, k_w = k_size
@@ -115,10 +116,56 @@ def decomposed_rel_pos_bias(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w:
     r_w = get_rel_pos(q_w, k_w, rel_pos_w).to(q.dtype)
     b, heads, _, dim = q.shape
     grid = q.reshape(b * heads, q_h, q_w, dim)
-    rel_h = torch.einsum("byxc,ykc->byxk", grid, r_h)
-    rel_w = torch.einsum("byxc,xkc->byxk", grid, r_w)
+    return torch.einsum("byxc,ykc->byxk", grid, r_h), torch.einsum("byxc,xkc->byxk", grid, r_w)
+
+
+def decomposed_rel_pos_bias(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
+                            q_size: tuple[int, int], k_size: tuple[int, int]) -> torch.Tensor:
+    """Additive attention bias (B, heads, q_h·q_w, k_h·k_w) in q's dtype:
+    bias[.., (y, x), (y', x')] = q(y, x)·R_h[y, y'] + q(y, x)·R_w[x, x'] (see
+    :func:`decomposed_rel_pos_terms` for the arguments)."""
+    rel_h, rel_w = decomposed_rel_pos_terms(q, rel_pos_h, rel_pos_w, q_size, k_size)
     bias = rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]
-    return bias.reshape(b, heads, q_h * q_w, k_h * k_w)
+    b, heads = q.shape[:2]
+    return bias.reshape(b, heads, q_size[0] * q_size[1], k_size[0] * k_size[1])
+
+
+# Global attention over more tokens than this runs in chunks of query rows (eager mode only): the
+# bias of a 64x64 grid is (heads, 4096, 4096), 805 MB per image in fp32; one reused chunk buffer
+# avoids that allocation and its page faults and gives the same numbers (~25 % faster on a CPU).
+CHUNKED_ATTENTION_MIN_TOKENS = 1024
+_CHUNK_BIAS_ELEMENTS = 1 << 25
+
+
+def _tracing() -> bool:
+    return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+            or torch.compiler.is_compiling())
+
+
+def attention_in_row_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor,
+                            rel_w: torch.Tensor) -> torch.Tensor:
+    """SDPA with the decomposed bias built chunk by chunk of query grid rows into one buffer.
+
+    Args:
+        q, k, v: (B, heads, N, C) with N = q_h·q_w (keys on the same grid).
+        rel_h, rel_w: factors from :func:`decomposed_rel_pos_terms`.
+
+    Returns:
+        (B, heads, N, C), equal to SDPA with the full :func:`decomposed_rel_pos_bias`.
+    """
+    b, heads, n, _ = q.shape
+    bh, q_h, q_w, k_h = rel_h.shape
+    k_w = rel_w.shape[-1]
+    rows = max(1, min(q_h, _CHUNK_BIAS_ELEMENTS // (bh * q_w * k_h * k_w)))
+    buf = q.new_empty(bh, rows, q_w, k_h, k_w)
+    out = torch.empty_like(q)
+    for y0 in range(0, q_h, rows):
+        y1 = min(y0 + rows, q_h)
+        bias = torch.add(rel_h[:, y0:y1, :, :, None], rel_w[:, y0:y1, :, None, :], out=buf[:, :y1 - y0])
+        out[:, :, y0 * q_w:y1 * q_w] = F.scaled_dot_product_attention(
+            q[:, :, y0 * q_w:y1 * q_w], k, v,
+            attn_mask=bias.view(b, heads, (y1 - y0) * q_w, k_h * k_w))
+    return out
 
 
 class Attention(nn.Module):
@@ -144,8 +191,12 @@ class Attention(nn.Module):
         b, h, w, c = x.shape
         qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, c // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, C/heads)
-        bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        if h * w > CHUNKED_ATTENTION_MIN_TOKENS and not _tracing():
+            rel_h, rel_w = decomposed_rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
+            out = attention_in_row_chunks(q, k, v, rel_h, rel_w)
+        else:
+            bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(out.transpose(1, 2).reshape(b, h, w, c))
 
 
