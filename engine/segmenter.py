@@ -25,8 +25,8 @@ from refseg.models.sam_transforms import prepare_images
 from refseg.pipeline.decode import decode_target, to_label_map
 from refseg.pipeline.features import PATCH, dinov2_batch
 from refseg.pipeline.grid import FG, grids_from_config
-from refseg.pipeline.matching import candidates_to_points, match_candidates
-from refseg.pipeline.prompts import engineer_padded
+from refseg.pipeline.matching import match_candidates
+from refseg.pipeline.prompts import prompts_from_candidates
 from refseg.runtime.select import create_backend
 from refseg.runtime.timing import StageTimer
 
@@ -207,11 +207,8 @@ class Segmenter:
             tgt_tokens = self.backend.encode_dinov2(dinov2_batch(rgbs, cfg.image_size))
         with timer("matching"):
             cand = match_candidates(ref_tokens, ref_labels, tgt_tokens, cfg)
-            sets = candidates_to_points(cand, cfg.grid_size, cfg.image_size, sizes)
         with timer("prompts"):
-            set_sizes = torch.as_tensor(sizes).repeat_interleave(len(classes), 0)
-            hard = sets["hard_negatives"] if cfg.hard_negatives else (None, None)
-            prompts = engineer_padded(*sets["positives"], *sets["negatives"], set_sizes, cfg, *hard)
+            prompts = prompts_from_candidates(cand, cfg, sizes, device=tgt_tokens.device)
         with timer("sam_encoder"):
             prepared = prepare_images(rgbs)
             embeddings = self.backend.encode_sam(prepared.pixels)

@@ -17,8 +17,8 @@ import torch
 
 from refseg.config import SegmenterConfig
 from refseg.pipeline.grid import grids_from_config
-from refseg.pipeline.matching import candidates_to_points, match_candidates
-from refseg.pipeline.prompts import PromptBatch, engineer_padded
+from refseg.pipeline.matching import match_candidates
+from refseg.pipeline.prompts import PromptBatch, prompts_from_candidates
 
 _BASELINE_NAME = "refseg_bench_baseline"
 
@@ -70,12 +70,8 @@ def refseg_prompt_stage(ref_tokens: torch.Tensor, ref_labels: torch.Tensor, tgt_
     Returns:
         :class:`PromptBatch` of B·C prompt sets (target-major), points (x, y) in target pixels.
     """
-    c = ref_labels.shape[0]
     cand = match_candidates(ref_tokens, ref_labels, tgt_tokens, config)
-    sets = candidates_to_points(cand, config.grid_size, config.image_size, sizes)
-    set_sizes = torch.as_tensor(sizes).repeat_interleave(c, 0)
-    hard = sets["hard_negatives"] if config.hard_negatives else (None, None)
-    return engineer_padded(*sets["positives"], *sets["negatives"], set_sizes, config, *hard)
+    return prompts_from_candidates(cand, config, sizes, device=tgt_tokens.device)
 
 
 def prompt_set(points: np.ndarray, labels: np.ndarray) -> set[tuple[int, int, int]]:
