@@ -32,6 +32,7 @@ EXTRAS = {
         "scikit-learn",
         "scipy",
         "safetensors",
+        "matplotlib",             # the benchmark report's plot is tested too
     ],
     "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
     "gpu": ["onnxruntime-gpu>=1.17", "triton", "tensorrt>=10"],
