@@ -69,7 +69,8 @@ class SegmenterConfig:
     Decoding: ``use_box`` (box from the positive extent), ``multimask_output`` (then argmax
     predicted IoU), ``keep_largest_contour``, ``min_component_fraction`` (drop components smaller
     than this share of the largest; 0 = off), ``fill_holes``.
-    Runtime: ``batch_size`` targets per encoder call, ``precision`` of the encoders.
+    Runtime: ``batch_size`` targets per encoder call, ``precision`` of the encoders, ``device``
+    (None = the Segmenter's ``device`` argument, ``auto`` by default; e.g. ``--set device=cpu``).
     """
 
     name: str = "sat"

@@ -117,6 +117,8 @@ class Segmenter:
     def __init__(self, config: SegmenterConfig, sam_checkpoint: str | os.PathLike | None = None,
                  dinov2_checkpoint: str | os.PathLike | None = None, device: str = "auto",
                  backend: str = "torch", engine_dir: str | os.PathLike | None = None):
+        if device == "auto" and config.device is not None:
+            device = config.device  # an explicit device argument wins over the config's
         self.backend = create_backend(backend, config, sam_checkpoint=sam_checkpoint,
                                       dinov2_checkpoint=dinov2_checkpoint, device=device,
                                       engine_dir=engine_dir)

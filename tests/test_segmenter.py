@@ -6,7 +6,9 @@ SAM uses a reduced-depth ViT-B (same widths, 2 blocks) and DINOv2-S runs at 224 
 """
 import numpy as np
 import pytest
+import torch
 
+from refseg.config import SegmenterConfig
 from refseg.segmenter import Segmenter
 
 @pytest.fixture(scope="module")
@@ -121,3 +123,13 @@ def test_image_smaller_than_a_patch_is_an_error(segmenter, kvasir):
     segmenter.set_reference(image, mask)
     with pytest.raises(ValueError, match="smaller than one 14x14 patch"):
         segmenter.segment(np.zeros((10, 40, 3), np.uint8))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CUDA-missing error")
+def test_config_device_is_used_unless_the_argument_names_one(small_checkpoints):
+    sam_path, dino_path = small_checkpoints
+    on_cuda = SegmenterConfig(device="cuda")
+    with pytest.raises(ValueError, match="CUDA is not available"):  # device="auto" defers to config
+        Segmenter(on_cuda, sam_checkpoint=sam_path, dinov2_checkpoint=dino_path)
+    seg = Segmenter(on_cuda, sam_checkpoint=sam_path, dinov2_checkpoint=dino_path, device="cpu")
+    assert seg.device.type == "cpu"
