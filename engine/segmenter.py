@@ -126,6 +126,7 @@ class Segmenter:
         self.device = self.backend.device
         self._ref_tokens: list[torch.Tensor] = []   # each (T, D)
         self._ref_grids: list[dict[int, torch.Tensor]] = []  # each class -> (T,) int8 {1, 0, -1}
+        self._pooled: tuple[torch.Tensor, torch.Tensor] | None = None  # cache of _reference()
 
     @classmethod
     def from_preset(cls, name: str = "sat", sam_checkpoint=None, dinov2_checkpoint=None,
@@ -146,6 +147,7 @@ class Segmenter:
         """Forget earlier references and encode this one (cached for every later target)."""
         self._ref_tokens.clear()
         self._ref_grids.clear()
+        self._pooled = None
         return self.add_reference(image, mask, source)
 
     def add_reference(self, image: np.ndarray, mask: np.ndarray, source: str = "reference") -> "Segmenter":
@@ -166,15 +168,18 @@ class Segmenter:
         tokens = self.backend.encode_dinov2(dinov2_batch([rgb], self.config.image_size))[0]
         self._ref_tokens.append(tokens)
         self._ref_grids.append({c: g.to(tokens.device) for c, g in grids.items()})
+        self._pooled = None
         return self
 
     def _reference(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled reference tokens (Nr, D) and grid labels (C, Nr) in :attr:`classes` order."""
         if not self._ref_tokens:
             raise RuntimeError("call set_reference(image, mask) before segment()")
-        labels = [torch.stack([g[c] if c in g else torch.zeros_like(next(iter(g.values())))
-                               for c in self.classes]) for g in self._ref_grids]
-        return torch.cat(self._ref_tokens), torch.cat(labels, dim=1)  # absent class = background
+        if self._pooled is None:
+            labels = [torch.stack([g[c] if c in g else torch.zeros_like(next(iter(g.values())))
+                                   for c in self.classes]) for g in self._ref_grids]
+            self._pooled = (torch.cat(self._ref_tokens), torch.cat(labels, dim=1))  # absent class = bg
+        return self._pooled
 
     # ------------------------------------------------------------------ targets
     def segment(self, image: np.ndarray) -> SegmentationResult:

@@ -12,13 +12,14 @@ checkpoints) or whose files are missing or differ from their recorded checksums.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import tempfile
 import time
 from pathlib import Path
+
+from refseg.models.checkpoints import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +31,6 @@ GRAPH_FILES = {"dinov2": "dinov2.onnx", "sam_encoder": "sam_encoder.onnx",
 
 class ManifestError(ValueError):
     """An export folder cannot be used for the request (the message says which file and why)."""
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 4 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(4 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def checkpoint_record(path: str | os.PathLike | None) -> dict | None:

@@ -102,17 +102,18 @@ def resolve_checkpoint(source: CheckpointSource, explicit: str | os.PathLike | N
             f"({exc}); offline, download it elsewhere and put it at {where}") from exc
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 4 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
+        for block in iter(lambda: handle.read(4 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
 def verify_sha256(path: Path, source: CheckpointSource) -> None:
     """Raise :class:`CheckpointError` when ``path`` does not carry the expected digest."""
-    actual = _sha256(path)
+    actual = sha256_file(path)
     if source.sha256 is None and source.sha256_prefix is None:
         # DINOv2's release publishes no digest: the strict key/shape load is the remaining check.
         log.warning("%s: no official sha256 to verify against; got %s", source.filename, actual)
@@ -140,12 +141,17 @@ def download_checkpoint(source: CheckpointSource, folder: Path, timeout: float =
     return final
 
 
-def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
+def unwrap_state_dict(obj: object, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """``obj`` as a ``{key: tensor}`` dict, unwrapping ``{"model" | "state_dict" | "teacher": sd}``.
+
+    Raises:
+        CheckpointError: naming ``path``, when no state dict of tensors is found.
+    """
     # Some redistributions (MedSAM, fine-tunes) wrap the weights: {"model": sd} or {"state_dict": sd}.
     if isinstance(obj, Mapping) and obj and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         for key in ("model", "state_dict", "teacher"):
             if isinstance(obj.get(key), Mapping):
-                return _unwrap(obj[key], path)
+                return unwrap_state_dict(obj[key], path)
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: not a state dict of tensors (got {type(obj).__name__})")
     return dict(obj)
@@ -177,7 +183,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except Exception as exc:  # torch/safetensors raise many types for truncated or foreign files
         raise CheckpointError(f"{path}: cannot read checkpoint (truncated or not a checkpoint?): "
                               f"{type(exc).__name__}: {exc}") from exc
-    return _unwrap(obj, path)
+    return unwrap_state_dict(obj, path)
 
 
 def _list(keys: list[str], limit: int = 12) -> str:

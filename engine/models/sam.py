@@ -23,7 +23,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .checkpoints import CheckpointError, CheckpointSource, load_into
+from .checkpoints import CheckpointError, CheckpointSource, load_into, unwrap_state_dict
 from .sam_image_encoder import ImageEncoderViT, LayerNorm2d
 from .sam_mask_decoder import MaskDecoder
 from .sam_prompt_encoder import PromptEncoder
@@ -235,11 +235,7 @@ def sam_from_state_dict(state_dict: Mapping[str, torch.Tensor], name: str | SamS
     Raises:
         CheckpointError: listing missing / unexpected keys and shape mismatches.
     """
-    for key in ("model", "state_dict"):
-        inner = state_dict.get(key) if isinstance(state_dict, Mapping) else None
-        if isinstance(inner, Mapping) and not isinstance(inner, torch.Tensor):
-            state_dict = inner
-            break
+    state_dict = unwrap_state_dict(state_dict, source)
     if name is None:
         spec = infer_sam_spec(state_dict, source)
     else:
