@@ -1,28 +1,22 @@
 """Batch runs over files: read, segment, write — one bad file never stops the others.
 
-Images of the next chunk are decoded in a background thread while the current chunk runs on the
-models. Every output is written atomically, so an interrupted run leaves only whole files, and
+Inputs go through the streaming runtime (:mod:`refseg.runtime.stream`): images are decoded ahead
+of the batch on the models. Every output is written atomically, so an interrupted run leaves only whole files, and
 ``resume=True`` skips inputs whose mask is already there.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from refseg.io import raster, writers
+from refseg.runtime.stream import StreamItem, stream_segment
 
 log = logging.getLogger(__name__)
-
-
-def _read(path: Path) -> np.ndarray | BaseException:
-    try:
-        return raster.read_image(path)
-    except Exception as exc:  # recorded per input, the run goes on
-        return exc
 
 
 def _write_outputs(result, image: np.ndarray, paths: writers.OutputPaths, num_classes: int,
@@ -73,19 +67,22 @@ def run_folder(segmenter, inputs: list[Path], outdir: Path, save_prompts: bool =
             todo.append((path, paths))
     if summary.skipped:
         log.info("resume: %d of %d inputs already done", len(summary.skipped), len(inputs))
-    step = segmenter.config.batch_size
-    chunks = [todo[i:i + step] for i in range(0, len(todo), step)]
+    items = (StreamItem(key=str(path), load=functools.partial(raster.read_image, path), meta=paths)
+             for path, paths in todo)
     bar = _progress(len(todo))
     summary.start()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="refseg-read") as pool:
-        pending = pool.submit(lambda c: [_read(p) for p, _ in c], chunks[0]) if chunks else None
-        for k, chunk in enumerate(chunks):
-            images = pending.result()
-            if k + 1 < len(chunks):
-                pending = pool.submit(lambda c: [_read(p) for p, _ in c], chunks[k + 1])
-            _run_chunk(segmenter, chunk, images, summary, num_classes, save_prompts, overlay)
-            if bar is not None:
-                bar.update(len(chunk))
+    for out in stream_segment(segmenter, items):
+        path = Path(out.item.key)
+        if out.error is not None:
+            summary.add_failure(path, out.error)
+        else:
+            try:
+                _write_outputs(out.result, out.image, out.item.meta, num_classes, save_prompts, overlay)
+                summary.add_success(path)
+            except Exception as exc:
+                summary.add_failure(path, exc)
+        if bar is not None:
+            bar.update(1)
     if bar is not None:
         bar.close()
     summary.finish()
@@ -95,37 +92,3 @@ def run_folder(segmenter, inputs: list[Path], outdir: Path, save_prompts: bool =
     log.info("%d succeeded, %d failed, %d skipped; %.2f images/s", summary.succeeded,
              len(summary.failed), len(summary.skipped), summary.images_per_second)
     return summary
-
-
-def _run_chunk(segmenter, chunk, images, summary, num_classes, save_prompts, overlay) -> None:
-    good = []
-    for (path, paths), image in zip(chunk, images):
-        if isinstance(image, BaseException):
-            summary.add_failure(path, image)
-        else:
-            good.append((path, paths, image))
-    if not good:
-        return
-    try:
-        results = segmenter.segment_batch([image for _, _, image in good])
-    except Exception as exc:
-        if len(good) == 1:
-            summary.add_failure(good[0][0], exc)
-            return
-        # Isolate the culprit: redo the chunk one image at a time.
-        log.warning("batch failed (%s); retrying its %d images one by one", exc, len(good))
-        results = []
-        for path, _, image in good:
-            try:
-                results.append(segmenter.segment(image))
-            except Exception as one_exc:
-                summary.add_failure(path, one_exc)
-                results.append(None)
-    for (path, paths, image), result in zip(good, results):
-        if result is None:
-            continue
-        try:
-            _write_outputs(result, image, paths, num_classes, save_prompts, overlay)
-            summary.add_success(path)
-        except Exception as exc:
-            summary.add_failure(path, exc)
