@@ -23,6 +23,7 @@ _EXPORTS = {
     "SegmenterConfig": "refseg.config",
     "PRESETS": "refseg.config",
     "engineer_points": "refseg.pipeline.prompts",
+    "read_mask": "refseg.io.raster",
     "build_dinov2": "refseg.models",
     "build_sam": "refseg.models",
     "CheckpointError": "refseg.models.checkpoints",

@@ -1,6 +1,7 @@
 """The ``refseg`` command line: ``segment``, ``eval``, ``info`` (and ``export``/``bench`` when present).
 
-Exit codes: 0 success, 1 some inputs failed (the others were written), 2 bad arguments or a
+Exit codes: 0 success, 1 some inputs failed (the others were written) or, for ``eval``, no ground truth
+could be scored against a prediction, 2 bad arguments, an unusable output folder, missing checkpoints or a
 reference that cannot be used (nothing was run).
 """
 from __future__ import annotations
@@ -47,7 +48,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="Dice/IoU of predicted masks against ground truth")
     p.add_argument("-p", "--pred", required=True, help="folder of predicted masks (<stem>.png)")
     p.add_argument("-g", "--gt", required=True, help="folder of ground-truth masks (same stems)")
-    p.add_argument("--threshold", type=int, default=128, help="binarise ground truth at >= this value")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="binarise every ground-truth mask (any format) at >= this value and score binary; "
+                        "default: JPEG at 128, two-valued masks binary, other values are classes")
+    p.add_argument("--pair-by", choices=["stem", "order"], default="stem",
+                   help="pair predictions with ground truth by file stem (default) or by sorted file order")
+    p.add_argument("--json", metavar="FILE", help="also write per-image and mean figures to FILE (JSON)")
     p.set_defaults(func=_cmd_eval)
 
 
@@ -68,7 +74,8 @@ def _config_from_args(args: argparse.Namespace):
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
-    from refseg.io import raster
+    from refseg.io import raster, writers
+    from refseg.models.build import check_model_names, resolve_model_checkpoints
     from refseg.runner import run_folder
     from refseg.segmenter import Segmenter, check_reference
 
@@ -79,21 +86,37 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     references = [(*check_reference(raster.read_image(img), raster.read_mask(msk), msk), msk)
                   for img, msk in zip(args.reference, args.reference_mask)]
     inputs = raster.list_images(args.input)
-    segmenter = Segmenter(config, sam_checkpoint=args.sam_checkpoint,
-                          dinov2_checkpoint=args.dinov2_checkpoint, device=args.device,
-                          backend=args.backend, engine_dir=args.engine_dir)
+    outdir = writers.prepare_output_folder(args.output)  # a file / uncreatable / unwritable -o stops here
+    # Both checkpoints are located (every missing one in one message) and the names given with
+    # --dinov2/--sam checked against them, still before any model is loaded.
+    dinov2_checkpoint, sam_checkpoint = args.dinov2_checkpoint, args.sam_checkpoint
+    if args.engine_dir is None or dinov2_checkpoint or sam_checkpoint:
+        dinov2_path, sam_path = resolve_model_checkpoints(config.dinov2, config.sam, dinov2_checkpoint,
+                                                          sam_checkpoint)
+        check_model_names(args.dinov2, args.sam, dinov2_path, sam_path)
+    segmenter = Segmenter(config, sam_checkpoint=sam_checkpoint, dinov2_checkpoint=dinov2_checkpoint,
+                          device=args.device, backend=args.backend, engine_dir=args.engine_dir)
     for image, mask, source in references:
         segmenter.add_reference(image, mask, source=source)
-    summary = run_folder(segmenter, inputs, Path(args.output), save_prompts=args.save_prompts,
+    summary = run_folder(segmenter, inputs, outdir, save_prompts=args.save_prompts,
                          overlay=args.overlay, resume=args.resume)
-    return 1 if summary.failed else 0
+    return 1 if summary.failed or summary.write_error else 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from refseg.metrics import evaluate_folders
 
-    report = evaluate_folders(args.pred, args.gt, threshold=args.threshold)
+    report = evaluate_folders(args.pred, args.gt, threshold=args.threshold, pair_by=args.pair_by)
     sys.stdout.write(report.format_table() + "\n")
+    if args.json:
+        from refseg.io.writers import write_json
+
+        write_json(args.json, report.to_dict())
+    if report.n_paired == 0:
+        log.error("no ground-truth mask of %s could be scored against a prediction of %s (%d missing, %d "
+                  "errors); check the folders and --pair-by", args.gt, args.pred, len(report.missing),
+                  len(report.errors))
+        return 1
     return 0
 
 
@@ -107,7 +130,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="refseg", description="One-shot reference-guided segmentation "
                                      "(DINOv2 matching + SAM prompting), training-free.")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="count", default=0, help="debug messages too (default: info)")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_segment(sub)
     _add_eval(sub)
@@ -124,8 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose + 1, 2)  # info by default for progress lines
+    # info by default (progress lines), -q warnings only, -v/-vv debug
+    level = logging.WARNING if args.quiet else logging.WARNING - 10 * min(args.verbose + 1, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("PIL").setLevel(max(level, logging.WARNING))  # no PNG chunk / plugin debug lines
     start = time.perf_counter()
     try:
         code = args.func(args)

@@ -4,6 +4,11 @@ Convention (algorithm.md section 6): when prediction and ground truth are both e
 such cases are counted in the mean and their number is reported. A ground-truth image without a usable
 prediction (missing file, unreadable file, size mismatch) scores 0 for every class and is reported.
 Ground-truth files that cannot be read are reported and left out of the mean (there is nothing to score).
+
+Binary or labels: when every mask holds 0 and at most one other value (0/1, 0/63, 0/255 ...), the masks
+are binary whatever that value is (foreground = non-zero); otherwise every
+non-zero value is a class, and a label set that differs between predictions and ground truth is a warning
+naming the values.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from refseg.io.raster import ImageReadError, list_images, read_mask
+from refseg.io.raster import IMAGE_SUFFIXES, ImageReadError, list_images, read_label_map
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +93,12 @@ class EvalReport:
     missing: list[str]
     errors: list[str]
     binary: bool
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def n_paired(self) -> int:
+        """Images scored against a prediction that could be read (not missing, not an error)."""
+        return sum(s.status == "ok" for s in self.images)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly copy (``refseg.io.writers.write_json`` can write it)."""
@@ -135,89 +146,159 @@ class EvalReport:
         if self.errors:
             lines.append(f"Errors: {len(self.errors)}")
             lines.extend(f"  {e}" for e in self.errors)
+        lines.extend(f"Warning: {w}" for w in self.warnings)
         return "\n".join(lines)
 
 
-def _match_predictions(pred_dir: Path, gt_files: Sequence[Path]) -> dict[str, Path | None]:
-    preds = {}
-    if pred_dir.is_dir():
-        for p in pred_dir.iterdir():
-            if p.is_file() and p.suffix.lower() == ".png" and not p.name.startswith("."):
-                preds.setdefault(p.stem, p)
-    return {g.stem: preds.get(g.stem) for g in gt_files}
+PAIR_BY = ("stem", "order")
+"""How predictions are paired with ground-truth files: by file stem, or by sorted file-name order."""
 
 
-def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, threshold: int = 128,
-                     labels: Iterable[int] | None = None) -> EvalReport:
-    """Score predicted mask PNGs against ground-truth masks, matched by file stem.
+def _prediction_files(pred_dir: Path) -> list[Path]:
+    """Mask files of a prediction folder, sorted by name: image suffixes, not hidden, not the engine's
+    ``<stem>_overlay.png`` drawings."""
+    return sorted((p for p in pred_dir.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+                   and not p.stem.endswith("_overlay")), key=lambda p: p.name)
 
-    pred_dir: ``<stem>.png`` masks (as written by the engine). gt_dir: masks with any image suffix, read with
-    :func:`refseg.io.raster.read_mask` (``threshold`` applies to JPEG masks). ``labels``: classes to score;
-    by default the masks are scored as binary (foreground = label > 0) when every mask holds only {0, 1},
-    otherwise every non-zero label found in the ground truth or predictions is scored separately.
+
+def pair_files(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, pair_by: str = "stem"
+               ) -> list[tuple[Path, Path | None]]:
+    """(ground-truth file, prediction file or None) for every ground-truth image of ``gt_dir``.
+
+    ``pair_by="stem"``: the prediction ``<stem>.png`` of each ground truth ``<stem>.*``.
+    ``pair_by="order"``: the i-th prediction file (sorted by name, any image suffix, overlays left out)
+    with the i-th ground-truth file; the two folders must hold the same number of files.
+
+    Raises:
+        FileNotFoundError: a folder does not exist. ValueError: two ground-truth files share a stem,
+            the counts differ (order), an unknown ``pair_by``, or ``gt_dir`` holds no image.
     """
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    if pair_by not in PAIR_BY:
+        raise ValueError(f"pair_by: expected one of {', '.join(PAIR_BY)}, got {pair_by!r}")
     if not pred_dir.is_dir():
         raise FileNotFoundError(f"{pred_dir}: prediction folder does not exist")
     gt_files = list_images(gt_dir)
+    if pair_by == "order":
+        preds = _prediction_files(pred_dir)
+        if len(preds) != len(gt_files):
+            raise ValueError(f"--pair-by order: {pred_dir} holds {len(preds)} mask file(s) but {gt_dir} holds "
+                             f"{len(gt_files)}; sorted-order pairing needs the same number")
+        return list(zip(gt_files, preds))
     stems: dict[str, Path] = {}
     for g in gt_files:
         if g.stem in stems:
             raise ValueError(f"{gt_dir}: two ground-truth files share the stem {g.stem!r} "
                              f"({stems[g.stem].name}, {g.name}); predictions cannot be matched")
         stems[g.stem] = g
-    matches = _match_predictions(pred_dir, gt_files)
+    preds = {}
+    for p in pred_dir.iterdir():
+        if p.is_file() and p.suffix.lower() == ".png" and not p.name.startswith("."):
+            preds.setdefault(p.stem, p)
+    return [(g, preds.get(g.stem)) for g in gt_files]
 
-    loaded: list[tuple[Path, Path | None, np.ndarray | None, np.ndarray | None, str | None, bool]] = []
-    found_labels: set[int] = set()
-    for g in gt_files:
-        pred_path = matches[g.stem]
+
+@dataclasses.dataclass
+class LoadedPair:
+    """One ground truth with its prediction, read: ``gt``/``pred`` label arrays (None when unusable);
+    ``error`` says why; ``scored`` is False when the ground truth itself is unusable."""
+    name: str
+    gt_path: Path
+    pred_path: Path | None
+    gt: np.ndarray | None
+    pred: np.ndarray | None
+    error: str | None = None
+    scored: bool = True
+
+
+def load_pairs(pairs: Sequence[tuple[Path, Path | None]], threshold: float | None = None
+               ) -> list[LoadedPair]:
+    """Read every pair with :func:`refseg.io.raster.read_label_map`. ``threshold``: when given, every
+    ground truth (any format) is binarised at ``value >= threshold``; else JPEG ground truth at 128 and
+    other formats keep their stored values. Unreadable files and size mismatches become errors."""
+    loaded = []
+    for g, pred_path in pairs:
+        name = g.stem
         try:
-            gt = read_mask(g, threshold=threshold)
+            gt = read_label_map(g, binarise_at=threshold)
         except ImageReadError as exc:
-            loaded.append((g, pred_path, None, None, f"ground truth: {exc}", False))
+            loaded.append(LoadedPair(name, g, pred_path, None, None, f"ground truth: {exc}", scored=False))
             continue
-        found_labels.update(int(v) for v in np.unique(gt) if v != 0)
         if pred_path is None:
-            loaded.append((g, None, gt, None, None, True))
+            loaded.append(LoadedPair(name, g, None, gt, None))
             continue
         try:
-            pred = read_mask(pred_path, threshold=threshold)
+            pred = read_label_map(pred_path)
         except ImageReadError as exc:
-            loaded.append((g, pred_path, gt, None, f"prediction: {exc}", True))
+            loaded.append(LoadedPair(name, g, pred_path, gt, None, f"prediction: {exc}"))
             continue
         if pred.shape != gt.shape:
             message = (f"size mismatch: prediction {pred_path} is {pred.shape[1]}x{pred.shape[0]} (W x H), "
                        f"ground truth {g} is {gt.shape[1]}x{gt.shape[0]}")
-            loaded.append((g, pred_path, gt, None, message, True))
+            loaded.append(LoadedPair(name, g, pred_path, gt, None, message))
             continue
-        found_labels.update(int(v) for v in np.unique(pred) if v != 0)
-        loaded.append((g, pred_path, gt, pred, None, True))
+        loaded.append(LoadedPair(name, g, pred_path, gt, pred))
+    return loaded
 
+
+def _nonzero_values(arrays: Iterable[np.ndarray]) -> tuple[set[int], bool]:
+    """(non-zero values over all arrays, True when every array holds at most one non-zero value)."""
+    found: set[int] = set()
+    each_two_valued = True
+    for array in arrays:
+        values = {int(v) for v in np.unique(array) if v != 0}
+        each_two_valued &= len(values) <= 1
+        found |= values
+    return found, each_two_valued
+
+
+def score_pairs(loaded: Sequence[LoadedPair], labels: Iterable[int] | None = None,
+                force_binary: bool = False) -> EvalReport:
+    """Score read pairs (any equal shapes: 2-D images or 3-D volumes) into an :class:`EvalReport`.
+
+    ``labels``: classes to score. By default the masks are binary (foreground = non-zero) when each
+    mask holds at most one non-zero value, whichever it is (0/63 against 0/255 is binary); otherwise every non-zero value found is a class, and label
+    sets that differ between predictions and ground truth are reported as a warning. ``force_binary``:
+    binary whatever the values (used when the ground truth was thresholded).
+    """
+    gt_values, gt_two = _nonzero_values(p.gt for p in loaded if p.gt is not None)
+    pred_values, pred_two = _nonzero_values(p.pred for p in loaded if p.pred is not None)
+    warnings: list[str] = []
     if labels is not None:
         classes = sorted({int(c) for c in labels})
         if not classes or classes[0] <= 0:
             raise ValueError(f"labels: expected positive class labels, got {classes}")
+        binary = False
     else:
-        classes = sorted(found_labels) or [1]
-    binary = classes == [1]
+        binary = force_binary or (gt_two and pred_two)
+        classes = [1] if binary else (sorted(gt_values | pred_values) or [1])
+        if not binary and pred_values and gt_values and pred_values != gt_values:
+            warnings.append(f"label sets differ: predictions hold {sorted(pred_values)}, ground truth holds "
+                            f"{sorted(gt_values)} (only in predictions: {sorted(pred_values - gt_values)}; "
+                            f"only in ground truth: {sorted(gt_values - pred_values)})")
+    for warning in warnings:
+        log.warning("%s", warning)
 
     images: list[ImageScore] = []
-    for g, pred_path, gt, pred, error, scored in loaded:
-        name, pred_str = g.stem, (os.fspath(pred_path) if pred_path else None)
-        if pred is not None:
-            scores = per_class_scores(pred, gt, classes)
-            images.append(ImageScore(name, os.fspath(g), pred_str, {c: s[0] for c, s in scores.items()},
-                                     {c: s[1] for c, s in scores.items()},
-                                     [c for c, s in scores.items() if s[2]]))
-        elif scored:
+    for p in loaded:
+        pred_str = os.fspath(p.pred_path) if p.pred_path else None
+        if p.pred is not None:
+            pred, gt = (p.pred != 0, p.gt != 0) if binary else (p.pred, p.gt)
+            scores = per_class_scores(pred, gt, [True] if binary else classes)
+            values = list(scores.values())
+            images.append(ImageScore(p.name, os.fspath(p.gt_path), pred_str,
+                                     {c: s[0] for c, s in zip(classes, values)},
+                                     {c: s[1] for c, s in zip(classes, values)},
+                                     [c for c, s in zip(classes, values) if s[2]]))
+        elif p.scored:
             zeros = {c: 0.0 for c in classes}
-            status = "missing" if pred_path is None else "error"
-            images.append(ImageScore(name, os.fspath(g), pred_str, dict(zeros), dict(zeros), [],
-                                     status=status, error=error))
+            status = "missing" if p.pred_path is None else "error"
+            images.append(ImageScore(p.name, os.fspath(p.gt_path), pred_str, dict(zeros), dict(zeros), [],
+                                     status=status, error=p.error))
         else:
-            images.append(ImageScore(name, os.fspath(g), pred_str, {}, {}, [], status="error", error=error,
-                                     scored=False))
+            images.append(ImageScore(p.name, os.fspath(p.gt_path), pred_str, {}, {}, [], status="error",
+                                     error=p.error, scored=False))
 
     scored_images = [s for s in images if s.scored]
     mean_dice = {c: float(np.mean([s.dice[c] for s in scored_images])) if scored_images else 0.0
@@ -231,7 +312,21 @@ def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, thr
         n_empty_both=sum(len(s.empty_both) for s in images),
         missing=[s.name for s in images if s.status == "missing"],
         errors=[f"{s.name}: {s.error}" for s in images if s.status == "error"],
-        binary=binary)
+        binary=binary, warnings=warnings)
     log.info("evaluated %d image(s): mean Dice %.4f, mean IoU %.4f", len(scored_images),
              report.mean_dice_all, report.mean_iou_all)
     return report
+
+
+def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, threshold: float | None = None,
+                     labels: Iterable[int] | None = None, pair_by: str = "stem") -> EvalReport:
+    """Score predicted masks against ground-truth masks of a folder.
+
+    pred_dir: ``<stem>.png`` masks (as written by the engine). gt_dir: masks with any image suffix.
+    ``pair_by``: ``"stem"`` (same file stem) or ``"order"`` (sorted file names), see :func:`pair_files`.
+    ``threshold``: binarise every ground truth, any format, at ``value >= threshold`` and score binary;
+    ``None``: JPEG ground truth at 128, binary vs labels decided from the values (module docstring).
+    ``labels``: classes to score (see :func:`score_pairs`).
+    """
+    loaded = load_pairs(pair_files(pred_dir, gt_dir, pair_by), threshold)
+    return score_pairs(loaded, labels, force_binary=threshold is not None and labels is None)

@@ -86,9 +86,14 @@ def run_folder(segmenter, inputs: list[Path], outdir: Path, save_prompts: bool =
     if bar is not None:
         bar.close()
     summary.finish()
-    summary.write(outdir)
+    # Per-input errors first: a summary.json that cannot be written must not hide them.
     for failure in summary.failed:
         log.error("%s: %s", failure["path"], failure["error"])
+    try:
+        summary.write(outdir)
+    except (OSError, TypeError, ValueError) as exc:
+        summary.write_error = f"{outdir / 'summary.json'}: cannot write the run summary ({exc})"
+        log.error("%s; the per-input results above stand", summary.write_error)
     log.info("%d succeeded, %d failed, %d skipped; %.2f images/s", summary.succeeded,
              len(summary.failed), len(summary.skipped), summary.images_per_second)
     return summary

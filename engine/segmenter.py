@@ -7,7 +7,8 @@
     results = seg.segment_batch([img1, img2])    # both encoders batched
 
 Images are numpy arrays (H, W) or (H, W, C) of uint8/uint16/float (grayscale and RGBA are
-converted to RGB); masks are (H, W) integer/bool arrays, 0 = background, other values = classes.
+converted to RGB); masks are (H, W) (or equal-channel (H, W, 3/4)) integer/bool arrays,
+0 = background, other values = classes (a two-valued mask is binary: class 1).
 All point coordinates are (x, y) pixels of the image they refer to.
 """
 from __future__ import annotations
@@ -20,8 +21,8 @@ import numpy as np
 import torch
 
 from refseg.config import SegmenterConfig
-from refseg.io.raster import to_rgb_uint8
-from refseg.models.sam_transforms import prepare_images
+from refseg.io.raster import mask_from_array, to_rgb_uint8
+from refseg.models.sam_transforms import prepare_images, preprocessing_for
 from refseg.pipeline.decode import decode_target, to_label_map
 from refseg.pipeline.features import PATCH, dinov2_batch
 from refseg.pipeline.grid import FG, grids_from_config
@@ -76,17 +77,20 @@ def check_reference(image: np.ndarray, mask: np.ndarray, source: str = "referenc
                     ) -> tuple[np.ndarray, np.ndarray]:
     """Validate a reference pair before any model work.
 
+    ``mask`` is what ``np.array(Image.open(path))`` gives: (H, W) or (H, W, 3 | 4) with equal
+    channels; it is read by :func:`refseg.io.raster.mask_from_array` (the rules of
+    :func:`refseg.read_mask`: a two-valued mask such as 0/255 is binary, class 1; a JPEG-decoded mask
+    is binarised at 128 with a warning; label maps keep their values).
+
     Returns:
-        (RGB uint8 image (H, W, 3), mask (H, W)).
+        (RGB uint8 image (H, W, 3), mask (H, W) int64 labels).
 
     Raises:
-        ValueError: naming ``source``: mask not 2-D, size differs from the image, mask empty or
-            all foreground.
+        ValueError: naming ``source``: mask of an unsupported shape or colour-coded, size differs
+            from the image, mask empty or all foreground.
     """
     rgb = to_rgb_uint8(np.asarray(image))
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"{source}: reference mask must be (H, W), got shape {mask.shape}")
+    mask = mask_from_array(mask, f"{source}: reference mask")
     if mask.shape != rgb.shape[:2]:
         raise ValueError(f"{source}: reference mask size {mask.shape[1]}x{mask.shape[0]} differs "
                          f"from its image {rgb.shape[1]}x{rgb.shape[0]} (W x H)")
@@ -217,7 +221,7 @@ class Segmenter:
         with timer("prompts"):
             prompts = prompts_from_candidates(cand, cfg, sizes, device=tgt_tokens.device)
         with timer("sam_encoder"):
-            prepared = prepare_images(rgbs)
+            prepared = prepare_images(rgbs, preprocessing=preprocessing_for(cfg.sam))  # MedSAM: its own
             embeddings = self.backend.encode_sam(prepared.pixels)
         results = []
         for i in range(len(rgbs)):

@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 
+from refseg.io.writers import atomic_writer
 from refseg.models.checkpoints import sha256_file
 
 log = logging.getLogger(__name__)
@@ -101,13 +101,10 @@ def build_manifest(folder: str | os.PathLike, graphs: dict[str, dict], *, precis
 
 def write_manifest(folder: str | os.PathLike, manifest: dict) -> Path:
     """Write ``folder/manifest.json`` atomically (temp file + rename)."""
-    folder = Path(folder)
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=folder)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+    final = Path(folder) / MANIFEST_NAME
+    with atomic_writer(final, "w") as handle:  # the one atomic writer: fsync, umask's normal mode
         json.dump(manifest, handle, indent=2, sort_keys=True)
         handle.write("\n")
-    final = folder / MANIFEST_NAME
-    os.replace(tmp, final)
     return final
 
 

@@ -32,10 +32,11 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
+
+from refseg.io.writers import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ class EngineBuilder:
             raise RuntimeError(f"{self.onnx_path}: TensorRT engine build failed (log: {self.log_path})")
         if self.timing_cache is not None:
             self.timing_cache.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(self.timing_cache, bytes(config.get_timing_cache().serialize()))
+            atomic_write_bytes(self.timing_cache, bytes(config.get_timing_cache().serialize()))
         log.info("built %s in %.1f s", self.onnx_path.name, seconds)
         return bytes(plan)
 
@@ -229,13 +230,6 @@ def _make_logger(trt, sink: list[str]):
                 log.debug("TensorRT: %s", msg)
 
     return _Logger()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)
 
 
 def _sha256_bytes(data: bytes) -> str:
@@ -296,10 +290,10 @@ class EngineCache:
         """Write ``plan`` and its sidecar atomically; returns the engine path."""
         self.root.mkdir(parents=True, exist_ok=True)
         engine, sidecar = self.paths(graph, fields)
-        _atomic_write(engine, plan)
+        atomic_write_bytes(engine, plan)
         record = {"fields": fields, "engine_sha256": _sha256_bytes(plan), "graph": graph,
                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        _atomic_write(sidecar, json.dumps(record, indent=2, sort_keys=True).encode())
+        atomic_write_bytes(sidecar, json.dumps(record, indent=2, sort_keys=True).encode())
         return engine
 
     @staticmethod

@@ -6,7 +6,8 @@ public functions pick one of the two through :func:`choose_backend`:
 - ``backend="torch"`` always runs the reference;
 - ``backend="triton"`` runs the kernel or raises :class:`KernelUnavailableError` naming the reason;
 - ``backend="auto"`` runs the kernel when the guard passes and otherwise falls back to the reference,
-  logging the reason once per distinct reason (``logging``, logger ``refseg.kernels.dispatch``).
+  logging the reason once per distinct reason (``logging``, logger ``refseg.kernels.dispatch``; DEBUG for
+  CPU tensors and kill switches, WARNING when triton is missing, INFO otherwise).
 
 The guard checks, in order: the kill switch ``REFSEG_DISABLE_<NAME>=1`` (e.g. ``REFSEG_DISABLE_MATCH``),
 that the tensors live on a CUDA device (or on the CPU while ``TRITON_INTERPRET=1``, Triton's interpreter),
@@ -112,12 +113,15 @@ def choose_backend(name: str, backend: str, tensors: Iterable[torch.Tensor],
     if backend == "torch":
         return "torch"
     # Cheap checks first: triton is imported only when the inputs could run on it.
-    reason = kill_switch(name) or device_reason(tensors) or limits_reason or triton_reason()
+    quiet_reason = kill_switch(name) or device_reason(tensors)  # expected: CPU run or the user's choice
+    reason = quiet_reason or limits_reason or triton_reason()
     if reason is None:
         return "triton"
     if backend == "triton":
         raise KernelUnavailableError(f"refseg.kernels.{name}: Triton kernel unavailable: {reason}")
-    level = logging.WARNING if "refseg[gpu]" in reason else logging.INFO
+    # A CPU run (or a kill switch) is not news: DEBUG. A GPU without triton is worth a warning.
+    level = (logging.DEBUG if quiet_reason else
+             logging.WARNING if "refseg[gpu]" in reason else logging.INFO)
     log_once(f"refseg.kernels.{name}: using the torch reference: {reason}", level)
     return "torch"
 

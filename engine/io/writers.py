@@ -13,7 +13,9 @@ import json
 import logging
 import math
 import os
+import stat
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Mapping, Sequence
@@ -32,11 +34,50 @@ CLASS_COLOURS = ((30, 144, 255), (255, 127, 14), (148, 103, 189), (23, 190, 207)
 
 
 # --------------------------------------------------------------------------------------------- atomic files
+_UMASK_LOCK = threading.Lock()
+
+
+def _current_umask() -> int:
+    """The process umask: read from ``/proc/self/status`` on Linux (no side effect); elsewhere set and
+    restored under a lock (a file another thread creates at that instant gets the stricter 0o077 mask)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """Permission bits a plain ``open(path, "w")`` would give a new file: ``0o666 & ~umask``."""
+    return 0o666 & ~_current_umask() & 0o777
+
+
+def _apply_mode(fd: int, path: Path) -> None:
+    """Give the temporary file (0600 from mkstemp) the mode ``path`` would get from ``open``: the existing
+    file's mode when replacing one, otherwise the umask's normal mode."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        mode = new_file_mode()
+    try:
+        os.fchmod(fd, mode)
+    except (AttributeError, OSError):  # no fchmod on Windows; some file systems refuse chmod
+        pass
+
+
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Context manager yielding a file object whose content replaces ``path`` atomically on success.
 
-    ``mode`` is ``"wb"`` or ``"w"`` (UTF-8 text). The parent folder is created if needed. On an exception
+    ``mode`` is ``"wb"`` or ``"w"`` (UTF-8 text). The parent folder is created if needed. The file gets the
+    permissions a plain ``open`` would give it (the umask's normal mode, or the replaced file's mode), not
+    the temporary file's 0600. On an exception
     inside the block the temporary file is removed, ``path`` is left as it was and the exception propagates.
     """
     if mode not in ("wb", "w"):
@@ -45,6 +86,7 @@ def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        _apply_mode(fd, path)
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as handle:
             yield handle
             handle.flush()
@@ -304,6 +346,31 @@ def is_done(paths: OutputPaths | str | os.PathLike) -> bool:
         return False
 
 
+# --------------------------------------------------------------------------------------------- output folder
+def prepare_output_folder(outdir: str | os.PathLike) -> Path:
+    """Create ``outdir`` if needed and prove that files can be created in it (a hidden probe file is
+    written and removed), before any model work.
+
+    Raises:
+        ValueError: naming the path, when it is an existing file, cannot be created, or is not writable.
+    """
+    outdir = Path(outdir)
+    if outdir.exists() and not outdir.is_dir():
+        raise ValueError(f"{outdir}: the output path is an existing file, not a folder; "
+                         f"give -o a folder (it is created if missing)")
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{outdir}: cannot create the output folder ({exc.strerror or exc})") from exc
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".refseg-write-check.", dir=outdir)
+    except OSError as exc:
+        raise ValueError(f"{outdir}: the output folder is not writable ({exc.strerror or exc})") from exc
+    os.close(fd)
+    os.unlink(probe)
+    return outdir
+
+
 # --------------------------------------------------------------------------------------------- run summary
 class RunSummary:
     """Book-keeping of a batch run, written to OUTDIR/summary.json.
@@ -322,6 +389,7 @@ class RunSummary:
         self.failed: list[dict[str, str]] = []
         self._start = time.perf_counter()
         self._elapsed: float | None = None
+        self.write_error: str | None = None  # set by the runner when summary.json could not be written
 
     def start(self) -> None:
         """(Re)start the clock, e.g. after model loading so throughput counts only image work."""

@@ -1,14 +1,17 @@
 """Build DINOv2 and SAM from official checkpoint files (or official names looked up on disk)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+from pathlib import Path
 
+import torch
 from torch import nn
 
-from .checkpoints import CheckpointError, load_state_dict, resolve_checkpoint
-from .dinov2 import DINOV2_SPECS, dinov2_from_state_dict
-from .sam import SAM_SPECS, sam_from_state_dict
+from .checkpoints import CheckpointError, load_state_dict, resolve_checkpoint, unwrap_state_dict
+from .dinov2 import DINOV2_SPECS, dinov2_from_state_dict, infer_dinov2_name
+from .sam import SAM_SPECS, infer_sam_spec, sam_from_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -18,10 +21,22 @@ DEFAULT_SAM = "vit_b"
 PathLike = str | os.PathLike
 
 
+MEDSAM_FILE_PREFIX = "medsam"
+"""A SAM checkpoint whose file name starts with this (case-insensitive), e.g. the released
+``medsam_vit_b.pth``, is MedSAM: same layout as SAM ViT-B, its own pre-processing."""
+
+
+def sam_name_from_file(checkpoint: PathLike) -> str | None:
+    """``"medsam"`` for a MedSAM file name (:data:`MEDSAM_FILE_PREFIX`), else None (infer from the weights)."""
+    return "medsam" if os.path.basename(os.fspath(checkpoint)).lower().startswith(MEDSAM_FILE_PREFIX) else None
+
+
 def _build(kind: str, specs: dict, default: str, from_state_dict, name: str | None,
            checkpoint: PathLike | None, download: bool) -> nn.Module:
     if name is not None and name not in specs:
         raise ValueError(f"unknown {kind} model {name!r}; choose one of {', '.join(specs)}")
+    if kind == "SAM" and name is None and checkpoint is not None:
+        name = sam_name_from_file(checkpoint)
     if checkpoint is None:
         name = name or default
         checkpoint = resolve_checkpoint(specs[name].checkpoint, download=download)
@@ -65,7 +80,8 @@ def build_sam(name: str | None = None, checkpoint: PathLike | None = None,
 
     Args:
         name: ``vit_b``, ``vit_l``, ``vit_h`` or ``medsam`` (SAM ViT-B layout). When ``None`` it
-            is inferred from ``checkpoint`` (or defaults to ``vit_b``).
+            is ``medsam`` for a file named ``medsam*`` (e.g. ``medsam_vit_b.pth``), else inferred
+            from ``checkpoint`` (or defaults to ``vit_b``).
         checkpoint: path to an official ``sam_vit_*.pth`` / MedSAM file (or ``.safetensors``).
             When ``None`` the official file is looked up / downloaded as for :func:`build_dinov2`.
         download: allow the download.
@@ -74,3 +90,102 @@ def build_sam(name: str | None = None, checkpoint: PathLike | None = None,
         CheckpointError: missing/unreadable file, or a checkpoint of another model or size.
     """
     return _build("SAM", SAM_SPECS, DEFAULT_SAM, sam_from_state_dict, name, checkpoint, download)
+
+
+def _layout(spec) -> tuple:
+    """The architecture fields of a spec (everything but its name and checkpoint source)."""
+    fields = dataclasses.asdict(spec)
+    fields.pop("name", None)
+    fields.pop("checkpoint", None)
+    return tuple(sorted(fields.items()))
+
+
+def resolve_model_checkpoints(dinov2: str | None = None, sam: str | None = None,
+                              dinov2_checkpoint: PathLike | None = None, sam_checkpoint: PathLike | None = None,
+                              download: bool = True) -> tuple[Path, Path]:
+    """Locate both checkpoint files before either is read; every problem is reported in one error.
+
+    ``dinov2`` / ``sam`` are model names (default ``vitb14`` / ``vit_b``) whose official file is looked up
+    (``$REFSEG_CHECKPOINT_DIR``, ``~/.cache/refseg``) when no explicit file is given. Nothing is
+    downloaded while an explicit file is missing; then missing official files are downloaded (``download``).
+
+    Returns:
+        (dinov2 file, sam file).
+
+    Raises:
+        CheckpointError: listing every missing file and where to put it. ValueError: unknown name.
+    """
+    requests = []
+    for kind, specs, default, name, explicit in (("DINOv2", DINOV2_SPECS, DEFAULT_DINOV2, dinov2, dinov2_checkpoint),
+                                                 ("SAM", SAM_SPECS, DEFAULT_SAM, sam, sam_checkpoint)):
+        name = name or default
+        if name not in specs:
+            raise ValueError(f"unknown {kind} model {name!r}; choose one of {', '.join(specs)}")
+        requests.append((kind, specs[name].checkpoint, explicit))
+    found: list[Path | None] = []
+    problems: list[str] = []
+    for kind, source, explicit in requests:  # pass 1: local files only
+        try:
+            found.append(resolve_checkpoint(source, explicit, download=False))
+        except CheckpointError as exc:
+            found.append(None)
+            problems.append(f"{kind}: {exc}")
+    explicit_missing = any(p is None and explicit is not None for p, (_, _, explicit) in zip(found, requests))
+    if problems and (explicit_missing or not download):
+        raise CheckpointError(f"{len(problems)} checkpoint(s) missing:\n  " + "\n  ".join(problems))
+    problems = []
+    for i, (kind, source, explicit) in enumerate(requests):  # pass 2: download the official files
+        if found[i] is None:
+            try:
+                found[i] = resolve_checkpoint(source, None, download=True)
+            except CheckpointError as exc:
+                problems.append(f"{kind}: {exc}")
+    if problems:
+        raise CheckpointError(f"{len(problems)} checkpoint(s) missing:\n  " + "\n  ".join(problems))
+    return found[0], found[1]
+
+
+def _peek_state_dict(path: Path) -> dict:
+    """Keys and shapes of a checkpoint without reading its weights where the format allows it
+    (memory-mapped zip checkpoints, safetensors); other files are read in full."""
+    if path.suffix != ".safetensors":
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return unwrap_state_dict(obj, path)
+        except CheckpointError:
+            raise
+        except Exception:  # legacy (non-zip) format: mmap is not possible
+            pass
+    return load_state_dict(path)
+
+
+def check_model_names(dinov2: str | None, sam: str | None, dinov2_checkpoint: PathLike,
+                      sam_checkpoint: PathLike) -> None:
+    """Refuse model names given explicitly (``--dinov2`` / ``--sam``) that contradict the architecture
+    of the checkpoint file. ``medsam`` fits any SAM ViT-B-layout file (MedSAM is a ViT-B fine-tune).
+
+    Raises:
+        CheckpointError: naming the file, its architecture and the name asked for.
+    """
+    problems = []
+    if dinov2 is not None:
+        state = _peek_state_dict(Path(dinov2_checkpoint))
+        if "image_encoder.pos_embed" in state:
+            problems.append(f"{dinov2_checkpoint} is a SAM checkpoint, not DINOv2 {dinov2!r}")
+        else:
+            found = infer_dinov2_name(state, os.fspath(dinov2_checkpoint))
+            if found != dinov2:
+                problems.append(f"--dinov2 {dinov2} contradicts {dinov2_checkpoint}, which holds DINOv2 {found}")
+    if sam is not None:
+        state = _peek_state_dict(Path(sam_checkpoint))
+        if "image_encoder.pos_embed" not in state:
+            problems.append(f"{sam_checkpoint} is not a SAM checkpoint (asked for SAM {sam!r})")
+        else:
+            spec = infer_sam_spec(state, os.fspath(sam_checkpoint))
+            if _layout(spec) != _layout(SAM_SPECS[sam]):
+                found = spec.name if spec.name != "custom" else (
+                    f"a custom layout (width {spec.embed_dim}, depth {spec.depth})")
+                problems.append(f"--sam {sam} contradicts {sam_checkpoint}, which holds SAM {found}")
+    if problems:
+        raise CheckpointError("; ".join(problems) + "; drop the name to use the checkpoint's model, or give "
+                              "the checkpoint of the model named")

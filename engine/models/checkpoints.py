@@ -24,6 +24,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from refseg.io.writers import new_file_mode
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR_ENV = "REFSEG_CHECKPOINT_DIR"
@@ -131,6 +133,7 @@ def download_checkpoint(source: CheckpointSource, folder: Path, timeout: float =
     fd, tmp_name = tempfile.mkstemp(prefix=f".{source.filename}.", dir=folder)
     tmp = Path(tmp_name)
     try:
+        os.fchmod(fd, new_file_mode())  # mkstemp's 0600 -> what a plain open() would give
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(source.url, timeout=timeout) as resp:
             for block in iter(lambda: resp.read(1 << 20), b""):
                 out.write(block)

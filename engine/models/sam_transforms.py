@@ -10,6 +10,13 @@ Coordinate frames:
 
 Images are resized with PIL bilinear resampling (what the official code reaches through
 torchvision's ``to_pil_image`` + ``resize``), so the pixels match the official ones exactly.
+
+MedSAM (``preprocessing="medsam"``, :func:`preprocessing_for` ``"medsam"``) is pre-processed as in its
+released inference script instead: the image is stretched to img_size × img_size (aspect ratio not kept,
+so the input frame scales x by img_size/W and y by img_size/H and there is no padding), resized with a
+cubic spline after a Gaussian anti-aliasing filter and cast to uint8 (scikit-image's ``resize(order=3,
+anti_aliasing=True, preserve_range=True)``, computed here with ``scipy.ndimage``: ``pip install
+'refseg[medsam]'``), then min-max scaled to [0, 1] over the whole image, without SAM's mean/std.
 """
 from __future__ import annotations
 
@@ -20,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from refseg.optional import require
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 """RGB mean on the 0–255 scale used by every released SAM."""
@@ -58,14 +67,16 @@ def resize_image(image: np.ndarray, long_side: int = 1024) -> np.ndarray:
 
 
 def resize_coords(coords: np.ndarray | torch.Tensor, original_size: tuple[int, int],
-                  long_side: int = 1024) -> np.ndarray | torch.Tensor:
+                  long_side: int = 1024, input_size: tuple[int, int] | None = None
+                  ) -> np.ndarray | torch.Tensor:
     """Map (..., 2) (x, y) pixel coordinates from the original (H, W) frame to the input frame.
 
-    NumPy input -> float64 array (as the official ``apply_coords``); tensor input -> float32
-    tensor on the same device, computed in float64 first.
+    ``input_size``: (h, w) of the image inside the model input (as in :class:`PreparedImages`);
+    None means SAM's longest-side resize to ``long_side``. NumPy input -> float64 array (as the
+    official ``apply_coords``); tensor input -> float32 tensor on the same device, computed in float64.
     """
     old_h, old_w = original_size
-    new_h, new_w = preprocess_shape(old_h, old_w, long_side)
+    new_h, new_w = input_size if input_size is not None else preprocess_shape(old_h, old_w, long_side)
     if coords.shape[-1] != 2:
         raise ValueError(f"resize_coords: coords must be (..., 2) (x, y), got {tuple(coords.shape)}")
     if isinstance(coords, torch.Tensor):
@@ -75,11 +86,13 @@ def resize_coords(coords: np.ndarray | torch.Tensor, original_size: tuple[int, i
 
 
 def resize_boxes(boxes: np.ndarray | torch.Tensor, original_size: tuple[int, int],
-                 long_side: int = 1024) -> np.ndarray | torch.Tensor:
-    """Map (..., 4) XYXY pixel boxes from the original (H, W) frame to the input frame."""
+                 long_side: int = 1024, input_size: tuple[int, int] | None = None
+                 ) -> np.ndarray | torch.Tensor:
+    """Map (..., 4) XYXY pixel boxes from the original (H, W) frame to the input frame
+    (``input_size`` as in :func:`resize_coords`)."""
     if boxes.shape[-1] != 4:
         raise ValueError(f"resize_boxes: boxes must be (..., 4) XYXY, got {tuple(boxes.shape)}")
-    out = resize_coords(boxes.reshape(*boxes.shape[:-1], 2, 2), original_size, long_side)
+    out = resize_coords(boxes.reshape(*boxes.shape[:-1], 2, 2), original_size, long_side, input_size)
     return out.reshape(*boxes.shape[:-1], 4)
 
 
@@ -115,20 +128,65 @@ class PreparedImages:
     original_sizes: list[tuple[int, int]]
 
 
+PREPROCESSING = ("sam", "medsam")
+"""Image pre-processing modes: SAM's (longest side, mean/std, pad) and MedSAM's (stretch, min-max)."""
+
+
+def preprocessing_for(sam_name: str) -> str:
+    """The pre-processing a SAM model was trained with: ``"medsam"`` for MedSAM, else ``"sam"``."""
+    return "medsam" if sam_name == "medsam" else "sam"
+
+
+def medsam_resize(image: np.ndarray, size: int = 1024) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (size, size, 3) uint8, as MedSAM's inference script resizes.
+
+    Equivalent to ``skimage.transform.resize(image, (size, size), order=3, preserve_range=True,
+    anti_aliasing=True).astype(np.uint8)``: a Gaussian filter of sigma max(0, (in/out - 1) / 2) per
+    axis (only when shrinking), a cubic-spline zoom on pixel centres (``grid_mode``), both with
+    mirror boundaries, the result clipped to the input's range and truncated to uint8.
+    """
+    ndimage = require("scipy.ndimage", extra="medsam", purpose="MedSAM pre-processing")
+    image = _as_rgb_uint8(image, "medsam_resize(image)").astype(np.float64)
+    factors = np.array([image.shape[0] / size, image.shape[1] / size, 1.0])
+    sigma = np.maximum(0.0, (factors - 1.0) / 2.0)
+    filtered = ndimage.gaussian_filter(image, sigma, mode="mirror") if sigma.any() else image
+    out = ndimage.zoom(filtered, (size / image.shape[0], size / image.shape[1], 1.0), order=3,
+                       mode="mirror", grid_mode=True)
+    return np.clip(out, image.min(), image.max()).astype(np.uint8)
+
+
+def medsam_normalize(resized: np.ndarray) -> torch.Tensor:
+    """(size, size, 3) uint8 -> (3, size, size) float32 min-max scaled to [0, 1] over the whole image
+    (MedSAM's normalisation; a constant image gives zeros)."""
+    values = resized.astype(np.float64)
+    lo, hi = values.min(), values.max()
+    scaled = (values - lo) / max(hi - lo, 1e-8)
+    return torch.from_numpy(scaled).float().permute(2, 0, 1)
+
+
 def prepare_images(images: Sequence[np.ndarray], img_size: int = 1024,
                    device: torch.device | str | None = None,
                    pixel_mean: Sequence[float] = PIXEL_MEAN,
-                   pixel_std: Sequence[float] = PIXEL_STD) -> PreparedImages:
-    """Resize (longest side ``img_size``), normalise and pad several RGB uint8 images of any sizes.
+                   pixel_std: Sequence[float] = PIXEL_STD, preprocessing: str = "sam") -> PreparedImages:
+    """Resize, normalise (and pad) several RGB uint8 images of any sizes for the SAM image encoder.
 
-    Each image is (H, W, 3) uint8 RGB (grey (H, W) is replicated). Returns :class:`PreparedImages`
-    with the pixels on ``device``.
+    Each image is (H, W, 3) uint8 RGB (grey (H, W) is replicated). ``preprocessing="sam"``: longest side
+    ``img_size``, ``(x - mean) / std``, zero padding. ``"medsam"``: MedSAM's (module docstring); the
+    input size of every image is then (img_size, img_size). Returns :class:`PreparedImages` with the
+    pixels on ``device``.
     """
     if len(images) == 0:
         raise ValueError("prepare_images: images is empty")
+    if preprocessing not in PREPROCESSING:
+        raise ValueError(f"prepare_images: preprocessing must be one of {PREPROCESSING}, got {preprocessing!r}")
     batch, input_sizes, original_sizes = [], [], []
     for i, image in enumerate(images):
         image = _as_rgb_uint8(image, f"prepare_images(images[{i}])")
+        if preprocessing == "medsam":
+            batch.append(medsam_normalize(medsam_resize(image, img_size)).to(device)[None])
+            input_sizes.append((img_size, img_size))
+            original_sizes.append((image.shape[0], image.shape[1]))
+            continue
         resized = resize_image(image, img_size)
         tensor = torch.tensor(resized, device=device).permute(2, 0, 1)  # copies: input may be read-only
         batch.append(normalize_pad(tensor, img_size, pixel_mean, pixel_std))

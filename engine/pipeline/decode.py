@@ -51,11 +51,11 @@ def decode_target(backend, embedding: torch.Tensor, prompts: PromptBatch, rows: 
         return DecodedTarget(torch.full((len(rows), h, w), float("-inf")), torch.zeros(len(rows)))
     sel = rows_t[live]
     m = int(counts[live].max())
-    coords = resize_coords(prompts.points[sel, :m].double(), original_size).float()
+    coords = resize_coords(prompts.points[sel, :m].double(), original_size, input_size=input_size).float()
     labels = prompts.labels[sel, :m]
     boxes = None
     if config.use_box and prompts.boxes is not None:
-        boxes = resize_boxes(prompts.boxes[sel].double(), original_size).float()
+        boxes = resize_boxes(prompts.boxes[sel].double(), original_size, input_size=input_size).float()
     low_res, scores = backend.decode(embedding, coords, labels, boxes, config.multimask_output)
     low_res, scores = low_res.float(), scores.float()  # stay on the backend's device
     dev = low_res.device

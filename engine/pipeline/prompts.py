@@ -269,6 +269,20 @@ def engineer_prompt_batch(positives: Sequence, negatives: Sequence, hard_negativ
     return engineer_padded(pos, pv, neg, nv, sizes.to(pos.device), config, hard, hv, dtype)
 
 
+def _inside(value, name: str, width: int, height: int) -> torch.Tensor:
+    """(N, 2) (x, y) points with those outside the image (x not in [0, W), y not in [0, H), NaN) dropped,
+    with one warning naming how many and the first few."""
+    pts = _as_points(value, name)
+    keep = (pts[:, 0] >= 0) & (pts[:, 0] < width) & (pts[:, 1] >= 0) & (pts[:, 1] < height)
+    if bool(keep.all()):
+        return pts
+    bad = pts[~keep]
+    shown = ", ".join(f"({x:g}, {y:g})" for x, y in bad[:3].tolist()) + (", ..." if len(bad) > 3 else "")
+    log.warning("engineer_points: dropped %d of %d %s outside the %dx%d (W x H) image: %s", len(bad),
+                len(pts), name, width, height, shown)
+    return pts[keep]
+
+
 def engineer_points(positives, negatives, hard_negatives=None, *, preset: str = "gbmseg",
                     image_size: tuple[int, int], config: Optional[SegmenterConfig] = None
                     ) -> tuple[np.ndarray, np.ndarray]:
@@ -277,7 +291,8 @@ def engineer_points(positives, negatives, hard_negatives=None, *, preset: str = 
     Args:
         positives, negatives, hard_negatives: (N, 2) (x, y) pixel candidates of an (H, W) target.
         preset: preset name used when ``config`` is None.
-        image_size: (H, W) of the target image.
+        image_size: (H, W) of the target image. Points outside it (x not in [0, W) or y not in
+            [0, H), or NaN) are dropped with one warning per argument.
         config: overrides ``preset``.
 
     Returns:
@@ -286,12 +301,17 @@ def engineer_points(positives, negatives, hard_negatives=None, *, preset: str = 
         hard negatives, each in greedy-walk order.
     """
     config = config if config is not None else SegmenterConfig.from_preset(preset)
+    height, width = (int(v) for v in image_size)
+    positives, negatives = (_inside(v, name, width, height)
+                            for v, name in ((positives, "positives"), (negatives, "negatives")))
+    if hard_negatives is not None:
+        hard_negatives = _inside(hard_negatives, "hard_negatives", width, height)
     hard = None if hard_negatives is None else [hard_negatives]
-    batch = engineer_prompt_batch([positives], [negatives], hard, image_sizes=tuple(image_size), config=config,
+    batch = engineer_prompt_batch([positives], [negatives], hard, image_sizes=(height, width), config=config,
                                   dtype=torch.float64)
     n = int(batch.num_points[0])
     pts = batch.points[0, :n]
-    inputs = [_as_points(v, "points") for v in (positives, negatives, hard_negatives) if v is not None]
+    inputs = [v for v in (positives, negatives, hard_negatives) if v is not None]
     integral = all(bool((t == t.round()).all()) for t in inputs)
     points = pts.round().to(torch.int64).numpy() if integral else pts.numpy()
     return points, batch.labels[0, :n].numpy()

@@ -354,6 +354,10 @@ def create_exported_backend(name: str, config: SegmenterConfig, device: torch.de
                 log.warning("cached export unusable (%s)", exc)
             _export_into(engine_dir, config, dinov2_path, sam_path, max_batch)
             manifest = verify_manifest(engine_dir, **request)
+    if config.sam == "medsam" and manifest["models"].get("sam") != "medsam":
+        # MedSAM's pre-processing is chosen from the model name; an export of another SAM cannot stand in.
+        raise ValueError(f"{engine_dir}: the export holds SAM {manifest['models'].get('sam')!r}, not MedSAM; "
+                         f"export from the MedSAM checkpoint (a file named medsam*.pth) to run MedSAM")
     for key in ("dinov2", "sam"):  # the config names the models actually exported
         exported = manifest["models"].get(key)
         if exported != getattr(config, key):

@@ -22,19 +22,30 @@ def load_models(config: SegmenterConfig, sam_checkpoint=None, dinov2_checkpoint=
 
     Returns:
         (dinov2 module, sam module, config) where config's ``dinov2``/``sam`` names are those of
-        the checkpoints actually loaded.
+        the checkpoints actually loaded (a ``medsam*`` file is MedSAM; ``sam="medsam"`` keeps MedSAM
+        for any ViT-B-layout file).
+
+    Raises:
+        CheckpointError: every missing file in one message (nothing is loaded then), or a file that
+            does not fit the model.
     """
     from refseg.models import DINOV2_SPECS, SAM_SPECS, build_dinov2, build_sam
+    from refseg.models.build import resolve_model_checkpoints
 
-    dinov2 = build_dinov2(None if dinov2_checkpoint else config.dinov2, dinov2_checkpoint)
-    sam = build_sam(None if sam_checkpoint else config.sam, sam_checkpoint)
+    # Both files are located first: every missing one is reported in one message, before any load.
+    dinov2_path, sam_path = resolve_model_checkpoints(config.dinov2, config.sam, dinov2_checkpoint,
+                                                      sam_checkpoint)
+    dinov2 = build_dinov2(None if dinov2_checkpoint else config.dinov2, dinov2_path)
+    # "medsam" is a ViT-B fine-tune: the name (and so MedSAM's pre-processing) is kept for any ViT-B file.
+    sam_name = None if sam_checkpoint and config.sam != "medsam" else config.sam
+    sam = build_sam(sam_name, sam_path)
     changes = {}
     # Reduced-depth test models have no official name: the config keeps the one it has.
     if dinov2.spec.name != config.dinov2 and dinov2.spec.name in DINOV2_SPECS:
-        log.info("DINOv2 %s from %s (config named %s)", dinov2.spec.name, dinov2_checkpoint, config.dinov2)
+        log.debug("DINOv2 %s from %s (config named %s)", dinov2.spec.name, dinov2_checkpoint, config.dinov2)
         changes["dinov2"] = dinov2.spec.name
     if sam.spec.name != config.sam and sam.spec.name in SAM_SPECS:
-        log.info("SAM %s from %s (config named %s)", sam.spec.name, sam_checkpoint, config.sam)
+        log.debug("SAM %s from %s (config named %s)", sam.spec.name, sam_checkpoint, config.sam)
         changes["sam"] = sam.spec.name
     return dinov2, sam, config.replace(**changes) if changes else config
 

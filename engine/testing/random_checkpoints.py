@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from refseg.io.writers import new_file_mode
 from refseg.models import dinov2 as dinov2_mod
 from refseg.models import sam as sam_mod
 
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 def _save(state: dict[str, torch.Tensor], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.fchmod(fd, new_file_mode())  # mkstemp's 0600 -> the umask's normal mode
     os.close(fd)
     try:
         if path.suffix == ".safetensors":
