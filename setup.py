@@ -33,11 +33,13 @@ EXTRAS = {
         "scipy",
         "safetensors",
         "matplotlib",             # the benchmark report's plot is tested too
+        "scikit-image",           # MedSAM's official pre-processing (skimage resize) as the test oracle
     ],
     "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
     "gpu": ["onnxruntime-gpu>=1.17", "triton", "tensorrt>=10"],
-    "io": ["nibabel", "pydicom", "tifffile", "tiffslide", "safetensors"],
-    "dist": ["ray"],
+    # Only what the code imports today (refseg.io.raster: tifffile; checkpoints: safetensors).
+    "io": ["tifffile", "safetensors"],
+    "medsam": ["scipy"],          # MedSAM pre-processing (refseg.models.sam_transforms)
     "bench": ["matplotlib", "scikit-learn"],
 }
 

@@ -254,9 +254,11 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
-# Lossy (JPEG) binary masks seen as arrays: the two most frequent values straddle the threshold, cover at
-# least this fraction of the pixels, and compression noise adds values (at least _SMEARED_MIN_VALUES in all).
-_SMEARED_MIN_COVER = 0.9
+# Lossy (JPEG) binary masks seen as arrays: the two most frequent values straddle the threshold, at least
+# _SMEARED_MIN_COVER of the pixels lie within _SMEARED_BAND grey levels of one of them, and compression noise
+# adds values (at least _SMEARED_MIN_VALUES in all).
+_SMEARED_MIN_COVER = 0.95
+_SMEARED_BAND = 32
 _SMEARED_MIN_VALUES = 5
 
 
@@ -300,9 +302,9 @@ def _binarise_lossy(array: np.ndarray, source: str, threshold: float, always_war
 
 
 def _looks_smeared(array: np.ndarray, threshold: float) -> bool:
-    """A lossy binary mask: >= 5 distinct values, the two most frequent on either side of ``threshold``
-    and covering >= 90 % of the pixels (Kvasir's JPEG masks: 16-18 values, 99 %). Genuine label maps have
-    few values or classes that hold more than 10 % of the pixels between their two largest ones."""
+    """A lossy binary mask: >= 5 distinct values, the two most frequent on either side of ``threshold``,
+    and >= 95 % of the pixels within 32 grey levels of one of those two (Kvasir's JPEG masks: 16-18 values,
+    99 %). Genuine label maps have few values, or classes between their two most frequent values."""
     if array.dtype == bool or array.size == 0:
         return False
     values, counts = np.unique(array, return_counts=True)
@@ -310,7 +312,8 @@ def _looks_smeared(array: np.ndarray, threshold: float) -> bool:
         return False
     top = np.argsort(counts)[-2:]
     lo, hi = sorted(float(v) for v in values[top])
-    return lo < threshold <= hi and counts[top].sum() >= _SMEARED_MIN_COVER * array.size
+    near = (np.abs(values - lo) <= _SMEARED_BAND) | (np.abs(values - hi) <= _SMEARED_BAND)
+    return lo < threshold <= hi and counts[near].sum() >= _SMEARED_MIN_COVER * array.size
 
 
 def label_map(array: np.ndarray, source: str = "mask", threshold: float = 128,

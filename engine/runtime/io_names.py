@@ -1,8 +1,8 @@
 """Fixed input/output names of the exported graphs.
 
-Model code, export code and runtime code meet only through these names: the exporters
-(:mod:`refseg.export`) name the ONNX/TensorRT tensors with them and the ONNX Runtime / TensorRT
-backends feed and read tensors by them. Shapes use ``B`` (images), ``P`` (prompt sets), ``N``
+The exporters (:mod:`refseg.export`) name the tensors of the ONNX graphs (and so of the TensorRT
+engines) with these constants, and the ONNX Runtime / TensorRT backends feed and read tensors by
+them; ``manifest.json`` lists them for callers outside Python. Shapes use ``B`` (images), ``P`` (prompt sets), ``N``
 (points per set), ``S`` (DINOv2 input side), ``T`` (patch tokens = (S/14)²), ``D`` (token width).
 """
 from __future__ import annotations
