@@ -269,18 +269,16 @@ def engineer_prompt_batch(positives: Sequence, negatives: Sequence, hard_negativ
     return engineer_padded(pos, pv, neg, nv, sizes.to(pos.device), config, hard, hv, dtype)
 
 
-def _inside(value, name: str, width: int, height: int) -> torch.Tensor:
-    """(N, 2) (x, y) points with those outside the image (x not in [0, W), y not in [0, H), NaN) dropped,
-    with one warning naming how many and the first few."""
+def _warn_offimage(value, name: str, height: int, width: int) -> None:
+    """One warning naming how many of the (N, 2) (x, y) points ``value`` lie outside the (H, W) image
+    (the rule of :func:`on_image`) and the first few; the stage drops them."""
     pts = _as_points(value, name)
-    keep = (pts[:, 0] >= 0) & (pts[:, 0] < width) & (pts[:, 1] >= 0) & (pts[:, 1] < height)
-    if bool(keep.all()):
-        return pts
-    bad = pts[~keep]
-    shown = ", ".join(f"({x:g}, {y:g})" for x, y in bad[:3].tolist()) + (", ..." if len(bad) > 3 else "")
-    log.warning("engineer_points: dropped %d of %d %s outside the %dx%d (W x H) image: %s", len(bad),
-                len(pts), name, width, height, shown)
-    return pts[keep]
+    off = ~on_image(pts[None], torch.tensor([[height, width]]))[0]
+    if bool(off.any()):
+        bad = pts[off]
+        shown = ", ".join(f"({x:g}, {y:g})" for x, y in bad[:3].tolist()) + (", ..." if len(bad) > 3 else "")
+        log.warning("engineer_points: dropped %d of %d %s outside the %dx%d (W x H) image: %s", len(bad),
+                    len(pts), name, width, height, shown)
 
 
 def engineer_points(positives, negatives, hard_negatives=None, *, preset: str = "gbmseg",
@@ -291,8 +289,9 @@ def engineer_points(positives, negatives, hard_negatives=None, *, preset: str = 
     Args:
         positives, negatives, hard_negatives: (N, 2) (x, y) pixel candidates of an (H, W) target.
         preset: preset name used when ``config`` is None.
-        image_size: (H, W) of the target image. Points outside it (x not in [0, W) or y not in
-            [0, H), or NaN) are dropped with one warning per argument.
+        image_size: (H, W) of the target image. Points outside it (x not in [0, W-1] or y not
+            in [0, H-1], or NaN) are dropped with one warning per argument (kept as given with
+            ``gbmseg_offimage_quirk``).
         config: overrides ``preset``.
 
     Returns:
@@ -301,17 +300,17 @@ def engineer_points(positives, negatives, hard_negatives=None, *, preset: str = 
         hard negatives, each in greedy-walk order.
     """
     config = config if config is not None else SegmenterConfig.from_preset(preset)
-    height, width = (int(v) for v in image_size)
-    positives, negatives = (_inside(v, name, width, height)
-                            for v, name in ((positives, "positives"), (negatives, "negatives")))
-    if hard_negatives is not None:
-        hard_negatives = _inside(hard_negatives, "hard_negatives", width, height)
+    if not config.gbmseg_offimage_quirk:  # off-image points are dropped by the stage: say so
+        height, width = (int(v) for v in image_size)
+        for value, name in ((positives, "positives"), (negatives, "negatives"), (hard_negatives, "hard_negatives")):
+            if value is not None:
+                _warn_offimage(value, name, height, width)
     hard = None if hard_negatives is None else [hard_negatives]
-    batch = engineer_prompt_batch([positives], [negatives], hard, image_sizes=(height, width), config=config,
+    batch = engineer_prompt_batch([positives], [negatives], hard, image_sizes=tuple(image_size), config=config,
                                   dtype=torch.float64)
     n = int(batch.num_points[0])
     pts = batch.points[0, :n]
-    inputs = [v for v in (positives, negatives, hard_negatives) if v is not None]
+    inputs = [_as_points(v, "points") for v in (positives, negatives, hard_negatives) if v is not None]
     integral = all(bool((t == t.round()).all()) for t in inputs)
     points = pts.round().to(torch.int64).numpy() if integral else pts.numpy()
     return points, batch.labels[0, :n].numpy()
