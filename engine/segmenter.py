@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from refseg.config import SegmenterConfig
-from refseg.io.raster import mask_from_array, to_rgb_uint8
+from refseg.io.masks import mask_from_array
+from refseg.io.raster import to_rgb_uint8
 from refseg.models.sam_transforms import prepare_images, preprocessing_for
 from refseg.pipeline.decode import decode_target, to_label_map
 from refseg.pipeline.features import PATCH, dinov2_batch
@@ -78,7 +79,7 @@ def check_reference(image: np.ndarray, mask: np.ndarray, source: str = "referenc
     """Validate a reference pair before any model work.
 
     ``mask`` is what ``np.array(Image.open(path))`` gives: (H, W) or (H, W, 3 | 4) with equal
-    channels; it is read by :func:`refseg.io.raster.mask_from_array` (the rules of
+    channels; it is read by :func:`refseg.io.masks.mask_from_array` (the rules of
     :func:`refseg.read_mask`: a two-valued mask such as 0/255 is binary, class 1; a JPEG-decoded mask
     is binarised at 128 with a warning; label maps keep their values).
 
