@@ -10,7 +10,6 @@ import argparse
 import logging
 import sys
 import time
-from pathlib import Path
 
 log = logging.getLogger("refseg")
 
@@ -93,7 +92,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     if args.engine_dir is None or dinov2_checkpoint or sam_checkpoint:
         dinov2_path, sam_path = resolve_model_checkpoints(config.dinov2, config.sam, dinov2_checkpoint,
                                                           sam_checkpoint)
-        check_model_names(args.dinov2, args.sam, dinov2_path, sam_path)
+        check_model_names(args.dinov2 if dinov2_checkpoint else None, args.sam if sam_checkpoint else None,
+                          dinov2_path, sam_path)
     segmenter = Segmenter(config, sam_checkpoint=sam_checkpoint, dinov2_checkpoint=dinov2_checkpoint,
                           device=args.device, backend=args.backend, engine_dir=args.engine_dir)
     for image, mask, source in references:

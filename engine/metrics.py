@@ -284,13 +284,11 @@ def score_pairs(loaded: Sequence[LoadedPair], labels: Iterable[int] | None = Non
     for p in loaded:
         pred_str = os.fspath(p.pred_path) if p.pred_path else None
         if p.pred is not None:
-            pred, gt = (p.pred != 0, p.gt != 0) if binary else (p.pred, p.gt)
-            scores = per_class_scores(pred, gt, [True] if binary else classes)
-            values = list(scores.values())
-            images.append(ImageScore(p.name, os.fspath(p.gt_path), pred_str,
-                                     {c: s[0] for c, s in zip(classes, values)},
-                                     {c: s[1] for c, s in zip(classes, values)},
-                                     [c for c, s in zip(classes, values) if s[2]]))
+            pred, gt = ((p.pred != 0).astype(np.int64), (p.gt != 0).astype(np.int64)) if binary else (p.pred, p.gt)
+            scores = per_class_scores(pred, gt, classes)  # binary: classes == [1]
+            images.append(ImageScore(p.name, os.fspath(p.gt_path), pred_str, {c: s[0] for c, s in scores.items()},
+                                     {c: s[1] for c, s in scores.items()},
+                                     [c for c, s in scores.items() if s[2]]))
         elif p.scored:
             zeros = {c: 0.0 for c in classes}
             status = "missing" if p.pred_path is None else "error"

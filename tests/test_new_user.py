@@ -17,7 +17,7 @@ from PIL import Image
 
 import refseg
 from refseg.cli import main
-from refseg.io import raster, writers
+from refseg.io import writers
 from refseg.metrics import evaluate_folders
 from refseg.segmenter import check_reference
 
