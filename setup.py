@@ -33,11 +33,12 @@ EXTRAS = {
         "scipy",
         "safetensors",
         "matplotlib",             # the benchmark report's plot is tested too
+        "ray[data]>=2.40",        # tests/test_distributed.py runs a local Ray cluster
     ],
     "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
     "gpu": ["onnxruntime-gpu>=1.17", "triton", "tensorrt>=10"],
     "io": ["nibabel", "pydicom", "tifffile", "tiffslide", "safetensors"],
-    "dist": ["ray"],
+    "dist": ["ray[data]>=2.40"],
     "bench": ["matplotlib", "scikit-learn"],
 }
 

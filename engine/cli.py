@@ -40,6 +40,11 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-prompts", action="store_true", help="write <stem>.json with prompts/scores")
     p.add_argument("--overlay", action="store_true", help="write <stem>_overlay.png")
     p.add_argument("--resume", action="store_true", help="skip inputs whose mask is already written")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run on Ray Data: a local cluster, or ADDRESS ('auto', 'ray://host:10001')")
+    p.add_argument("--ray-workers", type=int, help="segmentation actors (default: one per GPU, else 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="GPUs reserved by each Ray actor (default 0: CPU actors)")
     p.set_defaults(func=_cmd_segment)
 
 
@@ -79,6 +84,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     references = [(*check_reference(raster.read_image(img), raster.read_mask(msk), msk), msk)
                   for img, msk in zip(args.reference, args.reference_mask)]
     inputs = raster.list_images(args.input)
+    if args.ray is not None:
+        return _segment_on_ray(args, config, references, inputs)
     segmenter = Segmenter(config, sam_checkpoint=args.sam_checkpoint,
                           dinov2_checkpoint=args.dinov2_checkpoint, device=args.device,
                           backend=args.backend, engine_dir=args.engine_dir)
@@ -86,6 +93,18 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         segmenter.add_reference(image, mask, source=source)
     summary = run_folder(segmenter, inputs, Path(args.output), save_prompts=args.save_prompts,
                          overlay=args.overlay, resume=args.resume)
+    return 1 if summary.failed else 0
+
+
+def _segment_on_ray(args: argparse.Namespace, config, references, inputs) -> int:
+    from refseg.distributed import WorkerSpec, segment_dataset
+
+    spec = WorkerSpec(config, sam_checkpoint=args.sam_checkpoint, dinov2_checkpoint=args.dinov2_checkpoint,
+                      device=args.device, backend=args.backend, engine_dir=args.engine_dir)
+    summary = segment_dataset(inputs, Path(args.output), references, spec,
+                              address=None if args.ray == "local" else args.ray,
+                              num_workers=args.ray_workers, gpus_per_worker=args.gpus_per_worker,
+                              save_prompts=args.save_prompts, overlay=args.overlay, resume=args.resume)
     return 1 if summary.failed else 0
 
 
