@@ -34,12 +34,14 @@ EXTRAS = {
         "safetensors",
         "matplotlib",             # the benchmark report's plot is tested too
         "scikit-image",           # MedSAM's official pre-processing (skimage resize) as the test oracle
+        "ray[data]>=2.40",        # tests/test_distributed.py runs a local Ray cluster
     ],
     "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
     "gpu": ["onnxruntime-gpu>=1.17", "triton", "tensorrt>=10"],
     # Only what the code imports today (refseg.io.raster: tifffile; checkpoints: safetensors).
     "io": ["tifffile", "safetensors"],
     "medsam": ["scipy"],          # MedSAM pre-processing (refseg.models.sam_transforms)
+    "dist": ["ray[data]>=2.40"],  # refseg.distributed (refseg segment --ray)
     "bench": ["matplotlib", "scikit-learn"],
 }
 

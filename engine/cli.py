@@ -40,6 +40,11 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-prompts", action="store_true", help="write <stem>.json with prompts/scores")
     p.add_argument("--overlay", action="store_true", help="write <stem>_overlay.png")
     p.add_argument("--resume", action="store_true", help="skip inputs whose mask is already written")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run on Ray Data: a local cluster, or ADDRESS ('auto', 'ray://host:10001')")
+    p.add_argument("--ray-workers", type=int, help="segmentation actors (default: one per GPU, else 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="GPUs reserved by each Ray actor (default 0: CPU actors)")
     p.set_defaults(func=_cmd_segment)
 
 
@@ -94,12 +99,26 @@ def _cmd_segment(args: argparse.Namespace) -> int:
                                                           sam_checkpoint)
         check_model_names(args.dinov2 if dinov2_checkpoint else None, args.sam if sam_checkpoint else None,
                           dinov2_path, sam_path)
+    if args.ray is not None:
+        return _segment_on_ray(args, config, references, inputs, outdir)
     segmenter = Segmenter(config, sam_checkpoint=sam_checkpoint, dinov2_checkpoint=dinov2_checkpoint,
                           device=args.device, backend=args.backend, engine_dir=args.engine_dir)
     for image, mask, source in references:
         segmenter.add_reference(image, mask, source=source)
     summary = run_folder(segmenter, inputs, outdir, save_prompts=args.save_prompts,
                          overlay=args.overlay, resume=args.resume)
+    return 1 if summary.failed or summary.write_error else 0
+
+
+def _segment_on_ray(args: argparse.Namespace, config, references, inputs, outdir: Path) -> int:
+    from refseg.distributed import WorkerSpec, segment_dataset
+
+    spec = WorkerSpec(config, sam_checkpoint=args.sam_checkpoint, dinov2_checkpoint=args.dinov2_checkpoint,
+                      device=args.device, backend=args.backend, engine_dir=args.engine_dir)
+    summary = segment_dataset(inputs, outdir, references, spec,
+                              address=None if args.ray == "local" else args.ray,
+                              num_workers=args.ray_workers, gpus_per_worker=args.gpus_per_worker,
+                              save_prompts=args.save_prompts, overlay=args.overlay, resume=args.resume)
     return 1 if summary.failed or summary.write_error else 0
 
 

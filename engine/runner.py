@@ -19,8 +19,9 @@ from refseg.runtime.stream import StreamItem, stream_segment
 log = logging.getLogger(__name__)
 
 
-def _write_outputs(result, image: np.ndarray, paths: writers.OutputPaths, num_classes: int,
-                   save_prompts: bool, overlay: bool) -> None:
+def write_outputs(result, image: np.ndarray, paths: writers.OutputPaths, num_classes: int,
+                  save_prompts: bool, overlay: bool) -> None:
+    """Write one input's files atomically: prompts JSON, overlay, then the mask (what resume checks)."""
     if save_prompts:
         writers.write_json(paths.prompts, result.to_json())
     if overlay:
@@ -50,10 +51,36 @@ def run_folder(segmenter, inputs: list[Path], outdir: Path, save_prompts: bool =
         The run summary (also written to ``outdir/summary.json``); failed inputs are listed there
         and logged, the others are written.
     """
-    outdir.mkdir(parents=True, exist_ok=True)
-    stems = writers.unique_stems(inputs)
     summary = writers.RunSummary(inputs, config=segmenter.config.to_dict())
     num_classes = len(segmenter.classes)
+    todo = plan_outputs(inputs, outdir, resume, summary)
+    items = (StreamItem(key=str(path), load=functools.partial(raster.read_image, path), meta=paths)
+             for path, paths in todo)
+    bar = _progress(len(todo))
+    summary.start()
+    for out in stream_segment(segmenter, items):
+        path = Path(out.item.key)
+        if out.error is not None:
+            summary.add_failure(path, out.error)
+        else:
+            try:
+                write_outputs(out.result, out.image, out.item.meta, num_classes, save_prompts, overlay)
+                summary.add_success(path)
+            except Exception as exc:
+                summary.add_failure(path, exc)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return finish_run(summary, outdir)
+
+
+def plan_outputs(inputs: list[Path], outdir: Path, resume: bool,
+                 summary: writers.RunSummary) -> list[tuple[Path, writers.OutputPaths]]:
+    """Output paths of every input still to do; inputs already done (``resume``) or unnamable are
+    recorded in ``summary``. Creates ``outdir``."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    stems = writers.unique_stems(inputs)
     todo: list[tuple[Path, writers.OutputPaths]] = []
     for path in inputs:
         try:
@@ -66,25 +93,12 @@ def run_folder(segmenter, inputs: list[Path], outdir: Path, save_prompts: bool =
         else:
             todo.append((path, paths))
     if summary.skipped:
-        log.info("resume: %d of %d inputs already done", len(summary.skipped), len(inputs))
-    items = (StreamItem(key=str(path), load=functools.partial(raster.read_image, path), meta=paths)
-             for path, paths in todo)
-    bar = _progress(len(todo))
-    summary.start()
-    for out in stream_segment(segmenter, items):
-        path = Path(out.item.key)
-        if out.error is not None:
-            summary.add_failure(path, out.error)
-        else:
-            try:
-                _write_outputs(out.result, out.image, out.item.meta, num_classes, save_prompts, overlay)
-                summary.add_success(path)
-            except Exception as exc:
-                summary.add_failure(path, exc)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+        log.info("resume: %d of %d inputs already done", len(summary.skipped), summary.inputs)
+    return todo
+
+
+def finish_run(summary: writers.RunSummary, outdir: Path) -> writers.RunSummary:
+    """Stop the clock, write ``outdir/summary.json`` and log every failure and the totals."""
     summary.finish()
     # Per-input errors first: a summary.json that cannot be written must not hide them.
     for failure in summary.failed:

@@ -176,6 +176,21 @@ class Segmenter:
         self._pooled = None
         return self
 
+    def reference_state(self) -> dict:
+        """The encoded reference(s) as CPU tensors, to share with other Segmenters of the same config
+        (e.g. Ray actors through the object store): ``{"tokens": [(T, D)], "grids": [{class: (T,)}]}``."""
+        return {"tokens": [t.cpu() for t in self._ref_tokens],
+                "grids": [{c: g.cpu() for c, g in grid.items()} for grid in self._ref_grids]}
+
+    def load_reference_state(self, state: dict) -> "Segmenter":
+        """Use references encoded elsewhere (:meth:`reference_state`) instead of encoding them again."""
+        if not state["tokens"]:
+            raise ValueError("reference state holds no reference")
+        self._ref_tokens = [t.to(self.device) for t in state["tokens"]]
+        self._ref_grids = [{c: g.to(self.device) for c, g in grid.items()} for grid in state["grids"]]
+        self._pooled = None
+        return self
+
     def _reference(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled reference tokens (Nr, D) and grid labels (C, Nr) in :attr:`classes` order."""
         if not self._ref_tokens:
