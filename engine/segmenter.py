@@ -13,6 +13,7 @@ All point coordinates are (x, y) pixels of the image they refer to.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -134,6 +135,16 @@ def check_reference(image: np.ndarray, mask: np.ndarray, source: str = "referenc
     return rgb, mask
 
 
+def reference_digest(image: np.ndarray, mask: np.ndarray) -> str:
+    """sha256 (hex) of a reference pair as checked by :func:`check_reference` (RGB uint8 image and
+    mask, shapes included): identifies the reference in run fingerprints."""
+    digest = hashlib.sha256()
+    for array in (np.ascontiguousarray(image), np.ascontiguousarray(mask)):
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
 class Segmenter:
     """One-shot reference-guided segmentation (DINOv2 matching -> prompts -> SAM).
 
@@ -164,6 +175,7 @@ class Segmenter:
         self._ref_tokens: list[torch.Tensor] = []   # each (T, D)
         self._ref_grids: list[dict[int, torch.Tensor]] = []  # each class -> (T,) int8 {1, 0, -1}
         self._pooled: tuple[torch.Tensor, torch.Tensor] | None = None  # cache of _reference()
+        self.reference_digests: list[str] = []  # reference_digest() of each reference, in order
 
     @classmethod
     def from_preset(cls, name: str = "sat", sam_checkpoint=None, dinov2_checkpoint=None,
@@ -184,6 +196,7 @@ class Segmenter:
         """Forget earlier references and encode this one (cached for every later target)."""
         self._ref_tokens.clear()
         self._ref_grids.clear()
+        self.reference_digests.clear()
         self._pooled = None
         return self.add_reference(image, mask, source)
 
@@ -205,6 +218,7 @@ class Segmenter:
         tokens = self.backend.encode_dinov2(dinov2_batch([rgb], self.config.image_size))[0]
         self._ref_tokens.append(tokens)
         self._ref_grids.append({c: g.to(tokens.device) for c, g in grids.items()})
+        self.reference_digests.append(reference_digest(rgb, mask))
         self._pooled = None
         return self
 
@@ -255,8 +269,9 @@ class Segmenter:
         if min(rgb.shape[:2]) < PATCH:
             raise ValueError(f"{source}: {rgb.shape[1]}x{rgb.shape[0]} (W x H) is smaller than one "
                              f"{PATCH}x{PATCH} patch")
-        return PreparedTarget(rgb, resize_rgb(rgb, self.config.image_size),
-                              resize_image(rgb, self.sam_size))
+        # Writable C arrays: torch.from_numpy needs them (resizing returns read-only PIL views).
+        return PreparedTarget(rgb, np.require(resize_rgb(rgb, self.config.image_size), requirements="CW"),
+                              np.require(resize_image(rgb, self.sam_size), requirements="CW"))
 
     def segment_prepared(self, targets: list[PreparedTarget]) -> list[SegmentationResult]:
         """Segment one batch of :meth:`prepare_target` outputs: ONE call per encoder, matching and
@@ -285,8 +300,8 @@ class Segmenter:
         with timer("prompts"):
             prompts = prompts_from_candidates(cand, cfg, sizes, device=tgt_tokens.device)
         with timer("sam_encoder"):
-            pixels = torch.cat([normalize_pad(self._to_device(np.ascontiguousarray(t.sam))
-                                              .permute(2, 0, 1), self.sam_size) for t in targets])
+            pixels = torch.cat([normalize_pad(self._to_device(t.sam).permute(2, 0, 1), self.sam_size)
+                                for t in targets])
             embeddings = self.backend.encode_sam(pixels)
         input_sizes = [tuple(t.sam.shape[:2]) for t in targets]
         with timer("decoder"):
