@@ -114,7 +114,7 @@ def test_json_resume_fingerprint_and_force(env, monkeypatch, caplog):
 def test_killed_run_loses_no_finished_output(env):
     root, common = env
     inputs = root / "kill_in"
-    paths = _write_inputs(inputs, 8, seed=3)
+    paths = _write_inputs(inputs, 6, seed=3)
     out = root / "kill_out"
     cmd = [sys.executable, "-m", "refseg.cli", "segment", "-i", str(inputs), "-o", str(out),
            "--progress", "off", *common[:-4], "--batch-size", "1", *common[-4:]]
@@ -150,7 +150,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
 
     sam, dino, root = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     seg = Segmenter.from_preset("sat", sam_checkpoint=sam, dinov2_checkpoint=dino, device="cpu",
-                                image_size=28, batch_size=4, kmeans_iters=5)
+                                image_size=28, batch_size=8, kmeans_iters=5)
     rng = np.random.default_rng(0)
     ref = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
     mask = np.zeros((32, 32), np.uint8)
@@ -163,7 +163,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
     files = sorted(folder.iterdir())
     peaks = []
     for n, name in ((20, "a"), (200, "b")):
-        summary = run_folder(seg, files[:n], root / name, save_prompts=True, progress="off")
+        summary = run_folder(seg, files[:n], root / name, progress="off")
         assert summary.succeeded == n, summary.failed
         peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     print(json.dumps(peaks))

@@ -53,11 +53,17 @@ def seg(small_checkpoints, tiny_sam):
 @pytest.fixture(scope="module")
 def targets():
     rng = np.random.default_rng(1)
-    return [_image(rng, h, w) for h, w in ((96, 128), (150, 100), (64, 64), (128, 200), (80, 120))]
+    return [_image(rng, h, w) for h, w in ((96, 128), (150, 100), (64, 64), (128, 200))]
+
+
+@pytest.fixture(scope="module")
+def alone(seg, targets):
+    """Each target segmented in a batch of its own (the per-image path)."""
+    return [seg.segment_prepared([seg.prepare_target(t)])[0] for t in targets]
 
 
 def test_one_decoder_call_gives_the_per_target_numbers(seg, targets):
-    prepared = [seg.prepare_target(t) for t in targets[:4]]
+    prepared = [seg.prepare_target(t) for t in targets]
     calls = []
     original = seg.backend.decode_batch
 
@@ -88,26 +94,25 @@ def test_one_decoder_call_gives_the_per_target_numbers(seg, targets):
     assert len(set(lengths.tolist())) > 1  # targets really had different set lengths
     for t in range(len(prepared)):
         rows = list(range(t * len(classes), (t + 1) * len(classes)))
-        alone = decode_target(seg.backend, emb[t], prompts, rows, input_sizes[t], sizes[t], cfg)
-        torch.testing.assert_close(batched[t].logits, alone.logits, atol=1e-5, rtol=0)
-        torch.testing.assert_close(batched[t].iou, alone.iou, atol=1e-6, rtol=0)
-        assert torch.equal(batched[t].logits > 0, alone.logits > 0)
+        single = decode_target(seg.backend, emb[t], prompts, rows, input_sizes[t], sizes[t], cfg)
+        torch.testing.assert_close(batched[t].logits, single.logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(batched[t].iou, single.iou, atol=1e-6, rtol=0)
+        assert torch.equal(batched[t].logits > 0, single.logits > 0)
 
 
-def test_stream_batches_equal_images_one_by_one(seg, targets):
+def test_stream_batches_equal_images_one_by_one(seg, targets, alone):
     items = [StreamItem(key=f"t{i}", load=lambda t=t: t) for i, t in enumerate(targets)]
-    outs = list(stream_segment(seg, items, batch_size=4, workers=2))
+    outs = list(stream_segment(seg, items, batch_size=3, workers=2))
     assert [o.item.key for o in outs] == [f"t{i}" for i in range(len(targets))]
-    for out, target in zip(outs, targets):
+    for out, single in zip(outs, alone):
         assert out.error is None
-        alone = seg.segment_prepared([seg.prepare_target(target)])[0]
-        np.testing.assert_array_equal(out.result.mask, alone.mask)
+        np.testing.assert_array_equal(out.result.mask, single.mask)
         for c in seg.classes:
-            np.testing.assert_array_equal(out.result.points[c], alone.points[c])
-            np.testing.assert_array_equal(out.result.point_labels[c], alone.point_labels[c])
-        assert out.result.batch_size in (4, 1) and alone.batch_size == 1
+            np.testing.assert_array_equal(out.result.points[c], single.points[c])
+            np.testing.assert_array_equal(out.result.point_labels[c], single.point_labels[c])
+            assert out.result.scores[c] == pytest.approx(single.scores[c], abs=1e-6)
         assert out.result.timings["load"] > 0 and "postprocess" in out.result.timings
-    assert [o.result.batch_size for o in outs] == [4, 4, 4, 4, 1]
+    assert [o.result.batch_size for o in outs] == [3, 3, 3, 1]
 
 
 def test_bad_items_are_named_and_never_break_the_batch(seg, targets):
@@ -133,7 +138,7 @@ def test_bad_items_are_named_and_never_break_the_batch(seg, targets):
         seg.segment_batch([targets[0], np.zeros((8, 8), np.uint8)])
 
 
-def test_out_of_memory_halves_the_batch_once(seg, targets, caplog):
+def test_out_of_memory_halves_the_batch_once(seg, targets, alone, caplog):
     sizes = []
     original = seg.backend.encode_sam
 
@@ -145,14 +150,14 @@ def test_out_of_memory_halves_the_batch_once(seg, targets, caplog):
 
     seg.backend.encode_sam = small_gpu
     try:
-        items = [StreamItem(f"t{i}", lambda t=t: t) for i, t in enumerate(targets)]
+        items = [StreamItem(f"t{i}", lambda t=t: t) for i, t in enumerate(targets[:3])]
         with caplog.at_level(logging.WARNING, logger="refseg.runtime.stream"):
-            outs = list(stream_segment(seg, items, batch_size=4))
+            outs = list(stream_segment(seg, items, batch_size=2))
     finally:
         del seg.backend.encode_sam
     assert all(o.error is None for o in outs)
     reports = [r for r in caplog.records if "out of memory" in r.getMessage()]
-    assert len(reports) == 1 and "batch of 4" in reports[0].getMessage()
-    assert sizes == [4, 2, 1, 1, 1, 1, 1]  # halved twice, then the smaller batch stays
-    np.testing.assert_array_equal(outs[2].result.mask,
-                                  seg.segment_prepared([seg.prepare_target(targets[2])])[0].mask)
+    assert len(reports) == 1 and "batch of 2" in reports[0].getMessage()
+    assert sizes == [2, 1, 1, 1]  # halved, then the smaller batch stays
+    for out, single in zip(outs, alone):
+        np.testing.assert_array_equal(out.result.mask, single.mask)
