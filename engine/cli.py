@@ -34,12 +34,21 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="targets encoded together")
     p.add_argument("--image-size", type=int, help="DINOv2 input side S (multiple of 14)")
     p.add_argument("--metric", choices=["cosine", "euclidean"], help="feature matching metric")
-    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="encoder precision")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "auto"],
+                   help="encoder precision (auto: bf16/fp16 on CUDA, bf16 on CPUs with native bf16, "
+                        "else fp32)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile both encoders (CUDA graphs on CUDA; pays off on long runs)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any SegmenterConfig field (repeatable)")
     p.add_argument("--save-prompts", action="store_true", help="write <stem>.json with prompts/scores")
     p.add_argument("--overlay", action="store_true", help="write <stem>_overlay.png")
-    p.add_argument("--resume", action="store_true", help="skip inputs whose mask is already written")
+    p.add_argument("--resume", action="store_true", help="skip inputs whose mask is already written "
+                   "(refused if the output folder was written with other settings)")
+    p.add_argument("--force", action="store_true",
+                   help="with --resume: recompute everything when the settings differ")
+    p.add_argument("--progress", choices=["auto", "bar", "log", "off"], default="auto",
+                   help="per-image progress: bar on a terminal, log lines otherwise (auto)")
     p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                    help="run on Ray Data: a local cluster, or ADDRESS ('auto', 'ray://host:10001')")
     p.add_argument("--ray-workers", type=int, help="segmentation actors (default: one per GPU, else 1)")
@@ -80,8 +89,8 @@ def _config_from_args(args: argparse.Namespace):
 def _cmd_segment(args: argparse.Namespace) -> int:
     from refseg.io import raster, writers
     from refseg.models.build import check_model_names, resolve_model_checkpoints
-    from refseg.runner import run_folder
-    from refseg.segmenter import Segmenter, check_reference
+    from refseg.runner import finish_run, plan_folder, run_folder, run_settings
+    from refseg.segmenter import Segmenter, check_reference, reference_digest
 
     if len(args.reference) != len(args.reference_mask):
         raise ValueError("give one -m/--reference-mask per -r/--reference")
@@ -91,6 +100,14 @@ def _cmd_segment(args: argparse.Namespace) -> int:
                   for img, msk in zip(args.reference, args.reference_mask)]
     inputs = raster.list_images(args.input)
     outdir = writers.prepare_output_folder(args.output)  # a file / uncreatable / unwritable -o stops here
+    settings = run_settings(config, [reference_digest(img, msk) for img, msk, _ in references],
+                            args.sam_checkpoint, args.dinov2_checkpoint, args.backend)
+    plan = plan_folder(inputs, outdir, args.resume, args.force, settings)
+    plan.summary.config = config.to_dict()
+    if not plan.todo:  # nothing left: no model is loaded
+        log.info("nothing to do: all %d inputs are done or failed before reading", len(inputs))
+        summary = finish_run(plan)
+        return 1 if summary.failed or summary.write_error else 0
     # Both checkpoints are located (every missing one in one message) and the names given with
     # --dinov2/--sam checked against them, still before any model is loaded.
     dinov2_checkpoint, sam_checkpoint = args.dinov2_checkpoint, args.sam_checkpoint
@@ -100,25 +117,26 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         check_model_names(args.dinov2 if dinov2_checkpoint else None, args.sam if sam_checkpoint else None,
                           dinov2_path, sam_path)
     if args.ray is not None:
-        return _segment_on_ray(args, config, references, inputs, outdir)
+        return _segment_on_ray(args, config, references, plan)
     segmenter = Segmenter(config, sam_checkpoint=sam_checkpoint, dinov2_checkpoint=dinov2_checkpoint,
-                          device=args.device, backend=args.backend, engine_dir=args.engine_dir)
+                          device=args.device, backend=args.backend, engine_dir=args.engine_dir,
+                          compile=args.compile)
     for image, mask, source in references:
         segmenter.add_reference(image, mask, source=source)
     summary = run_folder(segmenter, inputs, outdir, save_prompts=args.save_prompts,
-                         overlay=args.overlay, resume=args.resume)
+                         overlay=args.overlay, plan=plan, progress=args.progress)
     return 1 if summary.failed or summary.write_error else 0
 
 
-def _segment_on_ray(args: argparse.Namespace, config, references, inputs, outdir: Path) -> int:
+def _segment_on_ray(args: argparse.Namespace, config, references, plan) -> int:
     from refseg.distributed import WorkerSpec, segment_dataset
 
     spec = WorkerSpec(config, sam_checkpoint=args.sam_checkpoint, dinov2_checkpoint=args.dinov2_checkpoint,
                       device=args.device, backend=args.backend, engine_dir=args.engine_dir)
-    summary = segment_dataset(inputs, outdir, references, spec,
+    summary = segment_dataset(None, plan.outdir, references, spec, plan=plan,
                               address=None if args.ray == "local" else args.ray,
                               num_workers=args.ray_workers, gpus_per_worker=args.gpus_per_worker,
-                              save_prompts=args.save_prompts, overlay=args.overlay, resume=args.resume)
+                              save_prompts=args.save_prompts, overlay=args.overlay)
     return 1 if summary.failed or summary.write_error else 0
 
 

@@ -42,7 +42,7 @@ _CHOICES = {
     "grid_rule": ("all", "any", "fraction"),
     "matcher": ("nn", "hungarian"),
     "radius_unit": ("pixel", "side"),
-    "precision": ("fp32", "fp16", "bf16"),
+    "precision": ("fp32", "fp16", "bf16", "auto"),
 }
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")

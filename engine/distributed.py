@@ -155,7 +155,7 @@ def _write_batch(batch: dict[str, np.ndarray], num_classes: int, save_prompts: b
                 paths = writers.OutputPaths(Path(batch["mask_path"][row]), Path(batch["prompts_path"][row]),
                                             Path(batch["overlay_path"][row]))
                 write_outputs(batch["result"][row], _from_bytes(batch["image"][row]), paths, num_classes,
-                              save_prompts, overlay)
+                              save_prompts, overlay, str(path))
             except Exception as exc:  # a write failure is this input's failure
                 error = _error_text(exc)
         paths_out.append(str(path))
@@ -193,17 +193,17 @@ def encode_reference(spec: WorkerSpec, references: Sequence[tuple[np.ndarray, np
     return segmenter.reference_state(), len(segmenter.classes)
 
 
-def segment_dataset(inputs: Sequence[str | os.PathLike], outdir: str | os.PathLike,
+def segment_dataset(inputs: Sequence[str | os.PathLike] | None, outdir: str | os.PathLike,
                     references: Sequence[tuple[np.ndarray, np.ndarray, str]], spec: WorkerSpec, *,
                     address: str | None = None, num_workers: int | None = None, gpus_per_worker: float = 0.0,
                     batch_size: int | None = None, save_prompts: bool = False, overlay: bool = False,
-                    resume: bool = False, num_cpus: int | None = None,
+                    resume: bool = False, force: bool = False, plan=None, num_cpus: int | None = None,
                     before_item: Callable[[str], None] | None = None) -> writers.RunSummary:
-    """Segment image files on a Ray cluster into ``outdir``; same files and summary.json as
-    :func:`refseg.runner.run_folder`.
+    """Segment image files on a Ray cluster into ``outdir``; same files, ``run_config.json`` and
+    ``summary.json`` as :func:`refseg.runner.run_folder`.
 
     Args:
-        inputs: image files (every node must read them at these paths).
+        inputs: image files (every node must read them at these paths); ignored when ``plan`` is given.
         outdir: output folder (shared by every node).
         references: ``(image, mask, source)`` triples already validated by
             :func:`refseg.segmenter.check_reference`; encoded once by a Ray task, shared by object store.
@@ -213,20 +213,26 @@ def segment_dataset(inputs: Sequence[str | os.PathLike], outdir: str | os.PathLi
             ``gpus_per_worker > 0``, else 1.
         gpus_per_worker: GPUs each actor reserves (0 = CPU actors).
         batch_size: targets per actor call (default: the config's ``batch_size``).
+        resume, force: as for :func:`refseg.runner.run_folder` (settings fingerprint checked).
+        plan: a :func:`refseg.runner.plan_folder` result made earlier (the CLI plans before any model).
         num_cpus: logical CPUs of a local cluster (default: this machine's cores).
         before_item: called in the actor with each input's path before it is segmented.
 
     Returns:
         The run summary, also written to ``outdir/summary.json``; every failure is named there and logged.
     """
-    from refseg.runner import finish_run, plan_outputs
+    from refseg.runner import finish_run, plan_folder, run_settings, write_run_config
+    from refseg.segmenter import reference_digest
 
-    outdir = Path(outdir)
-    inputs = [Path(p) for p in inputs]
-    summary = writers.RunSummary(inputs, config=spec.config.to_dict())
-    todo = plan_outputs(inputs, outdir, resume, summary)
-    ray = _connect(address, num_cpus)
-    if todo:
+    if plan is None:
+        settings = run_settings(spec.config, [reference_digest(img, msk) for img, msk, _ in references],
+                                spec.sam_checkpoint, spec.dinov2_checkpoint, spec.backend)
+        plan = plan_folder([Path(p) for p in inputs], Path(outdir), resume, force, settings)
+        plan.summary.config = spec.config.to_dict()
+    summary = plan.summary
+    if plan.todo:
+        ray = _connect(address, num_cpus)
+        write_run_config(plan)
         resources = ray.cluster_resources()
         if num_workers is None:
             num_workers = max(1, int(resources.get("GPU", 0) // gpus_per_worker)) if gpus_per_worker else 1
@@ -235,7 +241,7 @@ def segment_dataset(inputs: Sequence[str | os.PathLike], outdir: str | os.PathLi
             num_cpus=cpu_share, num_gpus=gpus_per_worker).remote(spec, list(references)))
         reference = [ray.put(state)]
         rows = [{"path": str(path), "mask_path": str(p.mask), "prompts_path": str(p.prompts),
-                 "overlay_path": str(p.overlay)} for path, p in todo]
+                 "overlay_path": str(p.overlay)} for path, p in plan.todo]
         step = batch_size or spec.config.batch_size
         ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * num_workers)))
         ds = ds.map_batches(_read_batch, batch_size=step, num_cpus=IO_TASK_CPUS)
@@ -247,12 +253,10 @@ def segment_dataset(inputs: Sequence[str | os.PathLike], outdir: str | os.PathLi
                             fn_kwargs={"num_classes": num_classes, "save_prompts": save_prompts,
                                        "overlay": overlay})
         summary.start()
-        done = 0
-        for row in ds.iter_rows():
+        for done, row in enumerate(ds.iter_rows(), 1):
             if row["error"]:
                 summary.add_failure(row["path"], row["error"])
             else:
                 summary.add_success(row["path"])
-            done += 1
             log.debug("%d/%d done", done, len(rows))
-    return finish_run(summary, outdir)
+    return finish_run(plan)

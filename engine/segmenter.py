@@ -13,6 +13,8 @@ All point coordinates are (x, y) pixels of the image they refer to.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -23,9 +25,10 @@ import torch
 from refseg.config import SegmenterConfig
 from refseg.io.masks import mask_from_array
 from refseg.io.raster import to_rgb_uint8
-from refseg.models.sam_transforms import prepare_images, preprocessing_for
-from refseg.pipeline.decode import decode_target, to_label_map
-from refseg.pipeline.features import PATCH, dinov2_batch
+from refseg.models.sam_transforms import (medsam_normalize, medsam_resize, normalize_pad, preprocessing_for,
+                                          resize_image)
+from refseg.pipeline.decode import decode_batch, to_label_map
+from refseg.pipeline.features import PATCH, dinov2_batch, normalize_resized, resize_rgb
 from refseg.pipeline.grid import FG, grids_from_config
 from refseg.pipeline.matching import match_candidates
 from refseg.pipeline.prompts import prompts_from_candidates
@@ -33,6 +36,25 @@ from refseg.runtime.select import create_backend
 from refseg.runtime.timing import StageTimer
 
 log = logging.getLogger(__name__)
+
+
+BATCH_STAGES = ("dinov2", "matching", "prompts", "sam_encoder", "decoder")
+"""Stages that run once per batch; a result's timing for them is the batch's time / batch size."""
+
+
+@dataclass
+class PreparedTarget:
+    """One target ready for the encoders (:meth:`Segmenter.prepare_target`).
+
+    Attributes:
+        rgb: (H, W, 3) uint8, the target in its own geometry.
+        dinov2: (S, S, 3) uint8, resized for DINOv2 (bicubic).
+        sam: (h, w, 3) uint8, resized so the longer side is SAM's input side (1024; before padding).
+    """
+
+    rgb: np.ndarray
+    dinov2: np.ndarray
+    sam: np.ndarray
 
 
 @dataclass
@@ -47,7 +69,11 @@ class SegmentationResult:
         point_labels: class value -> (N,) int64, 1 positive / 0 negative.
         boxes: class value -> (4,) float32 box (x0, y0, x1, y1) pixels, or None.
         scores: class value -> SAM's predicted IoU of the chosen mask (0.0 when no prompt).
-        timings: stage name -> seconds spent for this image (batch stages divided evenly).
+        timings: stage name -> seconds for this image. Stages run once per image are this image's
+            own time (``load``: decode + prepare, when it came through the stream;
+            ``postprocess``); the stages in :data:`BATCH_STAGES` run once per batch and hold the
+            batch's time divided by ``batch_size``.
+        batch_size: number of images in the batch this image was segmented in.
     """
 
     mask: np.ndarray
@@ -57,10 +83,18 @@ class SegmentationResult:
     boxes: dict[int, np.ndarray | None] = field(default_factory=dict)
     scores: dict[int, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    batch_size: int = 1
 
-    def to_json(self) -> dict:
-        """Prompts, scores and timings as plain JSON types (used for ``<stem>.json``)."""
+    def to_json(self, source: str | None = None) -> dict:
+        """Prompts, scores and timings as plain JSON types (used for ``<stem>.json``).
+
+        ``input`` records ``source`` (the input's path or key) and the image size in pixels;
+        ``timings_s`` as :attr:`timings`, with ``timings_batch_shared`` naming the stages that are
+        a share of the batch (batch time / ``batch_size``) rather than this image's own time.
+        """
+        h, w = self.mask.shape
         return {
+            "input": {"path": source, "width": int(w), "height": int(h)},
             "classes": {
                 str(c): {
                     "points": self.points[c].tolist(),
@@ -71,6 +105,8 @@ class SegmentationResult:
                 } for c in self.class_masks
             },
             "timings_s": self.timings,
+            "timings_batch_shared": {"stages": [k for k in self.timings if k in BATCH_STAGES],
+                                     "batch_size": self.batch_size},
         }
 
 
@@ -105,6 +141,16 @@ def check_reference(image: np.ndarray, mask: np.ndarray, source: str = "referenc
     return rgb, mask
 
 
+def reference_digest(image: np.ndarray, mask: np.ndarray) -> str:
+    """sha256 (hex) of a reference pair as checked by :func:`check_reference` (RGB uint8 image and
+    mask, shapes included): identifies the reference in run fingerprints."""
+    digest = hashlib.sha256()
+    for array in (np.ascontiguousarray(image), np.ascontiguousarray(mask)):
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
 class Segmenter:
     """One-shot reference-guided segmentation (DINOv2 matching -> prompts -> SAM).
 
@@ -117,30 +163,35 @@ class Segmenter:
             Runtime -> torch, each step down logged with its reason).
         engine_dir: folder written by ``refseg export`` for the exported backends; ``None`` uses
             (and on first use fills) the export cache under ``~/.cache/refseg/exports``.
+        compile: ``torch.compile`` both encoders (torch backend; CUDA graphs on CUDA).
     """
 
     def __init__(self, config: SegmenterConfig, sam_checkpoint: str | os.PathLike | None = None,
                  dinov2_checkpoint: str | os.PathLike | None = None, device: str = "auto",
-                 backend: str = "torch", engine_dir: str | os.PathLike | None = None):
+                 backend: str = "torch", engine_dir: str | os.PathLike | None = None,
+                 compile: bool = False):
         if device == "auto" and config.device is not None:
             device = config.device  # an explicit device argument wins over the config's
         self.backend = create_backend(backend, config, sam_checkpoint=sam_checkpoint,
                                       dinov2_checkpoint=dinov2_checkpoint, device=device,
-                                      engine_dir=engine_dir)
+                                      engine_dir=engine_dir, compile=compile)
         self.config = self.backend.config  # model names as actually loaded
         self.device = self.backend.device
+        self.sam_size = getattr(self.backend, "sam_size", 1024)  # SAM's square input side
+        self._medsam = preprocessing_for(self.config.sam) == "medsam"  # MedSAM's own pre-processing
         self._ref_tokens: list[torch.Tensor] = []   # each (T, D)
         self._ref_grids: list[dict[int, torch.Tensor]] = []  # each class -> (T,) int8 {1, 0, -1}
         self._pooled: tuple[torch.Tensor, torch.Tensor] | None = None  # cache of _reference()
+        self.reference_digests: list[str] = []  # reference_digest() of each reference, in order
 
     @classmethod
     def from_preset(cls, name: str = "sat", sam_checkpoint=None, dinov2_checkpoint=None,
                     device: str = "auto", backend: str = "torch", engine_dir=None,
-                    **overrides) -> "Segmenter":
+                    compile: bool = False, **overrides) -> "Segmenter":
         """Build from a named preset (``sat``, ``gbmseg``) with field overrides."""
         return cls(SegmenterConfig.from_preset(name, **overrides), sam_checkpoint=sam_checkpoint,
                    dinov2_checkpoint=dinov2_checkpoint, device=device, backend=backend,
-                   engine_dir=engine_dir)
+                   engine_dir=engine_dir, compile=compile)
 
     # ------------------------------------------------------------------ reference
     @property
@@ -152,6 +203,7 @@ class Segmenter:
         """Forget earlier references and encode this one (cached for every later target)."""
         self._ref_tokens.clear()
         self._ref_grids.clear()
+        self.reference_digests.clear()
         self._pooled = None
         return self.add_reference(image, mask, source)
 
@@ -173,6 +225,7 @@ class Segmenter:
         tokens = self.backend.encode_dinov2(dinov2_batch([rgb], self.config.image_size))[0]
         self._ref_tokens.append(tokens)
         self._ref_grids.append({c: g.to(tokens.device) for c, g in grids.items()})
+        self.reference_digests.append(reference_digest(rgb, mask))
         self._pooled = None
         return self
 
@@ -207,54 +260,91 @@ class Segmenter:
         return self.segment_batch([image])[0]
 
     def segment_batch(self, images: list[np.ndarray]) -> list[SegmentationResult]:
-        """Segment several targets; both encoders run on chunks of ``config.batch_size``.
+        """Segment several targets through the streaming runtime (:mod:`refseg.runtime.stream`):
+        both encoders and the decoder run on batches of ``config.batch_size``.
 
         Raises:
-            ValueError: an image smaller than one 14-px patch, or not 2-D/3-D.
+            ValueError: ``images[i]: ...``, e.g. an image smaller than one 14-px patch or not
+                2-D/3-D (the first failing image; the others are not returned).
         """
-        rgbs = []
-        for i, image in enumerate(images):
-            rgb = to_rgb_uint8(np.asarray(image))
-            if min(rgb.shape[:2]) < PATCH:
-                raise ValueError(f"image {i}: {rgb.shape[1]}x{rgb.shape[0]} is smaller than one "
-                                 f"{PATCH}x{PATCH} patch")
-            rgbs.append(rgb)
+        from refseg.runtime.stream import StreamItem, stream_segment
+
+        items = [StreamItem(key=f"images[{i}]", load=functools.partial(np.asarray, image))
+                 for i, image in enumerate(images)]
         results = []
-        step = max(1, self.config.batch_size)
-        for start in range(0, len(rgbs), step):
-            results.extend(self._segment_chunk(rgbs[start:start + step]))
+        for out in stream_segment(self, items):
+            if out.error is not None:
+                raise out.error
+            results.append(out.result)
         return results
 
-    def _segment_chunk(self, rgbs: list[np.ndarray]) -> list[SegmentationResult]:
+    def prepare_target(self, image: np.ndarray, source: str = "image") -> PreparedTarget:
+        """Validate and resize one target for both encoders (CPU work the stream's readers do).
+
+        Raises:
+            ValueError: naming ``source``: not (H, W)/(H, W, C), or smaller than one 14-px patch.
+        """
+        try:
+            rgb = to_rgb_uint8(np.asarray(image))
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
+        if min(rgb.shape[:2]) < PATCH:
+            raise ValueError(f"{source}: {rgb.shape[1]}x{rgb.shape[0]} (W x H) is smaller than one "
+                             f"{PATCH}x{PATCH} patch")
+        # Writable C arrays: torch.from_numpy needs them (resizing returns read-only PIL views).
+        sam = medsam_resize(rgb, self.sam_size) if self._medsam else resize_image(rgb, self.sam_size)
+        return PreparedTarget(rgb, np.require(resize_rgb(rgb, self.config.image_size), requirements="CW"),
+                              np.require(sam, requirements="CW"))
+
+    def segment_prepared(self, targets: list[PreparedTarget]) -> list[SegmentationResult]:
+        """Segment one batch of :meth:`prepare_target` outputs: ONE call per encoder, matching and
+        prompt engineering on the device, ONE decoder call for every prompt set of the batch."""
+        if not targets:
+            return []
+        return self._segment_chunk(targets)
+
+    def _to_device(self, array: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Host array -> device tensor; pinned memory and a non-blocking copy on CUDA."""
+        tensor = torch.from_numpy(array) if isinstance(array, np.ndarray) else array
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
+
+    def _segment_chunk(self, targets: list[PreparedTarget]) -> list[SegmentationResult]:
         cfg, classes = self.config, self.classes
         timer = StageTimer(self.device)
         ref_tokens, ref_labels = self._reference()
-        sizes = [tuple(rgb.shape[:2]) for rgb in rgbs]
+        sizes = [tuple(t.rgb.shape[:2]) for t in targets]
         with timer("dinov2"):
-            tgt_tokens = self.backend.encode_dinov2(dinov2_batch(rgbs, cfg.image_size))
+            pixels = self._to_device(normalize_resized(np.stack([t.dinov2 for t in targets])))
+            tgt_tokens = self.backend.encode_dinov2(pixels)
         with timer("matching"):
             cand = match_candidates(ref_tokens, ref_labels, tgt_tokens, cfg)
         with timer("prompts"):
             prompts = prompts_from_candidates(cand, cfg, sizes, device=tgt_tokens.device)
         with timer("sam_encoder"):
-            prepared = prepare_images(rgbs, preprocessing=preprocessing_for(cfg.sam))  # MedSAM: its own
-            embeddings = self.backend.encode_sam(prepared.pixels)
+            if self._medsam:  # MedSAM: min-max to [0, 1] of the stretched square, no mean/std
+                pixels = torch.stack([self._to_device(medsam_normalize(t.sam)) for t in targets])
+            else:
+                pixels = torch.cat([normalize_pad(self._to_device(t.sam).permute(2, 0, 1), self.sam_size)
+                                    for t in targets])
+            embeddings = self.backend.encode_sam(pixels)
+        input_sizes = [tuple(t.sam.shape[:2]) for t in targets]
+        with timer("decoder"):
+            decoded = decode_batch(self.backend, embeddings, prompts, len(classes), input_sizes, sizes, cfg)
+        shared = {k: v / len(targets) for k, v in timer.totals.items()}
         results = []
-        for i in range(len(rgbs)):
-            rows = list(range(i * len(classes), (i + 1) * len(classes)))
-            with timer("decoder"):
-                decoded = decode_target(self.backend, embeddings[i], prompts, rows,
-                                        prepared.input_sizes[i], sizes[i], cfg)
-            with timer("postprocess"):
-                label_map, class_masks = to_label_map(decoded, classes, cfg)
-            result = SegmentationResult(mask=label_map, class_masks=class_masks)
-            for j, (c, row) in enumerate(zip(classes, rows)):
+        for i, target in enumerate(decoded):
+            own = StageTimer(self.device)
+            with own("postprocess"):
+                label_map, class_masks = to_label_map(target, classes, cfg)
+            result = SegmentationResult(mask=label_map, class_masks=class_masks, batch_size=len(targets))
+            for j, c in enumerate(classes):
+                row = i * len(classes) + j
                 result.points[c], result.point_labels[c] = prompts.prompt(row)
                 box = None if prompts.boxes is None else prompts.boxes[row].cpu().numpy()
                 result.boxes[c] = None if box is None or np.isnan(box).any() else box
-                result.scores[c] = float(decoded.iou[j])
+                result.scores[c] = float(target.iou[j])
+            result.timings = {**shared, **own.totals}
             results.append(result)
-        per_image = {k: v / len(rgbs) for k, v in timer.totals.items()}
-        for r in results:
-            r.timings = dict(per_image)
         return results

@@ -57,7 +57,8 @@ def test_segment_folder_with_bad_files_and_resume(setup, capsys):
 
     code = main(["segment", *ref, "-i", str(inputs), "-o", str(out), "--resume", *common])
     summary = json.loads((out / "summary.json").read_text())
-    assert code == 1 and summary["skipped"] == 2 and summary["succeeded"] == 0
+    assert code == 1 and summary["skipped"] == 2 and summary["succeeded"] == 2  # done earlier + now
+    assert summary["succeeded_this_run"] == 0
     assert (out / f"{images[1].stem}.png").stat().st_mtime_ns == first
 
     capsys.readouterr()

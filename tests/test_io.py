@@ -483,7 +483,7 @@ def test_run_summary(tmp_path):
     assert path == tmp_path / "summary.json" and _leftovers(tmp_path) == []
     data = json.loads(path.read_text())
     assert {"inputs", "succeeded", "failed", "images_per_second", "skipped", "config"} <= set(data)
-    assert (data["inputs"], data["succeeded"], data["skipped"]) == (4, 2, 1)
+    assert (data["inputs"], data["succeeded"], data["succeeded_this_run"], data["skipped"]) == (4, 3, 2, 1)
     assert data["failed"] == [{"path": "d.png", "error": "ImageReadError: d.png: file is empty (0 bytes)"}]
     assert data["config"] == {"preset": "sat", "size": 518}
     assert data["images_per_second"] == pytest.approx(2 / summary.elapsed, rel=1e-3)

@@ -375,8 +375,9 @@ def prepare_output_folder(outdir: str | os.PathLike) -> Path:
 class RunSummary:
     """Book-keeping of a batch run, written to OUTDIR/summary.json.
 
-    JSON keys: ``inputs`` (number of inputs), ``succeeded`` (number processed now), ``skipped`` (number
-    already done, ``--resume``), ``failed`` (list of {"path", "error"}), ``elapsed_s`` (wall time from
+    JSON keys: ``inputs`` (number of inputs), ``succeeded`` (inputs whose outputs exist: done by an earlier
+    run and skipped now, plus done now), ``succeeded_this_run`` (done now), ``skipped`` (number already done,
+    ``--resume``), ``failed`` (list of {"path", "error"}), ``elapsed_s`` (wall time from
     construction or :meth:`start` to :meth:`finish`), ``images_per_second`` (succeeded / elapsed_s, 0 when
     nothing ran) and ``config`` (the run's settings).
     """
@@ -431,7 +432,8 @@ class RunSummary:
 
     def to_dict(self) -> dict[str, Any]:
         """The summary as written to summary.json."""
-        return {"inputs": self.inputs, "succeeded": self.succeeded, "skipped": len(self.skipped),
+        return {"inputs": self.inputs, "succeeded": self.succeeded + len(self.skipped),
+                "succeeded_this_run": self.succeeded, "skipped": len(self.skipped),
                 "failed": list(self.failed), "elapsed_s": round(self.elapsed, 6),
                 "images_per_second": round(self.images_per_second, 6), "config": self.config}
 

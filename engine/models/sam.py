@@ -136,7 +136,8 @@ class Sam(nn.Module):
     def decode(self, image_embeddings: torch.Tensor, point_coords: torch.Tensor | None = None,
                point_labels: torch.Tensor | None = None, boxes: torch.Tensor | None = None,
                mask_input: torch.Tensor | None = None,
-               multimask_output: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+               multimask_output: bool = True, point_mask: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt encoder + mask decoder for B prompt sets.
 
         Args:
@@ -145,6 +146,10 @@ class Sam(nn.Module):
                 ``sam_transforms.resize_coords``); point_labels: (B, N) 1 fg, 0 bg, −1 padding.
             boxes: (B, 4) XYXY in the model-input frame; mask_input: (B, 1, 256, 256) logits.
             multimask_output: 3 masks per set when True, 1 when False.
+            point_mask: (B, N) bool or None; False marks points that only pad sets of different
+                lengths into one batch: unlike a −1 label (a token the other tokens attend to, as
+                in the official predictor) they are invisible, so every set decodes exactly as it
+                would alone with its own N.
 
         Returns:
             low_res_masks (B, M, 4h, 4w) logits and iou_predictions (B, M).
@@ -153,8 +158,13 @@ class Sam(nn.Module):
             raise ValueError("Sam.decode: point_coords and point_labels must be given together")
         points = None if point_coords is None else (point_coords, point_labels)
         sparse, dense = self.prompt_encoder(points, boxes, mask_input)
+        prompt_mask = None
+        if point_mask is not None:
+            extra = sparse.shape[1] - point_mask.shape[1]  # the encoder's own pad point or box corners
+            prompt_mask = torch.cat([point_mask.bool(), point_mask.new_ones(point_mask.shape[0], extra,
+                                                                            dtype=torch.bool)], 1)
         return self.mask_decoder(image_embeddings, self.prompt_encoder.get_dense_pe(), sparse,
-                                 dense, multimask_output)
+                                 dense, multimask_output, prompt_mask)
 
 
 def get_spec(name: str) -> SamSpec:

@@ -72,7 +72,8 @@ class MaskDecoder(nn.Module):
 
     def forward(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor,
                 sparse_prompt_embeddings: torch.Tensor, dense_prompt_embeddings: torch.Tensor,
-                multimask_output: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                multimask_output: bool, prompt_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode B prompt sets.
 
         Args:
@@ -80,19 +81,22 @@ class MaskDecoder(nn.Module):
             image_pe: (1, C, h, w) from ``PromptEncoder.get_dense_pe()``.
             sparse_prompt_embeddings: (B, N, C); dense_prompt_embeddings: (B, C, h, w).
             multimask_output: True -> the 3 ambiguity masks, False -> the single-mask output.
+            prompt_mask: (B, N) bool or None: False marks sparse tokens that only pad sets of
+                different lengths to one tensor (ignored by attention; see ``TwoWayTransformer``).
 
         Returns:
             low_res_masks (B, M, 4h, 4w) logits (256×256 for SAM) and iou_pred (B, M), M = 3 or 1.
         """
         masks, iou_pred = self.predict_masks(image_embeddings, image_pe, sparse_prompt_embeddings,
-                                             dense_prompt_embeddings)
+                                             dense_prompt_embeddings, prompt_mask)
         if multimask_output:  # a Python bool: a static choice for tracing
             return masks[:, 1:], iou_pred[:, 1:]
         return masks[:, :1], iou_pred[:, :1]
 
     def predict_masks(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor,
                       sparse_prompt_embeddings: torch.Tensor,
-                      dense_prompt_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                      dense_prompt_embeddings: torch.Tensor, prompt_mask: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """All ``num_mask_tokens`` outputs: masks (B, 4, 4h, 4w) and IoU (B, 4); see :meth:`forward`."""
         batch = sparse_prompt_embeddings.shape[0]
         if image_embeddings.shape[0] not in (1, batch):
@@ -104,7 +108,10 @@ class MaskDecoder(nn.Module):
         src = image_embeddings + dense_prompt_embeddings  # broadcasts a shared embedding
         src = src.expand(batch, -1, -1, -1)
         b, c, h, w = src.shape
-        hs, keys = self.transformer(src, image_pe, tokens)
+        token_mask = None
+        if prompt_mask is not None:
+            token_mask = torch.cat([prompt_mask.new_ones(batch, output_tokens.shape[0]), prompt_mask], 1)
+        hs, keys = self.transformer(src, image_pe, tokens, token_mask)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1:1 + self.num_mask_tokens, :]
 

@@ -21,7 +21,8 @@ from .sam_image_encoder import LayerNorm32, MLPBlock
 class Attention(nn.Module):
     """Multi-head attention whose projections may shrink the width by ``downsample_rate``.
 
-    ``forward(q (B, Nq, C), k (B|1, Nk, C), v (B|1, Nk, C)) -> (B, Nq, C)``.
+    ``forward(q (B, Nq, C), k (B|1, Nk, C), v (B|1, Nk, C), key_mask (B, Nk) bool | None) -> (B, Nq, C)``;
+    keys where ``key_mask`` is False get no weight (None: every key counts).
     """
 
     def __init__(self, embedding_dim: int, num_heads: int, downsample_rate: int = 1) -> None:
@@ -40,9 +41,11 @@ class Attention(nn.Module):
         b, n, c = x.shape
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         b, heads, n, c = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, heads * c))
 
@@ -70,13 +73,15 @@ class TwoWayAttentionBlock(nn.Module):
         self.skip_first_layer_pe = skip_first_layer_pe
 
     def forward(self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor,
-                key_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """queries (B, Nq, C), keys (B, Nk, C), query_pe like queries, key_pe (B|1, Nk, C)."""
+                key_pe: torch.Tensor, token_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries (B, Nq, C), keys (B, Nk, C), query_pe like queries, key_pe (B|1, Nk, C);
+        ``token_mask`` (B, Nq) bool: False marks batch-padding tokens that no other token sees."""
         if self.skip_first_layer_pe:
-            queries = self.self_attn(queries, queries, queries)
+            queries = self.self_attn(queries, queries, queries, token_mask)
         else:
             q = queries + query_pe
-            queries = queries + self.self_attn(q, q, queries)
+            queries = queries + self.self_attn(q, q, queries, token_mask)
         queries = self.norm1(queries)
 
         k = keys + key_pe
@@ -84,7 +89,8 @@ class TwoWayAttentionBlock(nn.Module):
         queries = self.norm3(queries + self.mlp(queries))
 
         # keys have not changed since k was formed, so k is still keys + key_pe.
-        keys = self.norm4(keys + self.cross_attn_image_to_token(k, queries + query_pe, queries))
+        keys = self.norm4(keys + self.cross_attn_image_to_token(k, queries + query_pe, queries,
+                                                                token_mask))
         return queries, keys
 
 
@@ -111,13 +117,17 @@ class TwoWayTransformer(nn.Module):
         self.norm_final_attn = LayerNorm32(embedding_dim)
 
     def forward(self, image_embedding: torch.Tensor, image_pe: torch.Tensor,
-                point_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                point_embedding: torch.Tensor, token_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the transformer.
 
         Args:
             image_embedding: (B, C, h, w) image tokens (one copy per prompt set).
             image_pe: (B or 1, C, h, w) positional encoding of the image tokens.
             point_embedding: (B, N, C) output tokens followed by prompt tokens.
+            token_mask: (B, N) bool or None; False = a padding token added only to batch prompt sets
+                of different lengths: no token attends to it, so each set's outputs are those of
+                the set decoded alone (its own queries are computed and ignored).
 
         Returns:
             queries (B, N, C) and keys (B, h·w, C), the processed tokens and image tokens.
@@ -126,6 +136,6 @@ class TwoWayTransformer(nn.Module):
         key_pe = image_pe.flatten(2).transpose(1, 2)
         queries = point_embedding
         for layer in self.layers:
-            queries, keys = layer(queries, keys, point_embedding, key_pe)
+            queries, keys = layer(queries, keys, point_embedding, key_pe, token_mask)
         out = self.final_attn_token_to_image(queries + point_embedding, keys + key_pe, keys)
         return self.norm_final_attn(queries + out), keys

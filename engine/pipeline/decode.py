@@ -1,9 +1,13 @@
 """Stage 4: prompts -> SAM masks -> label map in the target's original geometry.
 
-One SAM encode per target; all classes of a target are decoded in ONE decoder call (one prompt set
-per class, padded with SAM's "not a point" label −1 to the longest set of that target only, so a
-single-class target gets exactly the official predictor's input). With ``multimask_output`` the
-mask of highest predicted IoU is kept per set.
+One SAM encode per target. Each target's prompt sets (one per class) are padded with SAM's "not a
+point" label −1 to the longest set *of that target* — exactly what one decoder call per target
+gives, and for a single class exactly the official predictor's input. :func:`decode_batch` then
+decodes the prompt sets of ALL targets of a batch in ONE decoder call: sets are padded further to
+the longest set of the batch, and that extra padding is masked out of the decoder's attention
+(``point_mask``), so every set decodes to the same numbers as in its own per-target call (tested).
+Backends without a batched decoder (the exported graphs) get one call per target. With
+``multimask_output`` the mask of highest predicted IoU is kept per set.
 """
 from __future__ import annotations
 
@@ -13,7 +17,8 @@ import numpy as np
 import torch
 
 from refseg.config import SegmenterConfig
-from refseg.models.sam_transforms import postprocess_masks, resize_boxes, resize_coords
+from refseg.models.sam_transforms import (postprocess_masks, resize_boxes,
+                                          resize_coords)
 from refseg.pipeline.postprocess import clean_mask
 from refseg.pipeline.prompts import PromptBatch
 
@@ -44,6 +49,7 @@ def decode_target(backend, embedding: torch.Tensor, prompts: PromptBatch, rows: 
         original_size: (H, W) of the target.
     """
     h, w = original_size
+    side = getattr(backend, "sam_size", 1024)
     rows_t = torch.as_tensor(rows, dtype=torch.int64, device=prompts.num_points.device)
     counts = prompts.num_points[rows_t]
     live = (counts > 0).nonzero().flatten()
@@ -64,9 +70,85 @@ def decode_target(backend, embedding: torch.Tensor, prompts: PromptBatch, rows: 
     live = live.to(dev)
     logits = torch.full((len(rows), h, w), float("-inf"), device=dev)
     iou = torch.zeros(len(rows), device=dev)
-    logits[live] = postprocess_masks(low_res[pick, best][:, None], input_size, original_size)[:, 0]
+    logits[live] = postprocess_masks(low_res[pick, best][:, None], input_size, original_size, side)[:, 0]
     iou[live] = scores[pick, best]
     return DecodedTarget(logits, iou)
+
+
+def _input_scale(original_sizes: list[tuple[int, int]], input_sizes: list[tuple[int, int]],
+                 device) -> torch.Tensor:
+    """(T, 2) float64 (x, y) factors from each original (H, W) frame to its (h, w) inside SAM's input
+    (SAM: longest side resized; MedSAM: stretched to the square)."""
+    scale = [(nw / w, nh / h) for (h, w), (nh, nw) in zip(original_sizes, input_sizes)]
+    return torch.tensor(scale, dtype=torch.float64, device=device)
+
+
+def decode_batch(backend, embeddings: torch.Tensor, prompts: PromptBatch, num_classes: int,
+                 input_sizes: list[tuple[int, int]], original_sizes: list[tuple[int, int]],
+                 config: SegmenterConfig) -> list[DecodedTarget]:
+    """Decode the prompt sets of T targets (C classes each) in one decoder call.
+
+    Args:
+        backend: a runtime backend; ``decode_batch`` is used when it has one, else one ``decode``
+            call per target (:func:`decode_target`).
+        embeddings: (T, 256, 64, 64) SAM image embeddings (64 = ``backend.sam_size`` / 16).
+        prompts: T·C sets, target-major (set = t · C + c), points (x, y) in target pixels.
+        input_sizes: per target (h, w) inside SAM's square input (``backend.sam_size``, 1024 for
+            the released models); original_sizes: per target (H, W).
+
+    Returns:
+        One :class:`DecodedTarget` per target, identical to :func:`decode_target` on its own rows.
+    """
+    t_count = len(original_sizes)
+    if not hasattr(backend, "decode_batch"):
+        return [decode_target(backend, embeddings[t], prompts, list(range(t * num_classes, (t + 1) * num_classes)),
+                              input_sizes[t], original_sizes[t], config) for t in range(t_count)]
+    counts = prompts.num_points.tolist()  # the one host sync of the stage: shapes depend on it
+    sel, own_len = [], []
+    for t in range(t_count):
+        rows = [r for r in range(t * num_classes, (t + 1) * num_classes) if counts[r] > 0]
+        width = max((counts[r] for r in rows), default=0)  # the per-target padding of decode_target
+        sel += rows
+        own_len += [width] * len(rows)
+    out = [DecodedTarget(torch.full((num_classes, h, w), float("-inf")), torch.zeros(num_classes))
+           for h, w in original_sizes]
+    if not sel:
+        return out
+    dev = prompts.points.device
+    sel_t = torch.as_tensor(sel, dtype=torch.int64, device=dev)
+    target = sel_t // num_classes
+    m = max(own_len)
+    side = getattr(backend, "sam_size", 1024)
+    scale = _input_scale(original_sizes, input_sizes, dev)[target]  # (P, 2)
+    coords = (prompts.points[sel_t, :m].double() * scale[:, None]).float()
+    labels = prompts.labels[sel_t, :m]
+    own = torch.as_tensor(own_len, device=dev)
+    point_mask = None
+    if min(own_len) < m:
+        point_mask = torch.arange(m, device=dev)[None] < own[:, None]
+    boxes = None
+    if config.use_box and prompts.boxes is not None:
+        boxes = (prompts.boxes[sel_t].double().view(-1, 2, 2) * scale[:, None]).float().view(-1, 4)
+    low_res, scores = backend.decode_batch(embeddings, target, coords, labels, point_mask, boxes,
+                                           config.multimask_output)
+    low_res, scores = low_res.float(), scores.float()
+    best = scores.argmax(dim=1)
+    pick = torch.arange(len(sel), device=low_res.device)
+    chosen, chosen_iou = low_res[pick, best], scores[pick, best]  # (P, 256, 256), (P,)
+    start = 0
+    for t in range(t_count):
+        n = sum(1 for r in sel if r // num_classes == t)
+        if n == 0:
+            continue
+        h, w = original_sizes[t]
+        live = torch.as_tensor([r - t * num_classes for r in sel[start:start + n]], device=low_res.device)
+        logits = torch.full((num_classes, h, w), float("-inf"), device=low_res.device)
+        iou = torch.zeros(num_classes, device=low_res.device)
+        logits[live] = postprocess_masks(chosen[start:start + n, None], input_sizes[t], (h, w), side)[:, 0]
+        iou[live] = chosen_iou[start:start + n]
+        out[t] = DecodedTarget(logits, iou)
+        start += n
+    return out
 
 
 def to_label_map(decoded: DecodedTarget, classes: list[int], config: SegmenterConfig

@@ -30,7 +30,13 @@ def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
 def dinov2_batch(images: list[np.ndarray], size: int) -> torch.Tensor:
     """Stack RGB uint8 images (H, W, 3) into a normalised (B, 3, size, size) float32 tensor."""
     check_grid_size(size)
-    arr = np.stack([resize_rgb(im, size) for im in images]).astype(np.float32) / 255.0
+    return normalize_resized(np.stack([resize_rgb(im, size) for im in images]))
+
+
+def normalize_resized(resized: np.ndarray) -> torch.Tensor:
+    """(B, S, S, 3) uint8 already resized by :func:`resize_rgb` -> (B, 3, S, S) float32, ImageNet
+    mean/std normalised (what :func:`dinov2_batch` returns)."""
+    arr = resized.astype(np.float32) / 255.0
     mean = np.asarray(IMAGENET_MEAN, np.float32)
     std = np.asarray(IMAGENET_STD, np.float32)
     arr = (arr - mean) / std

@@ -10,7 +10,7 @@ import logging
 import os
 
 from refseg.config import SegmenterConfig
-from refseg.runtime.torch_backend import TorchBackend, resolve_device
+from refseg.runtime.torch_backend import TorchBackend, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,12 @@ def load_models(config: SegmenterConfig, sam_checkpoint=None, dinov2_checkpoint=
 
 
 def create_backend(name: str, config: SegmenterConfig, sam_checkpoint=None, dinov2_checkpoint=None,
-                   device: str = "auto", engine_dir: str | os.PathLike | None = None):
+                   device: str = "auto", engine_dir: str | os.PathLike | None = None,
+                   compile: bool = False):
     """Create the runtime backend ``name`` for ``config`` on ``device``.
+
+    ``compile`` applies to the torch backend (``torch.compile`` of both encoders); the exported
+    backends are compiled graphs already and ignore it.
 
     Raises:
         ValueError: unknown backend name, or an explicitly requested backend that cannot run here
@@ -61,11 +65,14 @@ def create_backend(name: str, config: SegmenterConfig, sam_checkpoint=None, dino
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     dev = resolve_device(device)
+    if config.precision == "auto":  # resolved once for this device; the config says what ran
+        config = config.replace(precision=resolve_precision("auto", dev))
     candidates = ["tensorrt", "onnxruntime", "torch"] if name == "auto" else [name]
     for candidate in candidates:
         if candidate == "torch":
             dinov2, sam, config = load_models(config, sam_checkpoint, dinov2_checkpoint)
-            backend = TorchBackend(dinov2, sam, dev, config.precision, config.feature_key)
+            backend = TorchBackend(dinov2, sam, dev, config.precision, config.feature_key,
+                                   compile=compile)
             backend.config = config
             return backend
         try:

@@ -5,7 +5,13 @@ of a whole-slide image. A producer describes each image as a :class:`StreamItem`
 a ``load`` callable that decodes it); :func:`stream_segment` loads, validates, batches and segments them
 and yields one :class:`StreamOutput` per item, in input order. A failing item (unreadable file, too
 small, a model error that a retry one by one isolates) yields an output with ``error`` set; the stream
-goes on.
+goes on. Errors raised while loading or validating name the item's key.
+
+Pipeline: reader threads (decode + validate + resize for both encoders) -> a bounded window of
+items read ahead -> batches -> DINOv2 and SAM encoders (pinned memory and non-blocking copies on
+CUDA) -> matching and prompt engineering on the device -> one decoder call for all prompt sets of
+the batch -> post-processing -> the consumer (the folder runner hands outputs to a bounded
+:class:`refseg.runtime.writer.BackgroundWriter`).
 
     items = (StreamItem(key=str(p), load=functools.partial(read_image, p)) for p in paths)
     for out in stream_segment(segmenter, items):
@@ -15,11 +21,15 @@ goes on.
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
+import os
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -53,66 +63,128 @@ class StreamOutput:
     error: BaseException | None = None
 
 
-def _load(item: StreamItem) -> StreamOutput:
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for a CUDA (or other accelerator) out-of-memory error."""
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom is not None and isinstance(exc, oom):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+@dataclass
+class _Loaded:
+    """Reader-thread product: the output under construction, its prepared target, seconds taken."""
+
+    out: StreamOutput
+    target: Any = None
+    seconds: float = 0.0
+
+
+def _load(segmenter, item: StreamItem) -> _Loaded:
+    start = time.perf_counter()
     try:
-        return StreamOutput(item, image=item.load())
+        image = item.load()
+        target = segmenter.prepare_target(image, source=item.key)
     except Exception as exc:  # recorded for this item, the stream goes on
-        return StreamOutput(item, error=exc)
+        return _Loaded(StreamOutput(item, error=exc))
+    return _Loaded(StreamOutput(item, image=image), target, time.perf_counter() - start)
 
 
-def _segment_batch(segmenter, batch: list[StreamOutput]) -> None:
-    good = [o for o in batch if o.error is None]
-    if not good:
-        return
-    try:
-        results = segmenter.segment_batch([o.image for o in good])
-    except Exception as exc:
-        if len(good) == 1:
-            good[0].error = exc
+class _Batcher:
+    """Runs batches on the models: halves the batch on out-of-memory (reported once), retries a
+    failing batch one by one so that only the items that fail themselves are marked failed."""
+
+    def __init__(self, segmenter, step: int):
+        self.segmenter = segmenter
+        self.step = step
+        self.oom_reported = False
+
+    def run(self, batch: list[_Loaded]) -> None:
+        good = [b for b in batch if b.out.error is None]
+        if good:
+            self._run(good)
+
+    def _run(self, good: list[_Loaded]) -> None:
+        try:
+            results = self.segmenter.segment_prepared([b.target for b in good])
+        except Exception as exc:
+            if is_out_of_memory(exc) and len(good) > 1:
+                self._halve(len(good), exc)
+                start = 0
+                while start < len(good):  # self.step may shrink further inside
+                    chunk = good[start:start + self.step]
+                    self._run(chunk)
+                    start += len(chunk)
+                return
+            if len(good) == 1:
+                good[0].out.error = exc
+                return
+            log.warning("batch of %d (%s ... %s) failed (%s: %s); retrying one by one", len(good),
+                        good[0].out.item.key, good[-1].out.item.key, type(exc).__name__, exc)
+            for b in good:
+                self._run([b])
             return
-        log.warning("batch of %d failed (%s); retrying one by one", len(good), exc)
-        for o in good:
-            try:
-                o.result = segmenter.segment(o.image)
-            except Exception as one_exc:
-                o.error = one_exc
-        return
-    for o, result in zip(good, results):
-        o.result = result
+        for b, result in zip(good, results):
+            result.timings = {"load": b.seconds, **result.timings}
+            b.out.result = result
+
+    def _halve(self, size: int, exc: BaseException) -> None:
+        self.step = max(1, min(self.step, size // 2))
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if not self.oom_reported:
+            log.warning("out of memory with a batch of %d (%s); continuing with batches of %d",
+                        size, str(exc).splitlines()[0] if str(exc) else type(exc).__name__, self.step)
+            self.oom_reported = True
+        else:
+            log.debug("out of memory again with a batch of %d; now %d", size, self.step)
+
+
+def default_workers() -> int:
+    """Reader threads: one per CPU core, at most 4 (decoding releases the GIL; more only queue)."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 def stream_segment(segmenter, items: Iterable[StreamItem], batch_size: int | None = None,
-                   prefetch: int = 2) -> Iterator[StreamOutput]:
+                   prefetch: int = 2, workers: int | None = None) -> Iterator[StreamOutput]:
     """Segment ``items`` with ``segmenter`` (reference already set), yielding outputs in input order.
+
+    Reader threads decode each item (``item.load``) and prepare it for the encoders
+    (``segmenter.prepare_target``: RGB conversion, the too-small check, both resizes); at most
+    ``(prefetch + 1) * batch_size`` items are read ahead, so memory does not grow with the number
+    of items. Batches go through ``segmenter.segment_prepared`` (one call per encoder, one decoder
+    call). A CUDA out-of-memory halves the batch size for the rest of the stream (logged once).
 
     Args:
         segmenter: a :class:`refseg.Segmenter` whose reference is set.
         items: any iterable (consumed lazily: memory is bounded by the batches in flight).
         batch_size: targets per encoder call; ``None`` uses ``segmenter.config.batch_size``.
         prefetch: batches decoded ahead of the one on the models.
+        workers: reader threads (default :func:`default_workers`).
     """
-    step = max(1, batch_size or segmenter.config.batch_size)
+    batcher = _Batcher(segmenter, max(1, batch_size or segmenter.config.batch_size))
     iterator = iter(items)
+    window: deque[Future] = deque()
+    pool = ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="refseg-read")
 
-    def next_batch() -> list[StreamItem]:
-        batch = []
-        for item in iterator:
-            batch.append(item)
-            if len(batch) == step:
-                break
-        return batch
+    def fill() -> None:
+        limit = (max(0, prefetch) + 1) * batcher.step
+        while len(window) < limit:
+            item = next(iterator, None)
+            if item is None:
+                return
+            window.append(pool.submit(_load, segmenter, item))
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="refseg-read") as pool:
-        pending = []
-        for _ in range(max(1, prefetch)):
-            batch = next_batch()
-            if not batch:
-                break
-            pending.append(pool.submit(lambda b: [_load(i) for i in b], batch))
-        while pending:
-            outputs = pending.pop(0).result()
-            batch = next_batch()
-            if batch:
-                pending.append(pool.submit(lambda b: [_load(i) for i in b], batch))
-            _segment_batch(segmenter, outputs)
-            yield from outputs
+    try:
+        fill()
+        while window:
+            batch = [window.popleft().result() for _ in range(min(batcher.step, len(window)))]
+            fill()  # the readers work on the next batches while this one is on the models
+            batcher.run(batch)
+            for b in batch:
+                yield b.out
+            del batch
+    finally:
+        for future in window:
+            future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -8,10 +8,24 @@ Every backend offers the same three calls, with the same tensors as the exported
 - ``decode(embedding (256, 64, 64), coords (P, N, 2), labels (P, N), boxes (P, 4) | None,
   multimask) -> (low_res_logits (P, C, 256, 256), iou (P, C))``, coordinates in SAM's 1024 frame,
   (x, y) order, labels 1 = positive, 0 = negative, -1 = padding.
+
+The torch backend adds ``decode_batch`` (prompt sets of several images in one call, see
+:mod:`refseg.pipeline.decode`).
+
+Precision: ``fp32`` (default), ``fp16``, ``bf16`` or ``auto`` (:func:`resolve_precision`). On CUDA
+fp16/bf16 run the encoders in half precision with LayerNorms in fp32 (inside the models) and
+softmax accumulated in fp32 (SDPA kernels). On the CPU bf16 pays only where the CPU has native
+bf16 arithmetic (AVX512-BF16 or AMX); elsewhere it is emulated and slower than fp32, so ``auto``
+keeps fp32 there and an explicit ``bf16`` is warned about.
+
+``compile=True`` wraps both encoders in ``torch.compile``; on CUDA with mode ``reduce-overhead``
+(CUDA graphs: one graph per batch shape, so fixed batch sizes pay most), elsewhere the default
+inductor mode.
 """
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from torch import nn
@@ -31,6 +45,39 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes bf16 natively (AVX512-BF16 or AMX tiles), as torch detects it."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision to run: ``auto`` becomes bf16 (CUDA with bf16, CPU with native bf16), fp16
+    (older CUDA GPUs) or fp32; explicit choices are kept (with a warning where they are slow)."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+    if precision not in DTYPES:
+        raise ValueError(f"precision must be auto or one of {sorted(DTYPES)}, got {precision!r}")
+    if device.type == "cpu" and precision == "fp16":
+        log.warning("fp16 on the CPU is slow and partly unsupported; consider bf16 or fp32")
+    if device.type == "cpu" and precision == "bf16" and not cpu_has_native_bf16():
+        log.warning("bf16 on this CPU is emulated (no AVX512-BF16/AMX): expect it to be slower than fp32")
+    return precision
+
+
+def compile_module(module: nn.Module, device: torch.device, backend: str | None = None) -> nn.Module:
+    """``torch.compile`` for an encoder: CUDA graphs (``reduce-overhead``) on CUDA, default elsewhere.
+
+    ``backend`` (or ``$REFSEG_COMPILE_BACKEND``) picks the torch.compile backend, e.g. ``eager`` to
+    check tracing without a C++ toolchain.
+    """
+    backend = backend or os.environ.get("REFSEG_COMPILE_BACKEND") or "inductor"
+    mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
+    return torch.compile(module, backend=backend, mode=mode, dynamic=False)
+
+
 class TorchBackend:
     """Runs the modules with PyTorch on one device.
 
@@ -38,36 +85,65 @@ class TorchBackend:
         dinov2: DINOv2 module (``forward_features``).
         sam: SAM module with ``image_encoder``, ``prompt_encoder``, ``mask_decoder``.
         device: torch device.
-        precision: ``fp32``, ``fp16`` or ``bf16`` for the encoders (the decoder and all outputs
-            stay fp32; LayerNorms compute in fp32 inside the models).
+        precision: ``fp32``, ``fp16``, ``bf16`` or ``auto`` for the encoders (the decoder and all
+            outputs stay fp32; LayerNorms compute in fp32 inside the models). The resolved choice
+            is :attr:`precision`.
         feature_key: which ``forward_features`` entry to use as tokens.
+        compile: ``torch.compile`` both encoders (:func:`compile_module`).
     """
 
     name = "torch"
 
     def __init__(self, dinov2: nn.Module, sam: nn.Module, device: torch.device,
-                 precision: str = "fp32", feature_key: str = "x_norm_patchtokens"):
-        if precision not in DTYPES:
-            raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
+                 precision: str = "fp32", feature_key: str = "x_norm_patchtokens",
+                 compile: bool = False):
         self.device = device
-        self.dtype = DTYPES[precision]
-        if self.dtype == torch.float16 and device.type == "cpu":
-            log.warning("fp16 on the CPU is slow and partly unsupported; consider bf16 or fp32")
+        self.precision = resolve_precision(precision, device)
+        self.dtype = DTYPES[self.precision]
         self.dinov2 = dinov2.to(device=device, dtype=self.dtype).eval()
         self.sam = sam.eval()
         self.sam.image_encoder.to(device=device, dtype=self.dtype)
         self.sam.prompt_encoder.to(device=device)
         self.sam.mask_decoder.to(device=device)
         self.feature_key = feature_key
+        self.sam_size = sam.img_size  # side of SAM's square input (1024 for every released SAM)
+        self.compiled = compile
+        self._dinov2_features = self.dinov2.forward_features
+        self._sam_encoder = self.sam.image_encoder
+        if compile:
+            self._dinov2_features = compile_module(self.dinov2.forward_features, device)
+            self._sam_encoder = compile_module(self.sam.image_encoder, device)
 
     @torch.inference_mode()
     def encode_dinov2(self, images: torch.Tensor) -> torch.Tensor:
-        out = self.dinov2.forward_features(images.to(self.device, self.dtype))
+        out = self._dinov2_features(images.to(self.device, self.dtype, non_blocking=True))
         return out[self.feature_key].float()
 
     @torch.inference_mode()
     def encode_sam(self, images: torch.Tensor) -> torch.Tensor:
-        return self.sam.image_encoder(images.to(self.device, self.dtype)).float()
+        return self._sam_encoder(images.to(self.device, self.dtype, non_blocking=True)).float()
+
+    @torch.inference_mode()
+    def decode_batch(self, embeddings: torch.Tensor, image_index: torch.Tensor, coords: torch.Tensor,
+                     labels: torch.Tensor, point_mask: torch.Tensor | None = None,
+                     boxes: torch.Tensor | None = None, multimask: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode P prompt sets of several images in one call.
+
+        Args:
+            embeddings: (T, 256, 64, 64); image_index: (P,) int64, the image of each set.
+            coords, labels, boxes: as :meth:`decode`; point_mask: (P, N) bool, False = batch
+                padding that attention ignores (None: all points count).
+
+        Returns:
+            low-res logits (P, C, 256, 256) and predicted IoU (P, C), C = 3 or 1.
+        """
+        dev = self.device
+        emb = embeddings.to(dev, torch.float32)[image_index.to(dev)]
+        return self.sam.decode(emb, coords.to(dev, torch.float32), labels.to(dev),
+                               None if boxes is None else boxes.to(dev, torch.float32),
+                               multimask_output=multimask,
+                               point_mask=None if point_mask is None else point_mask.to(dev))
 
     @torch.inference_mode()
     def decode(self, embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor,
