@@ -22,6 +22,7 @@ import torch
 from refseg.config import SegmenterConfig
 from refseg.io.raster import to_rgb_uint8
 from refseg.models.sam_transforms import prepare_images
+from refseg.pipeline import methods
 from refseg.pipeline.decode import decode_target, to_label_map
 from refseg.pipeline.features import PATCH, dinov2_batch
 from refseg.pipeline.grid import FG, grids_from_config
@@ -127,6 +128,8 @@ class Segmenter:
         self._ref_tokens: list[torch.Tensor] = []   # each (T, D)
         self._ref_grids: list[dict[int, torch.Tensor]] = []  # each class -> (T,) int8 {1, 0, -1}
         self._pooled: tuple[torch.Tensor, torch.Tensor] | None = None  # cache of _reference()
+        self._ref_images: list[tuple[np.ndarray, np.ndarray]] = []  # (rgb, mask) for the method family
+        self._method_state = None  # cache of methods.prepare() (config.method != "match")
 
     @classmethod
     def from_preset(cls, name: str = "sat", sam_checkpoint=None, dinov2_checkpoint=None,
@@ -147,6 +150,7 @@ class Segmenter:
         """Forget earlier references and encode this one (cached for every later target)."""
         self._ref_tokens.clear()
         self._ref_grids.clear()
+        self._ref_images.clear()
         self._pooled = None
         return self.add_reference(image, mask, source)
 
@@ -168,7 +172,9 @@ class Segmenter:
         tokens = self.backend.encode_dinov2(dinov2_batch([rgb], self.config.image_size))[0]
         self._ref_tokens.append(tokens)
         self._ref_grids.append({c: g.to(tokens.device) for c, g in grids.items()})
+        self._ref_images.append((rgb, mask))
         self._pooled = None
+        self._method_state = None
         return self
 
     def _reference(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,6 +212,8 @@ class Segmenter:
         return results
 
     def _segment_chunk(self, rgbs: list[np.ndarray]) -> list[SegmentationResult]:
+        if self.config.method != "match":
+            return self._segment_method(rgbs)
         cfg, classes = self.config, self.classes
         timer = StageTimer(self.device)
         ref_tokens, ref_labels = self._reference()
@@ -234,6 +242,27 @@ class Segmenter:
                 result.boxes[c] = None if box is None or np.isnan(box).any() else box
                 result.scores[c] = float(decoded.iou[j])
             results.append(result)
+        per_image = {k: v / len(rgbs) for k, v in timer.totals.items()}
+        for r in results:
+            r.timings = dict(per_image)
+        return results
+
+    def _segment_method(self, rgbs: list[np.ndarray]) -> list[SegmentationResult]:
+        """``config.method`` other than ``match``: the stage modules of :mod:`refseg.pipeline.methods`."""
+        timer = StageTimer(self.device)
+        _, labels = self._reference()
+        if self._method_state is None:
+            refs = methods.ReferenceSet([r for r, _ in self._ref_images], [m for _, m in self._ref_images],
+                                        list(self._ref_tokens), labels, self.classes)
+            self._method_state = methods.prepare(refs, self.backend, self.config)
+        outputs = methods.segment_chunk(self._method_state, rgbs, self.backend, self.config, timer)
+        results = []
+        for out in outputs:
+            with timer("postprocess"):
+                label_map, class_masks = to_label_map(out.decoded, self.classes, self.config)
+            scores = {c: float(out.decoded.iou[j]) for j, c in enumerate(self.classes)}
+            results.append(SegmentationResult(mask=label_map, class_masks=class_masks, points=out.points,
+                                              point_labels=out.labels, boxes=out.boxes, scores=scores))
         per_image = {k: v / len(rgbs) for k, v in timer.totals.items()}
         for r in results:
             r.timings = dict(per_image)
