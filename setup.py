@@ -39,6 +39,7 @@ EXTRAS = {
     "io": ["nibabel", "pydicom", "tifffile", "tiffslide", "safetensors"],
     "dist": ["ray"],
     "bench": ["matplotlib", "scikit-learn"],
+    "methods": ["scipy", "pot"],  # matcher preset: Hungarian matching (scipy), EMD score (POT, optional)
 }
 
 setup(

@@ -29,14 +29,38 @@ MODULES = {"protosam": "refseg.pipeline.prototypes", "topk": "refseg.pipeline.to
            "matcher": "refseg.pipeline.matcher", "persam": "refseg.pipeline.persam"}
 
 
+STAGES = {
+    "match": "DINOv2 tokens -> NN/Hungarian matching -> radius grouping (+ k-means) prompts -> SAM, one "
+             "decoder call per target -> label map",
+    "protosam": "DINOv2 tokens -> local (2x2) + global prototypes -> coarse mask -> per-component peak + "
+                "centroid + box -> SAM, one call for all components -> union",
+    "topk": "DINOv2 tokens (+ flipped view) -> prototype/similarity confidence - uncertainty -> max-pool "
+            "NMS -> Top-K positives/negatives -> SAM",
+    "matcher": "DINOv2 x_prenorm -> Hungarian forward + reverse -> k-means++ centres -> point subsets -> "
+               "SAM, one call for all subsets -> purity/coverage(/EMD) -> union",
+    "persam": "SAM embedding prototype -> argmax / argmin points -> SAM cascade: points, + mask, + mask "
+              "and box",
+}
+
+
+def describe_presets(presets: dict[str, SegmenterConfig]) -> list[dict[str, str]]:
+    """One row per preset: name, method, DINOv2 model @ input side (``unused`` for PerSAM), SAM, stages."""
+    rows = []
+    for name, cfg in presets.items():
+        dino = "unused (loaded)" if cfg.method == "persam" else f"{cfg.dinov2} @{cfg.image_size} ({cfg.feature_key})"
+        rows.append({"preset": name, "method": cfg.method, "dinov2": dino, "sam": cfg.sam,
+                     "stages": STAGES[cfg.method]})
+    return rows
+
+
 @dataclass
 class ReferenceSet:
     """The labelled reference(s), as the Segmenter holds them.
 
     rgbs: list of (H, W, 3) uint8 images; masks: list of (H, W) integer label masks;
     tokens: list of (T, D) float32 DINOv2 tokens (``config.feature_key``) of each reference;
-    labels: (C, sum T) int8 grid labels {1 FG, 0 BG, −1 ignored} of the pooled tokens
-    (``config.grid_rule``); classes: the C class values, ascending.
+    labels: (C, R·G²) int8 grid labels {1 FG, 0 BG, −1 ignored}, reference r at columns
+    r·G² .. (r+1)·G² − 1 (``config.grid_rule``); classes: the C class values, ascending.
     """
 
     rgbs: list[np.ndarray]
