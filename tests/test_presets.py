@@ -3,6 +3,7 @@
 import json
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from refseg.cli import main
@@ -101,3 +102,47 @@ def test_segment_with_each_preset(pair, preset):
         assert labels and set(labels) == {1} and cls["box"] is None and "matching" in stages
     else:
         assert labels == [1, 0] and "dinov2" not in stages
+
+
+
+def test_exported_decoder_takes_mask_prompts(tmp_path):
+    """PerSAM's mask prompts go through the exported decoder (mask_input / has_mask_input) as in torch."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from refseg.export.onnx_export import export_graph
+    from refseg.export.wrappers import SamDecoderExport
+    from refseg.models.sam import SAM_SPECS, Sam, init_random_
+    from refseg.runtime.exported import ExportedBackend
+    from refseg.runtime.torch_backend import TorchBackend
+
+    sam = init_random_(Sam(SAM_SPECS["vit_b"].with_depth(1)), seed=0).eval()
+    export_graph(SamDecoderExport(sam), tmp_path / "dec.onnx")
+    session = ort.InferenceSession(str(tmp_path / "dec.onnx"), providers=["CPUExecutionProvider"])
+
+    class DecoderOnly(ExportedBackend):  # the shared decode() of the exported backends, decoder graph only
+        name, mask_outputs = "onnxruntime", "all"
+
+        def __init__(self):
+            pass
+
+        def _run(self, graph, inputs, outputs):
+            feeds = {k: v.detach().float().contiguous().numpy() for k, v in inputs.items()}
+            return [torch.from_numpy(o) for o in session.run(list(outputs), feeds)]
+
+    gen = torch.Generator().manual_seed(0)
+    emb = torch.randn(256, 64, 64, generator=gen)
+    coords = torch.tensor([[[300.0, 200.0], [40.0, 900.0]], [[700.0, 650.0], [0.0, 0.0]]])
+    labels = torch.tensor([[1, 0], [1, -1]])
+    masks = torch.randn(2, 1, 256, 256, generator=gen) * 5
+    boxes = torch.tensor([[250.0, 150.0, 400.0, 300.0], [600.0, 600.0, 800.0, 760.0]])
+    torch_backend = TorchBackend.__new__(TorchBackend)
+    torch_backend.sam, torch_backend.device = sam, torch.device("cpu")
+    for box in (None, boxes):
+        want = torch_backend.decode(emb, coords, labels, box, True, mask_input=masks)
+        got = DecoderOnly().decode(emb, coords, labels, box, True, mask_input=masks)
+        plain = DecoderOnly().decode(emb, coords, labels, box, True)
+        torch.testing.assert_close(got[0], want[0], atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=1e-4)
+        assert (plain[0] - got[0]).abs().max() > 1e-2       # the mask prompt changes the output
+    with pytest.raises(ValueError, match="mask_input"):
+        DecoderOnly().decode(emb, coords, labels, None, True, mask_input=masks[:1, :, :128])
