@@ -17,7 +17,6 @@ Coordinates: S-space pixels (x, y) on the S×S DINOv2 input, mapped to target pi
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -32,8 +31,6 @@ from refseg.pipeline.grid import resize_binary_mask
 from refseg.pipeline.methods import ReferenceSet, TargetOutput, decode_target_sets, patch_tokens
 from refseg.pipeline.postprocess import label_components
 from refseg.pipeline.prompt_sets import PromptSets
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
