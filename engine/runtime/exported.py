@@ -241,7 +241,8 @@ class TensorRTBackend(ExportedBackend):
         for start in range(0, total, chunk):
             feeds = {}
             for name, tensor in inputs.items():
-                split = name in (io.SAM_DECODER_COORDS, io.SAM_DECODER_LABELS) or graph != "sam_decoder"
+                split = (name in (io.SAM_DECODER_COORDS, io.SAM_DECODER_LABELS) or graph != "sam_decoder"
+                         or (name == io.SAM_DECODER_MASK_INPUT and total > 1 and tensor.shape[0] == total))
                 feeds[name] = tensor[start:start + chunk] if split else tensor
             parts.append(runner.run(feeds, outputs))
         if len(parts) == 1:
