@@ -43,6 +43,7 @@ EXTRAS = {
     "medsam": ["scipy"],          # MedSAM pre-processing (refseg.models.sam_transforms)
     "dist": ["ray[data]>=2.40"],  # refseg.distributed (refseg segment --ray)
     "bench": ["matplotlib", "scikit-learn"],
+    "methods": ["scipy", "pot"],  # matcher preset: Hungarian matching (scipy), EMD score (POT, optional)
 }
 
 setup(

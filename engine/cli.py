@@ -23,7 +23,8 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
                    help="reference mask: 0 = background, non-zero = foreground (several values = classes)")
     p.add_argument("-i", "--input", required=True, help="image file or folder of images")
     p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--preset", default="sat", help="configuration preset (sat, gbmseg)")
+    p.add_argument("--preset", default="sat", help="configuration preset: sat, gbmseg, protosam, topk, "
+                   "matcher, persam (`refseg presets` lists their stages and models)")
     p.add_argument("--sam", help="SAM model name (vit_b, vit_l, vit_h, medsam); default: preset's")
     p.add_argument("--dinov2", help="DINOv2 model name (vits14 ... vitg14_reg); default: preset's")
     p.add_argument("--sam-checkpoint", help="SAM checkpoint file (official format)")
@@ -73,6 +74,21 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="what is available: torch, CUDA, triton, ONNX Runtime, TensorRT, caches")
     p.set_defaults(func=_cmd_info)
+
+
+def _add_presets(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("presets", help="list the configuration presets with their stages and default models")
+    p.set_defaults(func=_cmd_presets)
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from refseg.config import PRESETS
+    from refseg.pipeline.methods import describe_presets
+
+    for row in describe_presets(PRESETS):
+        sys.stdout.write(f"{row['preset']:<9} method={row['method']:<8} dinov2={row['dinov2']}  sam={row['sam']}\n"
+                         f"          {row['stages']}\n")
+    return 0
 
 
 def _config_from_args(args: argparse.Namespace):
@@ -174,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_segment(sub)
     _add_eval(sub)
     _add_info(sub)
+    _add_presets(sub)
     for module in ("refseg.export.cli", "refseg.bench_cli"):
         try:
             __import__(module, fromlist=["add_parser"]).add_parser(sub)

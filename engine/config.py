@@ -43,6 +43,9 @@ _CHOICES = {
     "matcher": ("nn", "hungarian"),
     "radius_unit": ("pixel", "side"),
     "precision": ("fp32", "fp16", "bf16", "auto"),
+    "method": ("match", "protosam", "topk", "matcher", "persam"),
+    "proto_components": ("all", "largest", "confident"),
+    "topk_confidence": ("prototype", "similarity"),
 }
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -71,6 +74,21 @@ class SegmenterConfig:
     than this share of the largest; 0 = off), ``fill_holes``.
     Runtime: ``batch_size`` targets per encoder call, ``precision`` of the encoders, ``device``
     (None = the Segmenter's ``device`` argument, ``auto`` by default; e.g. ``--set device=cpu``).
+    Method (``method``; ``match`` is the matching pipeline above, the others are stage modules of
+    :mod:`refseg.pipeline.methods`, docs/algorithm.md §3–§5):
+    ``protosam`` — ``proto_threshold`` (pooled-mask share making a 2×2 cell a local prototype),
+    ``proto_scale`` (cosine multiplier), ``proto_components`` (``all`` components, the ``largest``,
+    or the most ``confident`` one);
+    ``topk`` — ``topk_k`` positives / ``topk_neg_k`` negatives per class, ``topk_nms_kernel``
+    (max-pool window in grid cells, odd), ``topk_confidence`` (``prototype`` probability or NN
+    ``similarity``), ``topk_flip`` (horizontal-flip test-time augmentation),
+    ``topk_uncertainty_weight`` (score = mean probability − weight × std over references/views);
+    ``matcher`` — ``matcher_centres`` (k-means++ K), ``matcher_sample_range`` (subset sizes,
+    inclusive), ``matcher_max_subsets`` (cap on decoded subsets), ``matcher_keep_half_above``,
+    ``matcher_alpha`` / ``matcher_beta`` / ``matcher_exp`` (score = α·EMD score + β·purity·coverage^exp),
+    ``matcher_purity_filter`` / ``matcher_coverage_filter`` / ``matcher_emd_filter`` (0 = off),
+    ``matcher_merge`` (masks united), ``matcher_score_threshold`` (share of the best score);
+    ``persam`` — ``persam_refinements`` (0, 1 = mask prompt, 2 = mask prompt then box).
     """
 
     name: str = "sat"
@@ -110,6 +128,30 @@ class SegmenterConfig:
     batch_size: int = 16
     precision: str = "fp32"
     device: Optional[str] = None
+    # method family (docs/algorithm.md §3–§5)
+    method: str = "match"
+    proto_threshold: float = 0.95
+    proto_scale: float = 20.0
+    proto_components: str = "all"
+    topk_k: int = 20
+    topk_neg_k: int = 20
+    topk_nms_kernel: int = 3
+    topk_confidence: str = "prototype"
+    topk_flip: bool = True
+    topk_uncertainty_weight: float = 1.0
+    matcher_centres: int = 8
+    matcher_sample_range: tuple[int, int] = (4, 6)
+    matcher_max_subsets: int = 128
+    matcher_keep_half_above: int = 40
+    matcher_alpha: float = 1.0
+    matcher_beta: float = 1.0
+    matcher_exp: float = 1.0
+    matcher_purity_filter: float = 0.0
+    matcher_coverage_filter: float = 0.0
+    matcher_emd_filter: float = 0.0
+    matcher_merge: int = 10
+    matcher_score_threshold: float = 0.7
+    persam_refinements: int = 2
 
     def __post_init__(self) -> None:
         for key, allowed in _CHOICES.items():
@@ -145,6 +187,35 @@ class SegmenterConfig:
         if self.max_points == 1:
             raise ValueError("SegmenterConfig.max_points=1 leaves no room for a negative; use 0 (no cap) "
                              "or >= 2")
+        self._check_method_fields()
+
+    def _check_method_fields(self) -> None:
+        """Validate the knobs of the method family (see the class docstring)."""
+        def bad(key: str, rule: str) -> ValueError:
+            return ValueError(f"SegmenterConfig.{key}={getattr(self, key)!r} {rule}")
+
+        if not 0.0 < self.proto_threshold <= 1.0:
+            raise bad("proto_threshold", "must lie in (0, 1]")
+        if self.proto_scale <= 0:
+            raise bad("proto_scale", "must be > 0")
+        for key in ("topk_k", "matcher_centres", "matcher_max_subsets", "matcher_merge"):
+            if getattr(self, key) < 1:
+                raise bad(key, "must be >= 1")
+        for key in ("topk_neg_k", "matcher_keep_half_above", "topk_uncertainty_weight", "matcher_alpha",
+                    "matcher_beta", "matcher_exp", "matcher_purity_filter", "matcher_coverage_filter",
+                    "matcher_emd_filter"):
+            if getattr(self, key) < 0:
+                raise bad(key, "must be >= 0")
+        if self.topk_nms_kernel < 1 or self.topk_nms_kernel % 2 == 0:
+            raise bad("topk_nms_kernel", "must be an odd number of grid cells >= 1")
+        lo, hi = self.matcher_sample_range
+        if not 1 <= lo <= hi <= self.matcher_centres:
+            raise bad("matcher_sample_range", f"must satisfy 1 <= low <= high <= matcher_centres="
+                      f"{self.matcher_centres}")
+        if not 0.0 <= self.matcher_score_threshold <= 1.0:
+            raise bad("matcher_score_threshold", "must lie in [0, 1]")
+        if self.persam_refinements not in (0, 1, 2):
+            raise bad("persam_refinements", "must be 0, 1 (mask prompt) or 2 (mask prompt, then box)")
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -262,4 +333,24 @@ PRESETS: dict[str, SegmenterConfig] = {
         kmeans_k=0, max_points=0, fallback=False,
         use_box=False, multimask_output=False, keep_largest_contour=False, min_component_fraction=0.0,
         fill_holes=False, batch_size=1, precision="fp32"),
+    # §3 ProtoSAM: prototypes on DINOv2-L @672 -> coarse mask -> per-component points + box.
+    "protosam": SegmenterConfig(
+        name="protosam", method="protosam", dinov2="vitl14", sam="vit_h", image_size=672,
+        grid_rule="fraction", grid_fraction=0.5, use_box=True, multimask_output=True,
+        min_component_fraction=0.0, batch_size=4),
+    # §4 uncertainty-aware Top-K points (AutoPromptSeg's prompt generator) on the sat models.
+    "topk": SegmenterConfig(
+        name="topk", method="topk", grid_rule="fraction", grid_fraction=0.5, multimask_output=True,
+        min_component_fraction=0.0),
+    # §5 Matcher: x_prenorm cosine, Hungarian forward/reverse, k-means++ centres, subsets, merge.
+    "matcher": SegmenterConfig(
+        name="matcher", method="matcher", dinov2="vitl14", sam="vit_h", image_size=518,
+        feature_key="x_prenorm", grid_rule="fraction", grid_fraction=0.5, multimask_output=True,
+        min_component_fraction=0.0, batch_size=4),
+    # §5 PerSAM: SAM-feature prototype, argmax/argmin points, cascaded refinement. DINOv2 is
+    # loaded by the backend but unused, hence the smallest model.
+    "persam": SegmenterConfig(
+        name="persam", method="persam", dinov2="vits14", sam="vit_h", image_size=224,
+        grid_rule="fraction", grid_fraction=0.5, multimask_output=False, min_component_fraction=0.0,
+        batch_size=4),
 }

@@ -29,6 +29,7 @@ from refseg.models.sam_transforms import (medsam_normalize, medsam_resize, norma
                                           resize_image)
 from refseg.pipeline.decode import decode_batch, to_label_map
 from refseg.pipeline.features import PATCH, dinov2_batch, normalize_resized, resize_rgb
+from refseg.pipeline import methods
 from refseg.pipeline.grid import FG, grids_from_config
 from refseg.pipeline.matching import match_candidates
 from refseg.pipeline.prompts import prompts_from_candidates
@@ -183,6 +184,8 @@ class Segmenter:
         self._ref_grids: list[dict[int, torch.Tensor]] = []  # each class -> (T,) int8 {1, 0, -1}
         self._pooled: tuple[torch.Tensor, torch.Tensor] | None = None  # cache of _reference()
         self.reference_digests: list[str] = []  # reference_digest() of each reference, in order
+        self._ref_images: list[tuple[np.ndarray, np.ndarray]] = []  # (rgb, mask) for the method family
+        self._method_state = None  # cache of methods.prepare() (config.method != "match")
 
     @classmethod
     def from_preset(cls, name: str = "sat", sam_checkpoint=None, dinov2_checkpoint=None,
@@ -204,7 +207,9 @@ class Segmenter:
         self._ref_tokens.clear()
         self._ref_grids.clear()
         self.reference_digests.clear()
+        self._ref_images.clear()
         self._pooled = None
+        self._method_state = None
         return self.add_reference(image, mask, source)
 
     def add_reference(self, image: np.ndarray, mask: np.ndarray, source: str = "reference") -> "Segmenter":
@@ -226,14 +231,18 @@ class Segmenter:
         self._ref_tokens.append(tokens)
         self._ref_grids.append({c: g.to(tokens.device) for c, g in grids.items()})
         self.reference_digests.append(reference_digest(rgb, mask))
+        self._ref_images.append((rgb, mask))
         self._pooled = None
+        self._method_state = None
         return self
 
     def reference_state(self) -> dict:
         """The encoded reference(s) as CPU tensors, to share with other Segmenters of the same config
-        (e.g. Ray actors through the object store): ``{"tokens": [(T, D)], "grids": [{class: (T,)}]}``."""
+        (e.g. Ray actors through the object store): ``{"tokens": [(T, D)], "grids": [{class: (T,)}],
+        "images": [(rgb, mask)], "digests": [str]}``."""
         return {"tokens": [t.cpu() for t in self._ref_tokens],
-                "grids": [{c: g.cpu() for c, g in grid.items()} for grid in self._ref_grids]}
+                "grids": [{c: g.cpu() for c, g in grid.items()} for grid in self._ref_grids],
+                "images": list(self._ref_images), "digests": list(self.reference_digests)}
 
     def load_reference_state(self, state: dict) -> "Segmenter":
         """Use references encoded elsewhere (:meth:`reference_state`) instead of encoding them again."""
@@ -241,7 +250,10 @@ class Segmenter:
             raise ValueError("reference state holds no reference")
         self._ref_tokens = [t.to(self.device) for t in state["tokens"]]
         self._ref_grids = [{c: g.to(self.device) for c, g in grid.items()} for grid in state["grids"]]
+        self._ref_images = list(state["images"])
+        self.reference_digests = list(state["digests"])
         self._pooled = None
+        self._method_state = None
         return self
 
     def _reference(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,6 +323,8 @@ class Segmenter:
         return tensor
 
     def _segment_chunk(self, targets: list[PreparedTarget]) -> list[SegmentationResult]:
+        if self.config.method != "match":
+            return self._segment_method([t.rgb for t in targets])
         cfg, classes = self.config, self.classes
         timer = StageTimer(self.device)
         ref_tokens, ref_labels = self._reference()
@@ -347,4 +361,25 @@ class Segmenter:
                 result.scores[c] = float(target.iou[j])
             result.timings = {**shared, **own.totals}
             results.append(result)
+        return results
+
+    def _segment_method(self, rgbs: list[np.ndarray]) -> list[SegmentationResult]:
+        """``config.method`` other than ``match``: the stage modules of :mod:`refseg.pipeline.methods`."""
+        timer = StageTimer(self.device)
+        _, labels = self._reference()
+        if self._method_state is None:
+            refs = methods.ReferenceSet([r for r, _ in self._ref_images], [m for _, m in self._ref_images],
+                                        list(self._ref_tokens), labels, self.classes)
+            self._method_state = methods.prepare(refs, self.backend, self.config)
+        outputs = methods.segment_chunk(self._method_state, rgbs, self.backend, self.config, timer)
+        results = []
+        for out in outputs:
+            with timer("postprocess"):
+                label_map, class_masks = to_label_map(out.decoded, self.classes, self.config)
+            scores = {c: float(out.decoded.iou[j]) for j, c in enumerate(self.classes)}
+            results.append(SegmentationResult(mask=label_map, class_masks=class_masks, points=out.points,
+                                              point_labels=out.labels, boxes=out.boxes, scores=scores))
+        per_image = {k: v / len(rgbs) for k, v in timer.totals.items()}
+        for r in results:
+            r.timings = dict(per_image)
         return results

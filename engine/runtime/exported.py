@@ -81,14 +81,15 @@ class ExportedBackend(abc.ABC):
         return self._run("sam_encoder", {io.SAM_ENCODER_INPUT: images}, (io.SAM_ENCODER_OUTPUT,))[0]
 
     def decode(self, embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor,
-               boxes: torch.Tensor | None = None, multimask: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               boxes: torch.Tensor | None = None, multimask: bool = False,
+               mask_input: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode P prompt sets against one embedding, as ``TorchBackend.decode``.
 
         Args:
             embedding: (256, 64, 64); coords: (P, N, 2) (x, y) 1024-frame pixels;
             labels: (P, N) 1 / 0 / -1 (padding); boxes: (P, 4) XYXY or None.
             multimask: 3 masks per set (True) or the single-mask output (False).
+            mask_input: (P, 1, 256, 256) low-res logits used as mask prompts, or None.
 
         Returns:
             low-res logits (P, C, 256, 256) and predicted IoU (P, C), float32, C = 3 or 1.
@@ -102,10 +103,14 @@ class ExportedBackend(abc.ABC):
             raise ValueError(f"{self.name} decode: boxes must be (P, 4), got {tuple(boxes.shape)}")
         points, point_labels = pack_prompts(coords, labels, boxes)
         low = 4 * embedding.shape[-1]
+        if mask_input is not None and tuple(mask_input.shape) != (coords.shape[0], 1, low, low):
+            raise ValueError(f"{self.name} decode: mask_input must be ({coords.shape[0]}, 1, {low}, {low}), "
+                             f"got {tuple(mask_input.shape)}")
         feeds = {io.SAM_DECODER_EMBEDDINGS: embedding.float().reshape(1, *embedding.shape[-3:]),
                  io.SAM_DECODER_COORDS: points, io.SAM_DECODER_LABELS: point_labels,
-                 io.SAM_DECODER_MASK_INPUT: torch.zeros(1, 1, low, low),
-                 io.SAM_DECODER_HAS_MASK: torch.zeros(1)}
+                 io.SAM_DECODER_MASK_INPUT: (torch.zeros(1, 1, low, low) if mask_input is None
+                                             else mask_input.float()),
+                 io.SAM_DECODER_HAS_MASK: torch.zeros(1) if mask_input is None else torch.ones(1)}
         masks, iou = self._run("sam_decoder", feeds, io.SAM_DECODER_OUTPUTS)
         if self.mask_outputs == "all":
             pick = slice(1, 4) if multimask else slice(0, 1)
@@ -236,7 +241,8 @@ class TensorRTBackend(ExportedBackend):
         for start in range(0, total, chunk):
             feeds = {}
             for name, tensor in inputs.items():
-                split = name in (io.SAM_DECODER_COORDS, io.SAM_DECODER_LABELS) or graph != "sam_decoder"
+                split = (name in (io.SAM_DECODER_COORDS, io.SAM_DECODER_LABELS) or graph != "sam_decoder"
+                         or (name == io.SAM_DECODER_MASK_INPUT and total > 1 and tensor.shape[0] == total))
                 feeds[name] = tensor[start:start + chunk] if split else tensor
             parts.append(runner.run(feeds, outputs))
         if len(parts) == 1:

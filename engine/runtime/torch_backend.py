@@ -6,8 +6,9 @@ Every backend offers the same three calls, with the same tensors as the exported
 - ``encode_dinov2(images (B, 3, S, S) float32) -> tokens (B, N, D) float32``
 - ``encode_sam(images (B, 3, 1024, 1024) float32) -> embeddings (B, 256, 64, 64) float32``
 - ``decode(embedding (256, 64, 64), coords (P, N, 2), labels (P, N), boxes (P, 4) | None,
-  multimask) -> (low_res_logits (P, C, 256, 256), iou (P, C))``, coordinates in SAM's 1024 frame,
-  (x, y) order, labels 1 = positive, 0 = negative, -1 = padding.
+  multimask, mask_input (P, 1, 256, 256) | None) -> (low_res_logits (P, C, 256, 256), iou (P, C))``,
+  coordinates in SAM's 1024 frame, (x, y) order, labels 1 = positive, 0 = negative, -1 = padding;
+  ``mask_input`` are low-res logits of an earlier decode (mask prompt, e.g. PerSAM's cascade).
 
 The torch backend adds ``decode_batch`` (prompt sets of several images in one call, see
 :mod:`refseg.pipeline.decode`).
@@ -147,9 +148,10 @@ class TorchBackend:
 
     @torch.inference_mode()
     def decode(self, embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor,
-               boxes: torch.Tensor | None = None, multimask: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               boxes: torch.Tensor | None = None, multimask: bool = False,
+               mask_input: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.device
         return self.sam.decode(embedding.to(dev, torch.float32)[None], coords.to(dev, torch.float32),
                                labels.to(dev), None if boxes is None else boxes.to(dev, torch.float32),
+                               mask_input=None if mask_input is None else mask_input.to(dev, torch.float32),
                                multimask_output=multimask)
