@@ -218,7 +218,7 @@ def run_folder(segmenter, inputs: list[Path], outdir: Path, save_prompts: bool =
     outdir = Path(outdir)
     if settings is None and plan is None:
         settings = run_settings(segmenter.config, getattr(segmenter, "reference_digests", []),
-                                backend=getattr(segmenter.backend, "name", "torch"))
+                                backend=getattr(getattr(segmenter, "backend", None), "name", "torch"))
     plan = plan or plan_folder(inputs, outdir, resume, force, settings)
     summary = plan.summary
     write_run_config(plan)
