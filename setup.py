@@ -33,6 +33,8 @@ EXTRAS = {
         "scipy",
         "safetensors",
         "matplotlib",             # the benchmark report's plot is tested too
+        "nibabel",                # NIfTI volumes (tests/test_volume*.py)
+        "pydicom",                # DICOM series written and read by tests/test_volume_io.py
     ],
     "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
     "gpu": ["onnxruntime-gpu>=1.17", "triton", "tensorrt>=10"],

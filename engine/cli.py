@@ -40,6 +40,8 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-prompts", action="store_true", help="write <stem>.json with prompts/scores")
     p.add_argument("--overlay", action="store_true", help="write <stem>_overlay.png")
     p.add_argument("--resume", action="store_true", help="skip inputs whose mask is already written")
+    from refseg.volume_job import add_arguments as add_volume_arguments
+    add_volume_arguments(p)
     p.set_defaults(func=_cmd_segment)
 
 
@@ -48,6 +50,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-p", "--pred", required=True, help="folder of predicted masks (<stem>.png)")
     p.add_argument("-g", "--gt", required=True, help="folder of ground-truth masks (same stems)")
     p.add_argument("--threshold", type=int, default=128, help="binarise ground truth at >= this value")
+    from refseg.metrics_volume import add_arguments as add_volume_eval_arguments
+    add_volume_eval_arguments(p)
     p.set_defaults(func=_cmd_eval)
 
 
@@ -68,20 +72,26 @@ def _config_from_args(args: argparse.Namespace):
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
+    from refseg import volume_job
     from refseg.io import raster
+    from refseg.io.intensity import parse_window
     from refseg.runner import run_folder
     from refseg.segmenter import Segmenter, check_reference
 
     if len(args.reference) != len(args.reference_mask):
         raise ValueError("give one -m/--reference-mask per -r/--reference")
     config = _config_from_args(args)
+    if volume_job.is_volume_job(args):
+        return volume_job.run(args, config)
+    window = parse_window(args.window) if args.window else None
     # Everything about the references is checked before any model is loaded.
-    references = [(*check_reference(raster.read_image(img), raster.read_mask(msk), msk), msk)
+    references = [(*check_reference(raster.read_image(img), raster.read_mask(msk), msk, window), msk)
                   for img, msk in zip(args.reference, args.reference_mask)]
     inputs = raster.list_images(args.input)
     segmenter = Segmenter(config, sam_checkpoint=args.sam_checkpoint,
                           dinov2_checkpoint=args.dinov2_checkpoint, device=args.device,
                           backend=args.backend, engine_dir=args.engine_dir)
+    segmenter.set_window(window)
     for image, mask, source in references:
         segmenter.add_reference(image, mask, source=source)
     summary = run_folder(segmenter, inputs, Path(args.output), save_prompts=args.save_prompts,
@@ -91,7 +101,10 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from refseg.metrics import evaluate_folders
+    from refseg.metrics_volume import is_volume_eval, run_volume_eval
 
+    if is_volume_eval(args):
+        return run_volume_eval(args)
     report = evaluate_folders(args.pred, args.gt, threshold=args.threshold)
     sys.stdout.write(report.format_table() + "\n")
     return 0

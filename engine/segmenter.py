@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from refseg.config import SegmenterConfig
+from refseg.io.intensity import Window, auto_window, needs_window
 from refseg.io.raster import to_rgb_uint8
 from refseg.models.sam_transforms import prepare_images
 from refseg.pipeline.decode import decode_target, to_label_map
@@ -72,9 +73,9 @@ class SegmentationResult:
         }
 
 
-def check_reference(image: np.ndarray, mask: np.ndarray, source: str = "reference"
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Validate a reference pair before any model work.
+def check_reference(image: np.ndarray, mask: np.ndarray, source: str = "reference",
+                    window: Window | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a reference pair before any model work (``window``: see :func:`refseg.io.to_rgb_uint8`).
 
     Returns:
         (RGB uint8 image (H, W, 3), mask (H, W)).
@@ -83,7 +84,7 @@ def check_reference(image: np.ndarray, mask: np.ndarray, source: str = "referenc
         ValueError: naming ``source``: mask not 2-D, size differs from the image, mask empty or
             all foreground.
     """
-    rgb = to_rgb_uint8(np.asarray(image))
+    rgb = to_rgb_uint8(np.asarray(image), window)
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"{source}: reference mask must be (H, W), got shape {mask.shape}")
@@ -127,6 +128,8 @@ class Segmenter:
         self._ref_tokens: list[torch.Tensor] = []   # each (T, D)
         self._ref_grids: list[dict[int, torch.Tensor]] = []  # each class -> (T,) int8 {1, 0, -1}
         self._pooled: tuple[torch.Tensor, torch.Tensor] | None = None  # cache of _reference()
+        self._window: Window | None = None      # explicit (set_window) ...
+        self._ref_window: Window | None = None  # ... or the first reference's automatic window
 
     @classmethod
     def from_preset(cls, name: str = "sat", sam_checkpoint=None, dinov2_checkpoint=None,
@@ -143,11 +146,27 @@ class Segmenter:
         """Class values present in the reference mask(s), ascending."""
         return sorted({c for grid in self._ref_grids for c in grid})
 
+    @property
+    def window(self) -> Window | None:
+        """Intensity window for 16-bit / signed / float images (reference and every target alike): the one
+        given to :meth:`set_window`, else the automatic window of the first reference image
+        (:func:`refseg.io.intensity.auto_window`: p0.5..p99.5 for integers, min..max for floats), else
+        ``None`` (8-bit references: other images get their own automatic window)."""
+        return self._window if self._window is not None else self._ref_window
+
+    def set_window(self, window: Window | None) -> "Segmenter":
+        """Fix the intensity window (units of the files, e.g. ``parse_window("40,400")`` for CT) used for
+        every later reference and target; ``None`` returns to the reference's automatic window. Call
+        before :meth:`set_reference`."""
+        self._window = window
+        return self
+
     def set_reference(self, image: np.ndarray, mask: np.ndarray, source: str = "reference") -> "Segmenter":
         """Forget earlier references and encode this one (cached for every later target)."""
         self._ref_tokens.clear()
         self._ref_grids.clear()
         self._pooled = None
+        self._ref_window = None
         return self.add_reference(image, mask, source)
 
     def add_reference(self, image: np.ndarray, mask: np.ndarray, source: str = "reference") -> "Segmenter":
@@ -157,7 +176,9 @@ class Segmenter:
             ValueError: naming ``source``: mask size differs from the image, the mask is empty or
                 all foreground, or no patch of a class survives the grid rule.
         """
-        rgb, mask = check_reference(image, mask, source)
+        if self.window is None and needs_window(image):
+            self._ref_window = auto_window(np.asarray(image), source=f"{source} automatic")
+        rgb, mask = check_reference(image, mask, source, self.window)
         classes, stacked = grids_from_config(mask, self.config)
         grids = {c: g.flatten() for c, g in zip(classes, stacked)}
         empty = [c for c, g in grids.items() if not bool((g == FG).any())]
@@ -181,6 +202,42 @@ class Segmenter:
             self._pooled = (torch.cat(self._ref_tokens), torch.cat(labels, dim=1))  # absent class = bg
         return self._pooled
 
+    # ------------------------------------------------------------------ volumes
+    def segment_volume(self, volume, reference_labels, reference=None, labels=None, axis: int = 2,
+                       slices=None, reference_slices=None, pool_references: bool = False, chunks: int = 3,
+                       window: Window | None = None, batch_size: int | None = None):
+        """Segment a 3-D volume slice by slice from labelled slices of ``reference`` (or of ``volume``).
+
+        Args:
+            volume: :class:`refseg.io.volume.Volume` (from ``read_volume``) or an (I, J, K) array (identity
+                affine); any dtype, values in the units of the file (HU for CT).
+            reference_labels: label map (Volume or array) of the same shape as ``reference``; 0 =
+                background, label values 1..255.
+            reference: the labelled volume; ``None`` = same-volume mode (``reference_labels`` marks a few
+                slices of ``volume``; those are copied to the output, the others segmented).
+            labels: label values to segment (default: all in ``reference_labels``); one prompt set per
+                label, one SAM encode per slice.
+            axis: slicing axis of the closest RAS+ canonical orientation: 0 sagittal, 1 coronal,
+                2 axial (default). ``slices`` (``slice``, ``"A:B"`` or indices) and ``reference_slices``
+                count along it (axial: from the feet up).
+            pool_references: every labelled slice as one n-shot reference instead of the relative-position
+                (ProtoSAM) choice among ``chunks`` reference chunks.
+            window: intensity window (:func:`refseg.io.intensity.parse_window`); default p0.5..p99.5 of the
+                reference volume; used for reference and target slices alike.
+
+        Returns:
+            :class:`refseg.volume_segment.VolumeSegmentation`: ``labels`` (I, J, K) uint8 in ``volume``'s
+            stored voxel order. A slice where a label gets no positive prompt has no voxel of it (no
+            forced point: the run uses ``fallback=False``). The reference set by :meth:`set_reference`
+            is replaced.
+        """
+        from refseg.volume_segment import segment_volume
+
+        return segment_volume(self, volume, reference_labels, reference=reference, labels=labels, axis=axis,
+                              slices=slices, reference_slices=reference_slices,
+                              pool_references=pool_references, chunks=chunks, window=window,
+                              batch_size=batch_size)
+
     # ------------------------------------------------------------------ targets
     def segment(self, image: np.ndarray) -> SegmentationResult:
         """Segment one target image (see :meth:`segment_batch`)."""
@@ -194,7 +251,7 @@ class Segmenter:
         """
         rgbs = []
         for i, image in enumerate(images):
-            rgb = to_rgb_uint8(np.asarray(image))
+            rgb = to_rgb_uint8(np.asarray(image), self.window)
             if min(rgb.shape[:2]) < PATCH:
                 raise ValueError(f"image {i}: {rgb.shape[1]}x{rgb.shape[0]} is smaller than one "
                                  f"{PATCH}x{PATCH} patch")
