@@ -130,7 +130,8 @@ def run(args: argparse.Namespace, config) -> int:
     else:
         labels_volume = vio.read_label_volume(mask_path)
     plan_options = dict(labels=args.label, axis=args.axis, slices=args.slices, reference_slices=reference_slices,
-                        pool_references=args.pool_references, chunks=args.reference_chunks, window=window)
+                        pool_references=args.pool_references, chunks=args.reference_chunks, window=window,
+                        config=config)
     plan_volume(reference, labels_volume, reference=reference, **{**plan_options, "slices": None})
 
     summary = RunSummary(inputs, config={**config.to_dict(), "window": args.window, "axis": args.axis,

@@ -32,10 +32,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
 
 from refseg.io.intensity import DEFAULT_PERCENTILES, Window, auto_window
 from refseg.io.volume import Volume, reorientation, slice_view, put_slice_view
-from refseg.pipeline.grid import FG, grids_from_config
+from refseg.config import PATCH_SIZE
+from refseg.pipeline.grid import FG, binary_to_grid, resize_binary_mask
 from refseg.runtime.stream import StreamItem, stream_segment
 
 log = logging.getLogger(__name__)
@@ -123,6 +125,16 @@ def _parse_range(slices, count: int, name: str) -> list[int]:
     return chosen
 
 
+def _covering(mask: np.ndarray, classes: list[int], config) -> list[int]:
+    """The classes of ``mask`` holding at least one foreground cell under ``config``'s grid rule."""
+    if not classes:
+        return []
+    stack = np.stack([resize_binary_mask(mask == c, config.image_size) for c in classes])
+    grids = binary_to_grid(torch.from_numpy(stack), rule=config.grid_rule, fraction=config.grid_fraction,
+                           skip_last=config.gbmseg_skip_last)
+    return [c for c, grid in zip(classes, grids) if bool((grid == FG).any())]
+
+
 def _nearest(candidates: np.ndarray, t: int) -> int:
     return int(candidates[np.argmin(np.abs(candidates - t))])  # argmin: the first (lower) on ties
 
@@ -131,8 +143,12 @@ def plan_volume(target: Volume | np.ndarray, reference_labels: Volume | np.ndarr
                 reference: Volume | np.ndarray | None = None, labels: Sequence[int] | None = None,
                 axis: int = 2, slices=None, reference_slices: Sequence[int] | None = None,
                 pool_references: bool = False, chunks: int = DEFAULT_CHUNKS,
-                window: Window | None = None) -> VolumePlan:
+                window: Window | None = None, config=None) -> VolumePlan:
     """Check the inputs and decide which reference slices serve which target slice (see module doc).
+
+    ``config`` (:class:`refseg.SegmenterConfig`): when given, a slice is a candidate for label c only if c
+    covers at least one whole patch there under the config's grid rule and image size (else the shot
+    would carry no foreground patch of c).
 
     Raises:
         ValueError: naming the file: a shape mismatch between reference image and labels, an axis not in
@@ -171,6 +187,18 @@ def plan_volume(target: Volume | np.ndarray, reference_labels: Volume | np.ndarr
         raise ValueError(f"labels must lie in 1..255 (uint8 output), got {labels}")
     other_axes = tuple(a for a in range(3) if a != axis)
     holds = {c: np.nonzero((lab_can == c).any(axis=other_axes))[0] for c in labels}  # slices holding c
+    if config is not None:
+        usable: dict[int, list[int]] = {c: [] for c in labels}
+        for s in sorted(set(np.concatenate(list(holds.values())).tolist())):
+            mask = slice_view(lab_can, axis, s)
+            for c in _covering(mask, [c for c in labels if (mask == c).any()], config):
+                usable[c].append(s)
+        small = [c for c in labels if not usable[c]]
+        if small:
+            raise ValueError(f"{label_volume.path}: label(s) {small} cover no whole {PATCH_SIZE}-px patch on any "
+                             f"reference slice at image_size {config.image_size}; use a larger --image-size or "
+                             f"--set grid_rule=fraction")
+        holds = {c: np.asarray(v) for c, v in usable.items()}
     if reference_slices is not None:
         given = np.asarray(_parse_range(list(reference_slices), ref_can.shape[axis], str(label_volume.path)))
         holds = {c: np.intersect1d(v, given) for c, v in holds.items()}
@@ -214,8 +242,8 @@ def _reference_shots(plan: VolumePlan, slices: tuple[int, ...], config) -> list[
     for s in slices:
         mask = slice_view(plan.labels_canonical, plan.axis, s)
         mask = np.where(np.isin(mask, plan.labels), mask, 0)
-        classes, grids = grids_from_config(mask, config, classes=sorted(set(np.unique(mask).tolist()) - {0}))
-        dropped = [c for c, g in zip(classes, grids) if not bool((g == FG).any())]
+        present = sorted(set(np.unique(mask).tolist()) - {0})
+        dropped = sorted(set(present) - set(_covering(mask, present, config)))
         if dropped:
             log.debug("%s slice %d: label(s) %s cover no whole patch; left out of this shot",
                       plan.reference.path, s, dropped)
@@ -298,5 +326,5 @@ def segment_volume(segmenter, volume, reference_labels, reference=None, labels=N
     """:func:`plan_volume` then :func:`run_plan`; see :meth:`refseg.Segmenter.segment_volume`."""
     plan = plan_volume(volume, reference_labels, reference=reference, labels=labels, axis=axis, slices=slices,
                        reference_slices=reference_slices, pool_references=pool_references, chunks=chunks,
-                       window=window)
+                       window=window, config=segmenter.config)
     return run_plan(segmenter, plan, batch_size=batch_size, on_slice=on_slice)

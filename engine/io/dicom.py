@@ -11,7 +11,8 @@ position along the slice normal ``n = X x Y`` (ascending), which is nibabel's DI
 (``nibabel.nicom.dicomwrappers``). The returned affine maps (r, c, k, 1) to **RAS+** millimetres, the
 NIfTI convention: ``affine = diag(-1, -1, 1, 1) @ A_lps`` with
 ``A_lps[:3, 0] = Y * PixelSpacing[0]``, ``A_lps[:3, 1] = X * PixelSpacing[1]``,
-``A_lps[:3, 2] = (IPP_last - IPP_first) / (N - 1)`` (SliceThickness x n for one slice) and
+``A_lps[:3, 2] = (IPP_last - IPP_first) / (N - 1)`` (for one slice: SliceThickness x (Y x X), nibabel's
+right-handed choice) and
 ``A_lps[:3, 3] = IPP_first``.
 
 RescaleSlope / RescaleIntercept are applied (CT values come out in Hounsfield units). Compressed transfer
@@ -221,6 +222,6 @@ def read_dicom_series(source: str | os.PathLike | Sequence[str | os.PathLike],
         step = (ipps[-1] - ipps[0]) / (len(members) - 1)
     else:
         thickness = float(getattr(members[0][1], "SliceThickness", 1.0) or 1.0)
-        step = normal * thickness
+        step = -normal * thickness  # Y x X, right-handed in (r, c, k), as nibabel's DICOM wrapper
     affine = dicom_affine(ipps[0], iop0, spacing0, step)
     return DicomSeries(data=data, affine=affine, files=[p for p, _ in members], series_uid=chosen)
