@@ -140,6 +140,9 @@ def run(args: argparse.Namespace, config) -> int:
     todo = []
     for path in inputs:
         out_path = _output_path(output, path, folder_mode)
+        if out_path.exists() and (out_path.resolve() == path.resolve() or out_path.resolve() == ref_path.resolve()
+                                  or out_path.resolve() == mask_path.resolve()):
+            raise ValueError(f"{out_path}: the output would overwrite an input; choose another output name")
         if args.resume and out_path.exists() and vio.is_readable_nifti(out_path):
             summary.add_skipped(path)
         else:

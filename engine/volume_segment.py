@@ -236,7 +236,7 @@ def plan_volume(target: Volume | np.ndarray, reference_labels: Volume | np.ndarr
                       reference_canonical=ref_can, labels_canonical=lab_can)
 
 
-def _reference_shots(plan: VolumePlan, slices: tuple[int, ...], config) -> list[tuple[np.ndarray, np.ndarray, str]]:
+def reference_shots(plan: VolumePlan, slices: tuple[int, ...], config) -> list[tuple[np.ndarray, np.ndarray, str]]:
     """(uint8 image, label mask, source) per reference slice, keeping only labels that survive the grid."""
     shots = []
     for s in slices:
@@ -284,7 +284,7 @@ def run_plan(segmenter, plan: VolumePlan, batch_size: int | None = None,
     try:
         segmenter.config = saved.replace(fallback=False)
         for slices, members in plan.groups.items():
-            shots = _reference_shots(plan, slices, segmenter.config)
+            shots = reference_shots(plan, slices, segmenter.config)
             if not shots:
                 for t in members:
                     failed[t] = f"reference slices {list(slices)}: no label covers a whole patch"
