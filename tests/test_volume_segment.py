@@ -240,3 +240,6 @@ def test_cli_volume_errors_before_models(case, tmp_path):
     truncated.write_bytes(ct.read_bytes()[:3000])
     assert main(["segment", "-r", str(truncated), "-m", str(seg), "-i", str(ct), "-o", str(out), *bad_ckpt]) == 2
     assert not out.exists()
+    before = ct.read_bytes()
+    assert main(["segment", "-r", str(ct), "-m", str(seg), "-i", str(ct), "-o", str(ct), *bad_ckpt]) == 2
+    assert ct.read_bytes() == before
