@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -98,7 +99,6 @@ def _as_volume(value, name: str) -> Volume:
     array = np.asarray(value)
     if array.ndim != 3:
         raise ValueError(f"{name}: expected a 3-D array, got shape {array.shape}")
-    from pathlib import Path
     return Volume(data=array, affine=np.eye(4), path=Path(name))
 
 

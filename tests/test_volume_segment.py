@@ -2,6 +2,7 @@
 segmenter), then the CLI end to end on a crop of the TotalSegmentator CT with random checkpoints (NIfTI and
 a DICOM series written from it, eval, resume, summary)."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ nib = pytest.importorskip("nibabel")
 pytest.importorskip("pydicom")
 
 from refseg.config import SegmenterConfig  # noqa: E402
-from refseg.io.volume import Volume, reorientation, slice_view  # noqa: E402
+from refseg.io.volume import Volume  # noqa: E402
 from refseg.segmenter import SegmentationResult  # noqa: E402
 from refseg.volume_segment import plan_volume, run_plan  # noqa: E402
 
@@ -51,11 +52,11 @@ def test_plan_same_volume_nearest_and_copied():
 
 
 def test_plan_bad_inputs_are_named():
-    vol = Volume(np.zeros((20, 20, 12), np.int16), np.eye(4), path=__import__("pathlib").Path("t.nii.gz"))
-    lab = Volume(_labels(), np.eye(4), path=__import__("pathlib").Path("lab.nii.gz"))
+    vol = Volume(np.zeros((20, 20, 12), np.int16), np.eye(4), path=Path("t.nii.gz"))
+    lab = Volume(_labels(), np.eye(4), path=Path("lab.nii.gz"))
     with pytest.raises(ValueError, match=r"lab.nii.gz: label\(s\) \[3\] absent from the reference"):
         plan_volume(vol, lab, reference=vol, labels=[3, 5])
-    short = Volume(_labels()[:, :, :5], np.eye(4), path=__import__("pathlib").Path("short.nii.gz"))
+    short = Volume(_labels()[:, :, :5], np.eye(4), path=Path("short.nii.gz"))
     with pytest.raises(ValueError, match=r"short.nii.gz: label map shape \(20, 20, 5\) differs"):
         plan_volume(vol, short, reference=vol)
     with pytest.raises(ValueError, match=r"label\(s\) \[7\] absent from reference slices \[2\]"):
@@ -111,9 +112,9 @@ def test_run_plan_empty_rule_failures_and_geometry():
     vol[:, :, 4] = 7               # slice 4: constant, the fake fails on it (window maps 7 to a known value)
     lab = _labels()
     lps = np.diag([-1.0, -1.0, 1.0, 1.0])
-    target = Volume(vol, lps, path=__import__("pathlib").Path("t.nii.gz"))  # stored LPS: flipped vs canonical
-    reference = Volume(vol[::-1, ::-1].copy(), np.eye(4), path=__import__("pathlib").Path("r.nii.gz"))
-    reference_labels = Volume(lab[::-1, ::-1].copy(), np.eye(4), path=__import__("pathlib").Path("l.nii.gz"))
+    target = Volume(vol, lps, path=Path("t.nii.gz"))  # stored LPS: flipped vs canonical
+    reference = Volume(vol[::-1, ::-1].copy(), np.eye(4), path=Path("r.nii.gz"))
+    reference_labels = Volume(lab[::-1, ::-1].copy(), np.eye(4), path=Path("l.nii.gz"))
     plan = plan_volume(target, reference_labels, reference=reference, labels=[5, 7])
     fail_value = plan.window.apply(np.int16(7))
     seg = FakeSegmenter(no_positive={7}, fail_value=fail_value)
