@@ -35,6 +35,8 @@ EXTRAS = {
         "matplotlib",             # the benchmark report's plot is tested too
         "scikit-image",           # MedSAM's official pre-processing (skimage resize) as the test oracle
         "ray[data]>=2.40",        # tests/test_distributed.py runs a local Ray cluster
+        "nibabel",                # NIfTI volumes (tests/test_volume*.py)
+        "pydicom",                # DICOM series written and read by tests/test_volume_io.py
     ],
     "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
     "gpu": ["onnxruntime-gpu>=1.17", "triton", "tensorrt>=10"],

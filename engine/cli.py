@@ -55,6 +55,8 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ray-workers", type=int, help="segmentation actors (default: one per GPU, else 1)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0,
                    help="GPUs reserved by each Ray actor (default 0: CPU actors)")
+    from refseg.volume_job import add_arguments as add_volume_arguments
+    add_volume_arguments(p)
     p.set_defaults(func=_cmd_segment)
 
 
@@ -68,6 +70,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pair-by", choices=["stem", "order"], default="stem",
                    help="pair predictions with ground truth by file stem (default) or by sorted file order")
     p.add_argument("--json", metavar="FILE", help="also write per-image and mean figures to FILE (JSON)")
+    from refseg.metrics_volume import add_arguments as add_volume_eval_arguments
+    add_volume_eval_arguments(p)
     p.set_defaults(func=_cmd_eval)
 
 
@@ -103,7 +107,9 @@ def _config_from_args(args: argparse.Namespace):
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
+    from refseg import volume_job
     from refseg.io import raster, writers
+    from refseg.io.intensity import parse_window
     from refseg.models.build import check_model_names, resolve_model_checkpoints
     from refseg.runner import finish_run, plan_folder, run_folder, run_settings
     from refseg.segmenter import Segmenter, check_reference, reference_digest
@@ -111,13 +117,20 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     if len(args.reference) != len(args.reference_mask):
         raise ValueError("give one -m/--reference-mask per -r/--reference")
     config = _config_from_args(args)
-    # Everything about the references is checked before any model is loaded.
-    references = [(*check_reference(raster.read_image(img), raster.read_mask(msk), msk), msk)
-                  for img, msk in zip(args.reference, args.reference_mask)]
+    if volume_job.is_volume_job(args):
+        return volume_job.run(args, config)
+    window = parse_window(args.window) if args.window else None
+    # Everything about the references is checked before any model is loaded; the images stay as read,
+    # so that the Segmenter derives the intensity window of 16-bit / float references itself.
+    references = []
+    for img, msk in zip(args.reference, args.reference_mask):
+        image = raster.read_image(img)
+        references.append((image, check_reference(image, raster.read_mask(msk), msk, window)[1], msk))
     inputs = raster.list_images(args.input)
     outdir = writers.prepare_output_folder(args.output)  # a file / uncreatable / unwritable -o stops here
     settings = run_settings(config, [reference_digest(img, msk) for img, msk, _ in references],
                             args.sam_checkpoint, args.dinov2_checkpoint, args.backend)
+    settings["window"] = args.window  # an explicit window changes the masks too
     plan = plan_folder(inputs, outdir, args.resume, args.force, settings)
     plan.summary.config = config.to_dict()
     if not plan.todo:  # nothing left: no model is loaded
@@ -133,10 +146,11 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         check_model_names(args.dinov2 if dinov2_checkpoint else None, args.sam if sam_checkpoint else None,
                           dinov2_path, sam_path)
     if args.ray is not None:
-        return _segment_on_ray(args, config, references, plan)
+        return _segment_on_ray(args, config, references, plan, window)
     segmenter = Segmenter(config, sam_checkpoint=sam_checkpoint, dinov2_checkpoint=dinov2_checkpoint,
                           device=args.device, backend=args.backend, engine_dir=args.engine_dir,
                           compile=args.compile)
+    segmenter.set_window(window)
     for image, mask, source in references:
         segmenter.add_reference(image, mask, source=source)
     summary = run_folder(segmenter, inputs, outdir, save_prompts=args.save_prompts,
@@ -144,11 +158,11 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     return 1 if summary.failed or summary.write_error else 0
 
 
-def _segment_on_ray(args: argparse.Namespace, config, references, plan) -> int:
+def _segment_on_ray(args: argparse.Namespace, config, references, plan, window) -> int:
     from refseg.distributed import WorkerSpec, segment_dataset
 
     spec = WorkerSpec(config, sam_checkpoint=args.sam_checkpoint, dinov2_checkpoint=args.dinov2_checkpoint,
-                      device=args.device, backend=args.backend, engine_dir=args.engine_dir)
+                      device=args.device, backend=args.backend, engine_dir=args.engine_dir, window=window)
     summary = segment_dataset(None, plan.outdir, references, spec, plan=plan,
                               address=None if args.ray == "local" else args.ray,
                               num_workers=args.ray_workers, gpus_per_worker=args.gpus_per_worker,
@@ -158,7 +172,10 @@ def _segment_on_ray(args: argparse.Namespace, config, references, plan) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from refseg.metrics import evaluate_folders
+    from refseg.metrics_volume import is_volume_eval, run_volume_eval
 
+    if is_volume_eval(args):
+        return run_volume_eval(args)
     report = evaluate_folders(args.pred, args.gt, threshold=args.threshold, pair_by=args.pair_by)
     sys.stdout.write(report.format_table() + "\n")
     if args.json:

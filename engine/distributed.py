@@ -42,8 +42,8 @@ IO_TASK_CPUS = 0.25
 class WorkerSpec:
     """What an actor needs to build its Segmenter (plain, picklable values).
 
-    ``device="auto"`` picks CUDA when the actor was given a GPU. ``threads`` sets torch's intra-op threads
-    per actor (0 = the node's cores divided by the CPU actors sharing them, at least 1).
+    ``device="auto"`` picks CUDA when the actor was given a GPU; ``window`` as
+    :meth:`Segmenter.set_window`. ``threads`` sets torch's intra-op threads per actor (0 = the node's cores divided by the CPU actors sharing them, at least 1).
     """
 
     config: Any  # SegmenterConfig
@@ -53,6 +53,7 @@ class WorkerSpec:
     backend: str = "torch"
     engine_dir: str | None = None
     threads: int = 0
+    window: Any = None  # refseg.io.intensity.Window for 16-bit / float images; None = the reference's
 
 
 def _to_bytes(array: np.ndarray) -> bytes:
@@ -188,6 +189,7 @@ def encode_reference(spec: WorkerSpec, references: Sequence[tuple[np.ndarray, np
     segmenter = Segmenter(spec.config, sam_checkpoint=spec.sam_checkpoint,
                           dinov2_checkpoint=spec.dinov2_checkpoint, device=spec.device,
                           backend=spec.backend, engine_dir=spec.engine_dir)
+    segmenter.set_window(spec.window)
     for image, mask, source in references:
         segmenter.add_reference(image, mask, source=source)
     return segmenter.reference_state(), len(segmenter.classes)

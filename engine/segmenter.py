@@ -24,6 +24,7 @@ import torch
 
 from refseg.config import SegmenterConfig
 from refseg.io.masks import mask_from_array
+from refseg.io.intensity import Window, auto_window, needs_window
 from refseg.io.raster import to_rgb_uint8
 from refseg.models.sam_transforms import (medsam_normalize, medsam_resize, normalize_pad, preprocessing_for,
                                           resize_image)
@@ -111,9 +112,9 @@ class SegmentationResult:
         }
 
 
-def check_reference(image: np.ndarray, mask: np.ndarray, source: str = "reference"
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Validate a reference pair before any model work.
+def check_reference(image: np.ndarray, mask: np.ndarray, source: str = "reference",
+                    window: Window | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a reference pair before any model work (``window``: see :func:`refseg.io.to_rgb_uint8`).
 
     ``mask`` is what ``np.array(Image.open(path))`` gives: (H, W) or (H, W, 3 | 4) with equal
     channels; it is read by :func:`refseg.io.masks.mask_from_array` (the rules of
@@ -127,7 +128,7 @@ def check_reference(image: np.ndarray, mask: np.ndarray, source: str = "referenc
         ValueError: naming ``source``: mask of an unsupported shape or colour-coded, size differs
             from the image, mask empty or all foreground.
     """
-    rgb = to_rgb_uint8(np.asarray(image))
+    rgb = to_rgb_uint8(np.asarray(image), window)
     mask = mask_from_array(mask, f"{source}: reference mask")
     if mask.shape != rgb.shape[:2]:
         raise ValueError(f"{source}: reference mask size {mask.shape[1]}x{mask.shape[0]} differs "
@@ -186,6 +187,8 @@ class Segmenter:
         self.reference_digests: list[str] = []  # reference_digest() of each reference, in order
         self._ref_images: list[tuple[np.ndarray, np.ndarray]] = []  # (rgb, mask) for the method family
         self._method_state = None  # cache of methods.prepare() (config.method != "match")
+        self._window: Window | None = None      # explicit (set_window) ...
+        self._ref_window: Window | None = None  # ... or the first reference's automatic window
 
     @classmethod
     def from_preset(cls, name: str = "sat", sam_checkpoint=None, dinov2_checkpoint=None,
@@ -202,6 +205,21 @@ class Segmenter:
         """Class values present in the reference mask(s), ascending."""
         return sorted({c for grid in self._ref_grids for c in grid})
 
+    @property
+    def window(self) -> Window | None:
+        """Intensity window for 16-bit / signed / float images (reference and every target alike): the one
+        given to :meth:`set_window`, else the automatic window of the first reference image
+        (:func:`refseg.io.intensity.auto_window`: p0.5..p99.5 for integers, min..max for floats), else
+        ``None`` (8-bit references: other images get their own automatic window)."""
+        return self._window if self._window is not None else self._ref_window
+
+    def set_window(self, window: Window | None) -> "Segmenter":
+        """Fix the intensity window (units of the files, e.g. ``parse_window("40,400")`` for CT) used for
+        every later reference and target; ``None`` returns to the reference's automatic window. Call
+        before :meth:`set_reference`."""
+        self._window = window
+        return self
+
     def set_reference(self, image: np.ndarray, mask: np.ndarray, source: str = "reference") -> "Segmenter":
         """Forget earlier references and encode this one (cached for every later target)."""
         self._ref_tokens.clear()
@@ -210,6 +228,7 @@ class Segmenter:
         self._ref_images.clear()
         self._pooled = None
         self._method_state = None
+        self._ref_window = None
         return self.add_reference(image, mask, source)
 
     def add_reference(self, image: np.ndarray, mask: np.ndarray, source: str = "reference") -> "Segmenter":
@@ -219,7 +238,9 @@ class Segmenter:
             ValueError: naming ``source``: mask size differs from the image, the mask is empty or
                 all foreground, or no patch of a class survives the grid rule.
         """
-        rgb, mask = check_reference(image, mask, source)
+        if self.window is None and needs_window(image):
+            self._ref_window = auto_window(np.asarray(image), source=f"{source} automatic")
+        rgb, mask = check_reference(image, mask, source, self.window)
         classes, stacked = grids_from_config(mask, self.config)
         grids = {c: g.flatten() for c, g in zip(classes, stacked)}
         empty = [c for c, g in grids.items() if not bool((g == FG).any())]
@@ -239,10 +260,11 @@ class Segmenter:
     def reference_state(self) -> dict:
         """The encoded reference(s) as CPU tensors, to share with other Segmenters of the same config
         (e.g. Ray actors through the object store): ``{"tokens": [(T, D)], "grids": [{class: (T,)}],
-        "images": [(rgb, mask)], "digests": [str]}``."""
+        "images": [(rgb, mask)], "digests": [str], "window": Window | None}``."""
         return {"tokens": [t.cpu() for t in self._ref_tokens],
                 "grids": [{c: g.cpu() for c, g in grid.items()} for grid in self._ref_grids],
-                "images": list(self._ref_images), "digests": list(self.reference_digests)}
+                "images": list(self._ref_images), "digests": list(self.reference_digests),
+                "window": self.window}
 
     def load_reference_state(self, state: dict) -> "Segmenter":
         """Use references encoded elsewhere (:meth:`reference_state`) instead of encoding them again."""
@@ -252,6 +274,7 @@ class Segmenter:
         self._ref_grids = [{c: g.to(self.device) for c, g in grid.items()} for grid in state["grids"]]
         self._ref_images = list(state["images"])
         self.reference_digests = list(state["digests"])
+        self._ref_window = state["window"]
         self._pooled = None
         self._method_state = None
         return self
@@ -265,6 +288,42 @@ class Segmenter:
                                    for c in self.classes]) for g in self._ref_grids]
             self._pooled = (torch.cat(self._ref_tokens), torch.cat(labels, dim=1))  # absent class = bg
         return self._pooled
+
+    # ------------------------------------------------------------------ volumes
+    def segment_volume(self, volume, reference_labels, reference=None, labels=None, axis: int = 2,
+                       slices=None, reference_slices=None, pool_references: bool = False, chunks: int = 3,
+                       window: Window | None = None, batch_size: int | None = None):
+        """Segment a 3-D volume slice by slice from labelled slices of ``reference`` (or of ``volume``).
+
+        Args:
+            volume: :class:`refseg.io.volume.Volume` (from ``read_volume``) or an (I, J, K) array (identity
+                affine); any dtype, values in the units of the file (HU for CT).
+            reference_labels: label map (Volume or array) of the same shape as ``reference``; 0 =
+                background, label values 1..255.
+            reference: the labelled volume; ``None`` = same-volume mode (``reference_labels`` marks a few
+                slices of ``volume``; those are copied to the output, the others segmented).
+            labels: label values to segment (default: all in ``reference_labels``); one prompt set per
+                label, one SAM encode per slice.
+            axis: slicing axis of the closest RAS+ canonical orientation: 0 sagittal, 1 coronal,
+                2 axial (default). ``slices`` (``slice``, ``"A:B"`` or indices) and ``reference_slices``
+                count along it (axial: from the feet up).
+            pool_references: every labelled slice as one n-shot reference instead of the relative-position
+                (ProtoSAM) choice among ``chunks`` reference chunks.
+            window: intensity window (:func:`refseg.io.intensity.parse_window`); default p0.5..p99.5 of the
+                reference volume; used for reference and target slices alike.
+
+        Returns:
+            :class:`refseg.volume_segment.VolumeSegmentation`: ``labels`` (I, J, K) uint8 in ``volume``'s
+            stored voxel order. A slice where a label gets no positive prompt has no voxel of it (no
+            forced point: the run uses ``fallback=False``). The reference set by :meth:`set_reference`
+            is replaced.
+        """
+        from refseg.volume_segment import segment_volume
+
+        return segment_volume(self, volume, reference_labels, reference=reference, labels=labels, axis=axis,
+                              slices=slices, reference_slices=reference_slices,
+                              pool_references=pool_references, chunks=chunks, window=window,
+                              batch_size=batch_size)
 
     # ------------------------------------------------------------------ targets
     def segment(self, image: np.ndarray) -> SegmentationResult:
@@ -297,7 +356,7 @@ class Segmenter:
             ValueError: naming ``source``: not (H, W)/(H, W, C), or smaller than one 14-px patch.
         """
         try:
-            rgb = to_rgb_uint8(np.asarray(image))
+            rgb = to_rgb_uint8(np.asarray(image), self.window)
         except ValueError as exc:
             raise ValueError(f"{source}: {exc}") from None
         if min(rgb.shape[:2]) < PATCH:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from refseg.io.intensity import Window, auto_window, needs_window
 from refseg.optional import require
 
 log = logging.getLogger(__name__)
@@ -26,8 +27,6 @@ IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".t
 _JPEG_SUFFIXES = frozenset({".jpg", ".jpeg"})
 _TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
 _EXIF_ORIENTATION = 0x0112
-# Integer images whose value range is at most this wide get an exact histogram percentile (bincount).
-_BINCOUNT_MAX_RANGE = 1 << 20
 
 
 class ImageReadError(ValueError):
@@ -178,42 +177,19 @@ def read_image(path: str | os.PathLike, min_side: int = 2) -> np.ndarray:
     return array
 
 
-def _percentile_window(values: np.ndarray, low: float, high: float) -> tuple[float, float]:
-    """Lower/upper percentiles with the inverted-CDF definition (an actual data value, no interpolation)."""
-    flat = values.reshape(-1)
-    if np.issubdtype(flat.dtype, np.integer):
-        vmin, vmax = int(flat.min()), int(flat.max())
-        if vmax - vmin < _BINCOUNT_MAX_RANGE:
-            # Exact histogram percentile: O(N) and much faster than a sort for 16-bit data.
-            cdf = np.cumsum(np.bincount((flat.astype(np.int64) - vmin), minlength=vmax - vmin + 1))
-            lo = int(np.searchsorted(cdf, low / 100.0 * flat.size)) + vmin
-            hi = int(np.searchsorted(cdf, high / 100.0 * flat.size)) + vmin
-            return float(lo), float(hi)
-    lo, hi = np.percentile(flat, [low, high], method="inverted_cdf")
-    return float(lo), float(hi)
-
-
-def _window_to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    if not hi > lo:
-        return np.zeros(values.shape, np.uint8)
-    scaled = (values.astype(np.float32) - np.float32(lo)) * np.float32(255.0 / (hi - lo))
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-
-
-def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
+def to_rgb_uint8(image: np.ndarray, window: Window | None = None) -> np.ndarray:
     """Convert an image array to (H, W, 3) uint8 RGB for the models and overlays.
 
     Accepts (H, W), (H, W, 1), (H, W, 3) or (H, W, 4). Rules, applied to all channels jointly:
 
-    * uint8: unchanged; grayscale is repeated to 3 channels.
-    * bool: False -> 0, True -> 255.
-    * other integers (uint16, int16 CT, int32, ...): window [p0.5, p99.5] (0.5th and 99.5th percentiles,
-      inverted-CDF definition, i.e. actual data values) mapped linearly to 0..255 and clipped; this ignores
-      hot pixels and uses the contrast of microscopy / radiology data that fill a small part of the dtype
-      range. If the window is empty (p0.5 == p99.5) the full min..max range is used; a constant image
-      gives zeros.
-    * float: min..max of the finite values mapped to 0..255; NaN -> 0, +inf -> 255, -inf -> 0; a constant
-      image gives zeros.
+    * uint8: unchanged; grayscale is repeated to 3 channels. bool: False -> 0, True -> 255.
+    * other integers (uint16, int16 CT, int32, ...) and floats: mapped through ``window``
+      (:class:`refseg.io.intensity.Window`, in the units of the file) when given. Without one, the image's
+      own automatic window (:func:`refseg.io.intensity.auto_window`): integers [p0.5, p99.5] (0.5th and
+      99.5th percentiles, inverted-CDF definition, i.e. actual data values; min..max when that is empty),
+      floats min..max of the finite values; a constant image gives zeros. NaN -> 0, +inf -> 255,
+      -inf -> 0. :class:`refseg.Segmenter` passes its reference's window so that reference and targets
+      share one contrast.
     * RGBA: the alpha channel is dropped (colour values are kept as stored, not composited on a
       background, so transparent pixels keep their colour).
     """
@@ -228,23 +204,11 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
         out = image
     elif image.dtype == bool:
         out = image.astype(np.uint8) * np.uint8(255)
-    elif np.issubdtype(image.dtype, np.integer):
-        if image.size == 0:
-            out = np.zeros(image.shape, np.uint8)
-        else:
-            lo, hi = _percentile_window(image, 0.5, 99.5)
-            if not hi > lo:
-                lo, hi = float(image.min()), float(image.max())
-            out = _window_to_uint8(image, lo, hi)
-    elif np.issubdtype(image.dtype, np.floating):
-        values = image.astype(np.float32)
-        finite = np.isfinite(values)
-        if finite.any():
-            lo, hi = float(values[finite].min()), float(values[finite].max())
-            out = _window_to_uint8(np.where(finite, values, lo), lo, hi)
-        else:
-            out = np.zeros(values.shape, np.uint8)
-        out[np.isposinf(values)] = 255
+    elif needs_window(image):
+        window = window if window is not None else auto_window(image)
+        out = window.apply(image) if window is not None else np.zeros(image.shape, np.uint8)
+        if window is None and np.issubdtype(image.dtype, np.floating):
+            out[np.isposinf(image)] = 255
     else:
         raise ValueError(f"image: unsupported dtype {image.dtype}")
     if out.ndim == 2:

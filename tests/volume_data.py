@@ -1,0 +1,83 @@
+"""Test helpers for volumes: a small crop of the TotalSegmentator CT, and DICOM series written from it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import SHARED_DATA
+
+TOTALSEG = SHARED_DATA / "totalseg_ct"
+LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def ct_crop(folder: Path, z: slice = slice(8, 14), step: int = 1) -> tuple[Path, Path]:
+    """Write a crop of example_ct_sm / example_seg (every ``step``-th voxel in-plane, slices ``z``) as
+    NIfTI with the right affine; returns (ct path, label path)."""
+    nib = pytest.importorskip("nibabel")
+    if not (TOTALSEG / "example_ct_sm.nii.gz").is_file():
+        pytest.skip(f"TotalSegmentator CT not found at {TOTALSEG}")
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name in ("example_ct_sm.nii.gz", "example_seg.nii.gz"):
+        img = nib.load(str(TOTALSEG / name))
+        data = np.asanyarray(img.dataobj)[::step, ::step, z]
+        affine = img.affine.copy()
+        affine[:3, :3] = img.affine[:3, :3] * np.array([step, step, 1])
+        affine[:3, 3] = img.affine[:3, :3] @ np.array([0, 0, z.start]) + img.affine[:3, 3]
+        header = img.header.copy()
+        new = nib.Nifti1Image(data, affine, header=header)
+        new.header["descrip"] = b"refseg test crop"
+        path = folder / name.replace("example_", "crop_")
+        new.to_filename(str(path))
+        out.append(path)
+    return out[0], out[1]
+
+
+def write_dicom_series(folder: Path, data: np.ndarray, affine: np.ndarray, uid: str = "1.2.826.0.1.3680043.8.498.1",
+                       shuffle_seed: int | None = 0, skip: tuple[int, ...] = ()) -> list[Path]:
+    """Write a NIfTI volume (RAS+ ``affine``, int16 HU ``data[i, j, k]``) as a CT DICOM series in a
+    transposed + flipped storage: DICOM pixel (row r, column c) of file slice kk is voxel
+    (i = c, j = J-1-r, k = K-1-kk). Values stored as uint16 with RescaleIntercept -2048. Files are named
+    in shuffled order; slices in ``skip`` are left out (a gap)."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    n_i, n_j, n_k = data.shape
+    lps = LPS @ affine
+    x_dir = lps[:3, 0] / np.linalg.norm(lps[:3, 0])    # increasing column c = increasing i
+    y_dir = -lps[:3, 1] / np.linalg.norm(lps[:3, 1])   # increasing row r = decreasing j
+    spacing = [float(np.linalg.norm(lps[:3, 1])), float(np.linalg.norm(lps[:3, 0]))]
+    order = list(range(n_k))
+    if shuffle_seed is not None:
+        np.random.default_rng(shuffle_seed).shuffle(order)
+    paths = []
+    for number, kk in enumerate(order):
+        if kk in skip:
+            continue
+        k = n_k - 1 - kk
+        pixel = data[:, ::-1, k].T  # [r, c] = data[c, J-1-r, k]
+        ipp = lps @ np.array([0, n_j - 1, k, 1.0])
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        path = folder / f"IM{number:04d}.dcm"
+        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = "CT", uid, uid + ".9"
+        ds.ImagePositionPatient = [float(v) for v in ipp[:3]]
+        ds.ImageOrientationPatient = [float(v) for v in (*x_dir, *y_dir)]
+        ds.PixelSpacing = spacing
+        ds.SliceThickness = float(np.linalg.norm(lps[:3, 2]))
+        ds.Rows, ds.Columns = pixel.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -2048
+        ds.PixelData = (pixel.astype(np.int32) + 2048).astype(np.uint16).tobytes()
+        ds.save_as(str(path), enforce_file_format=True)
+        paths.append(path)
+    return paths
