@@ -43,7 +43,8 @@ class WorkerSpec:
     """What an actor needs to build its Segmenter (plain, picklable values).
 
     ``device="auto"`` picks CUDA when the actor was given a GPU; ``window`` as
-    :meth:`Segmenter.set_window`. ``threads`` sets torch's intra-op threads per actor (0 = the node's cores divided by the CPU actors sharing them, at least 1).
+    :meth:`Segmenter.set_window`. ``threads`` sets torch's intra-op threads per actor (0 = the node's
+    cores divided by the CPU actors sharing them, at least 1).
     """
 
     config: Any  # SegmenterConfig
