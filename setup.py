@@ -33,10 +33,12 @@ EXTRAS = {
         "scipy",
         "safetensors",
         "matplotlib",             # the benchmark report's plot is tested too
+        "tifffile", "openslide-python", "openslide-bin", "shapely",  # whole-slide tests
     ],
     "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
     "gpu": ["onnxruntime-gpu>=1.17", "triton", "tensorrt>=10"],
     "io": ["nibabel", "pydicom", "tifffile", "tiffslide", "safetensors"],
+    "slides": ["tifffile", "openslide-python", "openslide-bin", "shapely"],
     "dist": ["ray"],
     "bench": ["matplotlib", "scikit-learn"],
 }

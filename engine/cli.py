@@ -40,6 +40,9 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-prompts", action="store_true", help="write <stem>.json with prompts/scores")
     p.add_argument("--overlay", action="store_true", help="write <stem>_overlay.png")
     p.add_argument("--resume", action="store_true", help="skip inputs whose mask is already written")
+    from refseg.slide_cli import add_arguments as add_slide_arguments
+
+    add_slide_arguments(p)
     p.set_defaults(func=_cmd_segment)
 
 
@@ -71,7 +74,10 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from refseg.io import raster
     from refseg.runner import run_folder
     from refseg.segmenter import Segmenter, check_reference
+    from refseg.slide_cli import cmd_segment as segment_slides, wants_slides
 
+    if wants_slides(args):  # slides in, or a slide / GeoJSON reference (refseg.slide_cli)
+        return segment_slides(args, _config_from_args(args))
     if len(args.reference) != len(args.reference_mask):
         raise ValueError("give one -m/--reference-mask per -r/--reference")
     config = _config_from_args(args)
