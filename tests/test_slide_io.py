@@ -78,9 +78,8 @@ def test_bad_slide_files(tmp_path, slides):
     data = slides["ome"].read_bytes()
     cut = tmp_path / "cut.tif"
     cut.write_bytes(data[: len(data) // 2])
-    with pytest.raises(SlideReadError, match="cut.tif"):
-        with open_slide(cut) as reader:  # the level-0 IFD survives; its tiles end beyond the file
-            reader.read_region(0, 0, 0, SIZE, SIZE)
+    with pytest.raises(SlideReadError, match="cut.tif: truncated file"):
+        open_slide(cut)  # the level-0 IFD survives; its tiles end beyond the file
 
 
 def test_tissue_detection_finds_the_tissue_rectangle(slides):

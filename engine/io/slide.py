@@ -162,6 +162,11 @@ class TiffSlideReader(SlideReader):
         self.level_dimensions = [(int(p.imagewidth), int(p.imagelength)) for p in self._pages]
         self.mpp = _mpp_from_tiff(self._tf, self._pages[0])
         self._size = os.path.getsize(self.path)
+        for level, page in enumerate(self._pages):
+            end = max((int(o) + int(c) for o, c in zip(page.dataoffsets, page.databytecounts)), default=0)
+            if end > self._size:
+                raise SlideReadError(f"{self.path}: truncated file (level {level} tile data ends at byte {end}, "
+                                     f"the file has {self._size})")
 
     def _chunk(self, page, index: int) -> np.ndarray | None:
         offset, count = int(page.dataoffsets[index]), int(page.databytecounts[index])
