@@ -7,7 +7,7 @@ Rows:
 * ``machinery``: a 4096 px synthetic slide at level 0, tiles of 256 px, with a colour-threshold
   segmenter instead of the models: reading, tissue detection, tile store, pyramid, GeoJSON, preview —
   the job's own cost per tile.
-* ``models``: the 2048 px test slide at 2 µm/px (9 tiles, 4 with tissue) with random-weight SAM ViT-B
+* ``models``: the 2048 px test slide of ``tests/test_slide_cli.py`` at 2 µm/px (9 tiles, 2 with tissue) with random-weight SAM ViT-B
   and DINOv2 ViT-S/14 at 224 (official sizes, weights meaningless): tiles/s of a real run.
 
 ``extra_info`` holds tiles total / skipped / segmented, the share skipped by tissue detection and the
@@ -65,13 +65,14 @@ def test_slide_models(benchmark, tmp_path):
     sam, dino = write_random_checkpoints(tmp_path / "ckpt", sam=["vit_b"], dinov2=["vits14"])
     config = SegmenterConfig.from_preset("sat", dinov2="vits14", image_size=224, batch_size=1)
     segmenter = Segmenter(config, sam_checkpoint=sam, dinov2_checkpoint=dino, device="cpu")
-    slide = write_slide(tmp_path / "bench.tif", 2048)
     from refseg.io.slide import SlideView, open_slide
 
-    with open_slide(slide) as reader:  # reference: a 256 px region around four discs, at 2 µm/px
+    tissue = (0.15, 0.15, 0.6, 0.4)
+    slide = write_slide(tmp_path / "bench.tif", 2048, tissue=tissue)
+    with open_slide(slide) as reader:  # reference: level-0 region (384, 384, 256, 256), at 2 µm/px
         view = SlideView.select(reader, mpp=2.0)
-        image = view.read(200, 200, 64, 64)
-    mask = structure_mask(800, 800, 256, 256, 2048, 2048, (0.3, 0.3, 0.7, 0.7), 96, 24)[::4, ::4]
+        image = view.read(96, 96, 64, 64)
+    mask = structure_mask(384, 384, 256, 256, 2048, 2048, tissue, 96, 24)[::4, ::4]
     segmenter.set_reference(image, mask)
     options = SlideJobOptions(mpp=2.0, tile_size=256, thumbnail_size=512, preview_size=256)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 tifffile = pytest.importorskip("tifffile")
-pytest.importorskip("shapely")
+shapely = pytest.importorskip("shapely")
 
 from refseg.io.slide import SlideView, open_slide  # noqa: E402
 from refseg.runtime.slide_job import SlideJobOptions, run_slide  # noqa: E402
@@ -72,7 +72,7 @@ def test_stitched_mask_equals_tiles_one_by_one(slide, tmp_path):
     assert np.array_equal(stitched, expected)
     assert stitched.any() and not (tmp_path / "slide.tiles").exists()
     data = json.loads((tmp_path / "slide.geojson").read_text())
-    area = sum(__import__("shapely").geometry.shape(f["geometry"]).area for f in data["features"])
+    area = sum(shapely.geometry.shape(f["geometry"]).area for f in data["features"])
     assert abs(area - stitched.sum()) / stitched.sum() < 0.02  # simplified outlines, same area
 
 

@@ -20,6 +20,7 @@ does not say).
 """
 from __future__ import annotations
 
+import abc
 import logging
 import math
 import os
@@ -84,7 +85,7 @@ def is_slide_file(path: str | os.PathLike) -> bool:
         return False
 
 
-class SlideReader:
+class SlideReader(abc.ABC):
     """Interface of the readers: level geometry, mpp and region reads (see the module docstring)."""
 
     path: Path
@@ -102,10 +103,11 @@ class SlideReader:
         w0, h0 = self.dimensions
         return [(w0 / w + h0 / h) / 2.0 for w, h in self.level_dimensions]
 
+    @abc.abstractmethod
     def read_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """(h, w, 3) uint8 RGB of level ``level`` at (x, y) of that level; outside the slide is white."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def close(self) -> None:
         """Release the file."""
 
