@@ -128,3 +128,35 @@ def test_bad_level_mpp_region_and_files_are_reported(data, tmp_path, caplog):
     assert _bad(data, "-i", str(cut), "--slide") == 2
     assert "cut.tif" in caplog.text and "truncated" in caplog.text
     assert not (root / "bad_out" / "case1.ome.tif").exists()
+
+
+def test_reference_routes_region_mask_and_plain_image(data, tmp_path):
+    from refseg.slide_cli import load_references
+    from refseg.testing.synthetic_slide import structure_mask
+
+    root, slides, slide, annotation, common = data
+    level0 = structure_mask(384, 384, 256, 256, SIDE, SIDE, TISSUE, 96, 24)
+    big, small = tmp_path / "mask_l0.png", tmp_path / "mask_l2.png"
+    Image.fromarray(level0 * 255).save(big)
+    Image.fromarray(level0[::4, ::4] * 255).save(small)
+
+    def refs(*argv):
+        args = build_parser().parse_args(["segment", *argv, "-i", str(slide), "-o", str(tmp_path / "o"), *common])
+        return load_references(args)
+
+    for mask in (big, small):  # a level-0 sized mask is resized to the processing resolution
+        (image, got, _), = refs("-r", str(slide), "--region", "384,384,256,256", "-m", str(mask), "--mpp", "2.0")[0]
+        assert image.shape == (64, 64, 3) and got.shape == (64, 64)
+        assert (got.astype(bool) != level0[::4, ::4].astype(bool)).mean() < 0.05
+    region_image = image
+    (image, got, _), = refs("-r", str(slide), "-m", str(annotation), "--level", "1")[0]  # bbox + 25 % margin
+    assert image.shape[:2] == got.shape and 0.1 < got.astype(bool).mean() < 0.6
+    plain = tmp_path / "plain.png"
+    Image.fromarray(region_image).save(plain)
+    (crop, crop_mask, _), = refs("-r", str(plain), "-m", str(small), "--region", "8,8,48,40")[0]
+    assert crop.shape == (40, 48, 3) and np.array_equal(crop, region_image[8:48, 8:56])
+    assert np.array_equal(crop_mask.astype(bool), level0[::4, ::4][8:48, 8:56].astype(bool))
+    with pytest.raises(ValueError, match="mask is 64x64 px but the reference region is 128x128"):
+        refs("-r", str(slide), "--region", "384,384,256,256", "-m", str(small), "--level", "1")
+    names = refs("-r", str(slide), "-m", str(annotation), "--mpp", "2.0")[1]
+    assert names == {1: ("Glomerulus", (200, 0, 0))}
