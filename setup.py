@@ -37,11 +37,13 @@ EXTRAS = {
         "ray[data]>=2.40",        # tests/test_distributed.py runs a local Ray cluster
         "nibabel",                # NIfTI volumes (tests/test_volume*.py)
         "pydicom",                # DICOM series written and read by tests/test_volume_io.py
+        "tifffile", "openslide-python", "openslide-bin", "shapely",  # whole-slide tests
     ],
     "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
     "gpu": ["onnxruntime-gpu>=1.17", "triton", "tensorrt>=10"],
-    # Only what the code imports today (refseg.io.raster: tifffile; checkpoints: safetensors).
-    "io": ["tifffile", "safetensors"],
+    # Only what the code imports: raster (tifffile), checkpoints (safetensors), volume/dicom (nibabel, pydicom).
+    "io": ["tifffile", "safetensors", "nibabel", "pydicom"],
+    "slides": ["tifffile", "openslide-python", "openslide-bin", "shapely"],
     "medsam": ["scipy"],          # MedSAM pre-processing (refseg.models.sam_transforms)
     "dist": ["ray[data]>=2.40"],  # refseg.distributed (refseg segment --ray)
     "bench": ["matplotlib", "scikit-learn"],

@@ -57,6 +57,8 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
                    help="GPUs reserved by each Ray actor (default 0: CPU actors)")
     from refseg.volume_job import add_arguments as add_volume_arguments
     add_volume_arguments(p)
+    from refseg.slide_cli import add_arguments as add_slide_arguments
+    add_slide_arguments(p)
     p.set_defaults(func=_cmd_segment)
 
 
@@ -113,7 +115,10 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from refseg.models.build import check_model_names, resolve_model_checkpoints
     from refseg.runner import finish_run, plan_folder, run_folder, run_settings
     from refseg.segmenter import Segmenter, check_reference, reference_digest
+    from refseg.slide_cli import cmd_segment as segment_slides, wants_slides
 
+    if wants_slides(args):  # slides in, or a slide / GeoJSON reference (refseg.slide_cli)
+        return segment_slides(args, _config_from_args(args))
     if len(args.reference) != len(args.reference_mask):
         raise ValueError("give one -m/--reference-mask per -r/--reference")
     config = _config_from_args(args)

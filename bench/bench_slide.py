@@ -1,0 +1,84 @@
+"""pytest-benchmark rows of the whole-slide job on the synthetic test slide.
+
+    python -m pytest bench/bench_slide.py --benchmark-only [--benchmark-json out.json]
+
+Rows:
+
+* ``machinery``: a 4096 px synthetic slide at level 0, tiles of 256 px, with a colour-threshold
+  segmenter instead of the models: reading, tissue detection, tile store, pyramid, GeoJSON, preview —
+  the job's own cost per tile.
+* ``models``: the 2048 px test slide of ``tests/test_slide_cli.py`` at 2 µm/px (9 tiles, 2 with tissue) with random-weight SAM ViT-B
+  and DINOv2 ViT-S/14 at 224 (official sizes, weights meaningless): tiles/s of a real run.
+
+``extra_info`` holds tiles total / skipped / segmented, the share skipped by tissue detection and the
+tiles per second of the segmentation phase.
+"""
+from __future__ import annotations
+
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pytest_benchmark")
+pytest.importorskip("tifffile")
+pytest.importorskip("shapely")
+
+from refseg.runtime.slide_job import SlideJobOptions, run_slide  # noqa: E402
+from refseg.testing.synthetic_slide import write_slide  # noqa: E402
+
+
+class _Threshold:
+    config = SimpleNamespace(batch_size=4, to_dict=lambda: {"segmenter": "threshold"})
+    classes = [1]
+
+    def segment_batch(self, images):
+        return [SimpleNamespace(mask=(np.asarray(i)[..., 1] < 100).astype(np.uint8)) for i in images]
+
+
+def _record(benchmark, summary):
+    total, skipped = summary["tiles_total"], summary["tiles_background"]
+    benchmark.extra_info.update(tiles_total=total, tiles_skipped=skipped, tiles_segmented=summary["tiles_segmented"],
+                                skipped_share=round(skipped / total, 4), tiles_per_second=summary["tiles_per_second"],
+                                times=summary["times"])
+
+
+def test_slide_machinery(benchmark, tmp_path):
+    slide = write_slide(tmp_path / "bench.tif", 4096)
+    options = SlideJobOptions(tile_size=256, thumbnail_size=1024, preview_size=512)
+
+    def job():
+        shutil.rmtree(tmp_path / "out", ignore_errors=True)
+        return run_slide(_Threshold(), slide, tmp_path / "out", options)
+
+    summary = benchmark.pedantic(job, rounds=3, warmup_rounds=1, iterations=1)
+    _record(benchmark, summary)
+
+
+def test_slide_models(benchmark, tmp_path):
+    from refseg.config import SegmenterConfig
+    from refseg.segmenter import Segmenter
+    from refseg.testing.random_checkpoints import write_random_checkpoints
+    from refseg.testing.synthetic_slide import structure_mask
+
+    sam, dino = write_random_checkpoints(tmp_path / "ckpt", sam=["vit_b"], dinov2=["vits14"])
+    config = SegmenterConfig.from_preset("sat", dinov2="vits14", image_size=224, batch_size=1)
+    segmenter = Segmenter(config, sam_checkpoint=sam, dinov2_checkpoint=dino, device="cpu")
+    from refseg.io.slide import SlideView, open_slide
+
+    tissue = (0.15, 0.15, 0.6, 0.4)
+    slide = write_slide(tmp_path / "bench.tif", 2048, tissue=tissue)
+    with open_slide(slide) as reader:  # reference: level-0 region (384, 384, 256, 256), at 2 µm/px
+        view = SlideView.select(reader, mpp=2.0)
+        image = view.read(96, 96, 64, 64)
+    mask = structure_mask(384, 384, 256, 256, 2048, 2048, tissue, 96, 24)[::4, ::4]
+    segmenter.set_reference(image, mask)
+    options = SlideJobOptions(mpp=2.0, tile_size=256, thumbnail_size=512, preview_size=256)
+
+    def job():
+        shutil.rmtree(tmp_path / "out", ignore_errors=True)
+        return run_slide(segmenter, slide, tmp_path / "out", options)
+
+    summary = benchmark.pedantic(job, rounds=1, warmup_rounds=0, iterations=1)
+    _record(benchmark, summary)
