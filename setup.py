@@ -73,7 +73,7 @@ class OptionalBuildExt(build_ext):
 # the C++ prompt engine (csrc/core) behind refseg._C; no floating-point contraction: every sum
 # must round like the torch reference
 NATIVE = Extension(
-    "refseg._C", sorted(glob.glob("csrc/core/*.cpp")) + ["csrc/python/module.cpp"],
+    "refseg._C", sorted(glob.glob("csrc/core/*.cpp")) + ["csrc/pipeline/resample.cpp", "csrc/python/module.cpp"],
     include_dirs=["csrc/include"], language="c++",
     extra_compile_args=["-std=c++17", "-O2", "-ffp-contract=off", "-fvisibility=hidden"])
 

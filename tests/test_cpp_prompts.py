@@ -179,3 +179,14 @@ def test_bad_input_raises():
     with pytest.raises(IndexError):
         _C.match_nn(np.array([[5]]), np.array([[0]]), np.zeros((1, 1)), np.array([[0, 0]]), np.ones((1, 1), np.int8),
                     True, True, False, True, False)
+
+
+def test_readme_example_is_the_compiled_one():
+    """README's "Embedding from C++" C example is csrc/examples/embed/segment_one.c (built by ctest)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    block = readme[readme.index("## Embedding from C++"):].split("```c\n", 1)[1].split("```", 1)[0]
+    source = (root / "csrc" / "examples" / "embed" / "segment_one.c").read_text(encoding="utf-8")
+    assert source.endswith(block) and len(block.splitlines()) >= 15

@@ -17,6 +17,7 @@ struct ApiError : std::runtime_error {
 };
 
 void set_last_error(const std::string& message);
+const std::string& thread_last_error();
 void clear_last_error();
 
 template <typename F>
@@ -41,6 +42,9 @@ refseg_status guarded(const char* where, F&& body) {
     return REFSEG_ERR_INTERNAL;
   }
 }
+
+struct PromptOptions;
+PromptOptions to_options(const refseg_prompt_params& p);  // validates (ApiError)
 
 inline void require(bool ok, const std::string& message, refseg_status s = REFSEG_ERR_INVALID_ARGUMENT) {
   if (!ok) throw ApiError(s, message);

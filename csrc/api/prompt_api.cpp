@@ -12,6 +12,8 @@ namespace refseg {
 namespace {
 thread_local std::string g_last_error;
 
+}  // namespace
+
 PromptOptions to_options(const refseg_prompt_params& p) {
   require(p.pos_radius >= 0 && p.neg_radius >= 0 && p.exclusion_radius >= 0 && p.hard_radius >= 0,
           "params: radii must be >= 0");
@@ -27,6 +29,8 @@ PromptOptions to_options(const refseg_prompt_params& p) {
   return o;
 }
 
+namespace {
+
 PointList points(const refseg_point* p, int32_t n, const char* name) {
   require(n >= 0, std::string(name) + ": negative count " + std::to_string(n));
   require(p != nullptr || n == 0, std::string(name) + ": NULL pointer with count " + std::to_string(n));
@@ -40,6 +44,7 @@ PointList points(const refseg_point* p, int32_t n, const char* name) {
 }  // namespace
 
 void set_last_error(const std::string& message) { g_last_error = message; }
+const std::string& thread_last_error() { return g_last_error; }
 void clear_last_error() { g_last_error.clear(); }
 
 }  // namespace refseg
@@ -56,11 +61,14 @@ const char* refseg_status_string(refseg_status status) {
     case REFSEG_ERR_INVALID_ARGUMENT: return "REFSEG_ERR_INVALID_ARGUMENT";
     case REFSEG_ERR_BUFFER_TOO_SMALL: return "REFSEG_ERR_BUFFER_TOO_SMALL";
     case REFSEG_ERR_INTERNAL: return "REFSEG_ERR_INTERNAL";
+    case REFSEG_ERR_ARTIFACT: return "REFSEG_ERR_ARTIFACT";
+    case REFSEG_ERR_STATE: return "REFSEG_ERR_STATE";
+    case REFSEG_ERR_CANCELLED: return "REFSEG_ERR_CANCELLED";
+    case REFSEG_ERR_UNSUPPORTED: return "REFSEG_ERR_UNSUPPORTED";
   }
   return "REFSEG_ERR_UNKNOWN";
 }
 
-const char* refseg_last_error(void) { return g_last_error.c_str(); }
 
 refseg_prompt_params refseg_default_prompt_params(void) {
   refseg_prompt_params p;

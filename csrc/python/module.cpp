@@ -11,6 +11,7 @@
 
 #include "../core/prompt_engine.h"
 #include "../include/refseg.h"
+#include "../pipeline/resample.h"
 
 namespace py = pybind11;
 using namespace refseg;
@@ -140,6 +141,17 @@ py::tuple kmeans_py(Arr<float> x, int k, int iters, int64_t seed, const std::str
   return py::make_tuple(centres, labels);
 }
 
+py::array_t<uint8_t> resize_py(Arr<uint8_t> img, int out_w, int out_h, const std::string& filter) {
+  need_dims(img, 3, "image");
+  if (filter != "bicubic" && filter != "bilinear") throw std::invalid_argument("filter must be bicubic or bilinear");
+  const int h = static_cast<int>(img.shape(0)), w = static_cast<int>(img.shape(1)), c = static_cast<int>(img.shape(2));
+  const auto out = resize_like_pil(img.data(), w, h, c, static_cast<long>(w) * c, out_w, out_h,
+                                   filter == "bicubic" ? Filter::Bicubic : Filter::Bilinear);
+  py::array_t<uint8_t> arr({static_cast<long>(out_h), static_cast<long>(out_w), static_cast<long>(c)});
+  std::copy(out.begin(), out.end(), arr.mutable_data());
+  return arr;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -167,6 +179,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("engineer_padded", &engineer_padded, "padded candidate sets -> (points, labels, num_points, boxes)",
         py::arg("pos"), py::arg("pos_valid"), py::arg("neg"), py::arg("neg_valid"), py::arg("sizes"),
         py::arg("options"), py::arg("hard") = py::none(), py::arg("hard_valid") = py::none());
+  m.def("resize_like_pil", &resize_py, "(H, W, C) uint8 -> (out_h, out_w, C) uint8, Pillow's resampling",
+        py::arg("image"), py::arg("out_w"), py::arg("out_h"), py::arg("filter"));
   m.def("kmeans", &kmeans_py, "k-means of (n, d) float32 points -> (centres (k, d), labels (n,))",
         py::arg("points"), py::arg("k"), py::arg("iters"), py::arg("seed"), py::arg("init"));
 }

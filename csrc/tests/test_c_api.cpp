@@ -8,7 +8,7 @@
 #include "refseg.h"
 
 static bool error_mentions(const char* word) {
-  return std::strstr(refseg_last_error(), word) != nullptr;
+  return std::strstr(refseg_last_error(nullptr), word) != nullptr;
 }
 
 int main() {
@@ -40,7 +40,7 @@ int main() {
   mask[0] = 0;            // one BG pixel in cell 0 -> ignored under "all"
   CHECK(refseg_grid_labels(mask.data(), 28, 28, &params, labels.data()) == REFSEG_OK);
   CHECK(labels[0] == -1 && labels[1] == 1 && labels[2] == 1 && labels[3] == 1);
-  CHECK(std::string(refseg_last_error()).find("refseg_grid_labels") == 0);  // last failure stays
+  CHECK(std::string(refseg_last_error(nullptr)).find("refseg_grid_labels") == 0);  // last failure stays
 
   // ---- refseg_engineer_prompts
   const refseg_point pos[3] = {{10, 10}, {12, 10}, {50, 50}};
