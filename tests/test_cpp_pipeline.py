@@ -32,14 +32,36 @@ pytestmark = pytest.mark.skipif(not CLI.is_file(), reason=f"{CLI} not built (cma
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory, small_checkpoints):
+def export_dir(tmp_path_factory):
+    """AOTInductor export of tiny random models (DINOv2-S/14 with 1 block, SAM ViT-B with 1 block):
+    the packages' compile time, not the models, is what this test pays for."""
+    import dataclasses
+
+    from refseg.export.aoti import export_aoti
+    from refseg.models.dinov2 import DINOV2_SPECS, DinoVisionTransformer
+    from refseg.models.dinov2 import init_random_ as init_dinov2
+    from refseg.models.sam import SAM_SPECS, Sam
+    from refseg.models.sam import init_random_ as init_sam
+
+    dino = DinoVisionTransformer(dataclasses.replace(DINOV2_SPECS["vits14"], depth=1))
+    init_dinov2(dino, seed=0)
+    sam = Sam(SAM_SPECS["vit_b"].with_depth(1))
+    init_sam(sam, seed=0)
+    out = tmp_path_factory.mktemp("aoti")
+    with torch._inductor.config.patch({"aot_inductor.compile_wrapper_opt_level": "O0"}):  # compile time
+        manifest = export_aoti(out, dino, sam, image_size=IMAGE_SIZE)
+    assert manifest["export_format"] == "aoti" and manifest["image_size"] == IMAGE_SIZE
+    assert sorted(manifest["graphs"]) == ["dinov2", "sam_decoder", "sam_encoder"]
+    return out
+
+
+def test_export_cli_refuses_bad_aoti_requests(capsys):
     from refseg.cli import main
 
-    sam, dino = small_checkpoints
-    out = tmp_path_factory.mktemp("aoti")
-    assert main(["export", "--format", "aoti", "--dinov2-checkpoint", str(dino), "--sam-checkpoint", str(sam),
-                 "-o", str(out), "--image-size", str(IMAGE_SIZE)]) == 0
-    return out
+    assert main(["export", "--format", "aoti", "--precision", "fp16", "-o", "unused"]) == 2
+    with pytest.raises(SystemExit):
+        main(["export", "--format", "aoti,onnx", "-o", "unused"])
+    assert "writes a folder of its own" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +88,8 @@ def run_cli(export_dir, folder, out):
 
 
 def test_cpp_mask_equals_python_mask(export_dir, pair, small_checkpoints, tmp_path, monkeypatch):
+    """Same packages, same mask, pixel for pixel (the Segmenter's own checkpoints only satisfy its
+    constructor: its backend is replaced by the packages)."""
     from refseg.segmenter import Segmenter
 
     folder, ref, mask, tgt = pair
