@@ -80,7 +80,7 @@ typedef enum refseg_grid_rule {
 
 /* Knobs of the prompt engine; field meanings as in refseg's SegmenterConfig of the same names. */
 typedef struct refseg_prompt_params {
-  refseg_grid_rule grid_rule;
+  int32_t grid_rule;         /* a refseg_grid_rule (an int so any value can be checked safely) */
   double grid_fraction;
   int gbmseg_skip_last;      /* bool: ignore the last grid row and column */
   int gbmseg_offimage_quirk; /* bool: keep off-image points */

@@ -29,7 +29,7 @@ int main() {
   CHECK(refseg_grid_labels(mask.data(), 28, 10, &params, labels.data()) == REFSEG_ERR_INVALID_ARGUMENT);
   CHECK(error_mentions("stride"));
   refseg_prompt_params bad_rule = params;
-  bad_rule.grid_rule = static_cast<refseg_grid_rule>(7);
+  bad_rule.grid_rule = 7;
   CHECK(refseg_grid_labels(mask.data(), 28, 28, &bad_rule, labels.data()) == REFSEG_ERR_INVALID_ARGUMENT);
   refseg_prompt_params bad_fraction = params;
   bad_fraction.grid_rule = REFSEG_GRID_FRACTION;

@@ -136,7 +136,7 @@ int fixtures(const std::string& path) {
       in >> side >> rule;
       p.grid_fraction = num(in);
       in >> p.gbmseg_skip_last;
-      p.grid_rule = static_cast<refseg_grid_rule>(rule);
+      p.grid_rule = rule;
       std::string bits;
       in >> bits;
       std::vector<uint8_t> mask(bits.size());
