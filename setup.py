@@ -3,7 +3,11 @@
 The source folders are installed under one import name:
 ``engine/`` -> ``refseg``, ``kernels/`` -> ``refseg.kernels``, ``export/`` -> ``refseg.export``.
 """
-from setuptools import find_packages, setup
+import glob
+import logging
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
 
 _ROOTS = {"refseg": "engine", "refseg.kernels": "kernels", "refseg.export": "export"}
 
@@ -50,6 +54,38 @@ EXTRAS = {
     "methods": ["scipy", "pot"],  # matcher preset: Hungarian matching (scipy), EMD score (POT, optional)
 }
 
+
+
+class OptionalBuildExt(build_ext):
+    """Build refseg._C (the C++ prompt engine); without a working compiler / pybind11, warn and go on:
+    refseg then runs its pure-torch path (refseg.pipeline.native logs which one is used)."""
+
+    def run(self):
+        try:
+            super().run()
+        except Exception as exc:  # noqa: BLE001 - any build failure leaves the pure-Python install
+            logging.warning("refseg._C not built (%s); the pure-torch prompt engine will be used", exc)
+
+    def build_extension(self, ext):
+        try:
+            import pybind11
+        except ImportError:
+            logging.warning("pybind11 missing: refseg._C not built; the pure-torch prompt engine will be used")
+            return
+        ext.include_dirs.append(pybind11.get_include())
+        try:
+            super().build_extension(ext)
+        except Exception as exc:  # noqa: BLE001
+            logging.warning("refseg._C not built (%s); the pure-torch prompt engine will be used", exc)
+
+
+# the C++ prompt engine (csrc/core) behind refseg._C; no floating-point contraction: every sum
+# must round like the torch reference
+NATIVE = Extension(
+    "refseg._C", sorted(glob.glob("csrc/core/*.cpp")) + ["csrc/pipeline/resample.cpp", "csrc/python/module.cpp"],
+    include_dirs=["csrc/include"], language="c++",
+    extra_compile_args=["-std=c++17", "-O2", "-ffp-contract=off", "-fvisibility=hidden"])
+
 setup(
     name="refseg",
     version="0.1.0",
@@ -63,5 +99,7 @@ setup(
     install_requires=["torch>=2.1", "numpy>=1.23", "pillow>=9", "tqdm>=4"],
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["refseg=refseg.cli:main"]},
+    ext_modules=[NATIVE],
+    cmdclass={"build_ext": OptionalBuildExt},
     license="Apache-2.0",
 )

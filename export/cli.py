@@ -15,12 +15,14 @@ import sys
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("onnx", "tensorrt")
+FORMATS = ("onnx", "tensorrt", "aoti")
 
 
 def _formats(text: str) -> tuple[str, ...]:
     items = tuple(f.strip().lower() for f in text.split(",") if f.strip())
     bad = [f for f in items if f not in FORMATS]
+    if "aoti" in items and len(items) > 1:
+        raise argparse.ArgumentTypeError("--format aoti writes a folder of its own; export onnx/tensorrt separately")
     if bad or not items:
         raise argparse.ArgumentTypeError(f"--format takes a comma list of {', '.join(FORMATS)}, "
                                          f"got {text!r}")
@@ -42,7 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
                    help="encoder precision baked into the graphs (LayerNorm/Softmax stay fp32)")
     p.add_argument("--format", type=_formats, default=("onnx",), dest="formats",
-                   help="onnx (default) or onnx,tensorrt")
+                   help="onnx (default), onnx,tensorrt, or aoti (AOTInductor packages for the C++ core)")
     p.add_argument("--image-size", type=int, default=518, help="DINOv2 input side (multiple of 14)")
     p.add_argument("--max-batch", type=int, default=16, help="largest encoder batch (TensorRT profiles)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
@@ -57,6 +59,9 @@ def run_export(args: argparse.Namespace) -> int:
     """Handler of ``refseg export``; returns the exit code."""
     from refseg.optional import MissingDependencyError, require
 
+    if "aoti" in args.formats:  # AOTInductor packages for the C++ core
+        from refseg.export.aoti import run_from_args
+        return run_from_args(args)
     try:
         require("onnx", "onnx", "refseg export")
     except MissingDependencyError as exc:

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from ..config import PATCH_SIZE, SegmenterConfig
+from . import native
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,11 @@ def binary_to_grid(mask: torch.Tensor, *, rule: str = "all", fraction: float = 0
     s = mask.shape[-1]
     if mask.shape[-2] != s or s % PATCH_SIZE:
         raise ValueError(f"mask must be (..., S, S) with S a multiple of {PATCH_SIZE}, got {tuple(mask.shape)}")
+    if rule == "fraction" and not 0.5 <= fraction <= 1.0:
+        raise ValueError(f"grid fraction must lie in [0.5, 1], got {fraction}")
+    fast = native.grid_labels(mask, rule, fraction, skip_last)
+    if fast is not None:  # the C++ prompt engine (refseg._C) on the CPU: identical results
+        return fast
     g = s // PATCH_SIZE
     cells = mask.reshape(*mask.shape[:-2], g, PATCH_SIZE, g, PATCH_SIZE)
     count = cells.to(torch.int32).sum(dim=(-1, -3))  # (..., G, G) FG pixels per cell

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import SegmenterConfig
+from . import native
 from .grid import BG, FG, cells_to_pixels
 from .grouping import compact
 
@@ -110,6 +111,9 @@ def match_candidates(ref_tokens: torch.Tensor, ref_labels: torch.Tensor, tgt_tok
         return _hungarian_candidates(ref, tgt_tokens, labels, config)
 
     res = _similarity_seam()(ref, tgt_tokens, metric=config.metric, k=1)
+    fast = native.match_nn(res, labels, config)
+    if fast is not None:  # the C++ prompt engine (refseg._C) on the CPU: identical results
+        return Candidates(*fast)
     fwd, far, bwd = res.fwd_idx[..., 0], res.far_idx, res.bwd_idx  # (B, Nr), (B, Nr), (B, Nt)
     fwd_c = fwd[:, None].expand(b, c, nr)
     lab_b = labels[None].expand(b, c, nr)

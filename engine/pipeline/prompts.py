@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..config import SegmenterConfig
+from . import native
 from .grouping import (compact, deduplicate, group_by_radius, mean_distance, min_sq_distance,
                        pairwise_sq_dist, take_points)
 
@@ -157,6 +158,9 @@ def engineer_padded(pos: torch.Tensor, pos_valid: torch.Tensor, neg: torch.Tenso
     Returns:
         :class:`PromptBatch` on the inputs' device.
     """
+    fast = native.engineer_padded(pos, pos_valid, neg, neg_valid, sizes, config, hard, hard_valid, dtype)
+    if fast is not None:  # the C++ prompt engine (refseg._C) on the CPU: identical results
+        return PromptBatch(*fast)
     if not config.gbmseg_offimage_quirk:
         pos_valid, neg_valid = pos_valid & on_image(pos, sizes), neg_valid & on_image(neg, sizes)
         if hard is not None:

@@ -1,0 +1,143 @@
+"""``refseg export --format aoti``: AOTInductor packages of the three graphs for the C++ core.
+
+Each graph of :mod:`refseg.export.wrappers` (the same modules the ONNX export traces) goes through
+``torch.export.export`` and ``torch._inductor.aoti_compile_and_package`` into ``DIR/<graph>.pt2``,
+which C++ loads with ``torch::inductor::AOTIModelPackageLoader`` (csrc/pipeline). Inputs and outputs
+keep the positional order and names of :mod:`refseg.runtime.io_names`; the manifest (written last,
+:mod:`refseg.export.manifest`) records them with their shapes plus ``"format": "aoti"`` and the
+device the packages were compiled for (``cpu`` here; ``cuda`` when exported on a GPU).
+
+Shapes: DINOv2 ``images`` (1, 3, S, S); SAM encoder ``images`` (1, 3, 1024, 1024); decoder
+``point_coords`` (P, N, 2) / ``point_labels`` (P, N) with P and N dynamic, ``mask_input``
+(1, 1, 256, 256) shared. The C++ pipeline runs one image at a time, so encoder batches are 1.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from refseg.export.manifest import MANIFEST_NAME, build_manifest, checkpoint_record, write_manifest
+from refseg.export.wrappers import Dinov2Export, SamDecoderExport, SamEncoderExport
+
+log = logging.getLogger(__name__)
+
+AOTI_FILES = {"dinov2": "dinov2.pt2", "sam_encoder": "sam_encoder.pt2", "sam_decoder": "sam_decoder.pt2"}
+AOTI_FORMAT = "aoti"
+
+
+def compile_graph(wrapper: nn.Module, args: tuple, path: Path, dynamic_shapes=None) -> dict:
+    """torch.export + AOTInductor package of ``wrapper`` at ``path``; returns its manifest record."""
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        program = torch.export.export(wrapper, args, dynamic_shapes=dynamic_shapes)
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    shapes = {name: list(dims) for name, dims in wrapper.io.shapes.items()}
+    log.info("AOTInductor package %s written in %.1f s", path.name, time.perf_counter() - t0)
+    return {"files": [path.name], "inputs": list(wrapper.io.inputs), "outputs": list(wrapper.io.outputs),
+            "shapes": shapes, "precision": "fp32", "dtypes": {n: "float32" for n in shapes}}
+
+
+def export_aoti(out_dir: str | os.PathLike, dinov2_model: nn.Module, sam_model: nn.Module, *, image_size: int,
+                dinov2_checkpoint=None, sam_checkpoint=None, device: str = "cpu") -> dict:
+    """Write ``dinov2.pt2``, ``sam_encoder.pt2``, ``sam_decoder.pt2`` and the manifest into ``out_dir``.
+
+    Args:
+        dinov2_model, sam_model: built models (:func:`refseg.models.build.build_dinov2` / ``build_sam``).
+        image_size: DINOv2 input side S (multiple of 14), fixed in the package.
+        dinov2_checkpoint, sam_checkpoint: their files, recorded in the manifest (None: not recorded).
+        device: ``cpu`` or ``cuda``: the packages run on that device only.
+    """
+    if image_size <= 0 or image_size % 14:
+        raise ValueError(f"image_size {image_size} is not a positive multiple of 14")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)  # an interrupted export leaves no manifest
+    dev = torch.device(device)
+    dino = Dinov2Export(dinov2_model.float().eval().to(dev), image_size).eval()
+    enc = SamEncoderExport(sam_model.float().eval().to(dev)).eval()
+    dec = SamDecoderExport(sam_model, "all").eval()
+    to = lambda args: tuple(a.to(dev) for a in args)  # noqa: E731
+    dec_args = list(to(dec.example_inputs(prompt_sets=2, points=4)))
+    sets, points = torch.export.Dim("prompt_sets", min=1, max=256), torch.export.Dim("points", min=2, max=512)
+    graphs = {
+        "dinov2": compile_graph(dino, to(dino.example_inputs(batch=1)), out_dir / AOTI_FILES["dinov2"]),
+        "sam_encoder": compile_graph(enc, to(enc.example_inputs(batch=1)), out_dir / AOTI_FILES["sam_encoder"]),
+        "sam_decoder": compile_graph(dec, tuple(dec_args), out_dir / AOTI_FILES["sam_decoder"],
+                                     dynamic_shapes=(None, {0: sets, 1: points}, {0: sets, 1: points}, None, None)),
+    }
+    graphs["sam_decoder"]["mask_outputs"] = "all"
+    for key in ("dinov2", "sam_encoder"):
+        graphs[key]["shapes"][graphs[key]["inputs"][0]][0] = 1
+    manifest = build_manifest(out_dir, graphs, precision="fp32", image_size=image_size,
+                              models={"dinov2": dinov2_model.spec.name, "sam": sam_model.spec.name},
+                              checkpoints={"dinov2": checkpoint_record(dinov2_checkpoint),
+                                           "sam": checkpoint_record(sam_checkpoint)},
+                              opset=0, max_batch=1)
+    manifest["export_format"] = AOTI_FORMAT
+    manifest["device"] = dev.type
+    write_manifest(out_dir, manifest)
+    log.info("AOTInductor export written to %s (DINOv2 %s @%d, SAM %s, %s)", out_dir, dinov2_model.spec.name,
+             image_size, sam_model.spec.name, dev.type)
+    return manifest
+
+
+class AotiPackages:
+    """The three packages of an AOTInductor export loaded back in Python, with the Segmenter's backend
+    methods (``encode_dinov2``, ``encode_sam``, ``decode``): used to check an export against the C++
+    core, which runs the same files (tests/test_cpp_pipeline.py, bench/bench_cpp.py).
+
+    Args:
+        folder: the export folder. like: the backend whose ``config`` and ``device`` to report.
+    """
+
+    def __init__(self, folder: str | os.PathLike, like) -> None:
+        from refseg.export.wrappers import pack_prompts
+
+        folder = Path(folder)
+        load = torch._inductor.aoti_load_package
+        self._dinov2, self._encoder, self._decoder = (load(str(folder / AOTI_FILES[k]))
+                                                      for k in ("dinov2", "sam_encoder", "sam_decoder"))
+        self._pack = pack_prompts
+        self.config, self.device = like.config, like.device
+
+    def encode_dinov2(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, T, D) patch tokens (the packages take batch 1)."""
+        return torch.cat([self._dinov2(images[i:i + 1])[0] for i in range(len(images))]).float()
+
+    def encode_sam(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 1024, 1024) -> (B, 256, 64, 64)."""
+        return torch.cat([self._encoder(images[i:i + 1]) for i in range(len(images))])
+
+    def decode(self, embedding, coords, labels, boxes=None, multimask: bool = False):
+        """As the torch backend's ``decode``: (P, C, 256, 256) logits and (P, C) IoU, C = 3 or 1."""
+        c, lab = self._pack(coords, labels, boxes)
+        masks, iou = self._decoder(embedding[None], c, lab, torch.zeros(1, 1, 256, 256), torch.zeros(1))
+        return (masks[:, 1:], iou[:, 1:]) if multimask else (masks[:, :1], iou[:, :1])
+
+
+def run_from_args(args) -> int:
+    """``refseg export --format aoti`` (arguments of :mod:`refseg.export.cli`); returns the exit code."""
+    import sys
+
+    from refseg.models.build import build_dinov2, build_sam
+
+    if args.image_size <= 0 or args.image_size % 14:
+        log.error("--image-size %d is not a positive multiple of 14 (e.g. 518, 560)", args.image_size)
+        return 2
+    if args.precision != "fp32":
+        log.error("--format aoti exports fp32 packages only (got --precision %s)", args.precision)
+        return 2
+    device = "cuda" if str(args.device).startswith("cuda") else "cpu"
+    dinov2 = build_dinov2(args.dinov2, args.dinov2_checkpoint)
+    sam = build_sam(args.sam, args.sam_checkpoint)
+    manifest = export_aoti(args.output, dinov2, sam, image_size=args.image_size,
+                           dinov2_checkpoint=args.dinov2_checkpoint, sam_checkpoint=args.sam_checkpoint,
+                           device=device)
+    for key, graph in manifest["graphs"].items():
+        sys.stdout.write(f"{key}: {', '.join(graph['files'])} (aoti, {device})\n")
+    return 0
