@@ -20,6 +20,11 @@ Variant grid (what the pipeline can launch):
   K in {2, 4, 8, 16, 32, 64}) x k-means++ / first-points init, on (x, y) points (d = 2). Registers grow
   with the padded N and K, so the default grid holds the largest of each.
 
+``--ci`` keeps a representative subset (CI time, about a minute for two architectures): the variants that
+needed the most registers in the full run (fp32 Euclidean and fp16 cosine with masks and k = 64), the
+pipeline's default launch (bf16 cosine k = 1 without masks) and the largest k-means (N = 4096, K = 64).
+The default grid takes about 12 CPU-minutes for two architectures (compiling fp32 "ieee" products is slow).
+
 Exit status 1 when any variant spills (stores or loads) or needs more shared memory per block than the
 architecture allows, 2 when the compiler itself fails. Needs triton (``pip install 'refseg[gpu]'``); runs
 on any machine. ``TRITON_INTERPRET`` is forced to 0 for this process (the interpreter does not compile).
@@ -84,14 +89,20 @@ def _parse_arch(text: str) -> list[int]:
     return out
 
 
-def match_variants(full: bool):
-    """(description, D values, launch-args thunk) for every match variant of the grid."""
+CI_MATCH = {("float32", False, 64, True), ("float16", True, 64, True), ("bfloat16", True, 1, False)}
+CI_KMEANS = {(4096, 64, "k-means++")}
+
+
+def match_variants(grid: str):
+    """(description, D values, launch-args thunk) for every match variant of ``grid`` (ci / default / all)."""
     from .similarity import match_launch_args
-    masks = [(False, False), (True, True)] + ([(True, False), (False, True)] if full else [])
+    masks = [(False, False), (True, True)] + ([(True, False), (False, True)] if grid == "all" else [])
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for cosine in (True, False):
             for k in (1, 5, 64):
                 for rm, tm in masks:
+                    if grid == "ci" and (str(dtype)[6:], cosine, k, rm) not in CI_MATCH:
+                        continue
                     name = (f"{str(dtype).replace('torch.', '')} {'cosine' if cosine else 'euclidean'} k={k} "
                             f"masks={'ref' if rm else '-'}/{'tgt' if tm else '-'}")
 
@@ -104,11 +115,13 @@ def match_variants(full: bool):
                     yield name, MATCH_DIMS, thunk
 
 
-def kmeans_variants(full: bool):
+def kmeans_variants(grid: str):
     from .clustering import kmeans_launch_args
-    for n in (KMEANS_N_ALL if full else KMEANS_N):
-        for k in (KMEANS_K_ALL if full else KMEANS_K):
+    for n in (KMEANS_N_ALL if grid == "all" else KMEANS_N):
+        for k in (KMEANS_K_ALL if grid == "all" else KMEANS_K):
             for init in ("k-means++", "first"):
+                if grid == "ci" and (n, k, init) not in CI_KMEANS:
+                    continue
                 def thunk(_dim, n=n, k=k, init=init):
                     points = torch.empty(1, n, 2)
                     counts = torch.full((1,), n, dtype=torch.int64)
@@ -161,6 +174,11 @@ def _ptxas_usage(ptx: str, capability: int, fp_fusion: bool) -> tuple[int, int, 
     text = res.stdout + res.stderr
     if res.returncode != 0:
         raise RuntimeError(f"ptxas failed ({res.returncode}): {text.strip()[-800:]}")
+    return parse_ptxas_log(text)
+
+
+def parse_ptxas_log(text: str) -> tuple[int, int, int]:
+    """(registers, spill store bytes, spill load bytes) from a ``ptxas -v`` log of one kernel."""
     regs = re.search(r"Used (\d+) registers", text)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     if regs is None:
@@ -175,7 +193,7 @@ def _launch_text(kwargs: dict) -> str:
     return f"blocks {blocks} w{kwargs['num_warps']} s{kwargs['num_stages']} r{kwargs.get('maxnreg') or '-'} {extra}"
 
 
-def run_check(capabilities: list[int], full: bool = False, kernels: tuple[str, ...] = ("match", "kmeans")
+def run_check(capabilities: list[int], grid: str = "default", kernels: tuple[str, ...] = ("match", "kmeans")
               ) -> list[Row]:
     """Compile the variant grid for each capability; one :class:`Row` per (architecture, binary)."""
     os.environ["TRITON_INTERPRET"] = "0"
@@ -189,7 +207,7 @@ def run_check(capabilities: list[int], full: bool = False, kernels: tuple[str, .
             build, variants = builders[name]
             compiler = _Compiler(build(), cc)
             seen: dict[str, Row] = {}
-            for variant, dims, thunk in variants(full):
+            for variant, dims, thunk in variants(grid):
                 dims_seen = []
                 for dim in dims:
                     _grid, args, kwargs, _out = thunk(dim)
@@ -238,7 +256,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--arch", type=_parse_arch, default=[80, 90],
                         help="comma-separated architectures, e.g. sm_80,sm_90 (default)")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON to FILE")
-    parser.add_argument("--all", action="store_true", help="the full grid (one-sided masks, every k-means size)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--all", action="store_true", help="the full grid (one-sided masks, every k-means size)")
+    group.add_argument("--ci", action="store_true", help="the representative subset CI runs (see the module doc)")
     parser.add_argument("--kernel", choices=("match", "kmeans"), action="append",
                         help="check only this kernel (repeatable; default both)")
     args = parser.parse_args(argv)
@@ -247,7 +267,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if triton_reason():
         print(triton_reason(), file=sys.stderr)
         return 2
-    rows = run_check(args.arch, args.all, tuple(args.kernel or ("match", "kmeans")))
+    grid = "all" if args.all else "ci" if args.ci else "default"
+    rows = run_check(args.arch, grid, tuple(args.kernel or ("match", "kmeans")))
     print(format_table(rows))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
