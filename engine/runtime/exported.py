@@ -220,7 +220,7 @@ class TensorRTBackend(ExportedBackend):
             builder = EngineBuilder(onnx_file, profiles, precision=precision,
                                     graph_precision=precision, timing_cache=timing,
                                     log_path=cache.root / f"{graph}-build.log")
-            fields = cache.key_fields(manifest["files"][onnx_file.name]["sha256"], str(trt.__version__),
+            fields = cache.key_fields(graph_digest(manifest, record), str(trt.__version__),
                                       props.name, f"{props.major}.{props.minor}", builder.cache_fields(trt))
             engine_path = cache.get_or_build(graph, fields, builder.build)
             self.runners[graph] = EngineRunner(engine_path, self.device)
@@ -242,6 +242,18 @@ class TensorRTBackend(ExportedBackend):
         if len(parts) == 1:
             return parts[0]
         return [torch.cat([p[k] for p in parts]) for k in range(len(outputs))]
+
+
+def graph_digest(manifest: dict, record: dict) -> str:
+    """One sha256 over every file a graph is built from, in the graph record's order.
+
+    A graph over 2 GB keeps its weights in ``<name>.onnx.data`` beside ``<name>.onnx``; both are in
+    ``record["files"]``, so a re-export with other weights (same ``.onnx`` bytes) gets another engine.
+    """
+    import hashlib
+
+    parts = [f"{name}:{manifest['files'][name]['sha256']}" for name in record["files"]]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 def _checkpoint_identity(path: Path | None) -> dict | None:
@@ -289,7 +301,7 @@ def _export_into(final: Path, config, dinov2_checkpoint, sam_checkpoint, max_bat
                       image_size=config.image_size, max_batch=max_batch)
         if final.exists():
             try:  # another process may have finished the same export meanwhile: keep that one
-                verify_manifest(final, precision=config.precision, image_size=config.image_size,
+                verify_manifest(final, precision=config.precision, image_size=config.image_size, full_check=True,
                                 dinov2_checkpoint=dinov2_checkpoint, sam_checkpoint=sam_checkpoint)
                 return
             except ManifestError:
