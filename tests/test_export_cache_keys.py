@@ -53,3 +53,25 @@ def test_engine_key_covers_external_weights(tmp_path):
                                    "dinov2.onnx.data": {**manifest["files"]["dinov2.onnx.data"], "sha256": "0" * 64}}}
     assert graph_digest(other, record) != first  # same .onnx bytes, other weights: another engine
     assert graph_digest(manifest, record) == first
+
+
+def test_decoder_points_fit_the_profile(caplog):
+    import torch
+
+    from refseg.runtime.exported import TensorRTBackend
+
+    backend = object.__new__(TensorRTBackend)  # only the point-fitting logic: no TensorRT, no graphs
+    backend.name, backend.max_points, backend._cap_logged = "tensorrt", 8, set()
+    coords = torch.arange(2 * 12 * 2, dtype=torch.float32).reshape(2, 12, 2)
+    labels = torch.full((2, 12), -1)
+    labels[0, :5], labels[1, :3] = 1, 0          # 5 real points at most, 7 padding columns
+    c, lab = backend._fit_points(coords, labels, extra=1)
+    assert c.shape == (2, 5, 2) and torch.equal(lab, labels[:, :5])  # padding trimmed, nothing lost
+    labels[0, :] = 1                              # a gbmseg-sized set: 12 points > 8 - 1
+    with caplog.at_level("WARNING", logger="refseg.runtime.exported"):
+        c, lab = backend._fit_points(coords, labels, extra=1)
+        backend._fit_points(coords, labels, extra=1)
+    assert c.shape == (2, 7, 2) and torch.equal(c, coords[:, :7])
+    assert sum("exceed the engine profile" in r.getMessage() for r in caplog.records) == 1
+    backend.max_points = None
+    assert backend._fit_points(coords, labels, extra=1)[0].shape == (2, 12, 2)

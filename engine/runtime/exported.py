@@ -59,6 +59,7 @@ class ExportedBackend(abc.ABC):
         self.mask_outputs = manifest["graphs"]["sam_decoder"].get("mask_outputs", "all")
         shape = manifest["graphs"]["sam_encoder"]["inputs"][io.SAM_ENCODER_INPUT]["shape"]
         self.sam_size = int(shape[-1])
+        self._cap_logged: set[tuple[int, int]] = set()
 
     @abc.abstractmethod
     def _run(self, graph: str, inputs: dict[str, torch.Tensor],
@@ -80,6 +81,31 @@ class ExportedBackend(abc.ABC):
         self._check(images, self.sam_size, f"{self.name} encode_sam")
         return self._run("sam_encoder", {io.SAM_ENCODER_INPUT: images}, (io.SAM_ENCODER_OUTPUT,))[0]
 
+    max_points: int | None = None  # the decoder graph's largest point count (None: any)
+
+    def _fit_points(self, coords: torch.Tensor, labels: torch.Tensor, extra: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fit (P, N) prompt sets plus ``extra`` packed columns into :attr:`max_points`, never failing.
+
+        Trailing columns that are padding (label -1) in every set go first; if the sets still hold more
+        points than the profile takes, each keeps its first points and the cut is logged (warning, once
+        per size): rebuild the engines with a larger ``max_points`` to use them all.
+        """
+        limit = None if self.max_points is None else self.max_points - extra
+        if limit is None or coords.shape[1] <= limit:
+            return coords, labels
+        used = (labels != -1).any(0).nonzero()
+        width = int(used.max()) + 1 if used.numel() else 1
+        if width > limit:
+            key = (width, limit)
+            if key not in self._cap_logged:
+                self._cap_logged.add(key)
+                log.warning("%s decoder: prompt sets of up to %d points exceed the engine profile's %d; "
+                            "keeping the first %d points of each set (rebuild with a larger max_points to "
+                            "use all)", self.name, width, self.max_points, limit)
+            width = limit
+        return coords[:, :width], labels[:, :width]
+
     def decode(self, embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor,
                boxes: torch.Tensor | None = None, multimask: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,6 +126,7 @@ class ExportedBackend(abc.ABC):
                              f"{tuple(coords.shape)} and {tuple(labels.shape)}")
         if boxes is not None and tuple(boxes.shape) != (coords.shape[0], 4):
             raise ValueError(f"{self.name} decode: boxes must be (P, 4), got {tuple(boxes.shape)}")
+        coords, labels = self._fit_points(coords, labels, 1 if boxes is None else 2)
         points, point_labels = pack_prompts(coords, labels, boxes)
         low = 4 * embedding.shape[-1]
         feeds = {io.SAM_DECODER_EMBEDDINGS: embedding.float().reshape(1, *embedding.shape[-3:]),
@@ -211,6 +238,7 @@ class TensorRTBackend(ExportedBackend):
         props = torch.cuda.get_device_properties(self.device)
         self.max_batch = int(manifest.get("max_batch", 16))
         self.max_prompt_sets = max_prompt_sets
+        self.max_points = max_points
         self.runners = {}
         for graph, record in manifest["graphs"].items():
             onnx_file = self.export_dir / record["files"][0]
