@@ -32,6 +32,8 @@ if CUDA:
 else:
     MATCH_SIZE, MATCH_DTYPE, MATCH_BATCHES = (256, 256, 384), torch.float32, (1, 16, 64)
     KMEANS_SIZE, KMEANS_BATCHES = (400, 2, 8), (1, 16, 64)
+    if os.environ.get("REFSEG_BENCH_SMOKE") == "1":  # bench/gpu_check.sh --dry-run: one batch per row
+        MATCH_BATCHES, KMEANS_BATCHES = (1,), (1,)
 
 
 def _sync():

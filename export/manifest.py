@@ -78,7 +78,7 @@ def build_manifest(folder: str | os.PathLike, graphs: dict[str, dict], *, precis
         checkpoints: {"dinov2": :func:`checkpoint_record` or None, "sam": ...}.
     """
     folder = Path(folder)
-    files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    files = {p.name: {"size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns, "sha256": sha256_file(p)}
              for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
     for key, graph in graphs.items():
         missing = [f for f in graph["files"] if f not in files]
@@ -136,11 +136,14 @@ def verify_manifest(folder: str | os.PathLike, *, precision: str | None = None,
                     image_size: int | None = None, dinov2: str | None = None,
                     sam: str | None = None, dinov2_checkpoint: str | os.PathLike | None = None,
                     sam_checkpoint: str | os.PathLike | None = None,
-                    graphs: tuple[str, ...] = tuple(GRAPH_FILES), check_files: bool = True) -> dict:
+                    graphs: tuple[str, ...] = tuple(GRAPH_FILES), check_files: bool = True,
+                    full_check: bool = False) -> dict:
     """Read the manifest of ``folder`` and check it against the request; return it.
 
     Every argument left None is not checked. Checkpoints match when they are the recorded file
-    (same path, size and modification time) or have the recorded sha256.
+    (same path, size and modification time) or have the recorded sha256. Export files are checked by
+    size and modification time (no re-hash of multi-GB graphs at every start); a file whose mtime
+    differs from the record, or every file when ``full_check`` is True, is re-hashed against its sha256.
 
     Raises:
         ManifestError: naming the folder and each mismatch (requested vs recorded), a missing
@@ -176,7 +179,13 @@ def verify_manifest(folder: str | os.PathLike, *, precision: str | None = None,
             path = folder / name
             if not path.is_file():
                 raise ManifestError(f"{path}: listed in the manifest but missing")
-            if path.stat().st_size != record["size"] or sha256_file(path) != record["sha256"]:
+            stat = path.stat()
+            if stat.st_size != record["size"]:
+                raise ManifestError(f"{path}: size {stat.st_size} differs from the manifest's "
+                                    f"{record['size']} (file modified or truncated); export again")
+            if not full_check and stat.st_mtime_ns == record.get("mtime_ns"):
+                continue  # fast path: same size and modification time as when it was exported
+            if sha256_file(path) != record["sha256"]:
                 raise ManifestError(f"{path}: checksum differs from the manifest (file modified or "
                                     "truncated); export again")
     log.debug("export %s verified (%d files)", folder, len(manifest["files"]))

@@ -12,8 +12,8 @@ with fake implementations, so ``torch.compile`` traces through them. Kill switch
 only under ``TRITON_INTERPRET=1`` (tests).
 """
 from .dispatch import KernelUnavailableError
-from .kmeans import kmeans, kmeans_draws, kmeans_reference, kmeans_triton
-from .match import MatchResult, match, match_reference, match_triton
+from .clustering import kmeans, kmeans_draws, kmeans_reference, kmeans_triton
+from .similarity import MatchResult, match, match_reference, match_triton
 
 __all__ = ["KernelUnavailableError", "MatchResult", "kmeans", "kmeans_draws", "kmeans_reference",
            "kmeans_triton", "match", "match_reference", "match_triton"]

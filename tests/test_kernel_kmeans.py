@@ -158,7 +158,7 @@ def test_bad_inputs_raise():
 
 
 def _forbid_kernel(monkeypatch):
-    module = sys.modules["refseg.kernels.kmeans"]
+    module = sys.modules["refseg.kernels.clustering"]
 
     def boom(*args, **kwargs):
         raise AssertionError("the Triton kernel must not run here")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from refseg.kernels import KernelUnavailableError, MatchResult, match, match_reference, match_triton
 from refseg.kernels import dispatch
-from refseg.kernels.match import launch_match
+from refseg.kernels.similarity import launch_match
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -166,7 +166,7 @@ def test_bad_inputs_raise():
 
 
 def _forbid_kernel(monkeypatch):
-    match_module = sys.modules["refseg.kernels.match"]
+    match_module = sys.modules["refseg.kernels.similarity"]
 
     def boom(*args, **kwargs):
         raise AssertionError("the Triton kernel must not run here")

@@ -53,7 +53,7 @@ class Candidates:
 
 
 def _similarity_seam():
-    from refseg.kernels.match import match  # the single similarity seam (Triton kernel / torch reference)
+    from refseg.kernels import match  # the single similarity seam (Triton kernel / torch reference)
     return match
 
 

@@ -96,7 +96,7 @@ def kmeans_thin(points: torch.Tensor, valid: torch.Tensor, k: int, iters: int = 
     big = counts > k
     if k <= 0 or not bool(big.any()):
         return valid
-    from refseg.kernels.kmeans import kmeans  # the one clustering seam (Triton / torch)
+    from refseg.kernels import kmeans  # the one clustering seam (Triton / torch)
 
     sub, sub_counts = points[big].to(torch.float32), counts[big]
     centres, assign, _ = kmeans(sub, sub_counts, k, iters=iters, seed=seed, init="k-means++")

@@ -59,6 +59,7 @@ class ExportedBackend(abc.ABC):
         self.mask_outputs = manifest["graphs"]["sam_decoder"].get("mask_outputs", "all")
         shape = manifest["graphs"]["sam_encoder"]["inputs"][io.SAM_ENCODER_INPUT]["shape"]
         self.sam_size = int(shape[-1])
+        self._cap_logged: set[tuple[int, int]] = set()
 
     @abc.abstractmethod
     def _run(self, graph: str, inputs: dict[str, torch.Tensor],
@@ -79,6 +80,31 @@ class ExportedBackend(abc.ABC):
         """(B, 3, 1024, 1024) normalised, zero-padded float -> embeddings (B, 256, 64, 64) float32."""
         self._check(images, self.sam_size, f"{self.name} encode_sam")
         return self._run("sam_encoder", {io.SAM_ENCODER_INPUT: images}, (io.SAM_ENCODER_OUTPUT,))[0]
+
+    max_points: int | None = None  # the decoder graph's largest point count (None: any)
+
+    def _fit_points(self, coords: torch.Tensor, labels: torch.Tensor, extra: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fit (P, N) prompt sets plus ``extra`` packed columns into :attr:`max_points`, never failing.
+
+        Trailing columns that are padding (label -1) in every set go first; if the sets still hold more
+        points than the profile takes, each keeps its first points and the cut is logged (warning, once
+        per size): rebuild the engines with a larger ``max_points`` to use them all.
+        """
+        limit = None if self.max_points is None else self.max_points - extra
+        if limit is None or coords.shape[1] <= limit:
+            return coords, labels
+        used = (labels != -1).any(0).nonzero()
+        width = int(used.max()) + 1 if used.numel() else 1
+        if width > limit:
+            key = (width, limit)
+            if key not in self._cap_logged:
+                self._cap_logged.add(key)
+                log.warning("%s decoder: prompt sets of up to %d points exceed the engine profile's %d; "
+                            "keeping the first %d points of each set (rebuild with a larger max_points to "
+                            "use all)", self.name, width, self.max_points, limit)
+            width = limit
+        return coords[:, :width], labels[:, :width]
 
     def decode(self, embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor,
                boxes: torch.Tensor | None = None, multimask: bool = False,
@@ -101,6 +127,7 @@ class ExportedBackend(abc.ABC):
                              f"{tuple(coords.shape)} and {tuple(labels.shape)}")
         if boxes is not None and tuple(boxes.shape) != (coords.shape[0], 4):
             raise ValueError(f"{self.name} decode: boxes must be (P, 4), got {tuple(boxes.shape)}")
+        coords, labels = self._fit_points(coords, labels, 1 if boxes is None else 2)
         points, point_labels = pack_prompts(coords, labels, boxes)
         low = 4 * embedding.shape[-1]
         if mask_input is not None and tuple(mask_input.shape) != (coords.shape[0], 1, low, low):
@@ -216,6 +243,7 @@ class TensorRTBackend(ExportedBackend):
         props = torch.cuda.get_device_properties(self.device)
         self.max_batch = int(manifest.get("max_batch", 16))
         self.max_prompt_sets = max_prompt_sets
+        self.max_points = max_points
         self.runners = {}
         for graph, record in manifest["graphs"].items():
             onnx_file = self.export_dir / record["files"][0]
@@ -225,7 +253,7 @@ class TensorRTBackend(ExportedBackend):
             builder = EngineBuilder(onnx_file, profiles, precision=precision,
                                     graph_precision=precision, timing_cache=timing,
                                     log_path=cache.root / f"{graph}-build.log")
-            fields = cache.key_fields(manifest["files"][onnx_file.name]["sha256"], str(trt.__version__),
+            fields = cache.key_fields(graph_digest(manifest, record), str(trt.__version__),
                                       props.name, f"{props.major}.{props.minor}", builder.cache_fields(trt))
             engine_path = cache.get_or_build(graph, fields, builder.build)
             self.runners[graph] = EngineRunner(engine_path, self.device)
@@ -248,6 +276,18 @@ class TensorRTBackend(ExportedBackend):
         if len(parts) == 1:
             return parts[0]
         return [torch.cat([p[k] for p in parts]) for k in range(len(outputs))]
+
+
+def graph_digest(manifest: dict, record: dict) -> str:
+    """One sha256 over every file a graph is built from, in the graph record's order.
+
+    A graph over 2 GB keeps its weights in ``<name>.onnx.data`` beside ``<name>.onnx``; both are in
+    ``record["files"]``, so a re-export with other weights (same ``.onnx`` bytes) gets another engine.
+    """
+    import hashlib
+
+    parts = [f"{name}:{manifest['files'][name]['sha256']}" for name in record["files"]]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 def _checkpoint_identity(path: Path | None) -> dict | None:
@@ -295,7 +335,7 @@ def _export_into(final: Path, config, dinov2_checkpoint, sam_checkpoint, max_bat
                       image_size=config.image_size, max_batch=max_batch)
         if final.exists():
             try:  # another process may have finished the same export meanwhile: keep that one
-                verify_manifest(final, precision=config.precision, image_size=config.image_size,
+                verify_manifest(final, precision=config.precision, image_size=config.image_size, full_check=True,
                                 dinov2_checkpoint=dinov2_checkpoint, sam_checkpoint=sam_checkpoint)
                 return
             except ManifestError:

@@ -84,7 +84,8 @@ class EngineRunner:
 
     def _context(self, profile: int, stream: int):
         if profile not in self.contexts:
-            context = self.engine.create_execution_context()
+            with torch.cuda.device(self.device):  # the context's memory lives on the engine's device
+                context = self.engine.create_execution_context()
             if not context.set_optimization_profile_async(profile, stream):
                 raise RuntimeError(f"TensorRT refused optimisation profile {profile}")
             self.contexts[profile] = context
@@ -113,6 +114,8 @@ class EngineRunner:
             shape = tuple(context.get_tensor_shape(name))
             results[name] = torch.empty(shape, dtype=self.dtypes[name], device=self.device)
             context.set_tensor_address(name, results[name].data_ptr())
-        if not context.execute_async_v3(stream.cuda_stream):
+        with torch.cuda.device(self.device):  # cuda:1 works too: enqueue with the engine's device current
+            ok = context.execute_async_v3(stream.cuda_stream)
+        if not ok:
             raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
         return [results[name].float() for name in wanted]

@@ -3,7 +3,8 @@
 Every backend offers the same three calls, with the same tensors as the exported graphs
 (names in :mod:`refseg.runtime.io_names`):
 
-- ``encode_dinov2(images (B, 3, S, S) float32) -> tokens (B, N, D) float32``
+- ``encode_dinov2(images (B, 3, S, S) float32) -> tokens (B, N, D)``, float32, or float16 / bfloat16 when
+  the encoders run in that precision: the match kernel then gets them as they are (tensor cores on a GPU)
 - ``encode_sam(images (B, 3, 1024, 1024) float32) -> embeddings (B, 256, 64, 64) float32``
 - ``decode(embedding (256, 64, 64), coords (P, N, 2), labels (P, N), boxes (P, 4) | None,
   multimask, mask_input (P, 1, 256, 256) | None) -> (low_res_logits (P, C, 256, 256), iou (P, C))``,
@@ -118,7 +119,7 @@ class TorchBackend:
     @torch.inference_mode()
     def encode_dinov2(self, images: torch.Tensor) -> torch.Tensor:
         out = self._dinov2_features(images.to(self.device, self.dtype, non_blocking=True))
-        return out[self.feature_key].float()
+        return out[self.feature_key]  # encoder dtype: no fp32 copy before matching
 
     @torch.inference_mode()
     def encode_sam(self, images: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import dispatch
+from . import dispatch, launch_configs
 
 tl = None  # triton.language, bound by dispatch.bind_triton on the first kernel call (triton is optional)
 
@@ -287,10 +287,13 @@ def _build_kmeans_kernel():
     return dispatch.bind_triton(globals(), ("_tl_seq_sq_dist", "_tl_lloyd_pass", "_tl_kmeans_kernel"))
 
 
-def launch_kmeans(points: Tensor, counts: Tensor, k: int, iters: int, seed: int,
-                  init: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Run the Triton kernel on validated inputs (one program per problem)."""
-    kernel = _build_kmeans_kernel()
+def kmeans_launch_args(points: Tensor, counts: Tensor, k: int, iters: int, seed: int, init: str,
+                       on_gpu: Optional[bool] = None):
+    """Grid, positional args, keyword args and outputs (centres, labels, inertia) of one launch.
+
+    ``on_gpu`` defaults to "the points are on a CUDA device"; :mod:`refseg.kernels.compile_check` passes
+    ``True`` with CPU tensors. Launch options come from :func:`refseg.kernels.launch_configs.kmeans_launch`.
+    """
     x = points.float().contiguous()
     P, N, d = x.shape
     dev = x.device
@@ -303,11 +306,20 @@ def launch_kmeans(points: Tensor, counts: Tensor, k: int, iters: int, seed: int,
 
     np2 = lambda v: max(2, 1 << (v - 1).bit_length())  # noqa: E731
     NP, KP, DP = np2(N), np2(k), np2(d)
-    block_n = max(16, min(NP, 4096 // DP))
-    kernel[(P,)](x, counts, draws, centres, labels, inertia, N, d, k, iters,
-                 PLUS_PLUS=plus_plus, NP=NP, KP=KP, DP=DP, BLOCK_N=block_n,
-                 num_warps=8 if NP >= 2048 else 4, enable_fp_fusion=False)
-    return centres, labels, inertia
+    cfg = launch_configs.kmeans_launch(NP, DP, dev.type == "cuda" if on_gpu is None else on_gpu)
+    args = (x, counts, draws, centres, labels, inertia, N, d, k, iters)
+    kwargs = dict(PLUS_PLUS=plus_plus, NP=NP, KP=KP, DP=DP, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages, maxnreg=cfg.maxnreg, enable_fp_fusion=False)
+    return (P,), args, kwargs, (centres, labels, inertia)
+
+
+def launch_kmeans(points: Tensor, counts: Tensor, k: int, iters: int, seed: int,
+                  init: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Run the Triton kernel on validated inputs (one program per problem)."""
+    kernel = _build_kmeans_kernel()
+    grid, args, kwargs, out = kmeans_launch_args(points, counts, k, iters, seed, init)
+    kernel[grid](*args, **kwargs)
+    return out
 
 
 def kmeans_triton(points: Tensor, counts: Tensor, k: int, iters: int = 100, seed: int = 0,

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import dispatch
+from . import dispatch, launch_configs
 
 tl = None  # triton.language, bound by dispatch.bind_triton on the first kernel call (triton is optional)
 
@@ -234,7 +234,7 @@ def _tl_merge_best(run_v, run_i, tile_v, tile_ok, cols, K: tl.constexpr, KP: tl.
     slot = tl.arange(0, KP)[None, :]
     new_v = tl.full(run_v.shape, float("-inf"), tl.float32)
     new_i = tl.full(run_i.shape, 2147483647, tl.int32)
-    for j in tl.static_range(K):
+    for j in range(K):  # a loop, not unrolled: k = 64 would otherwise cost 64 copies of the body
         m = tl.maximum(tl.max(tl.where(run_ok, run_v, float("-inf")), 1),
                        tl.max(tl.where(tile_ok, tile_v, float("-inf")), 1))
         hit_run = tl.where(run_ok & (run_v == m[:, None]), run_i, 2147483647)
@@ -281,7 +281,7 @@ def _tl_scan_rows(x_ptr, y_ptr, xvalid_ptr, yvalid_ptr, best_i_ptr, best_v_ptr, 
             dm = (dd < D)[None, :]
             x = tl.load(x_ptr + rows[:, None] * D + dd[None, :], mask=row_in[:, None] & dm, other=0.0)
             y = tl.load(y_ptr + cols[:, None] * D + dd[None, :], mask=col_in[:, None] & dm, other=0.0)
-            if UPCAST:  # Triton's interpreter mis-multiplies bfloat16 in tl.dot; fp32 products are exact
+            if UPCAST:  # interpreter only: it mis-multiplies bfloat16 in tl.dot (see match_launch_args)
                 x = x.to(tl.float32)
                 y = y.to(tl.float32)
             acc = tl.dot(x, tl.trans(y), acc, input_precision=PRECISION)
@@ -342,34 +342,54 @@ def _mask_bytes(mask: Optional[Tensor], like: Tensor) -> Tensor:
     return like if mask is None else mask.to(torch.uint8).contiguous()
 
 
+def match_launch_args(ref: Tensor, tgt: Tensor, ref_valid: Optional[Tensor], tgt_valid: Optional[Tensor],
+                      cosine: bool, k: int, block_r: Optional[int] = None, block_t: Optional[int] = None,
+                      block_d: Optional[int] = None, on_gpu: Optional[bool] = None):
+    """Grid, positional args, keyword args (constexprs and launch options) and outputs of one launch.
+
+    ``on_gpu`` defaults to "the inputs are on a CUDA device"; :mod:`refseg.kernels.compile_check` passes
+    ``True`` with CPU tensors to compile exactly what a GPU launch would. Block sizes and warps come from
+    :func:`refseg.kernels.launch_configs.match_launch` unless given (tests pass small ones, >= 16, powers
+    of two, to exercise partial tiles).
+    """
+    B, Nr, D = ref.shape
+    Nt = tgt.shape[1]
+    dev = ref.device
+    on_gpu = dev.type == "cuda" if on_gpu is None else on_gpu
+    cfg = launch_configs.match_launch(ref.dtype, k, on_gpu)
+    block_r, block_t, block_d = block_r or cfg.block_r, block_t or cfg.block_t, block_d or cfg.block_d
+    kp = max(2, 1 << (k - 1).bit_length())
+    out = tuple(torch.empty(shape, dtype=dtype, device=dev)
+                for shape in ((B, Nr, k), (B, Nr), (B, Nt)) for dtype in (torch.int64, torch.float32))
+    n_ref_tiles = -(-Nr // block_r)
+    grid = (n_ref_tiles + -(-Nt // block_r), B)
+    # fp32 inputs use exact fp32 products (no TF32) so indices agree with torch.cdist / matmul references.
+    # fp16 / bf16 inputs use the tensor cores (fp32 accumulation). Triton's interpreter mis-multiplies
+    # bfloat16 in tl.dot, so there (only) bf16 operands are widened to fp32 inside the kernel after the
+    # bf16 loads: bf16 x bf16 products are exact in fp32, so this computes what the tensor cores compute
+    # up to the summation order.
+    upcast = ref.dtype == torch.bfloat16 and not on_gpu and dispatch.interpreter_enabled()
+    precision = "ieee" if ref.dtype == torch.float32 or upcast else None
+    args = (ref, tgt, _mask_bytes(ref_valid, ref), _mask_bytes(tgt_valid, ref), *out, Nr, Nt, D, n_ref_tiles)
+    kwargs = dict(SIGN=1.0 if cosine else -1.0, COSINE=cosine, K=k, KP=kp, BLOCK_R=block_r,
+                  BLOCK_T=block_t, BLOCK_D=block_d, PRECISION=precision, UPCAST=upcast,
+                  REF_MASKED=ref_valid is not None, TGT_MASKED=tgt_valid is not None,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)
+    return grid, args, kwargs, out
+
+
 def launch_match(ref: Tensor, tgt: Tensor, ref_valid: Optional[Tensor], tgt_valid: Optional[Tensor],
                  cosine: bool, k: int, block_r: Optional[int] = None, block_t: Optional[int] = None,
                  block_d: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Run the Triton kernel on validated inputs; returns the six :class:`MatchResult` fields.
 
-    Block sizes default to 64 x 64 x 64 on GPUs and 32 x 32 x 32 under the interpreter; tests pass smaller
-    ones (>= 16, powers of two) to exercise partial tiles.
+    The launch configuration comes from :mod:`refseg.kernels.launch_configs` (block sizes may be overridden).
     """
     kernel = _build_match_kernel()
     ref, tgt = ref.contiguous(), tgt.contiguous()
-    B, Nr, D = ref.shape
-    Nt = tgt.shape[1]
+    grid, args, kwargs, out = match_launch_args(ref, tgt, ref_valid, tgt_valid, cosine, k,
+                                                block_r, block_t, block_d)
     dev = ref.device
-    default = 32 if dev.type == "cpu" else 64
-    block_r, block_t, block_d = block_r or default, block_t or default, block_d or default
-    kp = max(2, 1 << (k - 1).bit_length())
-    out = tuple(torch.empty(shape, dtype=dtype, device=dev)
-                for shape in ((B, Nr, k), (B, Nr), (B, Nt)) for dtype in (torch.int64, torch.float32))
-    n_ref_tiles = -(-Nr // block_r)
-    n_tiles = n_ref_tiles + -(-Nt // block_r)
-    # fp32 inputs use exact fp32 products (no TF32) so indices agree with torch.cdist / matmul references.
-    upcast = ref.dtype == torch.bfloat16 and dispatch.interpreter_enabled()
-    precision = "ieee" if ref.dtype == torch.float32 or upcast else None
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        kernel[(n_tiles, B)](ref, tgt, _mask_bytes(ref_valid, ref), _mask_bytes(tgt_valid, ref),
-                             *out, Nr, Nt, D, n_ref_tiles,
-                             SIGN=1.0 if cosine else -1.0, COSINE=cosine, K=k, KP=kp, BLOCK_R=block_r,
-                             BLOCK_T=block_t, BLOCK_D=block_d, PRECISION=precision, UPCAST=upcast,
-                             REF_MASKED=ref_valid is not None, TGT_MASKED=tgt_valid is not None)
+        kernel[grid](*args, **kwargs)
     return out
-
