@@ -38,7 +38,7 @@ EXTRAS = {
     "gpu": ["onnxruntime-gpu>=1.17", "triton", "tensorrt>=10"],
     "io": ["nibabel", "pydicom", "tifffile", "tiffslide", "safetensors"],
     "dist": ["ray"],
-    "bench": ["matplotlib", "scikit-learn"],
+    "bench": ["matplotlib", "scikit-learn", "segment-anything==1.0", "torchvision"],  # + dinov2 --no-deps for the baseline
 }
 
 setup(

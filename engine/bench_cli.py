@@ -38,9 +38,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--image-size", type=int, help="DINOv2 input side of the --quick pipeline (default 518)")
     p.add_argument("--threads", type=int, help="CPU threads for torch and ONNX Runtime (default: all cores); "
                                               "1 gives steadier numbers on a CPU shared with other work")
+    p.add_argument("--images", type=int, help="images per end-to-end pass (default 8; fewer targets are cycled)")
+    p.add_argument("--stream-batches", help="comma-separated batch sizes of the streaming rows (default 1,4,16)")
+    p.add_argument("--repeats", type=int, help="passes per end-to-end row (default 3): rows give median and spread")
     p.add_argument("--no-baseline", action="store_true", help="skip the research-style baseline rows")
+    p.add_argument("--readme", metavar="README.md",
+                   help="also regenerate the results table between the refseg-bench markers of this file")
+    p.add_argument("--from-results", metavar="results.json",
+                   help="do not measure: rewrite the report (and --readme) from an earlier results.json")
     p.set_defaults(func=_cmd_bench)
     return p
+
+
+def _batches(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        batches = tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        batches = ()
+    if not batches or min(batches) < 1:
+        raise ValueError(f"--stream-batches {text!r}: give positive integers separated by commas")
+    return batches
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -50,17 +69,30 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"--image-size {args.image_size}: must be a positive multiple of 14")
     budget = None if args.budget == 0 else args.budget
     backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
-    results = run_suite(args.output, quick=args.quick, device=args.device, sam_checkpoint=args.sam_checkpoint,
-                        dinov2_checkpoint=args.dinov2_checkpoint, data_dir=args.data, backends=backends,
-                        budget_s=budget, image_size=args.image_size, baseline=not args.no_baseline,
-                        threads=args.threads)
+    if args.from_results:
+        from refseg.benchmark.report import read_results
+
+        results = read_results(args.from_results)
+    else:
+        results = run_suite(args.output, quick=args.quick, device=args.device, sam_checkpoint=args.sam_checkpoint,
+                            dinov2_checkpoint=args.dinov2_checkpoint, data_dir=args.data, backends=backends,
+                            budget_s=budget, image_size=args.image_size, baseline=not args.no_baseline,
+                            threads=args.threads, images=args.images, repeats=args.repeats,
+                            stream_batches=_batches(args.stream_batches))
     paths = write_report(results, args.output)
+    if args.readme:
+        from refseg.benchmark.report import update_readme
+
+        paths["readme"] = update_readme(results, args.readme)
     ratios = results["ratios"]
     lines = [f"refseg bench: {len(results['rows'])} rows, {len(results['skipped_rows'])} skipped, "
              f"{results['wall_s']:.0f} s on {results['device']}"]
     for key in ("end_to_end_vs_baseline", "end_to_end_best_vs_baseline", "prompt_stage_vs_baseline"):
         if ratios.get(key):
             lines.append(f"  {key}: {ratios[key]:.2f}x")
+    for name, entry in (ratios.get("streaming_vs_per_image") or {}).items():
+        lines.append(f"  streaming_vs_per_image {name}: " + ", ".join(
+            f"{b} {e['ratio']:.2f}x" for b, e in entry.items() if e.get("ratio")))
     if results["random_weights"]:
         lines.append(f"  random weights written to {args.output}/checkpoints: speed numbers only")
     lines += [f"  wrote {p}" for p in paths.values()]
