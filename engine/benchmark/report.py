@@ -106,7 +106,9 @@ def results_table(results: dict) -> str:
            f"{v.get('onnxruntime')}; load average {m.get('load_average_start')} → {m.get('load_average_end')}; "
            f"random weights: {results.get('random_weights')}). Every end-to-end row: "
            f"{plan.get('e2e_images', '?')} images per pass, median of {plan.get('e2e_repeats', '?')} passes "
-           "(range in parentheses); ratios are within this one run.", ""]
+           "(range in parentheses); ratios are within this one run."
+           + (" **Partial run** (`results.partial.json`, stopped before the suite ended): only the rows "
+              "that finished are listed." if str(results.get("schema", "")).endswith("partial") else ""), ""]
     body = []
     for r in e2e:
         b = base.get((r["pipeline"], r["dataset"]))

@@ -257,19 +257,61 @@ def run_suite(out_dir: str | os.PathLike, quick: bool = False, device: str = "au
     if plan.quick and len(sets) == 1 and main.name == "kvasir":
         notes.append("--quick: the GBMSeg example is left out (each extra target costs a SAM encode)")
 
+    model_rows = ModelRows(ctx, baseline_module)
+
+    def collect(final: bool) -> dict:
+        rows = [r for p in pipelines + extra for r in p.rows] + model_rows.rows
+        ratios = compute_ratios(rows)
+        return {
+            "schema": "refseg-bench/1" if final else "refseg-bench/1-partial",
+            "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv),
+            "quick": plan.quick,
+            "device": str(dev),
+            "machine": {**machine(dev), "load_average_start": load_start, "load_average_end": _load_average()},
+            "versions": versions(),
+            "git": git_commit(),
+            "config": {"plan": plan.to_dict(),
+                       "pipelines": {p.spec.label: p.config.to_dict() for p in pipelines},
+                       "variants": [v.to_dict() for v in variants], "skipped_variants": skipped_variants},
+            "checkpoints": checkpoints.sources,
+            "random_weights": checkpoints.random_weights,
+            "data": [s.describe() for s in sets],
+            "rows": rows,
+            "skipped_rows": ctx.skipped_rows,
+            "parity": {p.name: p.parity for p in pipelines + extra if p.parity},
+            "ratios": ratios,
+            "streaming_vs_per_image": ratios["streaming_vs_per_image"],
+            "notes": notes,
+            "wall_s": time.perf_counter() - wall,
+        }
+
+    def save_partial() -> None:
+        """``results.partial.json`` after every row: a run stopped early keeps what it measured."""
+        from .report import write_json
+
+        write_json(collect(final=False), out / "results.partial.json")
+
     for p in pipelines:                              # 1. per-image reference path, baseline, prompt stage
         p.end_to_end(REFERENCE, 1)
+        save_partial()
         if p.spec.baseline:
             p.baseline_row()
+            save_partial()
         p.prompt_rows()
+        save_partial()
     for p in pipelines:                              # 2. streaming at every batch size, same run
         if p.spec.baseline or not plan.quick:
             for batch in plan.e2e_batches:
                 p.end_to_end(REFERENCE, batch, mode="stream")
+                save_partial()
     for p in extra:                                  # 3. parity on the GBMSeg example
         p.end_to_end(REFERENCE, 1, num_images=len(p.set.targets))
+        save_partial()
         p.baseline_row()
+        save_partial()
         p.prompt_rows()
+        save_partial()
         p.release(REFERENCE)
     for p in pipelines:
         p.release(REFERENCE)
@@ -282,35 +324,14 @@ def run_suite(out_dir: str | os.PathLike, quick: bool = False, device: str = "au
         for v in others:
             for batch in plan.variant_e2e_batches:
                 p.end_to_end(v, batch)
+                save_partial()
             p.release(v)
-    model_rows = ModelRows(ctx, baseline_module)     # 5. per-model rows on every variant
-    model_rows.run_all(variants)
+    save_partial()
+    model_rows.run_all(variants)                     # 5. per-model rows on every variant
 
-    rows = [r for p in pipelines + extra for r in p.rows] + model_rows.rows
-    ratios = compute_ratios(rows)
     if checkpoints.random_weights:
         notes.append("random weights (no official checkpoint given or found): speed numbers only; mask "
                      "agreement compares implementations, ground-truth Dice is meaningless")
-    return {
-        "schema": "refseg-bench/1",
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
-        "quick": plan.quick,
-        "device": str(dev),
-        "machine": {**machine(dev), "load_average_start": load_start, "load_average_end": _load_average()},
-        "versions": versions(),
-        "git": git_commit(),
-        "config": {"plan": plan.to_dict(),
-                   "pipelines": {p.spec.label: p.config.to_dict() for p in pipelines},
-                   "variants": [v.to_dict() for v in variants], "skipped_variants": skipped_variants},
-        "checkpoints": checkpoints.sources,
-        "random_weights": checkpoints.random_weights,
-        "data": [s.describe() for s in sets],
-        "rows": rows,
-        "skipped_rows": ctx.skipped_rows,
-        "parity": {p.name: p.parity for p in pipelines + extra if p.parity},
-        "ratios": ratios,
-        "streaming_vs_per_image": ratios["streaming_vs_per_image"],
-        "notes": notes,
-        "wall_s": time.perf_counter() - wall,
-    }
+    results = collect(final=True)
+    (out / "results.partial.json").unlink(missing_ok=True)
+    return results
