@@ -335,3 +335,33 @@ def test_bench_runs_from_a_non_editable_copy_outside_the_source_tree(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "installed copy ok" in result.stdout
     assert json.loads((work / "out" / "results.json").read_text())["rows"][0]["model"] == "vits14"
+
+
+# ------------------------------------------------------------------ end-to-end rows: repeats, streaming
+def test_per_image_and_streaming_rows_agree_and_report_spread(tmp_path, small_checkpoints):
+    """Two passes over 2 small synthetic images, per image and through stream_segment at batch 2, with the
+    2-block SAM: masks identical between the two paths, median and range of the passes, and the ratio."""
+    from refseg.benchmark.context import Budget, CheckpointStore, PipelineSpec, RunContext, SuitePlan
+    from refseg.benchmark.data import synthetic_set
+    from refseg.benchmark.pipeline_rows import PipelineRows
+    from refseg.benchmark.suite import compute_ratios
+    from refseg.benchmark.variants import REFERENCE
+
+    sam_path, dino_path = small_checkpoints
+    plan = SuitePlan(quick=True, dinov2_models=[], sam_models=[], pipelines=[], e2e_images=2, e2e_repeats=2,
+                     e2e_warmup=0)
+    ctx = RunContext(plan, torch.device("cpu"), tmp_path, CheckpointStore(tmp_path), Budget(None))
+    rows = PipelineRows(ctx, PipelineSpec("sat-small", "sat", {"dinov2": "vits14", "image_size": 112}),
+                        synthetic_set(num_targets=2, size=(64, 80)))
+    rows._paths = lambda: {"sam_checkpoint": sam_path, "dinov2_checkpoint": dino_path}
+    per_image = rows.end_to_end(REFERENCE, 1)
+    stream = rows.end_to_end(REFERENCE, 2, mode="stream")
+    assert not ctx.skipped_rows, ctx.skipped_rows
+    for row in (per_image, stream):
+        assert row["images"] == 2 and row["repeats"] == 2 and len(row["repeat_s"]) == 2
+        assert row["images_per_s_min"] <= row["images_per_s"] <= row["images_per_s_max"]
+        assert row["agreement"]["compared"] == 2
+    assert per_image["mode"] == "per_image" and stream["mode"] == "stream"
+    assert stream["agreement"]["identical"] == 2  # streaming gives the per-image masks exactly
+    entry = compute_ratios(rows.rows)["streaming_vs_per_image"]["sat-small/synthetic torch-fp32"]
+    assert entry["b2"]["ratio"] == pytest.approx(stream["images_per_s"] / per_image["images_per_s"])
