@@ -106,8 +106,8 @@ def compute_ratios(rows: list[dict]) -> dict:
     for base in _find(rows, section="baseline"):
         key = {"pipeline": base["pipeline"], "dataset": base["dataset"]}
         e2e = _find(rows, section="end_to_end", **key)
-        ref = next((r for r in _find(e2e, variant=REFERENCE.name, batch=1) if r.get("mode", "per_image") == "per_image"),
-                   None)
+        ref = next((r for r in _find(e2e, variant=REFERENCE.name, batch=1)
+                    if r.get("mode", "per_image") == "per_image"), None)
         best = max(e2e, key=lambda r: r["images_per_s"], default=None)
         prompt_ours = next(iter(_find(rows, section="prompt_stage", variant="refseg", batch=1,
                                       settings="gbmseg", **key)), None)
