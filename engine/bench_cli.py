@@ -1,6 +1,6 @@
 """``refseg bench``: the benchmark suite from the command line.
 
-    refseg bench --quick -o /tmp/bench                       # small models, CPU, minutes
+    refseg bench --quick -o /tmp/bench --readme README.md    # small models, CPU, ~30 min
     refseg bench -o bench_h100 --device cuda                 # every model and backend (GPU)
     refseg bench -o out --sam-checkpoint sam_vit_b_01ec64.pth --dinov2-checkpoint dinov2_vitb14_pretrain.pth
 
@@ -24,7 +24,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "pipeline end to end, against a research-style implementation in the same run.")
     p.add_argument("-o", "--output", required=True, help="output folder (results.json, results.md, throughput.png)")
     p.add_argument("--quick", action="store_true",
-                   help="small models (DINOv2-S at 224/518, SAM-B), two targets, batches 1/2: minutes on a CPU")
+                   help="small models (DINOv2-S at 224/518, SAM-B), gbmseg + sat presets, 8 images x 3 passes, "
+                        "streaming at batch 1/4/16: about half an hour on an idle 2-core CPU")
     p.add_argument("-d", "--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--sam-checkpoint", help="SAM checkpoint (official format); decides the pipelines' SAM size")
     p.add_argument("--dinov2-checkpoint", help="DINOv2 checkpoint (official format); decides their DINOv2 size")
@@ -33,7 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--backends", help="comma-separated variants to run besides torch-fp32 "
                                       "(e.g. torch-bf16,onnxruntime); default: every one present")
     p.add_argument("--budget", type=float, default=-1.0,
-                   help="stop starting rows after this many seconds (default: 450 with --quick, none otherwise; "
+                   help="stop starting rows after this many seconds (default: 3600 with --quick, none otherwise; "
                         "0 = no limit)")
     p.add_argument("--image-size", type=int, help="DINOv2 input side of the --quick pipeline (default 518)")
     p.add_argument("--threads", type=int, help="CPU threads for torch and ONNX Runtime (default: all cores); "
