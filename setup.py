@@ -50,7 +50,7 @@ EXTRAS = {
     "slides": ["tifffile", "openslide-python", "openslide-bin", "shapely"],
     "medsam": ["scipy"],          # MedSAM pre-processing (refseg.models.sam_transforms)
     "dist": ["ray[data]>=2.40"],  # refseg.distributed (refseg segment --ray)
-    "bench": ["matplotlib", "scikit-learn"],
+    "bench": ["matplotlib", "scikit-learn", "segment-anything==1.0", "torchvision"],  # + dinov2 --no-deps for the baseline
     "methods": ["scipy", "pot"],  # matcher preset: Hungarian matching (scipy), EMD score (POT, optional)
 }
 

@@ -58,7 +58,7 @@ def test_random_sets_match_walk_oracle(seed, radii):
     assert pts[lab == 0].tolist() == exp_neg
 
 
-@pytest.mark.parametrize("method", ["steps", "rounds", "auto"])
+@pytest.mark.parametrize("method", ["walk", "steps", "rounds", "auto"])
 @pytest.mark.parametrize("radius", [0.0, 10.0, 30.0, 64.0, 200.0])
 def test_leader_solvers_agree_with_walk(method, radius):
     rng = np.random.default_rng(int(radius))

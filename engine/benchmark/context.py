@@ -38,11 +38,14 @@ class SuitePlan:
     """What the suite measures.
 
     dinov2_models: (name, input side) pairs; sam_models: encoder names; decoder_sets: prompt sets
-    per decoder call with ``decoder_points`` points each; model_batches / e2e_batches: images per
-    call (variant_e2e_batches: those of the non-reference variants end to end); e2e_images: images
-    per end-to-end row (multiple of every batch); baseline_targets: targets the research baseline
-    segments; warm-up / repeats per row kind; budget_s: stop starting rows after this many seconds
-    (None = no limit).
+    per decoder call with ``decoder_points`` points each; model_batches: images per model call;
+    e2e_batches: batch sizes of the streaming rows (:func:`refseg.runtime.stream.stream_segment`),
+    each compared with the per-image row of the same run (variant_e2e_batches: the per-image-path
+    batches of the non-reference variants); e2e_images: images per end-to-end pass (at least the
+    batch; targets are cycled, mirrored copies make them distinct); e2e_repeats: passes per
+    end-to-end row (rows report the median and the spread); baseline_targets: targets the research
+    baseline segments per pass; warm-up / repeats per row kind; budget_s: stop starting rows after
+    this many seconds (None = no limit).
     """
 
     quick: bool
@@ -54,8 +57,9 @@ class SuitePlan:
     model_batches: tuple[int, ...] = (1,)
     e2e_batches: tuple[int, ...] = (1, 2)
     variant_e2e_batches: tuple[int, ...] = (1, 2)  # batches of the non-reference variants end to end
-    e2e_images: int = 2
-    baseline_targets: int = 2
+    e2e_images: int = 8
+    e2e_repeats: int = 3
+    baseline_targets: int = 8
     model_warmup: int = 1
     model_repeats: int = 3
     sam_warmup: int = 1
@@ -70,14 +74,16 @@ class SuitePlan:
 
 
 def quick_plan(image_size: int = 518) -> SuitePlan:
-    """Small models on a 2-core CPU: DINOv2-S at 224 / 518, SAM-B, two targets, batches 1 / 2."""
+    """Small models on a 2-core CPU: DINOv2-S at 224 / 518, SAM-B; ``gbmseg`` (with the baseline) and
+    ``sat`` end to end on 8 images × 3 repeats; streaming at batch 1 / 4 / 16 (about half an hour)."""
     small = {"dinov2": "vits14", "sam": "vit_b", "image_size": image_size}
     return SuitePlan(
         quick=True, dinov2_models=[("vits14", 224), ("vits14", 518)], sam_models=["vit_b"],
-        pipelines=[PipelineSpec("gbmseg-S+B", "gbmseg", small, baseline=True)],
-        model_batches=(1,), e2e_batches=(1, 2), variant_e2e_batches=(1,), e2e_images=2, baseline_targets=2,
-        model_warmup=1, model_repeats=2, sam_warmup=0, sam_repeats=1, e2e_warmup=0, prompt_repeats=3,
-        budget_s=450.0, exported_dinov2=[("vits14", image_size)])
+        pipelines=[PipelineSpec("gbmseg-S+B", "gbmseg", small, baseline=True),
+                   PipelineSpec("sat-S+B", "sat", small)],
+        model_batches=(1,), e2e_batches=(1, 4, 16), variant_e2e_batches=(1,), e2e_images=8, e2e_repeats=3,
+        baseline_targets=8, model_warmup=1, model_repeats=2, sam_warmup=0, sam_repeats=1, e2e_warmup=1,
+        prompt_repeats=5, budget_s=3600.0, exported_dinov2=[("vits14", image_size)])
 
 
 def full_plan(device: torch.device) -> SuitePlan:
@@ -90,7 +96,7 @@ def full_plan(device: torch.device) -> SuitePlan:
         pipelines=[PipelineSpec("sat-B+B", "sat", {}),
                    PipelineSpec("gbmseg-g+L", "gbmseg", {}, baseline=True)],
         model_batches=(1, 16) if cuda else (1,), e2e_batches=(1, 4, 16), variant_e2e_batches=(1, 4, 16),
-        e2e_images=64 if cuda else 16, baseline_targets=8 if cuda else 2,
+        e2e_images=64 if cuda else 16, e2e_repeats=5 if cuda else 3, baseline_targets=8,
         model_warmup=3 if cuda else 1, model_repeats=20 if cuda else 3,
         sam_warmup=3 if cuda else 1, sam_repeats=20 if cuda else 2,
         e2e_warmup=1, prompt_repeats=50 if cuda else 10, budget_s=None,

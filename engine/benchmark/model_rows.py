@@ -106,7 +106,7 @@ class ModelRows:
             return (lambda e, c, lab: backend.decode(e, c, lab, None, False)), None
         official = variant.kind == "official"
         if official and self.baseline is None:
-            return None, "official modules need bench/baseline.py (source checkout)"
+            return None, "official modules need the research baseline (--no-baseline given)"
         if stage == "dinov2":
             return dinov2_runner(self._module("dinov2", name, official), variant, device), None
         sam = self._module("sam", name, official)

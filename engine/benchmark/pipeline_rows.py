@@ -26,6 +26,13 @@ STAGES = ("dinov2", "matching", "prompts", "sam_encoder", "decoder", "postproces
 BASELINE_STAGES = ("dinov2", "grid", "matching", "prompts", "sam_encoder", "decoder")
 
 
+def _spread(rates: list[float]) -> dict:
+    """Median images/s of the repeats with their min, max and spread ((max − min) / median)."""
+    med = float(np.median(rates))
+    return {"images_per_s": med, "images_per_s_min": float(min(rates)), "images_per_s_max": float(max(rates)),
+            "spread": (max(rates) - min(rates)) / med if med else None}
+
+
 def _mean_stages(timings: list[dict], names) -> dict[str, float]:
     return {k: float(np.mean([t.get(k, 0.0) for t in timings])) for k in names} if timings else {}
 
@@ -77,89 +84,137 @@ class PipelineRows:
             torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------------- end to end
-    def end_to_end(self, variant: Variant, batch: int, num_images: int | None = None) -> dict | None:
-        """Images/s, batch latency p50/p95, per-stage seconds per image, peak memory, mask agreement."""
+    def _run_images(self, seg, order: list[int], batch: int, mode: str) -> tuple[list, list[float]]:
+        """One pass over ``order``: [(target index, result)] and the seconds per batch.
+
+        ``per_image`` calls ``segment_batch`` on consecutive chunks of ``batch`` targets (batch 1 = one
+        image per call, the plain per-image path); ``stream`` feeds the same targets as
+        :class:`refseg.runtime.stream.StreamItem` through :func:`refseg.runtime.stream.stream_segment`.
+        """
+        targets, device = self.set.targets, self.ctx.device
+        outputs, latencies = [], []
+        if mode == "per_image":
+            for start in range(0, len(order), batch):
+                chunk = order[start:start + batch]
+                synchronize(device)
+                t = time.perf_counter()
+                results = seg.segment_batch([targets[i] for i in chunk])
+                synchronize(device)
+                latencies.append(time.perf_counter() - t)
+                outputs.extend(zip(chunk, results))
+            return outputs, latencies
+        from refseg.runtime.stream import StreamItem, stream_segment
+
+        items = [StreamItem(key=f"{self.set.name}[{k}]:{self.set.target_names[i]}", load=lambda i=i: targets[i],
+                            meta=i) for k, i in enumerate(order)]
+        t = time.perf_counter()
+        for k, out in enumerate(stream_segment(seg, items, batch_size=batch)):
+            if out.error is not None:
+                raise RuntimeError(f"{out.item.key}: {out.error}") from out.error
+            outputs.append((out.item.meta, out.result))
+            if (k + 1) % batch == 0 or k + 1 == len(items):
+                synchronize(device)
+                now = time.perf_counter()
+                latencies.append(now - t)
+                t = now
+        return outputs, latencies
+
+    def end_to_end(self, variant: Variant, batch: int, num_images: int | None = None,
+                   mode: str = "per_image") -> dict | None:
+        """Images/s (median of the plan's repeats, with min / max), batch latency p50/p95, per-stage
+        seconds per image, peak memory, mask agreement with the fp32 per-image reference.
+
+        Every repeat segments the same ``num_images`` targets (default ``plan.e2e_images``, at least
+        ``batch``; the set's targets are cycled when it has fewer). ``mode``: ``per_image`` or ``stream``.
+        """
         ctx, targets = self.ctx, self.set.targets
-        label = f"e2e:{self.name} {variant.name} b{batch}"
+        label = f"e2e:{self.name} {variant.name} b{batch}" + (" stream" if mode == "stream" else "")
         if not ctx.can_start(label):
             return None
-        n = num_images or ctx.plan.e2e_images
-        n = max(batch, n - n % batch)
+        n = max(batch, num_images or ctx.plan.e2e_images)
         order = self.set.cycled(n)
+        repeats = max(1, ctx.plan.e2e_repeats)
         try:
             seg = self.segmenter(variant)
             seg.config = seg.config.replace(batch_size=batch)
-            chunks = [order[i:i + batch] for i in range(0, n, batch)]
             t0 = time.perf_counter()
             for _ in range(ctx.plan.e2e_warmup):
-                seg.segment_batch([targets[i] for i in chunks[0]])
+                seg.segment_batch([targets[i] for i in order[:batch]])
             warmup_s = time.perf_counter() - t0
-            latencies, outputs = [], []
+            repeat_s, latencies, outputs = [], [], []
             cpu0 = time.process_time()
             with peak_memory(ctx.device) as mem:
-                for chunk in chunks:
-                    synchronize(ctx.device)
-                    t = time.perf_counter()
-                    results = seg.segment_batch([targets[i] for i in chunk])
-                    synchronize(ctx.device)
-                    latencies.append(time.perf_counter() - t)
-                    outputs.extend(zip(chunk, results))
+                for rep in range(repeats):
+                    out, lat = self._run_images(seg, order, batch, mode)
+                    repeat_s.append(sum(lat))
+                    latencies += lat
+                    if rep == 0:
+                        outputs = out
             cpu_s = time.process_time() - cpu0
         except Exception as exc:
             log.exception("row %s failed", label)
             ctx.skip(label, f"failed: {type(exc).__name__}: {exc}")
             return None
-        total = sum(latencies)
+        rates = [n / t for t in repeat_s]
         points = [sum(len(p) for p in r.points.values()) for _, r in outputs]
         sets = max(1, len(seg.classes))
         flops = F.pipeline_flops(self.config.dinov2, self.config.image_size, self.config.sam, sets,
                                  max(1, round(float(np.mean(points)) / sets)))
+        median_s = float(np.median(repeat_s))
         row = {"section": "end_to_end", "pipeline": self.spec.label, "dataset": self.set.name,
-               "variant": variant.name, "precision": variant.precision, "batch": batch, "images": n,
-               "label": label, "images_per_s": n / total, "p50_s": percentile(latencies, 50),
+               "variant": variant.name, "precision": variant.precision, "batch": batch, "mode": mode,
+               "images": n, "distinct_images": len(set(order)), "repeats": repeats, "label": label,
+               **_spread(rates), "repeat_s": repeat_s, "p50_s": percentile(latencies, 50),
                "p95_s": percentile(latencies, 95), "warmup": ctx.plan.e2e_warmup, "warmup_s": warmup_s,
-               "per_image_s": total / n, "cpu_s_per_image": cpu_s / n,
+               "per_image_s": median_s / n, "cpu_s_per_image": cpu_s / (n * repeats),
                "stages_s": _mean_stages([r.timings for _, r in outputs], STAGES),
                "points_mean": float(np.mean(points)), "gflop_per_image": flops["total"] / 1e9,
                **mem.to_dict()}
         peak = F.gpu_peak_tflops(ctx.gpu_name, ctx.peak_precision(variant.precision))
-        row.update(F.achieved(flops["total"], total / n, peak))
+        row.update(F.achieved(flops["total"], median_s / n, peak))
         if variant.name in self._export_s:
             row["export_s"] = self._export_s.pop(variant.name)
-        if variant.is_reference and batch == 1:
+        if variant.is_reference and batch == 1 and mode == "per_image":
             for i, r in outputs:
                 self.reference_masks.setdefault(i, r.mask != 0)
                 c = next(iter(r.points), None)
                 if c is not None:
                     self.reference_prompts.setdefault(i, (r.points[c], r.point_labels[c]))
         pairs = [(r.mask != 0, self.reference_masks[i]) for i, r in outputs if i in self.reference_masks]
-        row["agreement"] = {**mean_agreement(pairs), "vs": f"{REFERENCE.name} b1", "compared": len(pairs)}
+        row["agreement"] = {**mean_agreement(pairs), "vs": f"{REFERENCE.name} b1", "compared": len(pairs),
+                            "identical": sum(bool(np.array_equal(a, b)) for a, b in pairs)}
         gt = [(r.mask != 0, self.set.target_masks[i]) for i, r in outputs if self.set.target_masks[i] is not None]
         row["vs_ground_truth"] = mean_agreement(gt) if gt else None
         self.rows.append(row)
-        log.info("%s: %.3f images/s", label, row["images_per_s"])
+        log.info("%s: %.3f images/s (%d repeats, %.3f-%.3f)", label, row["images_per_s"], repeats,
+                 row["images_per_s_min"], row["images_per_s_max"])
         return row
 
     # --------------------------------------------------------------------------- baseline
     def baseline_row(self) -> dict | None:
-        """The research-style baseline on the first ``baseline_targets`` targets, with the parity check."""
+        """The research-style baseline on ``baseline_targets`` targets (cycled), median of the plan's
+        repeats, with the parity check against the fp32 per-image reference."""
         ctx = self.ctx
         label = f"baseline:{self.name}"
         if self.baseline is None:
-            ctx.skip(label, "bench/baseline.py is not available (source checkout only)")
+            ctx.skip(label, "research baseline unavailable")
             return None
         if not ctx.can_start(label):
             return None
-        n = min(ctx.plan.baseline_targets, len(self.set.targets))
+        order = self.set.cycled(max(1, ctx.plan.baseline_targets))
+        n, repeats = len(order), max(1, ctx.plan.e2e_repeats)
+        runner = None
         try:
             runner = self.baseline.ResearchBaseline(self.config.replace(batch_size=1), device=ctx.device,
                                                     **self._paths())
             ref, ref_mask = self.set.reference, self.set.reference_mask
             for _ in range(ctx.plan.e2e_warmup):
-                runner.segment(ref, ref_mask, self.set.targets[0])
+                runner.segment(ref, ref_mask, self.set.targets[order[0]])
             cpu0 = time.process_time()
+            passes = []
             with peak_memory(ctx.device) as mem:
-                results = [runner.segment(ref, ref_mask, self.set.targets[i]) for i in range(n)]
+                for _ in range(repeats):
+                    passes.append([runner.segment(ref, ref_mask, self.set.targets[i]) for i in order])
             cpu_s = time.process_time() - cpu0
         except Exception as exc:
             log.exception("row %s failed", label)
@@ -168,34 +223,42 @@ class PipelineRows:
         finally:
             runner = None
             gc.collect()
-        totals = [r.timings["total"] for r in results]
+        results = passes[0]
+        repeat_s = [sum(r.timings["total"] for r in p) for p in passes]
+        totals = [r.timings["total"] for p in passes for r in p]
+        median_s = float(np.median(repeat_s))
         flops = F.pipeline_flops(self.config.dinov2, self.config.image_size, self.config.sam, 1,
                                  max(1, round(float(np.mean([len(r.points) for r in results])))), dinov2_passes=4)
         row = {"section": "baseline", "pipeline": self.spec.label, "dataset": self.set.name,
-               "variant": "research-baseline", "precision": "fp32", "batch": 1, "images": n, "label": label,
-               "images_per_s": n / sum(totals), "p50_s": percentile(totals, 50), "p95_s": percentile(totals, 95),
-               "per_image_s": sum(totals) / n, "cpu_s_per_image": cpu_s / n,
-               "stages_s": _mean_stages([r.timings for r in results], BASELINE_STAGES),
+               "variant": "research-baseline", "precision": "fp32", "batch": 1, "mode": "per_image", "images": n,
+               "distinct_images": len(set(order)), "repeats": repeats, "label": label,
+               **_spread([n / t for t in repeat_s]), "repeat_s": repeat_s,
+               "p50_s": percentile(totals, 50), "p95_s": percentile(totals, 95),
+               "per_image_s": median_s / n, "cpu_s_per_image": cpu_s / (n * repeats),
+               "stages_s": _mean_stages([r.timings for p in passes for r in p], BASELINE_STAGES),
                "points_mean": float(np.mean([len(r.points) for r in results])),
                "gflop_per_image": flops["total"] / 1e9, **mem.to_dict(),
                "description": "official dinov2 + segment_anything, fp32 eager, one target at a time, "
                               "reference re-encoded per label set, Python-loop matching and prompts"}
-        row.update(F.achieved(flops["total"], sum(totals) / n,
+        row.update(F.achieved(flops["total"], median_s / n,
                               F.gpu_peak_tflops(ctx.gpu_name, ctx.peak_precision("fp32"))))
-        pairs = [(r.mask, self.reference_masks[i]) for i, r in enumerate(results) if i in self.reference_masks]
-        row["agreement"] = {**mean_agreement(pairs), "vs": f"{REFERENCE.name} b1", "compared": len(pairs)}
+        pairs = [(r.mask, self.reference_masks[i]) for i, r in zip(order, results) if i in self.reference_masks]
+        row["agreement"] = {**mean_agreement(pairs), "vs": f"{REFERENCE.name} b1", "compared": len(pairs),
+                            "identical": sum(bool(np.array_equal(a, b)) for a, b in pairs)}
         per_target = []
-        for i, r in enumerate(results):
+        for i, r in zip(order, results):
             entry = {"target": self.set.target_names[i]}
             if i in self.reference_prompts:
                 entry["prompts"] = compare_prompts(self.reference_prompts[i], (r.points, r.labels))
             if i in self.reference_masks:
                 entry.update(mean_agreement([(r.mask, self.reference_masks[i])]))
+                entry["mask_identical"] = bool(np.array_equal(r.mask, self.reference_masks[i]))
             per_target.append(entry)
         compared = [e for e in per_target if "prompts" in e]
         self.parity["end_to_end"] = {
             "targets": per_target, "prompts_equal": sum(e["prompts"]["equal"] for e in compared),
             "compared": len(compared), "mask_iou_mean": row["agreement"]["iou_mean"],
+            "masks_identical": row["agreement"]["identical"],
             "note": "baseline features come from the official DINOv2 and refseg's from its own (equal within "
                     "~1e-4); a near-tie in a nearest-neighbour search can move one candidate patch"}
         self.rows.append(row)

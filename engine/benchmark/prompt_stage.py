@@ -2,14 +2,12 @@
 
 :func:`refseg_prompt_stage` runs exactly the calls :class:`refseg.Segmenter` makes between the
 DINOv2 and the SAM encoders (matching, candidates -> points, physical-space stage), so both sides can
-be timed and compared on the SAME tokens. The baseline lives in ``bench/baseline.py`` of the source
-checkout; :func:`load_baseline` imports it from there by file location.
+be timed and compared on the SAME tokens. The baseline is :mod:`refseg.benchmark.baseline` (part of the
+installed package; ``bench/baseline.py`` re-exports it for scripts in the source checkout).
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+import importlib
 from types import ModuleType
 
 import numpy as np
@@ -20,36 +18,15 @@ from refseg.pipeline.grid import grids_from_config
 from refseg.pipeline.matching import match_candidates
 from refseg.pipeline.prompts import PromptBatch, prompts_from_candidates
 
-_BASELINE_NAME = "refseg_bench_baseline"
-
-
-def baseline_path() -> Path:
-    """``bench/baseline.py`` beside the ``engine/`` folder of the source checkout."""
-    import refseg
-
-    return Path(refseg.__file__).resolve().parents[1] / "bench" / "baseline.py"
-
 
 def load_baseline() -> ModuleType:
-    """Import ``bench/baseline.py`` (the research-style baseline) by its path.
+    """The research-style baseline module (:mod:`refseg.benchmark.baseline`).
 
-    Raises:
-        ImportError: the file is not there (refseg installed without its source checkout).
+    Kept as a function so callers can treat the baseline as optional: the module itself imports only
+    numpy, torch and PIL; the official ``dinov2`` / ``segment_anything`` packages are imported when a
+    baseline model is built (a clear :class:`refseg.optional.MissingDependencyError` when missing).
     """
-    if _BASELINE_NAME in sys.modules:
-        return sys.modules[_BASELINE_NAME]
-    path = baseline_path()
-    if not path.is_file():
-        raise ImportError(f"research baseline {path} not found: it ships with the source checkout only")
-    spec = importlib.util.spec_from_file_location(_BASELINE_NAME, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[_BASELINE_NAME] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception:
-        del sys.modules[_BASELINE_NAME]
-        raise
-    return module
+    return importlib.import_module("refseg.benchmark.baseline")
 
 
 def reference_labels(mask: np.ndarray, config: SegmenterConfig) -> tuple[list[int], torch.Tensor]:

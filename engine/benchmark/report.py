@@ -63,6 +63,111 @@ def _agreement(row: dict) -> tuple[str, str]:
     return "–", "–"
 
 
+def read_results(path: str | os.PathLike) -> dict:
+    """A ``results.json`` written by :func:`write_report`.
+
+    Raises:
+        ValueError: the file is not JSON or not a refseg-bench results file (names the file).
+    """
+    path = Path(path)
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read benchmark results ({exc})") from exc
+    if not isinstance(results, dict) or not str(results.get("schema", "")).startswith("refseg-bench/"):
+        raise ValueError(f"{path}: not a refseg bench results.json (no refseg-bench schema)")
+    return results
+
+
+def _rate(row: dict) -> str:
+    """Median images/s with the repeats' range."""
+    lo, hi = row.get("images_per_s_min"), row.get("images_per_s_max")
+    rng = f" ({_f(lo)}–{_f(hi)})" if lo is not None and hi is not None and row.get("repeats", 1) > 1 else ""
+    return _f(row["images_per_s"]) + rng
+
+
+def _streaming(results: dict) -> dict:
+    return results.get("streaming_vs_per_image") or results.get("ratios", {}).get("streaming_vs_per_image") or {}
+
+
+def results_table(results: dict) -> str:
+    """The README's results section body, generated from ``results``: end-to-end rows against the
+    research baseline and the per-image path, the prompt stage, and the two CPU targets."""
+    rows, ratios = results["rows"], results.get("ratios", {})
+    m, v = results["machine"], results["versions"]
+    e2e = [r for r in rows if r["section"] in ("baseline", "end_to_end")]
+    base = {(r["pipeline"], r["dataset"]): r for r in rows if r["section"] == "baseline"}
+    per_image = {(r["pipeline"], r["dataset"], r["variant"]): r for r in e2e
+                 if r["section"] == "end_to_end" and r["batch"] == 1 and r.get("mode", "per_image") == "per_image"}
+    plan = results.get("config", {}).get("plan", {})
+    out = [f"Generated from `results.json` of `{results.get('command') or 'refseg bench'}` "
+           f"({results.get('created_utc', '')}; {m.get('cpu')}, {m.get('cpu_count')} cores, torch threads "
+           f"{m.get('torch_threads')}, GPU {m.get('gpu_name') or 'none'}; torch {v.get('torch')}, onnxruntime "
+           f"{v.get('onnxruntime')}; load average {m.get('load_average_start')} → {m.get('load_average_end')}; "
+           f"random weights: {results.get('random_weights')}). Every end-to-end row: "
+           f"{plan.get('e2e_images', '?')} images per pass, median of {plan.get('e2e_repeats', '?')} passes "
+           "(range in parentheses); ratios are within this one run."
+           + (" **Partial run** (`results.partial.json`, stopped before the suite ended): only the rows "
+              "that finished are listed." if str(results.get("schema", "")).endswith("partial") else ""), ""]
+    body = []
+    for r in e2e:
+        b = base.get((r["pipeline"], r["dataset"]))
+        ref = per_image.get((r["pipeline"], r["dataset"], r["variant"]))
+        mode = "research baseline" if r["section"] == "baseline" else \
+            f"{r['variant']} {'stream' if r.get('mode') == 'stream' else 'per-image'} b{r['batch']}"
+        a = r.get("agreement") or {}
+        same = f"{a['identical']}/{a['compared']}" if a.get("compared") and "identical" in a else "–"
+        st = r.get("stages_s", {})
+        stages = " / ".join(_f(st.get(k, 0.0) + (st.get("grid", 0.0) if k == "matching" else 0.0), 3)
+                            for k in ("dinov2", "matching", "prompts", "sam_encoder", "decoder"))
+        body.append([f"{r['pipeline']}/{r['dataset']}", mode, _rate(r),
+                     _f(b and r["images_per_s"] / b["images_per_s"]) if b else "–",
+                     _f(r["images_per_s"] / ref["images_per_s"]) if ref and r is not ref and r["section"] != "baseline"
+                     else "–", same, _memory(r), stages])
+    out += _table(["pipeline", "row", "img/s", "× baseline", "× per-image", "masks identical to fp32 b1",
+                   "peak MiB (rise)", "s/img: DINOv2 / match / prompts / SAM enc / decoder"], body) + [""]
+    prompt = {(r["pipeline"], r["variant"], r.get("settings"), r["batch"]): r for r in rows
+              if r["section"] == "prompt_stage"}
+    for name, entry in ratios.get("by_pipeline", {}).items():
+        pipeline = name.split("/")[0]
+        ours = prompt.get((pipeline, "refseg", "gbmseg", 1))
+        theirs = prompt.get((pipeline, "research-baseline", "gbmseg", 1))
+        e2e_x, p_x = entry.get("end_to_end_vs_baseline"), entry.get("prompt_stage_vs_baseline")
+        out.append(f"- {name}: end to end **{_f(e2e_x)}×** the baseline (range over repeats "
+                   f"{' – '.join(_f(x) for x in entry.get('end_to_end_vs_baseline_range') or []) or '–'}; "
+                   f"masks identical {entry.get('masks_identical')}/{entry.get('masks_compared')}; target ≥ 2×: "
+                   f"{'met' if e2e_x and e2e_x >= 2.0 else 'not met'}); prompt stage **{_f(p_x)}×** "
+                   f"({_f(ours and ours['per_image_s'], 3, 1e3)} ms vs {_f(theirs and theirs['per_image_s'], 3, 1e3)}"
+                   f" ms per image on the same tokens; target ≥ 100×: {'met' if p_x and p_x >= 100 else 'not met'})")
+    for name, entry in _streaming(results).items():
+        out.append(f"- streaming vs per-image, {name}: " + ", ".join(
+            f"{b} {_f(e['ratio'])}× (peak {_f(e.get('peak_mib'), 4)} MiB)" for b, e in entry.items()))
+    return "\n".join(out) + "\n"
+
+
+README_BEGIN = "<!-- refseg-bench results: begin (generated by refseg bench --readme; do not edit) -->"
+README_END = "<!-- refseg-bench results: end -->"
+
+
+def update_readme(results: dict, readme: str | os.PathLike) -> Path:
+    """Replace the text between :data:`README_BEGIN` and :data:`README_END` in ``readme`` with
+    :func:`results_table` (atomic write).
+
+    Raises:
+        ValueError: the file lacks the two markers, in this order (names the file).
+    """
+    from refseg.io.writers import atomic_write_bytes
+
+    path = Path(readme)
+    text = path.read_text(encoding="utf-8")
+    start, end = text.find(README_BEGIN), text.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError(f"{path}: no '{README_BEGIN}' ... '{README_END}' markers to fill")
+    new = text[:start + len(README_BEGIN)] + "\n" + results_table(results) + text[end:]
+    atomic_write_bytes(path, new.encode("utf-8"))
+    return path
+
+
 def markdown(results: dict) -> str:
     """The report as Markdown: machine, ratios, parity, end-to-end, prompt stage, model rows, skips."""
     m, v, rows = results["machine"], results["versions"], results["rows"]
@@ -86,6 +191,10 @@ def markdown(results: dict) -> str:
                          _f(st.get("dinov2")), _f(st.get("sam_encoder")), _f(st.get("decoder"))])
         out += _table(["pipeline", "e2e fp32 b1 ×", "same, CPU time ×", "e2e best ×", "prompt stage ×",
                        "dinov2 ×", "sam enc ×", "decoder ×"], body) + [""]
+    for name, entry in _streaming(results).items():
+        out.append(f"- streaming vs per-image {name}: " + ", ".join(
+            f"{b} {_f(e['ratio'])}× (peak {_f(e.get('peak_mib'), 4)} MiB vs {_f(e.get('per_image_peak_mib'), 4)})"
+            for b, e in entry.items()))
     for name, parity in results.get("parity", {}).items():
         for kind, p in parity.items():
             out.append(f"- parity {name} [{kind}]: prompts equal on {p['prompts_equal']}/{p['compared']} targets"
@@ -94,7 +203,8 @@ def markdown(results: dict) -> str:
     e2e = [r for r in rows if r["section"] in ("end_to_end", "baseline")]
     if e2e:
         out += ["## End to end", ""]
-        body = [[r["pipeline"], r["dataset"], r["variant"], str(r["batch"]), _f(r["images_per_s"]),
+        body = [[r["pipeline"], r["dataset"], r["variant"] + (" stream" if r.get("mode") == "stream" else ""),
+                 str(r["batch"]), _rate(r),
                  _f(r["p50_s"], 3, 1e3), _f(r["p95_s"], 3, 1e3), _f(r.get("cpu_s_per_image")),
                  _memory(r), *_agreement(r), _f(r.get("tflops")), _f(r.get("fraction_of_peak"))]
                 for r in e2e]

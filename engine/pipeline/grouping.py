@@ -1,8 +1,8 @@
 """Physical-space primitives on padded point sets: de-duplication, greedy radius grouping, exclusion.
 
 All functions take P point sets at once, padded to N points: ``points`` (P, N, 2) (x, y) pixels and
-``valid`` (P, N) bool. Distances are dense (P, N, M) tensors of exact squared distances (int32 for
-integer pixel coordinates, else float64); radius tests compare squared distances, and only mean
+``valid`` (P, N) bool. Distances are dense (P, N, M) tensors of exact squared distances (int64 for
+integer tensors, else float64); radius tests compare squared distances, and only mean
 distances take a float64 square root.
 
 Greedy radius grouping (the GBMSeg "sparse sampling"): walk the list in order; each unassigned point
@@ -14,23 +14,19 @@ parallel); membership and representatives are then computed in one pass.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
 def pairwise_sq_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(P, N, 2), (P, M, 2) -> (P, N, M) squared Euclidean distances, exact.
 
-    Integer-valued coordinates below 2**15 (pixel lattices) use int32 arithmetic, anything else
-    float64; explicit differences rather than ``torch.cdist``, whose matrix-product path loses
-    precision and could flip radius tests.
+    Integer inputs use int64 arithmetic, float inputs float64 (exact for the integer pixel lattice,
+    whose squared distances stay far below 2**53); explicit differences rather than ``torch.cdist``,
+    whose matrix-product path loses precision and could flip radius tests. The dtype follows from the
+    input dtypes alone, so nothing is read back to the host.
     """
-    dtype = torch.float64
-    if not a.is_floating_point() or not b.is_floating_point():
-        dtype = torch.int32 if max(a.abs().max().item() if a.numel() else 0,
-                                   b.abs().max().item() if b.numel() else 0) < 2 ** 15 else torch.int64
-    elif a.numel() and b.numel() and bool((a == a.round()).all() and (b == b.round()).all()) \
-            and max(a.abs().max().item(), b.abs().max().item()) < 2 ** 15:
-        dtype = torch.int32
+    dtype = torch.float64 if a.is_floating_point() or b.is_floating_point() else torch.int64
     a, b = a.to(dtype), b.to(dtype)
     dx = a[:, :, None, 0] - b[:, None, :, 0]
     dy = a[:, :, None, 1] - b[:, None, :, 1]
@@ -92,8 +88,14 @@ def greedy_leaders(adj: torch.Tensor, valid: torch.Tensor, method: str = "auto")
       (a leading neighbour would already have covered it); then the new leaders' neighbours are
       covered. One O(P·N²) matrix-vector round decides many points; wins when groups are many.
 
-    ``"auto"`` estimates the group count from the mean neighbourhood size and picks one.
+    * ``"walk"``: the definition itself, on the host: per set, jump to the first uncovered point and
+      cover its neighbours (NumPy, one O(N) step per group, no per-step launches). The fastest on the
+      CPU, where tensors already live on the host; ``"auto"`` picks it for CPU tensors.
+
+    Otherwise ``"auto"`` estimates the group count from the mean neighbourhood size and picks one.
     """
+    if method == "walk" or (method == "auto" and adj.device.type == "cpu"):
+        return _walk_leaders(adj, valid)
     if method == "auto":
         rows = adj[:, :64]  # neighbourhood size sampled on the first rows (the walk's start)
         degree = rows.sum((-1, -2)).to(torch.float64) / valid[:, :64].sum(-1).clamp(min=1)
@@ -112,7 +114,7 @@ def greedy_leaders(adj: torch.Tensor, valid: torch.Tensor, method: str = "auto")
             leaders[p_idx, nxt] |= has
             covered |= adj[p_idx, nxt] & has[:, None]
     if method != "rounds":
-        raise ValueError(f"greedy_leaders: method must be 'auto', 'steps' or 'rounds', got {method!r}")
+        raise ValueError(f"greedy_leaders: method must be 'auto', 'walk', 'steps' or 'rounds', got {method!r}")
     n = adj.shape[-1]
     earlier = (adj & torch.ones(n, n, dtype=torch.bool, device=adj.device).tril(-1)).to(torch.float32)
     adj_f = adj.to(torch.float32)
@@ -127,6 +129,22 @@ def greedy_leaders(adj: torch.Tensor, valid: torch.Tensor, method: str = "auto")
         leaders |= new
         covered = (new.to(torch.float32)[:, None, :] @ adj_f)[:, 0] > 0
         decided |= new | covered
+
+
+def _walk_leaders(adj: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The greedy walk of :func:`greedy_leaders` on the host, set by set (``method="walk"``)."""
+    a, v = adj.cpu().numpy(), valid.cpu().numpy()
+    leaders = np.zeros_like(v)
+    for p in range(v.shape[0]):
+        covered = ~v[p]
+        row = a[p]
+        i = int(covered.argmin())  # first uncovered point (argmin returns the first False)
+        while not covered[i]:
+            leaders[p, i] = True
+            covered |= row[i]
+            covered[i] = True  # never revisit i, even if a caller's adjacency is not reflexive
+            i = int(covered.argmin())
+    return torch.from_numpy(leaders).to(valid.device)
 
 
 def group_by_radius(points: torch.Tensor, valid: torch.Tensor, radius: torch.Tensor | float,
