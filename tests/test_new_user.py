@@ -113,6 +113,7 @@ def test_bad_output_path_is_refused_before_models(tmp_path, caplog):
 class _FakeResult:
     def __init__(self, shape):
         self.mask = np.ones(shape, np.uint8)
+        self.timings = {}
 
 
 class _FakeSegmenter:
@@ -127,11 +128,11 @@ class _FakeSegmenter:
 
     classes = [1]
 
-    def segment_batch(self, images):
-        return [_FakeResult(im.shape[:2]) for im in images]
+    def prepare_target(self, image, source="image"):  # the streaming runtime's protocol
+        return np.asarray(image)
 
-    def segment(self, image):
-        return self.segment_batch([image])[0]
+    def segment_prepared(self, targets):
+        return [_FakeResult(t.shape[:2]) for t in targets]
 
 
 def test_write_failures_are_per_input_and_summary_failure_hides_nothing(tmp_path, caplog):
