@@ -74,8 +74,9 @@ def test_ray_outputs_byte_identical_to_single_process(cluster, job, tmp_path):
     assert summary.succeeded == len(inputs) - 1
     assert [f["path"] for f in summary.failed] == [str(p) for p in inputs if p.name == "broken.png"]
     assert _files(tmp_path) == _files(single)  # masks and overlays, byte for byte
+    assert (tmp_path / "run_config.json").is_file()  # the settings fingerprint, written before any output
     for js in single.glob("*.json"):
-        if js.name != "summary.json":
+        if js.name not in ("summary.json", "run_config.json"):
             assert _without_timings(tmp_path / js.name) == _without_timings(js)
     ours, theirs = (json.loads((d / "summary.json").read_text()) for d in (tmp_path, single))
     assert set(ours) == set(theirs)
