@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from refseg.config import SegmenterConfig
-from refseg.kernels.match import match_reference
+from refseg.kernels import match_reference
 from refseg.pipeline import native
 from refseg.pipeline.matching import match_candidates
 from refseg.pipeline.prompts import prompts_from_candidates

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from refseg.config import SegmenterConfig
-from refseg.kernels.kmeans import kmeans_reference
-from refseg.kernels.match import match
+from refseg.kernels import kmeans_reference
+from refseg.kernels import match
 from refseg.pipeline import native
 from refseg.pipeline.grid import binary_to_grid
 from refseg.pipeline.matching import match_candidates

@@ -1,4 +1,4 @@
-// Deterministic k-means (refseg.kernels.kmeans.kmeans_reference) and k-means thinning
+// Deterministic k-means (refseg.kernels.kmeans_reference) and k-means thinning
 // (refseg.pipeline.prompts.kmeans_thin). float32 arithmetic in the reference's order.
 #include <cmath>
 #include <cstring>

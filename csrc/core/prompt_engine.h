@@ -7,7 +7,7 @@
 //   physical space      refseg.pipeline.prompts.engineer_padded (off-image drop, de-duplication,
 //                       greedy radius grouping with the representative rule, exclusion, k-means
 //                       thinning, hard negatives, cap, box)
-//   k-means             refseg.kernels.kmeans.kmeans_reference (deterministic k-means++ draws)
+//   k-means             refseg.kernels.kmeans_reference (deterministic k-means++ draws)
 // Points are (x, y) pixels of the target image, float64. Must be compiled without floating-point
 // contraction (-ffp-contract=off) so that every sum rounds like the torch reference.
 #pragma once
