@@ -1,5 +1,5 @@
 // The C++ pipeline: the same stages, in the same arithmetic, as refseg.Segmenter with the torch
-// backend (features.dinov2_batch, grid.grids_from_config, kernels.match.match_reference,
+// backend (features.dinov2_batch, grid.grids_from_config, kernels.match_reference,
 // matching/prompts, sam_transforms.prepare_images / postprocess_masks, decode.to_label_map),
 // with the models run from AOTInductor packages.
 #include "engine.h"
@@ -194,7 +194,7 @@ void Pipeline::segment(const ImageView& image, uint8_t* out, long out_stride, co
   step("dinov2", 0.0f);
   at::Tensor tgt = s.encode_dinov2(image);  // (1, Nt, D)
   step("matching", 0.2f);
-  // kernels.match.match_reference, top-1 without masks
+  // kernels.match_reference, top-1 without masks
   at::Tensor a = s.ref_tokens, b = tgt, score;
   const bool cosine = s.opt.match.cosine;
   if (cosine) {
