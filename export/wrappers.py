@@ -15,7 +15,7 @@ positional inputs and tuple outputs are the graph's, named by :mod:`refseg.runti
   top-left and bottom-right box corners), ``mask_input`` (M, 1, 256, 256) logits with M = 1
   (shared) or P, ``has_mask_input`` (1,) (1.0 uses ``mask_input``). Boxes are therefore passed as
   two extra points, and a prompt without a box needs one padding point appended, as SAM's prompt
-  encoder does itself (:func:`pack_prompts` does both).
+  encoder does itself (:func:`refseg.runtime.io_names.pack_prompts` does both).
 
 Graph inputs and outputs are always float32; fp16 graphs cast inside (see :mod:`refseg.export.fp16`).
 """
@@ -194,27 +194,3 @@ class SamDecoderExport(nn.Module):
             return masks[:, :1], iou[:, :1]
         return masks, iou
 
-
-def pack_prompts(coords: torch.Tensor, labels: torch.Tensor,
-                 boxes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Turn SAM's (points, boxes) prompts into the decoder graph's ``point_coords``/``point_labels``.
-
-    Args:
-        coords: (P, N, 2) (x, y) pixels of the 1024 frame; labels: (P, N) 1 / 0 / -1.
-        boxes: (P, 4) XYXY pixels of the 1024 frame, or None.
-
-    Returns:
-        coords (P, N + 2, 2) with the box corners (labels 2, 3) appended when ``boxes`` is given,
-        else (P, N + 1, 2) with one padding point (0, 0) of label -1, both float32 — the same
-        sparse prompt SAM's prompt encoder builds from (points, boxes).
-    """
-    coords = coords.float()
-    labels = labels.float()
-    sets = coords.shape[0]
-    if boxes is None:
-        extra = coords.new_zeros(sets, 1, 2)
-        extra_labels = labels.new_full((sets, 1), -1.0)
-    else:
-        extra = boxes.float().reshape(sets, 2, 2).to(coords.device)
-        extra_labels = torch.tensor([2.0, 3.0], device=labels.device).expand(sets, 2)
-    return torch.cat([coords, extra], dim=1), torch.cat([labels, extra_labels], dim=1)

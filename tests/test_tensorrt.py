@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from refseg.export.tensorrt_build import EngineBuilder, EngineCache, default_profiles
+from refseg.runtime.tensorrt_build import EngineBuilder, EngineCache, default_profiles
 from refseg.runtime import io_names as io
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None

@@ -1,5 +1,9 @@
 """Build TensorRT engines from the exported ONNX graphs, with a timing cache and an engine cache.
 
+The runtime builds them: an engine is specific to the GPU and TensorRT version at hand, so
+:class:`refseg.runtime.exported.TensorRTBackend` builds each one on first use (``refseg export
+--format tensorrt`` only warms this cache through that backend).
+
     builder = EngineBuilder(export_dir / "sam_encoder.onnx", profiles, precision="fp16",
                             graph_precision="fp16")
     plan = builder.build()                                  # serialized engine (bytes)
