@@ -256,12 +256,12 @@ class TensorRTBackend(ExportedBackend):
             precision = record.get("precision", "fp32")
             profiles = default_profiles(graph, manifest, max_prompt_sets, max_points)
             timing = cache.root / f"timing-trt{trt.__version__}-{props.name.replace(' ', '_')}.cache"
-            builder = EngineBuilder(onnx_file, profiles, precision=precision,
-                                    graph_precision=precision, timing_cache=timing,
+            builder = EngineBuilder(onnx_file, profiles, precision=precision, timing_cache=timing,
                                     log_path=cache.root / f"{graph}-build.log")
             fields = cache.key_fields(graph_digest(manifest, record), str(trt.__version__),
-                                      props.name, f"{props.major}.{props.minor}", builder.cache_fields(trt))
-            engine_path = cache.get_or_build(graph, fields, builder.build)
+                                      props.name, f"{props.major}.{props.minor}", builder.cache_fields())
+            with torch.cuda.device(self.device):  # built and timed on the backend's GPU (cuda:1 too)
+                engine_path = cache.get_or_build(graph, fields, builder.build)
             self.runners[graph] = EngineRunner(engine_path, self.device)
         log.info("tensorrt %s backend on %s (%s), engines in %s", trt.__version__, props.name,
                  self.precision, cache.root)
