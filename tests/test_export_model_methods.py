@@ -64,7 +64,7 @@ def test_sam_packed_prompt_methods_match_decode():
 
 def test_export_wrappers_use_only_public_model_methods():
     # Attributes that belong to the models' insides: a wrapper touching them re-writes a forward.
-    internals = {"blocks", "patch_embed", "norm", "cls_token", "register_tokens", "pos_embed_table",
+    internals = {"blocks", "patch_embed", "norm", "cls_token", "register_tokens",
                  "point_embeddings", "no_mask_embed", "not_a_point_embed", "embed_points", "embed_masks",
                  "mask_downscaling", "predict_masks", "image_encoder", "mask_decoder", "pe_layer"}
     tree = ast.parse((ROOT / "export" / "wrappers.py").read_text(encoding="utf-8"))
