@@ -174,9 +174,12 @@ class Segmenter:
                  compile: bool = False):
         if device == "auto" and config.device is not None:
             device = config.device  # an explicit device argument wins over the config's
+        from refseg.export.cache_fill import fill_export_folder  # the runtime never imports export
+
         self.backend = create_backend(backend, config, sam_checkpoint=sam_checkpoint,
                                       dinov2_checkpoint=dinov2_checkpoint, device=device,
-                                      engine_dir=engine_dir, compile=compile)
+                                      engine_dir=engine_dir, compile=compile,
+                                      exporter=fill_export_folder)
         self.config = self.backend.config  # model names as actually loaded
         self.device = self.backend.device
         self.sam_size = getattr(self.backend, "sam_size", 1024)  # SAM's square input side

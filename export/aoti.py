@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from refseg.export.manifest import MANIFEST_NAME, build_manifest, checkpoint_record, write_manifest
+from refseg.export.manifest import build_manifest, checkpoint_record, write_manifest
 from refseg.export.wrappers import Dinov2Export, SamDecoderExport, SamEncoderExport
+from refseg.runtime.io_names import MANIFEST_NAME, pack_prompts
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,6 @@ class AotiPackages:
     """
 
     def __init__(self, folder: str | os.PathLike, like) -> None:
-        from refseg.export.wrappers import pack_prompts
-
         folder = Path(folder)
         load = torch._inductor.aoti_load_package
         self._dinov2, self._encoder, self._decoder = (load(str(folder / AOTI_FILES[k]))

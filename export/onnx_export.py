@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from refseg.export.fp16 import convert_float_to_float16, float16_report
-from refseg.export.manifest import (GRAPH_FILES, MANIFEST_NAME, build_manifest, checkpoint_record,
-                                    write_manifest)
+from refseg.export.manifest import build_manifest, checkpoint_record, write_manifest
 from refseg.export.wrappers import Dinov2Export, SamDecoderExport, SamEncoderExport
+from refseg.runtime.io_names import GRAPH_FILES, MANIFEST_NAME
 
 log = logging.getLogger(__name__)
 

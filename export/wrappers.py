@@ -5,8 +5,8 @@ positional inputs and tuple outputs are the graph's, named by :mod:`refseg.runti
 
 * :class:`Dinov2Export`: ``images`` (B, 3, S, S) float32 -> ``patch_tokens`` (B, T, D),
   ``cls_token`` (B, D), T = (S/14)². S is fixed when the wrapper is built: the position table is
-  resampled once here (exactly as ``DinoVisionTransformer.prepare_tokens`` does) and enters the
-  graph as one constant, so the graph holds no bicubic resize.
+  resampled once here (``DinoVisionTransformer.position_embedding``) and enters the graph as one
+  constant, so the graph holds no bicubic resize.
 * :class:`SamEncoderExport`: ``images`` (B, 3, 1024, 1024) float32 -> ``image_embeddings``
   (B, 256, 64, 64).
 * :class:`SamDecoderExport`: P prompt sets against one image embedding, the calling convention
@@ -15,7 +15,7 @@ positional inputs and tuple outputs are the graph's, named by :mod:`refseg.runti
   top-left and bottom-right box corners), ``mask_input`` (M, 1, 256, 256) logits with M = 1
   (shared) or P, ``has_mask_input`` (1,) (1.0 uses ``mask_input``). Boxes are therefore passed as
   two extra points, and a prompt without a box needs one padding point appended, as SAM's prompt
-  encoder does itself (:func:`pack_prompts` does both).
+  encoder does itself (:func:`refseg.runtime.io_names.pack_prompts` does both).
 
 Graph inputs and outputs are always float32; fp16 graphs cast inside (see :mod:`refseg.export.fp16`).
 """
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from refseg.models.dinov2 import DinoVisionTransformer, interpolate_pos_embed
+from refseg.models.dinov2 import DinoVisionTransformer
 from refseg.runtime import io_names as io
 
 MASK_OUTPUTS = ("all", "multi", "single")  # decoder mask sets an export can return
@@ -57,8 +57,9 @@ class Dinov2Export(nn.Module):
         model: a :class:`DinoVisionTransformer` (eval mode; with or without register tokens).
         image_size: S, a multiple of the patch size (14).
 
-    The forward pass is ``forward_features`` for ``masks=None``; the resampled position table is
-    a buffer computed here, so tracing sees no shape arithmetic on it.
+    The forward pass is the model's ``tokens_with_positions`` + ``features_from_tokens`` (its
+    ``forward_features`` for ``masks=None``) with the resampled position table a buffer computed
+    here, so tracing sees no shape arithmetic on it.
     """
 
     def __init__(self, model: DinoVisionTransformer, image_size: int) -> None:
@@ -70,10 +71,8 @@ class Dinov2Export(nn.Module):
         self.model = model
         self.image_size = image_size
         grid = image_size // patch
-        spec = model.spec
         with torch.no_grad():
-            pos = interpolate_pos_embed(model.pos_embed.detach(), (grid, grid),
-                                        spec.interpolate_offset, spec.interpolate_antialias)
+            pos = model.position_embedding((grid, grid))
         self.register_buffer("pos_embed", pos.to(model.pos_embed.dtype).clone(), persistent=False)
         self.num_tokens = grid * grid
         self.io = GraphIO(
@@ -88,18 +87,8 @@ class Dinov2Export(nn.Module):
         return (torch.randn(batch, 3, self.image_size, self.image_size, generator=gen),)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        m = self.model
-        tokens = m.patch_embed(images)
-        batch = tokens.shape[0]
-        tokens = torch.cat((m.cls_token.to(tokens.dtype).expand(batch, -1, -1), tokens), dim=1)
-        tokens = tokens + self.pos_embed.to(tokens.dtype)
-        if m.register_tokens is not None:  # registers go after cls, once positions are added
-            registers = m.register_tokens.to(tokens.dtype).expand(batch, -1, -1)
-            tokens = torch.cat((tokens[:, :1], registers, tokens[:, 1:]), dim=1)
-        for block in m.blocks:
-            tokens = block(tokens)
-        normed = m.norm(tokens)
-        return normed[:, 1 + m.num_register_tokens:], normed[:, 0]
+        features = self.model.features_from_tokens(self.model.tokens_with_positions(images, self.pos_embed))
+        return features["x_norm_patchtokens"], features["x_norm_clstoken"]
 
 
 class SamEncoderExport(nn.Module):
@@ -107,7 +96,7 @@ class SamEncoderExport(nn.Module):
 
     def __init__(self, sam: nn.Module) -> None:
         super().__init__()
-        self.encoder = sam.image_encoder
+        self.sam = sam
         self.img_size = sam.spec.img_size
         grid = sam.spec.embedding_size
         self.io = GraphIO(
@@ -121,14 +110,14 @@ class SamEncoderExport(nn.Module):
         return (torch.randn(batch, 3, self.img_size, self.img_size, generator=gen),)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.encoder(images)
+        return self.sam.encode_image(images)
 
 
 class SamDecoderExport(nn.Module):
     """SAM prompt encoder + mask decoder for P prompt sets against one image embedding.
 
     Args:
-        sam: a SAM model (``prompt_encoder``, ``mask_decoder``).
+        sam: a :class:`refseg.models.sam.Sam` (its prompt and decoder methods are the graph).
         mask_outputs: ``"all"`` returns the 4 mask-token outputs (index 0 the single-mask output,
             1..3 the multimask outputs) so one graph serves both modes; ``"multi"`` returns
             1..3 and ``"single"`` index 0, like SAM's ``multimask_output`` fixed at export time.
@@ -142,8 +131,7 @@ class SamDecoderExport(nn.Module):
         if mask_outputs not in MASK_OUTPUTS:
             raise ValueError(f"SamDecoderExport: mask_outputs must be one of {MASK_OUTPUTS}, "
                              f"got {mask_outputs!r}")
-        self.prompt_encoder = sam.prompt_encoder
-        self.mask_decoder = sam.mask_decoder
+        self.sam = sam
         self.mask_outputs = mask_outputs
         with torch.no_grad():
             self.register_buffer("dense_pe", sam.prompt_encoder.get_dense_pe().clone(),
@@ -176,45 +164,12 @@ class SamDecoderExport(nn.Module):
     def forward(self, image_embeddings: torch.Tensor, point_coords: torch.Tensor,
                 point_labels: torch.Tensor, mask_input: torch.Tensor,
                 has_mask_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pe = self.prompt_encoder
-        sparse = pe.embed_points(point_coords, point_labels, pad=False)
-        # embed_points gives labels 2/3 the positional encoding alone; add the corner embeddings
-        # as the prompt encoder's box path does.
-        lab = point_labels[..., None]
-        zero = sparse.new_zeros(())
-        sparse = sparse + torch.where(lab == 2, pe.point_embeddings[2].weight, zero)
-        sparse = sparse + torch.where(lab == 3, pe.point_embeddings[3].weight, zero)
-        use_mask = has_mask_input.reshape(1, 1, 1, 1)
-        no_mask = pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        dense = use_mask * pe.embed_masks(mask_input) + (1 - use_mask) * no_mask
-        masks, iou = self.mask_decoder.predict_masks(image_embeddings, self.dense_pe, sparse, dense)
+        sparse = self.sam.embed_packed_prompts(point_coords, point_labels)
+        dense = self.sam.embed_mask_prompt(mask_input, has_mask_input)
+        masks, iou = self.sam.decode_all_masks(image_embeddings, sparse, dense, self.dense_pe)
         if self.mask_outputs == "multi":
             return masks[:, 1:], iou[:, 1:]
         if self.mask_outputs == "single":
             return masks[:, :1], iou[:, :1]
         return masks, iou
 
-
-def pack_prompts(coords: torch.Tensor, labels: torch.Tensor,
-                 boxes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Turn SAM's (points, boxes) prompts into the decoder graph's ``point_coords``/``point_labels``.
-
-    Args:
-        coords: (P, N, 2) (x, y) pixels of the 1024 frame; labels: (P, N) 1 / 0 / -1.
-        boxes: (P, 4) XYXY pixels of the 1024 frame, or None.
-
-    Returns:
-        coords (P, N + 2, 2) with the box corners (labels 2, 3) appended when ``boxes`` is given,
-        else (P, N + 1, 2) with one padding point (0, 0) of label -1, both float32 — the same
-        sparse prompt SAM's prompt encoder builds from (points, boxes).
-    """
-    coords = coords.float()
-    labels = labels.float()
-    sets = coords.shape[0]
-    if boxes is None:
-        extra = coords.new_zeros(sets, 1, 2)
-        extra_labels = labels.new_full((sets, 1), -1.0)
-    else:
-        extra = boxes.float().reshape(sets, 2, 2).to(coords.device)
-        extra_labels = torch.tensor([2.0, 3.0], device=labels.device).expand(sets, 2)
-    return torch.cat([coords, extra], dim=1), torch.cat([labels, extra_labels], dim=1)

@@ -4,6 +4,7 @@ import os
 import pytest
 
 from refseg.export import manifest as mf
+from refseg.runtime import manifest_reader as reader
 from refseg.runtime.exported import graph_digest
 
 
@@ -21,11 +22,11 @@ def _export_folder(tmp_path):
 def test_verify_manifest_skips_rehash_when_size_and_mtime_match(tmp_path, monkeypatch):
     _export_folder(tmp_path)
     hashed = []
-    real = mf.sha256_file
-    monkeypatch.setattr(mf, "sha256_file", lambda p: hashed.append(os.path.basename(p)) or real(p))
-    mf.verify_manifest(tmp_path, graphs=("dinov2",))
+    real = reader.sha256_file
+    monkeypatch.setattr(reader, "sha256_file", lambda p: hashed.append(os.path.basename(p)) or real(p))
+    reader.verify_manifest(tmp_path, graphs=("dinov2",))
     assert hashed == []  # fast path: nothing re-hashed
-    mf.verify_manifest(tmp_path, graphs=("dinov2",), full_check=True)
+    reader.verify_manifest(tmp_path, graphs=("dinov2",), full_check=True)
     assert sorted(hashed) == ["dinov2.onnx", "dinov2.onnx.data"]
 
     # same size, other bytes, other mtime: re-hashed and caught
@@ -33,16 +34,16 @@ def test_verify_manifest_skips_rehash_when_size_and_mtime_match(tmp_path, monkey
     stat = data.stat()
     data.write_bytes(b"WEIGHTS" * 1000)
     os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    with pytest.raises(mf.ManifestError, match="checksum"):
-        mf.verify_manifest(tmp_path, graphs=("dinov2",))
+    with pytest.raises(reader.ManifestError, match="checksum"):
+        reader.verify_manifest(tmp_path, graphs=("dinov2",))
     # same size and the old mtime: only the full check sees it
     os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    mf.verify_manifest(tmp_path, graphs=("dinov2",))
-    with pytest.raises(mf.ManifestError, match="checksum"):
-        mf.verify_manifest(tmp_path, graphs=("dinov2",), full_check=True)
+    reader.verify_manifest(tmp_path, graphs=("dinov2",))
+    with pytest.raises(reader.ManifestError, match="checksum"):
+        reader.verify_manifest(tmp_path, graphs=("dinov2",), full_check=True)
     data.write_bytes(b"short")
-    with pytest.raises(mf.ManifestError, match="size"):
-        mf.verify_manifest(tmp_path, graphs=("dinov2",))
+    with pytest.raises(reader.ManifestError, match="size"):
+        reader.verify_manifest(tmp_path, graphs=("dinov2",))
 
 
 def test_engine_key_covers_external_weights(tmp_path):

@@ -27,16 +27,17 @@ ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip 
 from refseg.cli import main as refseg_main  # noqa: E402
 from refseg.config import SegmenterConfig  # noqa: E402
 from refseg.export.fp16 import FLOAT, HALF, _elem_types, convert_float_to_float16  # noqa: E402
-from refseg.export.manifest import MANIFEST_NAME, ManifestError, verify_manifest  # noqa: E402
 from refseg.export.onnx_export import export_graph, export_models  # noqa: E402
-from refseg.export.wrappers import (Dinov2Export, SamDecoderExport, SamEncoderExport,  # noqa: E402
-                                    pack_prompts)
+from refseg.export.cache_fill import fill_export_folder  # noqa: E402
+from refseg.export.wrappers import Dinov2Export, SamDecoderExport, SamEncoderExport  # noqa: E402
 from refseg.models.dinov2 import DINOV2_SPECS, DinoVisionTransformer  # noqa: E402
 from refseg.models.dinov2 import init_random_ as dinov2_random_  # noqa: E402
 from refseg.models.sam import SAM_SPECS, Sam  # noqa: E402
 from refseg.models.sam import init_random_ as sam_random_  # noqa: E402
 from refseg.runtime import io_names as io  # noqa: E402
 from refseg.runtime.exported import create_exported_backend  # noqa: E402
+from refseg.runtime.io_names import MANIFEST_NAME, pack_prompts  # noqa: E402
+from refseg.runtime.manifest_reader import ManifestError, verify_manifest  # noqa: E402
 from refseg.runtime.select import create_backend  # noqa: E402
 from refseg.runtime.torch_backend import TorchBackend  # noqa: E402
 
@@ -109,7 +110,7 @@ def fp16_cache(checkpoints, tmp_path_factory):
         mp.setenv("XDG_CACHE_HOME", str(cache))
         config = SegmenterConfig(dinov2="vits14", image_size=SIZE, precision="fp16")
         backend = create_exported_backend("onnxruntime", config, CPU, sam_checkpoint=checkpoints[1],
-                                          dinov2_checkpoint=checkpoints[0])
+                                          dinov2_checkpoint=checkpoints[0], exporter=fill_export_folder)
         yield backend, cache, config
 
 
@@ -256,9 +257,22 @@ def test_export_on_first_use_is_cached(fp16_cache, checkpoints):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("XDG_CACHE_HOME", str(cache))
         again = create_exported_backend("onnxruntime", config, CPU, sam_checkpoint=checkpoints[1],
-                                        dinov2_checkpoint=checkpoints[0])
+                                        dinov2_checkpoint=checkpoints[0], exporter=fill_export_folder)
     assert again.export_dir == backend.export_dir
     assert (again.export_dir / MANIFEST_NAME).stat().st_mtime_ns == stamp  # no second export
+
+
+def test_cache_miss_without_exporter_names_the_command(checkpoints, tmp_path, monkeypatch):
+    # The runtime exports nothing itself: without an exporter a missing cached export is refused with
+    # the `refseg export` command that fills the cache folder.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    config = SegmenterConfig(dinov2="vits14", image_size=SIZE)
+    with pytest.raises(ManifestError, match=r"write it with `refseg export --dinov2-checkpoint .*"
+                                            r"--image-size 224 --max-batch 16 -o .*refseg/exports/"):
+        create_exported_backend("onnxruntime", config, CPU, sam_checkpoint=checkpoints[1],
+                                dinov2_checkpoint=checkpoints[0])
+    exports = tmp_path / "refseg" / "exports"
+    assert not exports.exists() or not any(exports.iterdir())  # nothing written
 
 
 def test_fp16_converter_refuses_custom_ops():

@@ -1,7 +1,8 @@
 """TensorRT engine building, the engine cache, and the TensorRT / ONNX Runtime GPU backends.
 
-The engine-cache bookkeeping, the optimisation profiles and the TensorRT 10 / 11 typing decision
-are plain Python and run everywhere. Everything that builds or runs an engine needs the
+The engine-cache bookkeeping and the optimisation profiles are plain Python and run everywhere; the
+builder's flags (strongly typed, no FP16 flag, TF32 off) and the backend's device placement (cuda:1)
+run everywhere against a fake ``tensorrt`` module and a faked CUDA device. Everything that builds or runs an engine needs the
 ``tensorrt`` package and a CUDA GPU and is skipped otherwise (the reason is printed with -ra);
 the ONNX Runtime io-binding test needs ``onnxruntime-gpu``'s CUDA provider.
 
@@ -18,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from refseg.export.tensorrt_build import EngineBuilder, EngineCache, default_profiles
+from refseg.runtime.tensorrt_build import EngineBuilder, EngineCache, default_profiles
 from refseg.runtime import io_names as io
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -61,21 +62,205 @@ def test_default_profiles_cover_batches_and_prompts():
         default_profiles("mask_head", MANIFEST)
 
 
-def fake_trt(version: str, fp16_flag: bool) -> SimpleNamespace:
-    """A stand-in for the tensorrt module: only what ``EngineBuilder.typing`` reads."""
-    flags = SimpleNamespace(FP16=1) if fp16_flag else SimpleNamespace()
-    return SimpleNamespace(__version__=version, BuilderFlag=flags)
+class FakeTensorRT:
+    """A stand-in for the ``tensorrt`` module and a GPU: records every builder flag, and the CUDA device
+    that is current (``torch.cuda.device``, faked) when engines are built, deserialized, given contexts
+    and enqueued. Deserialized engines map input ``x`` (B, 4) to output ``y`` (B, 4)."""
+
+    __version__ = "10.9.0"
+    float32, float16, int32, int8, bool = "f32", "f16", "i32", "i8", "b"
+    NetworkDefinitionCreationFlag = SimpleNamespace(STRONGLY_TYPED=5)
+    BuilderFlag = SimpleNamespace(FP16="FP16", TF32="TF32", OBEY_PRECISION_CONSTRAINTS="OBEY")
+    MemoryPoolType = SimpleNamespace(WORKSPACE="workspace")
+    TensorIOMode = SimpleNamespace(INPUT="in", OUTPUT="out")
+
+    def __init__(self) -> None:
+        self.current = ["cuda:0"]          # the fake current device stack
+        self.events: list[tuple[str, str]] = []  # (what, device current at the time)
+        self.flags: list[tuple[str, object]] = []
+        fake = self
+
+        class ILogger:
+            Severity = SimpleNamespace(INTERNAL_ERROR=0, ERROR=1, WARNING=2)
+
+            def __init__(self) -> None:
+                pass
+
+        class Logger:
+            WARNING = 2
+
+            def __init__(self, severity) -> None:
+                pass
+
+        class Config:
+            def set_memory_pool_limit(self, pool, size): pass
+            def clear_flag(self, flag): fake.flags.append(("clear", flag))
+            def set_flag(self, flag): fake.flags.append(("set", flag))
+            def add_optimization_profile(self, profile): pass
+            def create_timing_cache(self, data): return SimpleNamespace(serialize=lambda: b"timing")
+            def set_timing_cache(self, cache, ignore_mismatch): pass
+            def get_timing_cache(self): return SimpleNamespace(serialize=lambda: b"timing")
+
+        class Builder:
+            def __init__(self, logger) -> None:
+                pass
+
+            def create_network(self, flags):
+                fake.flags.append(("network", flags))
+                return SimpleNamespace(num_inputs=len(fake.input_names), get_input=lambda i: SimpleNamespace(
+                    name=fake.input_names[i], shape=(-1, 4), dtype="f32"))
+
+            def create_builder_config(self): return Config()
+            def create_optimization_profile(self): return SimpleNamespace(set_shape=lambda *a: None)
+
+            def build_serialized_network(self, network, config):
+                fake.events.append(("build", fake.current[-1]))
+                return b"plan"
+
+        class Engine:
+            num_io_tensors, num_optimization_profiles = 2, 1
+
+            def get_tensor_name(self, i): return ("x", "y")[i]
+            def get_tensor_mode(self, name): return "in" if name == "x" else "out"
+            def get_tensor_dtype(self, name): return "f32"
+            def get_tensor_profile_shape(self, name, k): return [(1, 4), (2, 4), (8, 4)]
+
+            def create_execution_context(self):
+                fake.events.append(("context", fake.current[-1]))
+                shapes = {}
+                return SimpleNamespace(
+                    set_optimization_profile_async=lambda k, stream: True,
+                    set_input_shape=lambda name, shape: shapes.update(x=shape) or True,
+                    set_tensor_address=lambda name, ptr: None,
+                    get_tensor_shape=lambda name: shapes["x"],
+                    execute_async_v3=lambda stream: fake.events.append(("enqueue", fake.current[-1])) or True)
+
+        class Runtime:
+            def __init__(self, logger) -> None:
+                pass
+
+            def deserialize_cuda_engine(self, data):
+                fake.events.append(("deserialize", fake.current[-1]))
+                return Engine()
+
+        self.ILogger, self.Logger, self.Builder, self.Runtime = ILogger, Logger, Builder, Runtime
+        self.OnnxParser = lambda network, logger: SimpleNamespace(parse_from_file=lambda path: True)
+        self.input_names = ["x"]  # the network inputs the fake parser reports
+
+    def device(self, device):
+        """Replacement of ``torch.cuda.device``: a context manager making ``device`` current."""
+        fake = self
+
+        class _Device:
+            def __enter__(self):
+                fake.current.append(str(torch.device(device)))
+
+            def __exit__(self, *exc):
+                fake.current.pop()
+
+        return _Device()
 
 
-def test_typing_decision_tensorrt_10_and_11(tmp_path):
-    onnx_file = tmp_path / "g.onnx"
-    assert EngineBuilder(onnx_file, {}, "fp16", "fp16").typing(fake_trt("11.1.0", False)) == "strong"
-    assert EngineBuilder(onnx_file, {}, "fp32", "fp32").typing(fake_trt("10.9.0", True)) == "strong"
-    assert EngineBuilder(onnx_file, {}, "fp16", "fp32").typing(fake_trt("10.9.0", True)) == "fp16-flag"
-    with pytest.raises(ValueError, match="--precision fp16"):
-        EngineBuilder(onnx_file, {}, "fp16", "fp32").typing(fake_trt("11.1.0", False))
-    with pytest.raises(ValueError, match="cannot be built"):
-        EngineBuilder(onnx_file, {}, "fp32", "fp16").typing(fake_trt("10.9.0", True))
+class FakeBuffer:
+    """What the runner does with a tensor: ``to``/``contiguous``/``float``, ``shape``, ``data_ptr``."""
+
+    def __init__(self, shape, device) -> None:
+        self.shape, self.device = tuple(shape), str(device)
+
+    def to(self, device, dtype=None):
+        return FakeBuffer(self.shape, torch.device(device))
+
+    def contiguous(self):
+        return self
+
+    float = contiguous
+
+    def data_ptr(self) -> int:
+        return 0
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    from refseg.runtime import tensorrt_build, tensorrt_runner
+
+    fake = FakeTensorRT()
+    for module in (tensorrt_build, tensorrt_runner):
+        monkeypatch.setattr(module, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "device", fake.device)
+    monkeypatch.setattr(torch.cuda, "current_stream",
+                        lambda device=None: fake.events.append(("stream", str(device)))
+                        or SimpleNamespace(cuda_stream=7))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: fake.events.append(("properties", str(device)))
+                        or SimpleNamespace(name="Fake GPU", major=9, minor=0))
+    monkeypatch.setattr(tensorrt_runner.torch, "empty",
+                        lambda shape, dtype=None, device=None: FakeBuffer(shape, device))
+    return fake
+
+
+def test_engine_builder_is_strongly_typed_without_precision_flags(fake_gpu, tmp_path):
+    for precision in ("fp32", "fp16"):
+        fake_gpu.flags.clear()
+        builder = EngineBuilder(tmp_path / "g.onnx", {"x": [((1, 4), (2, 4), (8, 4))]}, precision,
+                                timing_cache=tmp_path / "timing.cache", log_path=tmp_path / "build.log")
+        assert builder.build() == b"plan"
+        assert ("network", 1 << 5) in fake_gpu.flags                   # STRONGLY_TYPED
+        assert [f for f in fake_gpu.flags if f[0] == "set"] == []      # no FP16 / OBEY flag path
+        assert ("clear", "TF32") in fake_gpu.flags
+        assert builder.cache_fields()["typing"] == "strong"
+        assert builder.cache_fields()["precision"] == precision
+    with pytest.raises(ValueError, match="profiles name"):
+        EngineBuilder(tmp_path / "g.onnx", {"images": [((1, 4),) * 3]}).build()
+
+
+def test_tensorrt_backend_builds_and_runs_on_its_own_device(fake_gpu, tmp_path):
+    """cuda:1 (faked): engines are built, deserialized, given contexts and enqueued with cuda:1
+    current, and inputs and outputs live on cuda:1 — never on the default cuda:0."""
+    from refseg.config import SegmenterConfig
+    from refseg.runtime.exported import TensorRTBackend
+
+    manifest = {"precision": "fp32", "image_size": 518, "max_batch": 8, "files": {},
+                "graphs": {k: dict(v, files=[f"{k}.onnx"], precision="fp32") for k, v in MANIFEST["graphs"].items()}}
+    manifest["files"] = {f"{k}.onnx": {"sha256": k * 3} for k in manifest["graphs"]}
+    builds = []
+    original = EngineBuilder.build
+
+    def build(self):  # the fake parser reports the graph's inputs
+        fake_gpu.input_names = list(self.profiles)
+        builds.append(self.onnx_path.name)
+        return original(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(EngineBuilder, "build", build)
+        backend = TensorRTBackend(tmp_path, SegmenterConfig(), torch.device("cuda:1"), manifest,
+                                  engine_cache=EngineCache(tmp_path / "engines"))
+    assert sorted(builds) == ["dinov2.onnx", "sam_decoder.onnx", "sam_encoder.onnx"]
+    runner = backend.runners["sam_encoder"]
+    assert runner.device == torch.device("cuda:1")
+    out, = runner.run({"x": FakeBuffer((3, 4), "cpu")}, ("y",))
+    assert out.device == "cuda:1" and out.shape == (3, 4)
+    seen = {what for what, _ in fake_gpu.events}
+    assert {"build", "deserialize", "context", "enqueue", "stream", "properties"} <= seen
+    wrong = [(what, dev) for what, dev in fake_gpu.events if dev != "cuda:1"]
+    assert wrong == [], wrong
+    assert fake_gpu.current == ["cuda:0"]  # every device context was left
+
+
+def test_get_or_build_docstring_example_matches_its_signature():
+    import ast
+    import inspect
+
+    from refseg.runtime import tensorrt_build
+
+    calls = [ast.parse(line.strip().split("=", 1)[1].split("#")[0].strip()).body[0].value
+             for line in tensorrt_build.__doc__.splitlines() if ".get_or_build(" in line]
+    assert calls, "the module docstring shows get_or_build"
+    signature = inspect.signature(EngineCache.get_or_build)
+    for call in calls:
+        signature.bind(None, *[ast.unparse(a) for a in call.args],
+                       **{k.arg: ast.unparse(k.value) for k in call.keywords})
+        assert ast.unparse(call.args[0]).strip("'\"") in ("dinov2", "sam_encoder", "sam_decoder")
+        assert ast.unparse(call.args[-1]).endswith(".build")  # the callable, not its result
 
 
 def cache_fields(**changes) -> dict:

@@ -191,7 +191,7 @@ def exported_backend(ctx, variant: Variant, dinov2: str, image_size: int, sam: s
     Returns (backend, seconds spent exporting now). Raises whatever the export or the runtime raises.
     """
     from refseg.config import SegmenterConfig
-    from refseg.export.manifest import ManifestError, verify_manifest
+    from refseg.runtime.manifest_reader import ManifestError, verify_manifest
     from refseg.runtime.select import create_backend
 
     ck = ctx.checkpoints

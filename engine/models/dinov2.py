@@ -181,25 +181,64 @@ class DinoVisionTransformer(nn.Module):
                              f"{max(p, height // p * p)}x{max(p, width // p * p)}")
         return height // p, width // p
 
+    def position_embedding(self, grid_hw: tuple[int, int]) -> torch.Tensor:
+        """The position table for a (rows, cols) patch grid: (1, 1 + rows * cols, D), cls first.
+
+        The stored table resampled bicubically as the official model does; an exporter computes it
+        once for a fixed input side and passes it to :meth:`tokens_with_positions`.
+        """
+        return interpolate_pos_embed(self.pos_embed, grid_hw, self.spec.interpolate_offset,
+                                     self.spec.interpolate_antialias)
+
+    def tokens_with_positions(self, x: torch.Tensor, pos_embed: torch.Tensor,
+                              masks: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`prepare_tokens` with a given position table (from :meth:`position_embedding`).
+
+        Args:
+            x: (B, 3, H, W) normalised images, H and W multiples of 14.
+            pos_embed: (1, 1 + N, D) for the grid of ``x``, N = (H/14) * (W/14).
+            masks: optional (B, N) bool patch mask (replaced by ``mask_token``), normally None.
+
+        Returns:
+            input tokens (B, 1 + R + N, D) of the first block: cls, R register tokens, patches.
+        """
+        grid_h, grid_w = self._check_input(x)
+        if int(pos_embed.shape[-2]) != 1 + grid_h * grid_w:
+            raise ValueError(f"DINOv2 {self.spec.name}: position table of {int(pos_embed.shape[-2])} rows "
+                             f"for a {grid_h}x{grid_w} patch grid (needs {1 + grid_h * grid_w})")
+        tokens = self.patch_embed(x)
+        batch = tokens.shape[0]
+        if masks is not None:
+            tokens = torch.where(masks.unsqueeze(-1), self.mask_token.to(tokens.dtype).unsqueeze(0), tokens)
+        tokens = torch.cat((self.cls_token.to(tokens.dtype).expand(batch, -1, -1), tokens), dim=1)
+        tokens = tokens + pos_embed.to(tokens.dtype)
+        if self.register_tokens is not None:  # registers go after cls, once positions are added
+            registers = self.register_tokens.to(tokens.dtype).expand(batch, -1, -1)
+            tokens = torch.cat((tokens[:, :1], registers, tokens[:, 1:]), dim=1)
+        return tokens
+
     def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """Images (B, 3, H, W) -> input tokens (B, 1 + R + N, D) of the first block.
 
         ``masks`` (B, N) bool replaces the masked patch embeddings by ``mask_token`` (as in
         training; not needed for inference).
         """
-        grid_h, grid_w = self._check_input(x)
-        tokens = self.patch_embed(x)
-        batch = tokens.shape[0]
-        if masks is not None:
-            tokens = torch.where(masks.unsqueeze(-1), self.mask_token.to(tokens.dtype).unsqueeze(0), tokens)
-        tokens = torch.cat((self.cls_token.to(tokens.dtype).expand(batch, -1, -1), tokens), dim=1)
-        pos = interpolate_pos_embed(self.pos_embed, (grid_h, grid_w), self.spec.interpolate_offset,
-                                    self.spec.interpolate_antialias)
-        tokens = tokens + pos.to(tokens.dtype)
-        if self.register_tokens is not None:
-            registers = self.register_tokens.to(tokens.dtype).expand(batch, -1, -1)
-            tokens = torch.cat((tokens[:, :1], registers, tokens[:, 1:]), dim=1)
-        return tokens
+        return self.tokens_with_positions(x, self.position_embedding(self._check_input(x)), masks)
+
+    def features_from_tokens(self, tokens: torch.Tensor, masks: torch.Tensor | None = None) -> dict:
+        """The blocks and the final LayerNorm on input tokens (B, 1 + R + N, D): :meth:`forward_features`'s dict."""
+        prenorm = tokens
+        for block in self.blocks:
+            prenorm = block(prenorm)
+        normed = self.norm(prenorm)
+        first_patch = 1 + self.num_register_tokens
+        return {
+            "x_norm_clstoken": normed[:, 0],
+            "x_norm_regtokens": normed[:, 1:first_patch],
+            "x_norm_patchtokens": normed[:, first_patch:],
+            "x_prenorm": prenorm,
+            "masks": masks,
+        }
 
     def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict:
         """Run the backbone; keys as the official ``forward_features``.
@@ -216,18 +255,7 @@ class DinoVisionTransformer(nn.Module):
         Raises:
             ValueError: ``x`` is not (B, 3, H, W) or a side is not a multiple of 14.
         """
-        tokens = self.prepare_tokens(x, masks)
-        for block in self.blocks:
-            tokens = block(tokens)
-        normed = self.norm(tokens)
-        first_patch = 1 + self.num_register_tokens
-        return {
-            "x_norm_clstoken": normed[:, 0],
-            "x_norm_regtokens": normed[:, 1:first_patch],
-            "x_norm_patchtokens": normed[:, first_patch:],
-            "x_prenorm": tokens,
-            "masks": masks,
-        }
+        return self.features_from_tokens(self.prepare_tokens(x, masks), masks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised cls token (B, D), like the official head-less model in eval mode."""

@@ -167,6 +167,52 @@ class Sam(nn.Module):
                                  dense, multimask_output, prompt_mask)
 
 
+    def embed_packed_prompts(self, point_coords: torch.Tensor, point_labels: torch.Tensor) -> torch.Tensor:
+        """Sparse prompt embeddings from prompts packed as points, the official SAM ONNX convention.
+
+        Args:
+            point_coords: (P, N, 2) (x, y) pixels of the model-input frame.
+            point_labels: (P, N) float: 1 positive, 0 negative, −1 padding ("not a point"), 2 / 3 the
+                top-left / bottom-right box corners (see :func:`refseg.runtime.io_names.pack_prompts`).
+
+        Returns:
+            (P, N, 256): what the prompt encoder gives for the same (points, box), one token per column.
+        """
+        pe = self.prompt_encoder
+        sparse = pe.embed_points(point_coords, point_labels, pad=False)
+        # embed_points gives labels 2/3 the positional encoding alone; the box path adds the corner embeddings.
+        lab = point_labels[..., None]
+        zero = sparse.new_zeros(())
+        sparse = sparse + torch.where(lab == 2, pe.point_embeddings[2].weight, zero)
+        return sparse + torch.where(lab == 3, pe.point_embeddings[3].weight, zero)
+
+    def embed_mask_prompt(self, mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> torch.Tensor:
+        """Dense prompt embedding with the mask prompt switched by a tensor (traceable, no Python branch).
+
+        Args:
+            mask_input: (M, 1, 256, 256) low-res logits, M = 1 (shared) or P.
+            has_mask_input: (1,) float, 1.0 embeds ``mask_input``, 0.0 gives ``no_mask_embed``.
+
+        Returns:
+            (M, 256, 64, 64) dense embedding (64 = the image-embedding side).
+        """
+        pe = self.prompt_encoder
+        use_mask = has_mask_input.reshape(1, 1, 1, 1)
+        no_mask = pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        return use_mask * pe.embed_masks(mask_input) + (1 - use_mask) * no_mask
+
+    def decode_all_masks(self, image_embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor,
+                         image_pe: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask decoder returning every mask token: masks (P, 4, 256, 256) logits and IoU (P, 4).
+
+        Index 0 is the single-mask output, 1..3 the multimask ones. ``image_pe`` (1, 256, 64, 64)
+        defaults to ``prompt_encoder.get_dense_pe()`` (an exporter passes it precomputed).
+        """
+        if image_pe is None:
+            image_pe = self.prompt_encoder.get_dense_pe()
+        return self.mask_decoder.predict_masks(image_embeddings, image_pe, sparse, dense)
+
+
 def get_spec(name: str) -> SamSpec:
     """``SAM_SPECS[name]`` with an error listing the known names."""
     if name not in SAM_SPECS:

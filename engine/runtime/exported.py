@@ -8,14 +8,18 @@ Where the graphs come from (``engine_dir``):
 
 * given: a folder written by ``refseg export``; its manifest must match the request (models,
   precision, DINOv2 input side, and the checkpoints when given) and its checksums, else
-  :class:`refseg.export.manifest.ManifestError` (a ValueError) says what differs;
+  :class:`refseg.runtime.manifest_reader.ManifestError` (a ValueError) says what differs;
 * None: ``~/.cache/refseg/exports/<dinov2>-<sam>-<S>-<precision>-<key>/``, the key hashing each
   checkpoint's resolved path, size and modification time plus the export settings. When that
-  folder has no valid manifest the models are exported there on first use (minutes for the large
-  encoders; logged), written to a temporary sibling and renamed into place.
+  folder has no valid manifest and an ``exporter`` is given (the Segmenter passes
+  :func:`refseg.export.cache_fill.fill_export_folder`), the models are exported there on first use
+  (minutes for the large encoders; logged), written to a temporary sibling and renamed into place;
+  without one the ManifestError names the ``refseg export`` command that fills the folder.
 
+This module never imports :mod:`refseg.export`: it reads folders by the names of
+:mod:`refseg.runtime.io_names`, and the exporter arrives as an argument.
 TensorRT engines are built from those graphs on first use and cached in ``~/.cache/refseg/engines``
-(see :mod:`refseg.export.tensorrt_build`). Unusable backends raise ImportError (package missing),
+(see :mod:`refseg.runtime.tensorrt_build`). Unusable backends raise ImportError (package missing),
 ValueError (request not supported: bf16, ``x_prenorm`` features, a CPU device for TensorRT) or
 RuntimeError, which ``backend="auto"`` logs before falling back.
 """
@@ -29,6 +33,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -41,6 +46,9 @@ log = logging.getLogger(__name__)
 
 EXPORTED_BACKENDS = ("onnxruntime", "tensorrt")
 EXPORT_LAYOUT = 1  # bump when the exported graphs change meaning
+# Writes a complete export (graphs + manifest) into an empty folder:
+# exporter(folder, config, dinov2_checkpoint, sam_checkpoint, max_batch).
+Exporter = Callable[[Path, SegmenterConfig, Path, Path, int], object]
 
 
 class ExportedBackend(abc.ABC):
@@ -120,15 +128,13 @@ class ExportedBackend(abc.ABC):
         Returns:
             low-res logits (P, C, 256, 256) and predicted IoU (P, C), float32, C = 3 or 1.
         """
-        from refseg.export.wrappers import pack_prompts
-
         if coords.ndim != 3 or coords.shape[-1] != 2 or tuple(labels.shape) != tuple(coords.shape[:2]):
             raise ValueError(f"{self.name} decode: coords must be (P, N, 2) and labels (P, N), got "
                              f"{tuple(coords.shape)} and {tuple(labels.shape)}")
         if boxes is not None and tuple(boxes.shape) != (coords.shape[0], 4):
             raise ValueError(f"{self.name} decode: boxes must be (P, 4), got {tuple(boxes.shape)}")
         coords, labels = self._fit_points(coords, labels, 1 if boxes is None else 2)
-        points, point_labels = pack_prompts(coords, labels, boxes)
+        points, point_labels = io.pack_prompts(coords, labels, boxes)
         low = 4 * embedding.shape[-1]
         if mask_input is not None and tuple(mask_input.shape) != (coords.shape[0], 1, low, low):
             raise ValueError(f"{self.name} decode: mask_input must be ({coords.shape[0]}, 1, {low}, {low}), "
@@ -232,8 +238,8 @@ class TensorRTBackend(ExportedBackend):
     def __init__(self, export_dir, config, device, manifest, engine_cache=None,
                  max_prompt_sets: int = 64, max_points: int = 256) -> None:
         super().__init__(export_dir, config, device, manifest)
-        from refseg.export.tensorrt_build import (EngineBuilder, EngineCache, default_profiles,
-                                                  import_tensorrt)
+        from refseg.runtime.tensorrt_build import (EngineBuilder, EngineCache, default_profiles,
+                                                   import_tensorrt)
         from refseg.runtime.tensorrt_runner import EngineRunner
 
         trt = import_tensorrt()
@@ -250,12 +256,12 @@ class TensorRTBackend(ExportedBackend):
             precision = record.get("precision", "fp32")
             profiles = default_profiles(graph, manifest, max_prompt_sets, max_points)
             timing = cache.root / f"timing-trt{trt.__version__}-{props.name.replace(' ', '_')}.cache"
-            builder = EngineBuilder(onnx_file, profiles, precision=precision,
-                                    graph_precision=precision, timing_cache=timing,
+            builder = EngineBuilder(onnx_file, profiles, precision=precision, timing_cache=timing,
                                     log_path=cache.root / f"{graph}-build.log")
             fields = cache.key_fields(graph_digest(manifest, record), str(trt.__version__),
-                                      props.name, f"{props.major}.{props.minor}", builder.cache_fields(trt))
-            engine_path = cache.get_or_build(graph, fields, builder.build)
+                                      props.name, f"{props.major}.{props.minor}", builder.cache_fields())
+            with torch.cuda.device(self.device):  # built and timed on the backend's GPU (cuda:1 too)
+                engine_path = cache.get_or_build(graph, fields, builder.build)
             self.runners[graph] = EngineRunner(engine_path, self.device)
         log.info("tensorrt %s backend on %s (%s), engines in %s", trt.__version__, props.name,
                  self.precision, cache.root)
@@ -321,18 +327,17 @@ def _resolve_checkpoints(config, dinov2_checkpoint, sam_checkpoint) -> tuple[Pat
     return Path(dinov2), Path(sam)
 
 
-def _export_into(final: Path, config, dinov2_checkpoint, sam_checkpoint, max_batch: int) -> None:
-    """Export into a temporary sibling of ``final`` and rename it into place."""
-    from refseg.export.manifest import ManifestError, verify_manifest
-    from refseg.export.onnx_export import export_models
+def _export_into(final: Path, config, dinov2_checkpoint, sam_checkpoint, max_batch: int,
+                 exporter: Exporter) -> None:
+    """Run ``exporter`` into a temporary sibling of ``final`` and rename it into place."""
+    from refseg.runtime.manifest_reader import ManifestError, verify_manifest
 
     final.parent.mkdir(parents=True, exist_ok=True)
     log.warning("no usable export in %s: exporting DINOv2 %s and SAM %s (%s) now; this takes "
                 "minutes once", final, config.dinov2, config.sam, config.precision)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
-        export_models(tmp, dinov2_checkpoint, sam_checkpoint, precision=config.precision,
-                      image_size=config.image_size, max_batch=max_batch)
+        exporter(tmp, config, dinov2_checkpoint, sam_checkpoint, max_batch)
         if final.exists():
             try:  # another process may have finished the same export meanwhile: keep that one
                 verify_manifest(final, precision=config.precision, image_size=config.image_size, full_check=True,
@@ -347,7 +352,8 @@ def _export_into(final: Path, config, dinov2_checkpoint, sam_checkpoint, max_bat
 
 
 def create_exported_backend(name: str, config: SegmenterConfig, device: torch.device,
-                            sam_checkpoint=None, dinov2_checkpoint=None, engine_dir=None, **options):
+                            sam_checkpoint=None, dinov2_checkpoint=None, engine_dir=None,
+                            exporter: Exporter | None = None, **options):
     """Create the ``onnxruntime`` or ``tensorrt`` backend for ``config`` (see module docstring).
 
     Args:
@@ -355,7 +361,9 @@ def create_exported_backend(name: str, config: SegmenterConfig, device: torch.de
         config: models, ``precision`` (fp32 / fp16) and ``image_size`` to run.
         device: torch device (TensorRT: CUDA only).
         sam_checkpoint, dinov2_checkpoint: checkpoint files; None uses the official files.
-        engine_dir: export folder, or None for the cached export (exported on first use).
+        engine_dir: export folder, or None for the cached export.
+        exporter: fills the cache folder on first use when ``engine_dir`` is None (see
+            :data:`Exporter`); None: a missing cached export is a ManifestError naming the command.
         options: passed to the backend class (e.g. ``providers``, ``threads``, ``max_prompt_sets``).
 
     Raises:
@@ -363,7 +371,7 @@ def create_exported_backend(name: str, config: SegmenterConfig, device: torch.de
         ValueError: unsupported request or an export folder that does not match it.
         RuntimeError: the runtime cannot use the device.
     """
-    from refseg.export.manifest import ManifestError, verify_manifest
+    from refseg.runtime.manifest_reader import ManifestError, verify_manifest
 
     if name not in EXPORTED_BACKENDS:
         raise ValueError(f"unknown exported backend {name!r}; choose one of {EXPORTED_BACKENDS}")
@@ -388,7 +396,6 @@ def create_exported_backend(name: str, config: SegmenterConfig, device: torch.de
                                    dinov2_checkpoint=dinov2_checkpoint, sam_checkpoint=sam_checkpoint,
                                    **names)
     else:
-        require("onnx", "onnx", "exporting models for the onnxruntime/tensorrt backends")
         dinov2_path, sam_path = _resolve_checkpoints(config, dinov2_checkpoint, sam_checkpoint)
         engine_dir = default_export_dir(config, dinov2_path, sam_path, max_batch)
         request = dict(precision=config.precision, image_size=config.image_size,
@@ -396,9 +403,16 @@ def create_exported_backend(name: str, config: SegmenterConfig, device: torch.de
         try:
             manifest = verify_manifest(engine_dir, **request)
         except ManifestError as exc:
-            if (engine_dir / "manifest.json").exists():
+            if exporter is None:
+                raise ManifestError(
+                    f"no usable cached export in {engine_dir} ({exc}); write it with `refseg export "
+                    f"--dinov2-checkpoint {dinov2_path} --sam-checkpoint {sam_path} --precision "
+                    f"{config.precision} --image-size {config.image_size} --max-batch {max_batch} "
+                    f"-o {engine_dir}`, or pass engine_dir") from exc
+            require("onnx", "onnx", "exporting models for the onnxruntime/tensorrt backends")
+            if (engine_dir / io.MANIFEST_NAME).exists():
                 log.warning("cached export unusable (%s)", exc)
-            _export_into(engine_dir, config, dinov2_path, sam_path, max_batch)
+            _export_into(engine_dir, config, dinov2_path, sam_path, max_batch, exporter)
             manifest = verify_manifest(engine_dir, **request)
     if config.sam == "medsam" and manifest["models"].get("sam") != "medsam":
         # MedSAM's pre-processing is chosen from the model name; an export of another SAM cannot stand in.

@@ -1,11 +1,21 @@
-"""Fixed input/output names of the exported graphs.
+"""Fixed names of the exported files and graphs: where :mod:`refseg.export` and the runtime meet.
 
-The exporters (:mod:`refseg.export`) name the tensors of the ONNX graphs (and so of the TensorRT
-engines) with these constants, and the ONNX Runtime / TensorRT backends feed and read tensors by
-them; ``manifest.json`` lists them for callers outside Python. Shapes use ``B`` (images), ``P`` (prompt sets), ``N``
+The exporters (:mod:`refseg.export`) name the files of an export folder and the tensors of the ONNX
+graphs (and so of the TensorRT engines) with these constants, and the ONNX Runtime / TensorRT
+backends read files and feed tensors by them; ``manifest.json`` lists them for callers outside
+Python. :func:`pack_prompts` is the decoder graph's prompt convention, used by the backends and by
+the export's own checks. This is the only runtime module that :mod:`refseg.export` imports. Shapes use ``B`` (images), ``P`` (prompt sets), ``N``
 (points per set), ``S`` (DINOv2 input side), ``T`` (patch tokens = (S/14)²), ``D`` (token width).
 """
 from __future__ import annotations
+
+import torch
+
+# An export folder: the graphs by these file names plus MANIFEST_NAME (written last, format FORMAT_VERSION).
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+GRAPH_FILES = {"dinov2": "dinov2.onnx", "sam_encoder": "sam_encoder.onnx",
+               "sam_decoder": "sam_decoder.onnx"}
 
 # DINOv2: images (B, 3, S, S) float, ImageNet-normalised.
 DINOV2_INPUT = "images"
@@ -30,3 +40,28 @@ SAM_DECODER_MASKS = "low_res_masks"          # (P, C, 256, 256) logits, C = 3 mu
 # 1..3 the multimask ones; manifest "mask_outputs": "all"); the backends slice C = 3 or 1 from it.
 SAM_DECODER_IOU = "iou_predictions"          # (P, C)
 SAM_DECODER_OUTPUTS = (SAM_DECODER_MASKS, SAM_DECODER_IOU)
+
+
+def pack_prompts(coords: torch.Tensor, labels: torch.Tensor,
+                 boxes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn SAM's (points, boxes) prompts into the decoder graph's ``point_coords``/``point_labels``.
+
+    Args:
+        coords: (P, N, 2) (x, y) pixels of the 1024 frame; labels: (P, N) 1 / 0 / -1.
+        boxes: (P, 4) XYXY pixels of the 1024 frame, or None.
+
+    Returns:
+        coords (P, N + 2, 2) with the box corners (labels 2, 3) appended when ``boxes`` is given,
+        else (P, N + 1, 2) with one padding point (0, 0) of label -1, both float32 — the same
+        sparse prompt SAM's prompt encoder builds from (points, boxes).
+    """
+    coords = coords.float()
+    labels = labels.float()
+    sets = coords.shape[0]
+    if boxes is None:
+        extra = coords.new_zeros(sets, 1, 2)
+        extra_labels = labels.new_full((sets, 1), -1.0)
+    else:
+        extra = boxes.float().reshape(sets, 2, 2).to(coords.device)
+        extra_labels = torch.tensor([2.0, 3.0], device=labels.device).expand(sets, 2)
+    return torch.cat([coords, extra], dim=1), torch.cat([labels, extra_labels], dim=1)

@@ -52,11 +52,13 @@ def load_models(config: SegmenterConfig, sam_checkpoint=None, dinov2_checkpoint=
 
 def create_backend(name: str, config: SegmenterConfig, sam_checkpoint=None, dinov2_checkpoint=None,
                    device: str = "auto", engine_dir: str | os.PathLike | None = None,
-                   compile: bool = False):
+                   compile: bool = False, exporter=None):
     """Create the runtime backend ``name`` for ``config`` on ``device``.
 
     ``compile`` applies to the torch backend (``torch.compile`` of both encoders); the exported
-    backends are compiled graphs already and ignore it.
+    backends are compiled graphs already and ignore it. ``exporter`` fills the exported backends'
+    cache folder on first use when ``engine_dir`` is None (:data:`refseg.runtime.exported.Exporter`;
+    the Segmenter passes :func:`refseg.export.cache_fill.fill_export_folder`).
 
     Raises:
         ValueError: unknown backend name, or an explicitly requested backend that cannot run here
@@ -78,7 +80,8 @@ def create_backend(name: str, config: SegmenterConfig, sam_checkpoint=None, dino
         try:
             from refseg.runtime.exported import create_exported_backend
             return create_exported_backend(candidate, config, dev, sam_checkpoint=sam_checkpoint,
-                                           dinov2_checkpoint=dinov2_checkpoint, engine_dir=engine_dir)
+                                           dinov2_checkpoint=dinov2_checkpoint, engine_dir=engine_dir,
+                                           exporter=exporter)
         except (ImportError, RuntimeError, ValueError, OSError) as exc:
             if name != "auto":
                 raise ValueError(f"backend {candidate!r} is not usable: {exc}") from exc

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from refseg.export.tensorrt_build import import_tensorrt
+from refseg.runtime.tensorrt_build import import_tensorrt
 
 log = logging.getLogger(__name__)
 

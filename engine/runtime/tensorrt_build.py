@@ -1,17 +1,20 @@
 """Build TensorRT engines from the exported ONNX graphs, with a timing cache and an engine cache.
 
-    builder = EngineBuilder(export_dir / "sam_encoder.onnx", profiles, precision="fp16",
-                            graph_precision="fp16")
+The runtime builds them: an engine is specific to the GPU and TensorRT version at hand, so
+:class:`refseg.runtime.exported.TensorRTBackend` builds each one on first use (``refseg export
+--format tensorrt`` only warms this cache through that backend).
+
+    builder = EngineBuilder(export_dir / "sam_encoder.onnx", profiles, precision="fp16")
     plan = builder.build()                                  # serialized engine (bytes)
 
     cache = EngineCache()                                   # ~/.cache/refseg/engines
-    path = cache.get_or_build(builder, onnx_sha256, "sam_encoder")
+    fields = cache.key_fields(graph_sha256, trt.__version__, gpu_name, "9.0", builder.cache_fields())
+    path = cache.get_or_build("sam_encoder", fields, builder.build)   # built only on a miss
 
-Typing. TensorRT 11 builds strongly typed networks only and has no FP16 builder flag, so fp16
-must be in the graph (``refseg export --precision fp16``); such graphs are built strongly typed on
-TensorRT 10 too. TensorRT 10 can also build an fp32 graph at fp16 the old way ("flag path"):
-``BuilderFlag.FP16`` with LayerNorm and Softmax layers pinned to fp32
-(``OBEY_PRECISION_CONSTRAINTS``). TF32 is switched off for fp32 builds, so fp32 means fp32.
+Typing. Networks are built strongly typed: the precision is the one baked into the graph
+(``refseg export --precision fp16`` writes fp16 encoders with LayerNorm and Softmax in fp32), as
+TensorRT 11 requires (it has no FP16 builder flag); no builder precision flag is ever set. TF32 is
+switched off, so an fp32 graph computes in fp32.
 
 Profiles. ``profiles`` maps each input name to a list of ``(min, opt, max)`` shapes, one entry
 per optimisation profile (all inputs must list the same number). :func:`default_profiles` gives
@@ -52,10 +55,6 @@ def import_tensorrt():
     return require("tensorrt", "gpu", "the TensorRT backend")
 
 
-def trt_major(trt) -> int:
-    return int(str(trt.__version__).split(".")[0])
-
-
 def default_profiles(graph: str, manifest: dict, max_prompt_sets: int = 64,
                      max_points: int = 256) -> Profiles:
     """Optimisation profiles for one graph of an export (see module docstring).
@@ -92,22 +91,20 @@ class EngineBuilder:
     Args:
         onnx_path: the graph (external ``.data`` beside it is found by the parser).
         profiles: {input name: [(min, opt, max), ...]} (see module docstring).
-        precision: ``fp32`` or ``fp16``, what the engine computes in.
-        graph_precision: the precision baked into the graph (``fp16`` exports) — None reads it
-            as ``precision``.
+        precision: ``fp32`` or ``fp16``, the precision baked into the graph (the manifest's
+            record), which the strongly typed engine computes in.
         timing_cache: file of the serialized timing cache (read if present, written back).
         log_path: file receiving the builder log (TensorRT messages and refseg's summary).
         workspace_bytes: builder workspace limit.
 
     Raises (from :meth:`build`):
-        ValueError: an fp32 graph asked for at fp16 on TensorRT >= 11 (no FP16 flag: export with
-            ``--precision fp16``), or profiles that do not name the network's inputs.
+        ValueError: profiles that do not name the network's inputs.
         RuntimeError: the ONNX parser or the builder failed (the message lists the parser errors
             and names the log file).
     """
 
     def __init__(self, onnx_path: str | os.PathLike, profiles: Profiles, precision: str = "fp32",
-                 graph_precision: str | None = None, timing_cache: str | os.PathLike | None = None,
+                 timing_cache: str | os.PathLike | None = None,
                  log_path: str | os.PathLike | None = None,
                  workspace_bytes: int = WORKSPACE_BYTES) -> None:
         if precision not in ("fp32", "fp16"):
@@ -115,39 +112,23 @@ class EngineBuilder:
         self.onnx_path = Path(onnx_path)
         self.profiles = profiles
         self.precision = precision
-        self.graph_precision = graph_precision or precision
         self.timing_cache = Path(timing_cache) if timing_cache else None
         self.log_path = Path(log_path) if log_path else None
         self.workspace_bytes = workspace_bytes
 
-    def typing(self, trt) -> str:
-        """``strong`` (types from the graph) or ``fp16-flag`` (TensorRT 10 weak typing)."""
-        if self.precision == "fp16" and self.graph_precision == "fp32":
-            if trt_major(trt) >= 11 or not hasattr(trt.BuilderFlag, "FP16"):
-                raise ValueError(
-                    f"{self.onnx_path}: TensorRT {trt.__version__} has no FP16 builder flag; fp16 "
-                    "must be baked into the graph: `refseg export --precision fp16`")
-            return "fp16-flag"
-        if self.precision != self.graph_precision:
-            raise ValueError(f"{self.onnx_path}: a {self.graph_precision} graph cannot be built "
-                             f"as a {self.precision} engine")
-        return "strong"
-
-    def cache_fields(self, trt) -> dict:
+    def cache_fields(self) -> dict:
         """The build settings that enter the engine-cache key (besides ONNX/GPU/TRT identity)."""
-        return {"precision": self.precision, "graph_precision": self.graph_precision,
-                "typing": self.typing(trt),
+        return {"precision": self.precision, "typing": "strong",
                 "profiles": {k: [list(map(list, p)) for p in v] for k, v in sorted(self.profiles.items())}}
 
     def build(self) -> bytes:
         """Parse, configure and build; returns the serialized engine."""
         trt = import_tensorrt()
-        typing = self.typing(trt)
         messages: list[str] = []
         logger = _make_logger(trt, messages)
         builder = trt.Builder(logger)
         flags = 0
-        if typing == "strong" and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):  # TensorRT >= 9
             flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
         network = builder.create_network(flags)
         parser = trt.OnnxParser(network, logger)
@@ -172,13 +153,11 @@ class EngineBuilder:
             for name, shapes in self.profiles.items():
                 profile.set_shape(name, *shapes[k])
             config.add_optimization_profile(profile)
-        if typing == "fp16-flag":
-            self._pin_fp32_layers(trt, network, config)
         known = self.timing_cache is not None and self.timing_cache.is_file()
         timing = config.create_timing_cache(self.timing_cache.read_bytes() if known else b"")
         config.set_timing_cache(timing, False)
-        log.info("building TensorRT %s engine for %s (%s typing, %d inputs: %s, profiles %s)",
-                 self.precision, self.onnx_path.name, typing, len(inputs),
+        log.info("building TensorRT %s engine for %s (strongly typed, %d inputs: %s, profiles %s)",
+                 self.precision, self.onnx_path.name, len(inputs),
                  ", ".join(f"{t.name}{tuple(t.shape)}:{t.dtype}" for t in inputs), self.profiles)
         start = time.perf_counter()
         plan = builder.build_serialized_network(network, config)
@@ -192,22 +171,6 @@ class EngineBuilder:
             atomic_write_bytes(self.timing_cache, bytes(config.get_timing_cache().serialize()))
         log.info("built %s in %.1f s", self.onnx_path.name, seconds)
         return bytes(plan)
-
-    @staticmethod
-    def _pin_fp32_layers(trt, network, config) -> None:
-        """TensorRT 10 flag path: fp16 everywhere except normalisation and softmax layers."""
-        config.set_flag(trt.BuilderFlag.FP16)
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        keep = {trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX}
-        pinned = 0
-        for i in range(network.num_layers):
-            layer = network.get_layer(i)
-            if layer.type in keep:
-                layer.precision = trt.float32
-                for j in range(layer.num_outputs):
-                    layer.set_output_type(j, trt.float32)
-                pinned += 1
-        log.info("fp16 flag path: %d normalisation/softmax layers pinned to fp32", pinned)
 
     def _write_log(self, messages: list[str]) -> None:
         if self.log_path is not None:

@@ -1,0 +1,35 @@
+"""The exporter that fills the exported backends' cache folder on first use.
+
+:func:`refseg.runtime.exported.create_exported_backend` takes an ``exporter`` argument instead of
+importing this package (the runtime never imports :mod:`refseg.export`); the Segmenter, which sits
+above both, passes :func:`fill_export_folder`. Importing this module needs no ``onnx``: the ONNX
+exporter is imported when a folder is actually filled.
+"""
+from __future__ import annotations
+
+import os
+
+from refseg.config import SegmenterConfig
+
+
+def fill_export_folder(folder: str | os.PathLike, config: SegmenterConfig,
+                       dinov2_checkpoint: str | os.PathLike, sam_checkpoint: str | os.PathLike,
+                       max_batch: int) -> dict:
+    """Export ``config``'s DINOv2 and SAM from the given checkpoints into ``folder``; return the manifest.
+
+    Args:
+        folder: an empty folder (the runtime's temporary sibling of its cache entry).
+        config: ``precision`` (fp32 / fp16) and ``image_size`` (DINOv2 input side, pixels) of the graphs.
+        dinov2_checkpoint, sam_checkpoint: the resolved checkpoint files (their sizes decide the models).
+        max_batch: largest encoder batch recorded for the TensorRT profiles.
+
+    Raises:
+        ImportError: ``onnx`` is not installed (names the ``onnx`` extra).
+    """
+    from refseg.optional import require
+
+    require("onnx", "onnx", "exporting models for the onnxruntime/tensorrt backends")
+    from refseg.export.onnx_export import export_models
+
+    return export_models(folder, dinov2_checkpoint, sam_checkpoint, precision=config.precision,
+                         image_size=config.image_size, max_batch=max_batch)
