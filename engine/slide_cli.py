@@ -215,7 +215,7 @@ def _segment(args: argparse.Namespace, config) -> int:
         raise ValueError(f"{args.input}: --ray runs slides (tile tasks), not a folder of plain images with a "
                          f"slide reference; run this folder without --ray")
     if on_ray:
-        from refseg.distributed import ray_segmenter_from_args
+        from refseg.ray_stream import ray_segmenter_from_args
 
         segmenter = ray_segmenter_from_args(args, config)
     else:

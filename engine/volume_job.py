@@ -153,7 +153,7 @@ def run(args: argparse.Namespace, config) -> int:
     if todo:
         on_ray = getattr(args, "ray", None) is not None  # slice batches on Ray actors (refseg.distributed)
         if on_ray:
-            from refseg.distributed import ray_segmenter_from_args
+            from refseg.ray_stream import ray_segmenter_from_args
 
             segmenter = ray_segmenter_from_args(args, config)
         else:

@@ -298,7 +298,7 @@ def run_plan(segmenter, plan: VolumePlan, batch_size: int | None = None,
 
     ``target_file`` = (path, DICOM series UID or ``None``) of the file ``plan.target`` was read from:
     slices are then loaded from it by :func:`read_canonical_slice` (picklable, for a
-    :class:`refseg.distributed.RaySegmenter`), else from ``plan.target_canonical``.
+    :class:`refseg.ray_stream.RaySegmenter`), else from ``plan.target_canonical``.
     """
     axis = plan.axis
     out = np.zeros(plan.target_canonical.shape, np.uint8)

@@ -51,7 +51,7 @@ def test_volume_on_ray_equals_single_process(cluster, tmp_path, small_checkpoint
     target = tmp_path / "target.nii.gz"
     target.write_bytes(ct.read_bytes())  # cross-volume mode: reference chunks switch along the slices
     sam, dino = small_checkpoints
-    common = ["-r", str(ct), "-m", str(seg), "-i", str(target), "--label", "5", "1", "--slices", "1:4",
+    common = ["-r", str(ct), "-m", str(seg), "-i", str(target), "--label", "5", "1", "--slices", "1:3",
               "--window", "abdomen", "--sam-checkpoint", str(sam), "--dinov2-checkpoint", str(dino), "-d", "cpu",
               "--image-size", "224", "--batch-size", "2"]
     single, remote = tmp_path / "single" / "labels.nii.gz", tmp_path / "ray" / "labels.nii.gz"
@@ -99,7 +99,8 @@ def test_slide_on_ray_equals_single_process(cluster, tmp_path, small_checkpoints
 
 def test_failing_items_are_reported_and_the_stream_goes_on(cluster, tmp_path, small_checkpoints):
     from refseg.config import SegmenterConfig
-    from refseg.distributed import RaySegmenter, WorkerSpec
+    from refseg.distributed import WorkerSpec
+    from refseg.ray_stream import RaySegmenter
     from refseg.io.intensity import parse_window
     from refseg.io.volume import reorientation, slice_view
     from refseg.runtime.stream import StreamItem, segment_items
