@@ -210,7 +210,7 @@ def _segment(args: argparse.Namespace, config) -> int:
     if slides and not ready:
         raise ValueError("; ".join(f["error"] for f in failed))
     images = [] if slides else raster.list_images(args.input)
-    on_ray = getattr(args, "ray", None) is not None  # tile batches on Ray actors (refseg.distributed)
+    on_ray = getattr(args, "ray", None) is not None  # tile batches on Ray actors (refseg.ray_stream)
     if on_ray and images:
         raise ValueError(f"{args.input}: --ray runs slides (tile tasks), not a folder of plain images with a "
                          f"slide reference; run this folder without --ray")

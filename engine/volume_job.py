@@ -151,7 +151,7 @@ def run(args: argparse.Namespace, config) -> int:
         log.info("resume: %d of %d volumes already done", len(summary.skipped), len(inputs))
     volumes = []
     if todo:
-        on_ray = getattr(args, "ray", None) is not None  # slice batches on Ray actors (refseg.distributed)
+        on_ray = getattr(args, "ray", None) is not None  # slice batches on Ray actors (refseg.ray_stream)
         if on_ray:
             from refseg.ray_stream import ray_segmenter_from_args
 
