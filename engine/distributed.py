@@ -17,6 +17,8 @@ finished input. Bad inputs are recorded per input and never stop the job.
 Cluster: ``address=None`` starts a local Ray cluster; ``"auto"`` or ``"ray://host:10001"`` connects to a
 running one. Every node must see the inputs, the checkpoints and ``outdir`` at the same paths (a shared
 file system).
+
+Volumes (slice batches) and slides (tile batches) go through :mod:`refseg.ray_stream` instead.
 """
 from __future__ import annotations
 
@@ -90,6 +92,17 @@ def _read_batch(batch: dict[str, np.ndarray]) -> dict[str, list]:
     return {**{k: list(v) for k, v in batch.items()}, "image": images, "error": errors}
 
 
+def build_segmenter(spec: WorkerSpec, workers_per_node: int):
+    """The Segmenter of one actor, with torch's intra-op threads set as :class:`WorkerSpec` says."""
+    import torch
+
+    from refseg.segmenter import Segmenter
+
+    torch.set_num_threads(spec.threads or max(1, (os.cpu_count() or 1) // max(1, workers_per_node)))
+    return Segmenter(spec.config, sam_checkpoint=spec.sam_checkpoint, dinov2_checkpoint=spec.dinov2_checkpoint,
+                     device=spec.device, backend=spec.backend, engine_dir=spec.engine_dir)
+
+
 class SegmentWorker:
     """Segment stage actor: one Segmenter; the shared reference comes from the object store.
 
@@ -101,15 +114,8 @@ class SegmentWorker:
     def __init__(self, spec: WorkerSpec, reference: list, workers_per_node: int = 1,
                  before_item: Callable[[str], None] | None = None):
         import ray
-        import torch
 
-        from refseg.segmenter import Segmenter
-
-        threads = spec.threads or max(1, (os.cpu_count() or 1) // max(1, workers_per_node))
-        torch.set_num_threads(threads)
-        self.segmenter = Segmenter(spec.config, sam_checkpoint=spec.sam_checkpoint,
-                                   dinov2_checkpoint=spec.dinov2_checkpoint, device=spec.device,
-                                   backend=spec.backend, engine_dir=spec.engine_dir)
+        self.segmenter = build_segmenter(spec, workers_per_node)
         self.segmenter.load_reference_state(ray.get(reference[0]))
         self.before_item = before_item
 
@@ -166,7 +172,9 @@ def _write_batch(batch: dict[str, np.ndarray], num_classes: int, save_prompts: b
 
 
 # --------------------------------------------------------------------------------------------- driver
-def _connect(address: str | None, num_cpus: int | None):
+def connect(address: str | None, num_cpus: int | None):
+    """The ``ray`` module, connected: to the running session, a new local cluster (``address=None``,
+    ``num_cpus`` logical CPUs) or the cluster at ``address`` (``"auto"``, ``"ray://host:10001"``)."""
     ray = require("ray", "dist", "refseg's distributed run (--ray)")
     if ray.is_initialized():
         return ray
@@ -234,7 +242,7 @@ def segment_dataset(inputs: Sequence[str | os.PathLike] | None, outdir: str | os
         plan.summary.config = spec.config.to_dict()
     summary = plan.summary
     if plan.todo:
-        ray = _connect(address, num_cpus)
+        ray = connect(address, num_cpus)
         write_run_config(plan)
         resources = ray.cluster_resources()
         if num_workers is None:
@@ -263,3 +271,4 @@ def segment_dataset(inputs: Sequence[str | os.PathLike] | None, outdir: str | os
                 summary.add_success(row["path"])
             log.debug("%d/%d done", done, len(rows))
     return finish_run(plan)
+

@@ -210,8 +210,17 @@ def _segment(args: argparse.Namespace, config) -> int:
     if slides and not ready:
         raise ValueError("; ".join(f["error"] for f in failed))
     images = [] if slides else raster.list_images(args.input)
-    segmenter = Segmenter(config, sam_checkpoint=args.sam_checkpoint, dinov2_checkpoint=args.dinov2_checkpoint,
-                          device=args.device, backend=args.backend, engine_dir=args.engine_dir)
+    on_ray = getattr(args, "ray", None) is not None  # tile batches on Ray actors (refseg.ray_stream)
+    if on_ray and images:
+        raise ValueError(f"{args.input}: --ray runs slides (tile tasks), not a folder of plain images with a "
+                         f"slide reference; run this folder without --ray")
+    if on_ray:
+        from refseg.ray_stream import ray_segmenter_from_args
+
+        segmenter = ray_segmenter_from_args(args, config)
+    else:
+        segmenter = Segmenter(config, sam_checkpoint=args.sam_checkpoint, dinov2_checkpoint=args.dinov2_checkpoint,
+                              device=args.device, backend=args.backend, engine_dir=args.engine_dir)
     for image, mask, source in refs:
         segmenter.add_reference(image, mask, source=source)
     if images:
@@ -232,6 +241,8 @@ def _segment(args: argparse.Namespace, config) -> int:
                                      stem=slide_stem(Path(stems[path] + path.suffix))))
         except (ValueError, OSError) as exc:
             failed.append({"slide": str(path), "error": str(exc)})
+    if on_ray:
+        segmenter.close()
     for failure in failed:
         log.error("%s", failure["error"])
     tile_failures = sum(r.get("tiles_failed", 0) for r in results)

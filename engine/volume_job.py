@@ -151,8 +151,15 @@ def run(args: argparse.Namespace, config) -> int:
         log.info("resume: %d of %d volumes already done", len(summary.skipped), len(inputs))
     volumes = []
     if todo:
-        segmenter = Segmenter(config, sam_checkpoint=args.sam_checkpoint, dinov2_checkpoint=args.dinov2_checkpoint,
-                              device=args.device, backend=args.backend, engine_dir=args.engine_dir)
+        on_ray = getattr(args, "ray", None) is not None  # slice batches on Ray actors (refseg.ray_stream)
+        if on_ray:
+            from refseg.ray_stream import ray_segmenter_from_args
+
+            segmenter = ray_segmenter_from_args(args, config)
+        else:
+            segmenter = Segmenter(config, sam_checkpoint=args.sam_checkpoint,
+                                  dinov2_checkpoint=args.dinov2_checkpoint, device=args.device,
+                                  backend=args.backend, engine_dir=args.engine_dir)
         summary.start()
         for path, out_path in todo:
             started = time.perf_counter()
@@ -160,7 +167,8 @@ def run(args: argparse.Namespace, config) -> int:
                 same = path.resolve() == ref_path.resolve()
                 target = reference if same else vio.read_volume(path, series_uid=args.series)
                 plan = plan_volume(target, labels_volume, reference=None if same else reference, **plan_options)
-                result = run_plan(segmenter, plan, on_slice=_Progress(path.name))
+                result = run_plan(segmenter, plan, on_slice=_Progress(path.name),
+                                  target_file=(str(path), args.series) if on_ray else None)
                 vio.write_label_volume(out_path, result.labels, target)
             except Exception as exc:  # one bad volume never stops the others
                 summary.add_failure(path, exc)
@@ -180,6 +188,8 @@ def run(args: argparse.Namespace, config) -> int:
                 summary.add_success(path)
             log.info("%s -> %s: %d slices in %.1f s (%.2f slices/s)", path, out_path, len(result.segmented),
                      seconds, result.slices_per_second)
+        if on_ray:
+            segmenter.close()
     summary.finish()
     data = summary.to_dict()
     data["volumes"] = volumes

@@ -26,7 +26,9 @@ point after the cycle check gets no mask on that slice (rather than SAM's answer
 """
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,10 +38,10 @@ import numpy as np
 import torch
 
 from refseg.io.intensity import DEFAULT_PERCENTILES, Window, auto_window
-from refseg.io.volume import Volume, reorientation, slice_view, put_slice_view
+from refseg.io.volume import Volume, read_volume, reorientation, slice_view, put_slice_view
 from refseg.config import PATCH_SIZE
 from refseg.pipeline.grid import FG, binary_to_grid, resize_binary_mask
-from refseg.runtime.stream import StreamItem, stream_segment
+from refseg.runtime.stream import StreamItem, segment_items
 
 log = logging.getLogger(__name__)
 
@@ -263,13 +265,40 @@ def _drop_unprompted(result) -> None:
             result.class_masks[c] = np.zeros_like(result.class_masks[c])
 
 
+@functools.lru_cache(maxsize=1)
+def _canonical_volume(path: str, series_uid: str | None, stamp: tuple) -> np.ndarray:
+    volume = read_volume(path, series_uid=series_uid)
+    return reorientation(volume.affine).apply(volume.data)
+
+
+def read_canonical_slice(path: str, series_uid: str | None, axis: int, index: int, window: Window) -> np.ndarray:
+    """(H, W) uint8 slice ``index`` along canonical ``axis`` of the volume file ``path``, through ``window``.
+
+    The picklable slice loader of remote runs (a worker reads the file itself): the last volume read is
+    kept per process (keyed by path, series, size and mtime), so a slice batch costs one read per worker.
+    """
+    stat = os.stat(path)
+    return window.apply(slice_view(_canonical_volume(path, series_uid, (stat.st_size, stat.st_mtime_ns)), axis, index))
+
+
+def _slice_loader(plan: VolumePlan, t: int, target_file: tuple[str, str | None] | None):
+    if target_file is not None:
+        return functools.partial(read_canonical_slice, str(target_file[0]), target_file[1], plan.axis, t, plan.window)
+    return lambda: plan.window.apply(slice_view(plan.target_canonical, plan.axis, t))
+
+
 def run_plan(segmenter, plan: VolumePlan, batch_size: int | None = None,
-             on_slice: Callable[[int, int], None] | None = None) -> VolumeSegmentation:
+             on_slice: Callable[[int, int], None] | None = None,
+             target_file: tuple[str, str | None] | None = None) -> VolumeSegmentation:
     """Segment the planned target slices with ``segmenter`` (its references are replaced per group).
 
     ``on_slice(done, total)`` is called after every target slice (progress). The segmenter's config is
     switched to ``fallback=False`` for the run and restored afterwards. Slices are windowed to uint8 here
     (``plan.window``), so the segmenter's own window plays no part.
+
+    ``target_file`` = (path, DICOM series UID or ``None``) of the file ``plan.target`` was read from:
+    slices are then loaded from it by :func:`read_canonical_slice` (picklable, for a
+    :class:`refseg.ray_stream.RaySegmenter`), else from ``plan.target_canonical``.
     """
     axis = plan.axis
     out = np.zeros(plan.target_canonical.shape, np.uint8)
@@ -297,9 +326,8 @@ def run_plan(segmenter, plan: VolumePlan, batch_size: int | None = None,
                 log.warning("%s: label(s) %s have no usable reference patch on slices %s; not segmented on "
                             "%d slice(s)", plan.name, missing, list(slices), len(members))
             items = (StreamItem(key=f"{plan.name}[axis={axis} slice={t}]", meta=t,
-                                load=lambda t=t: plan.window.apply(slice_view(plan.target_canonical, axis, t)))
-                     for t in members)
-            for result in stream_segment(segmenter, items, batch_size=batch_size):
+                                load=_slice_loader(plan, t, target_file)) for t in members)
+            for result in segment_items(segmenter, items, batch_size=batch_size):
                 t = result.item.meta
                 if result.error is not None:
                     failed[t] = f"{type(result.error).__name__}: {result.error}"

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ from PIL import Image
 
 from refseg.io import geojson, pyramid, raster, writers
 from refseg.io.slide import SlideView, open_slide
-from refseg.runtime.stream import StreamItem, stream_segment
+from refseg.runtime.stream import StreamItem, segment_items
 from refseg.runtime.tiling import TileGrid, default_overlap, tissue_mask, tissue_tiles
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,37 @@ class _TileStore:
             return np.asarray(im, dtype=np.uint8)
 
 
+_OPEN_LOCK = threading.Lock()
+_OPEN: dict[tuple, Any] = {}  # this process's one open slide of read_slide_region: key -> (reader, view)
+
+
+def read_slide_region(path: str, reader: str, level: int | None, mpp: float | None,
+                      x: int, y: int, w: int, h: int) -> np.ndarray:
+    """(h, w, 3) uint8 RGB of view region (x, y, w, h) of the slide file ``path`` at ``level`` / ``mpp``
+    (as :meth:`SlideView.read`; outside the slide is white).
+
+    The picklable tile loader of remote runs (a worker reads its tiles itself): the last slide opened is
+    kept open per process, so a batch of tiles of one slide opens it once.
+    """
+    key = (path, reader, level, mpp)
+    with _OPEN_LOCK:
+        if key not in _OPEN:
+            for old, _ in _OPEN.values():
+                old.close()
+            _OPEN.clear()
+            opened = open_slide(path, reader)
+            _OPEN[key] = (opened, SlideView.select(opened, level=level, mpp=mpp))
+        view = _OPEN[key][1]
+    return view.read(x, y, w, h)
+
+
+def _tile_loader(segmenter, view: SlideView, slide_path: Path, options: SlideJobOptions, box):
+    if getattr(segmenter, "remote", False):  # runs on another process / machine: path + box, no open file
+        return functools.partial(read_slide_region, str(slide_path), options.reader, options.level, options.mpp,
+                                 *box)
+    return functools.partial(view.read, *box)
+
+
 def _fingerprint(view: SlideView, grid: TileGrid, options: SlideJobOptions, config: dict, reference_key: str) -> str:
     stat = view.reader.path.stat()
     blob = json.dumps({"slide": [str(view.reader.path.resolve()), stat.st_size, stat.st_mtime_ns],
@@ -210,10 +242,11 @@ def run_slide(segmenter, slide_path: str | Path, outdir: str | Path, options: Sl
         segmented = 0
         t0 = last = time.perf_counter()
         items = (StreamItem(key=f"{slide_path.name}@(x={grid.read_box(r, c)[0]},y={grid.read_box(r, c)[1]})",
-                            load=functools.partial(view.read, *grid.read_box(r, c)), meta=(r, c))
+                            load=_tile_loader(segmenter, view, slide_path, options, grid.read_box(r, c)),
+                            meta=(r, c))
                  for r, c in todo)
         m, k = grid.margin, grid.core
-        for out in stream_segment(segmenter, items):
+        for out in segment_items(segmenter, items):
             row, col = out.item.meta
             if out.error is not None:
                 failed.append({"tile": out.item.key, "error": f"{type(out.error).__name__}: {out.error}"})

@@ -188,3 +188,12 @@ def stream_segment(segmenter, items: Iterable[StreamItem], batch_size: int | Non
         for future in window:
             future.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def segment_items(segmenter, items: Iterable[StreamItem], batch_size: int | None = None) -> Iterator[StreamOutput]:
+    """The jobs' seam: :func:`stream_segment` here, or the segmenter's own ``stream`` when its work runs
+    elsewhere (:class:`refseg.ray_stream.RaySegmenter`: batches on Ray actors, outputs back in order)."""
+    remote = getattr(segmenter, "stream", None)
+    if remote is not None:
+        return remote(items, batch_size=batch_size)
+    return stream_segment(segmenter, items, batch_size=batch_size)
