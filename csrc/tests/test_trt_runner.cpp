@@ -3,6 +3,7 @@
 // profile choice and per-call input shapes, device placement, enqueue + sync, outputs copied back.
 // Usage: test_trt_runner <scratch dir>
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <string>
@@ -181,6 +182,25 @@ int main(int argc, char** argv) {
     CHECK(std::count(shapes.begin(), shapes.end(), "point_coords(1,5,2)") == 1);
     CHECK(std::count(shapes.begin(), shapes.end(), "point_labels(1,5)") == 1);
     CHECK(fake::count("enqueue") == 2 && fake::count("sync") == 2 && fake::count("set_device 0") >= 2);
+  }
+
+  // float16 / int32 engine I/O: the runner converts on the host; the fake copies the raw bytes back
+  fake::reset();
+  {
+    const std::string typed = write(dir + "/typed.engine",
+                                    "FAKETRT1\ntensor x input float 1,2\ntensor h input half 1,8\n"
+                                    "tensor i input int32 1,3\ntensor y output float 1,2\n"
+                                    "tensor h_out output half 1,8\ntensor i_out output int32 1,3\n"
+                                    "profile 0 x 1,2 1,2\nprofile 0 h 1,8 1,8\nprofile 0 i 1,3 1,3\n");
+    EngineRunner r(typed, 0);
+    const HostTensor x{{1, 2}, {1.0f, 2.0f}};
+    // exact, rounded to nearest even (1 + 2^-11 -> 1), overflow -> inf, subnormal, negative zero
+    const HostTensor h{{1, 8}, {0.5f, -2.0f, 65504.0f, 3.140625f, 1.0f + 1.0f / 2048, 1e6f, 5.9604645e-8f, -0.0f}};
+    const HostTensor i{{1, 3}, {-7.0f, 0.0f, 123456.0f}};
+    auto out = r.run({{"x", &x}, {"h", &h}, {"i", &i}}, {"h_out", "i_out"});
+    const std::vector<float> want_h = {0.5f, -2.0f, 65504.0f, 3.140625f, 1.0f, INFINITY, 5.9604645e-8f, -0.0f};
+    CHECK(out[0].data == want_h && std::signbit(out[0].data[7]));
+    CHECK((out[1].data == std::vector<float>{-7.0f, 0.0f, 123456.0f}));
   }
 
   if (g_failures) std::fprintf(stderr, "%d check(s) failed\n", g_failures);

@@ -4,7 +4,8 @@
 //   tensor <name> <input|output> <float|half|int32|int64> <d0,d1,...>   (-1: dynamic)
 //   profile <k> <input name> <min d0,d1,...> <max d0,d1,...>
 // An output's -1 dimensions take dimension 0 of the first input's shape. enqueueV3 computes every
-// float output as out[i] = 2 * in0[i % n0] + i, in0 being the first input (float32).
+// float output as out[i] = 2 * in0[i % n0] + i, in0 being the first input (float32); an output of another
+// dtype gets the raw bytes of the first input of its dtype (a round trip through the runner's conversions).
 #pragma once
 
 #include <cstddef>

@@ -202,7 +202,19 @@ bool IExecutionContext::enqueueV3(cudaStream_t) noexcept {
   for (int i = 0; i < d0.nbDims; ++i) n0 *= static_cast<size_t>(d0.d[i]);
   const float* src = static_cast<const float*>(fake->addresses.at(in0->name));
   for (const auto& t : fake->engine->tensors) {
-    if (t.input || t.type != DataType::kFLOAT) continue;
+    if (t.input) continue;
+    if (t.type != DataType::kFLOAT) {  // other dtypes: the raw bytes of the first input of that dtype
+      for (const auto& u : fake->engine->tensors) {
+        if (!u.input || u.type != t.type) continue;
+        const Dims du = getTensorShape(u.name.c_str()), dt = getTensorShape(t.name.c_str());
+        size_t nu = 1, nt = 1;
+        for (int i = 0; i < du.nbDims; ++i) nu *= static_cast<size_t>(du.d[i]);
+        for (int i = 0; i < dt.nbDims; ++i) nt *= static_cast<size_t>(dt.d[i]);
+        std::memcpy(fake->addresses.at(t.name), fake->addresses.at(u.name), std::min(nu, nt) * bytes_of(t.type));
+        break;
+      }
+      continue;
+    }
     const Dims d = getTensorShape(t.name.c_str());
     size_t n = 1;
     for (int i = 0; i < d.nbDims; ++i) n *= static_cast<size_t>(d.d[i]);
