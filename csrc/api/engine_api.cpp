@@ -1,5 +1,7 @@
-// C API: refseg_engine (the model pipeline) over refseg::Pipeline. Without LibTorch at build time
+// C API: refseg_engine (the model pipeline) over refseg::Pipeline (AOTInductor packages, or TensorRT
+// engines when built with REFSEG_HAVE_TENSORRT; REFSEG_CUDA_DEVICE picks their device, default 0). Without LibTorch at build time
 // (REFSEG_HAVE_AOTI undefined) the engine calls return REFSEG_ERR_UNSUPPORTED.
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -70,6 +72,12 @@ PipelineOptions options_of(const refseg_params& p) {
   o.min_component_fraction = p.min_component_fraction;
   o.num_threads = p.num_threads;
   o.expect_image_size = p.image_size;
+  if (const char* dev = std::getenv("REFSEG_CUDA_DEVICE")) {  // TensorRT engines only
+    char* end = nullptr;
+    const long d = std::strtol(dev, &end, 10);
+    require(*dev && *end == 0 && d >= 0 && d < 1024, std::string("REFSEG_CUDA_DEVICE=") + dev + ": not a device index");
+    o.cuda_device = static_cast<int>(d);
+  }
   return o;
 }
 #endif
@@ -138,6 +146,8 @@ refseg_status refseg_engine_create(const char* artifact_dir, const refseg_params
       engine->pipeline = std::make_unique<Pipeline>(artifact_dir, opt);
     } catch (const ArtifactError& e) {
       throw ApiError(REFSEG_ERR_ARTIFACT, e.what());
+    } catch (const UnsupportedError& e) {
+      throw ApiError(REFSEG_ERR_UNSUPPORTED, e.what());
     }
 #else
     throw ApiError(REFSEG_ERR_UNSUPPORTED, "this refseg was built without LibTorch (REFSEG_WITH_AOTI=OFF)");

@@ -16,6 +16,10 @@
 #include <sstream>
 
 #include "resample.h"
+#ifdef REFSEG_HAVE_TENSORRT
+#include "io_names.h"
+#include "trt_runner.h"
+#endif
 
 namespace fs = std::filesystem;
 
@@ -99,10 +103,117 @@ void drop_small_components(std::vector<uint8_t>& mask, int width, int height, do
     if (mask[i] && !(static_cast<float>(sizes[label[i]]) >= thr)) mask[i] = 0;
 }
 
+// The three exported graphs behind one interface: AOTInductor packages or TensorRT engines.
+struct Models {
+  virtual ~Models() = default;
+  virtual at::Tensor dinov2(const at::Tensor& images) = 0;       // (1, 3, S, S) -> patch tokens (1, T, D)
+  virtual at::Tensor sam_encoder(const at::Tensor& images) = 0;  // (1, 3, 1024, 1024) -> (1, 256, 64, 64)
+  // -> {low_res_masks (1, 4, 256, 256), iou_predictions (1, 4)}
+  virtual std::vector<at::Tensor> sam_decoder(const std::vector<at::Tensor>& inputs) = 0;
+};
+
+struct AotiModels : Models {
+  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> dino, encoder, decoder;
+  explicit AotiModels(const fs::path& dir) {
+    for (const char* name : kGraphs)
+      if (!fs::is_regular_file(dir / name)) throw ArtifactError((dir / name).string() + ": missing");
+    auto load = [&](const char* name) {
+      try {
+        return std::make_unique<torch::inductor::AOTIModelPackageLoader>((dir / name).string());
+      } catch (const std::exception& e) {
+        std::string what = e.what();
+        throw ArtifactError((dir / name).string() + ": cannot load the AOTInductor package (" +
+                            what.substr(0, what.find('\n')) + ")");
+      }
+    };
+    dino = load(kGraphs[0]);
+    encoder = load(kGraphs[1]);
+    decoder = load(kGraphs[2]);
+  }
+  at::Tensor dinov2(const at::Tensor& x) override { return dino->run({x})[0]; }
+  at::Tensor sam_encoder(const at::Tensor& x) override { return encoder->run({x})[0]; }
+  std::vector<at::Tensor> sam_decoder(const std::vector<at::Tensor>& in) override { return decoder->run(in); }
+};
+
+#ifdef REFSEG_HAVE_TENSORRT
+// `<graph>.engine`, `<graph>.plan`, or the one `<graph>-<key>.engine` copied from refseg's engine cache
+fs::path engine_file(const fs::path& dir, const std::string& graph) {
+  for (const char* ext : {".engine", ".plan"})
+    if (fs::is_regular_file(dir / (graph + ext))) return dir / (graph + ext);
+  std::vector<fs::path> found;
+  for (const auto& entry : fs::directory_iterator(dir)) {
+    const std::string name = entry.path().filename().string();
+    if (entry.is_regular_file() && name.rfind(graph + "-", 0) == 0 && entry.path().extension() == ".engine")
+      found.push_back(entry.path());
+  }
+  if (found.size() == 1) return found[0];
+  if (found.empty())
+    throw ArtifactError((dir / (graph + ".engine")).string() + ": missing (put the TensorRT engine of " + graph +
+                        " there: `refseg export --format onnx,tensorrt` builds it into ~/.cache/refseg/engines)");
+  throw ArtifactError(dir.string() + ": several " + graph + "-*.engine files; keep one or name it " + graph + ".engine");
+}
+
+trt::HostTensor host_of(const at::Tensor& t) {
+  const at::Tensor c = t.to(at::kFloat).contiguous();
+  trt::HostTensor h;
+  h.shape = c.sizes().vec();
+  h.data.assign(c.data_ptr<float>(), c.data_ptr<float>() + c.numel());
+  return h;
+}
+
+at::Tensor tensor_of(trt::HostTensor& h) { return at::from_blob(h.data.data(), h.shape, at::kFloat).clone(); }
+
+struct TensorRTModels : Models {
+  std::unique_ptr<trt::EngineRunner> dino, encoder, decoder;
+  TensorRTModels(const fs::path& dir, int device, int image_size) {
+    auto load = [&](const char* graph, const std::vector<std::string>& inputs, const std::vector<std::string>& outputs) {
+      const fs::path file = engine_file(dir, graph);
+      try {
+        auto runner = std::make_unique<trt::EngineRunner>(file.string(), device);
+        runner->expect_io(inputs, outputs);
+        return runner;
+      } catch (const trt::Error& e) {
+        throw ArtifactError(std::string("TensorRT engine ") + graph + ": " + e.what());
+      }
+    };
+    dino = load("dinov2", {io::kDinov2Input}, {io::kDinov2PatchTokens});
+    encoder = load("sam_encoder", {io::kSamEncoderInput}, {io::kSamEncoderOutput});
+    decoder = load("sam_decoder",
+                   {io::kSamDecoderEmbeddings, io::kSamDecoderCoords, io::kSamDecoderLabels, io::kSamDecoderMaskInput,
+                    io::kSamDecoderHasMask},
+                   {io::kSamDecoderMasks, io::kSamDecoderIou});
+    const auto side = dino->declared_shape(io::kDinov2Input);
+    if (side.size() != 4 || side[2] != image_size || side[3] != image_size)
+      throw ArtifactError(dino->path() + ": engine input images is (B, 3, " + std::to_string(side.size() == 4 ? side[2] : -1) +
+                          ", ...), the manifest's image_size is " + std::to_string(image_size));
+  }
+  at::Tensor dinov2(const at::Tensor& x) override {
+    const auto in = host_of(x);
+    auto out = dino->run({{io::kDinov2Input, &in}}, {io::kDinov2PatchTokens});
+    return tensor_of(out[0]);
+  }
+  at::Tensor sam_encoder(const at::Tensor& x) override {
+    const auto in = host_of(x);
+    auto out = encoder->run({{io::kSamEncoderInput, &in}}, {io::kSamEncoderOutput});
+    return tensor_of(out[0]);
+  }
+  std::vector<at::Tensor> sam_decoder(const std::vector<at::Tensor>& in) override {
+    const char* names[5] = {io::kSamDecoderEmbeddings, io::kSamDecoderCoords, io::kSamDecoderLabels,
+                            io::kSamDecoderMaskInput, io::kSamDecoderHasMask};
+    std::vector<trt::HostTensor> host;
+    for (const auto& t : in) host.push_back(host_of(t));
+    std::vector<trt::Feed> feeds;
+    for (int i = 0; i < 5; ++i) feeds.push_back({names[i], &host[i]});
+    auto out = decoder->run(feeds, {io::kSamDecoderMasks, io::kSamDecoderIou});
+    return {tensor_of(out[0]), tensor_of(out[1])};
+  }
+};
+#endif
+
 struct Pipeline::Impl {
   PipelineOptions opt;
   int image_size = 0;
-  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> dinov2, encoder, decoder;
+  std::unique_ptr<Models> models;
   at::Tensor ref_tokens;              // (1, Nr, D)
   std::vector<int8_t> ref_labels;     // (Nr,)
 
@@ -111,7 +222,7 @@ struct Pipeline::Impl {
     const auto small = resize_like_pil(rgb.data(), image.width, image.height, 3, 3L * image.width, image_size,
                                        image_size, Filter::Bicubic);
     at::Tensor x = chw_float(small, image_size, image_size, kImagenetMean, kImagenetStd, 255.0f, 0);
-    return dinov2->run({x})[0].contiguous().to(at::kFloat);  // patch tokens (1, T, D)
+    return models->dinov2(x).contiguous().to(at::kFloat);  // patch tokens (1, T, D)
   }
 };
 
@@ -124,8 +235,16 @@ Pipeline::Pipeline(const std::string& artifact_dir, const PipelineOptions& optio
     throw ArtifactError(manifest.string() + ": no export manifest (create the folder with `refseg export --format aoti`)");
   const std::string text = read_text(manifest);
   std::smatch m;
-  if (!std::regex_search(text, m, std::regex("\"export_format\"\\s*:\\s*\"([a-z]+)\"")) || m[1] != "aoti")
-    throw ArtifactError(manifest.string() + ": not an AOTInductor export (export with `refseg export --format aoti`)");
+  // AOTInductor packages carry "export_format": "aoti"; the ONNX export (TensorRT engines beside its
+  // graphs) has none and lists the .onnx graphs
+  std::string format;
+  if (std::regex_search(text, m, std::regex("\"export_format\"\\s*:\\s*\"([a-z0-9_]+)\"")))
+    format = m[1];
+  else if (std::regex_search(text, std::regex("\"dinov2\\.onnx\"")))
+    format = "onnx";
+  if (format != "aoti" && format != "onnx")
+    throw ArtifactError(manifest.string() + ": not an AOTInductor export nor an ONNX export with TensorRT engines "
+                        "(export with `refseg export --format aoti` or `--format onnx,tensorrt`)");
   if (!std::regex_search(text, m, std::regex("\"image_size\"\\s*:\\s*([0-9]+)")))
     throw ArtifactError(manifest.string() + ": manifest lacks image_size");
   impl_->image_size = std::stoi(m[1]);
@@ -134,24 +253,21 @@ Pipeline::Pipeline(const std::string& artifact_dir, const PipelineOptions& optio
   if (options.expect_image_size && options.expect_image_size != impl_->image_size)
     throw ArtifactError(artifact_dir + ": exported for image_size " + std::to_string(impl_->image_size) +
                         ", params ask for " + std::to_string(options.expect_image_size));
-  if (std::regex_search(text, m, std::regex("\"device\"\\s*:\\s*\"([a-z]+)\"")) && m[1] != "cpu")
-    throw ArtifactError(artifact_dir + ": packages compiled for device '" + std::string(m[1]) +
-                        "'; this build runs the CPU packages");
-  for (const char* name : kGraphs)
-    if (!fs::is_regular_file(dir / name)) throw ArtifactError((dir / name).string() + ": missing");
+  if (format == "onnx") {
+#ifdef REFSEG_HAVE_TENSORRT
+    impl_->models = std::make_unique<TensorRTModels>(dir, options.cuda_device, impl_->image_size);
+#else
+    throw UnsupportedError(artifact_dir + ": an ONNX export, run through TensorRT engines; this refseg was built "
+                           "without TensorRT (configure with -DREFSEG_WITH_TENSORRT=ON where TensorRT is installed, "
+                           "or export with `refseg export --format aoti`)");
+#endif
+  } else {
+    if (std::regex_search(text, m, std::regex("\"device\"\\s*:\\s*\"([a-z]+)\"")) && m[1] != "cpu")
+      throw ArtifactError(artifact_dir + ": packages compiled for device '" + std::string(m[1]) +
+                          "'; this build runs the CPU packages");
+    impl_->models = std::make_unique<AotiModels>(dir);
+  }
   if (options.num_threads > 0) at::set_num_threads(options.num_threads);
-  auto load = [&](const char* name) {
-    try {
-      return std::make_unique<torch::inductor::AOTIModelPackageLoader>((dir / name).string());
-    } catch (const std::exception& e) {
-      std::string what = e.what();
-      throw ArtifactError((dir / name).string() + ": cannot load the AOTInductor package (" +
-                          what.substr(0, what.find('\n')) + ")");
-    }
-  };
-  impl_->dinov2 = load(kGraphs[0]);
-  impl_->encoder = load(kGraphs[1]);
-  impl_->decoder = load(kGraphs[2]);
 }
 
 Pipeline::~Pipeline() = default;
@@ -228,7 +344,7 @@ void Pipeline::segment(const ImageView& image, uint8_t* out, long out_stride, co
     const auto rgb = to_rgb(image);
     const auto resized = (h == H && w == W) ? rgb : resize_like_pil(rgb.data(), W, H, 3, 3L * W, w, h, Filter::Bilinear);
     at::Tensor pixels = chw_float(resized, w, h, kSamMean, kSamStd, 1.0f, kSamSide);
-    at::Tensor embedding = s.encoder->run({pixels})[0];
+    at::Tensor embedding = s.models->sam_encoder(pixels);
     step("decoder", 0.8f);
     // float32 points -> input frame in float64 (resize_coords), then float32; pack_prompts
     const int n = static_cast<int>(prompts.points.size());
@@ -253,7 +369,7 @@ void Pipeline::segment(const ImageView& image, uint8_t* out, long out_stride, co
       l[n] = -1.0f;  // SAM's padding point when there is no box
     }
     at::Tensor mask_input = at::zeros({1, 1, 256, 256}, at::kFloat), has_mask = at::zeros({1}, at::kFloat);
-    auto outs = s.decoder->run({embedding, coords, labels, mask_input, has_mask});
+    auto outs = s.models->sam_decoder({embedding, coords, labels, mask_input, has_mask});
     at::Tensor low = outs[0], iou = outs[1];  // (1, 4, 256, 256), (1, 4): index 0 single, 1..3 multimask
     if (s.opt.multimask_output) {
       low = low.slice(1, 1, 4);

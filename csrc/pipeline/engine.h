@@ -1,5 +1,6 @@
 // The C++ pipeline behind refseg_engine: DINOv2 -> grid / matching -> prompts -> SAM, running the
-// AOTInductor packages of `refseg export --format aoti`. No torch types in this header.
+// AOTInductor packages of `refseg export --format aoti`, or (built with REFSEG_HAVE_TENSORRT) the TensorRT
+// engines of `refseg export --format onnx,tensorrt`, chosen by the folder's manifest. No torch types in this header.
 #pragma once
 
 #include <cstdint>
@@ -23,6 +24,7 @@ struct PipelineOptions {
   double min_component_fraction = 0.3;
   int num_threads = 0;  // 0: LibTorch's default
   int expect_image_size = 0;  // 0: take the export's
+  int cuda_device = 0;  // TensorRT engines: the CUDA device they run on (REFSEG_CUDA_DEVICE)
 };
 
 // Interleaved uint8 image view (channels 1, 3 or 4; `stride` bytes per row).
@@ -37,7 +39,8 @@ using Progress = std::function<bool(const char* stage, float fraction)>;
 
 class Pipeline {
  public:
-  // Throws ArtifactError for a missing / corrupt / mismatched folder.
+  // Throws ArtifactError for a missing / corrupt / mismatched folder, UnsupportedError for TensorRT
+  // engines in a build without TensorRT.
   Pipeline(const std::string& artifact_dir, const PipelineOptions& options);
   ~Pipeline();
   void set_reference(const ImageView& image, const ImageView& mask, const Progress& progress);
@@ -52,6 +55,10 @@ class Pipeline {
 };
 
 struct ArtifactError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+// The artifact needs a runtime this build lacks (TensorRT engines without -DREFSEG_WITH_TENSORRT=ON).
+struct UnsupportedError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 struct StateError : std::runtime_error {

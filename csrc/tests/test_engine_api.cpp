@@ -36,9 +36,18 @@ int main(int argc, char** argv) {
   CHECK(create(scratch / "absent", &e) == REFSEG_ERR_ARTIFACT && e == nullptr);
   CHECK(says(nullptr, "absent") && says(nullptr, "not a directory"));
   CHECK(create(scratch, &e) == REFSEG_ERR_ARTIFACT && says(nullptr, "no export manifest"));
-  // an ONNX export folder: the wrong kind
+  // neither kind of export
   write(scratch / "manifest.json", "{\"format\": 1, \"image_size\": 112, \"graphs\": {}}");
   CHECK(create(scratch, &e) == REFSEG_ERR_ARTIFACT && says(nullptr, "not an AOTInductor export"));
+  // an ONNX export (TensorRT engines): refused by a build without TensorRT, engines looked for with it
+  write(scratch / "manifest.json",
+        "{\"format\": 1, \"image_size\": 112, \"graphs\": {\"dinov2\": {\"files\": [\"dinov2.onnx\"]}}}");
+#ifdef REFSEG_TEST_HAVE_TENSORRT
+  CHECK(create(scratch, &e) == REFSEG_ERR_ARTIFACT && says(nullptr, "dinov2.engine") && says(nullptr, "missing"));
+#else
+  CHECK(create(scratch, &e) == REFSEG_ERR_UNSUPPORTED && e == nullptr && says(nullptr, "without TensorRT") &&
+        says(nullptr, "REFSEG_WITH_TENSORRT"));
+#endif
   // an AOTI manifest whose packages are missing, then corrupt
   write(scratch / "manifest.json", "{\"export_format\": \"aoti\", \"image_size\": 112, \"device\": \"cpu\"}");
   CHECK(create(scratch, &e) == REFSEG_ERR_ARTIFACT && says(nullptr, "dinov2.pt2") && says(nullptr, "missing"));
