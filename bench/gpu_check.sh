@@ -53,7 +53,7 @@ out = pathlib.Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)
 d = DinoVisionTransformer(DINOV2_SPECS["vits14"]); init_d(d, seed=0)
 torch.save(d.state_dict(), out / "dinov2_vits14_pretrain.pth")
 EOF2
-  BENCH=(--quick -d cpu --image-size 112 --budget 5 --no-baseline --backends torch-fp32 --threads 1
+  BENCH=(--quick -d cpu --image-size 112 --budget 5 --images 1 --repeats 1 --stream-batches 1 --no-baseline --backends torch-fp32 --threads 1
          --dinov2-checkpoint "$OUT/checkpoints/dinov2_vits14_pretrain.pth")
   export REFSEG_BENCH_SMOKE=1  # bench_kernels.py: batch 1 only
   KBENCH=(-k "torch_reference")
