@@ -52,7 +52,7 @@ def test_to_rgb_uint8_uses_a_given_window():
 
 def test_segmenter_windows_targets_with_the_reference_window(small_checkpoints):
     """A CT-like target whose own percentiles differ from the reference's gets the REFERENCE's window."""
-    from refseg.segmenter import Segmenter
+    from refseg.segmenter import SegmentationResult, Segmenter
 
     sam, dino = small_checkpoints
     seg = Segmenter.from_preset("sat", sam_checkpoint=sam, dinov2_checkpoint=dino, device="cpu", image_size=112)
@@ -62,7 +62,16 @@ def test_segmenter_windows_targets_with_the_reference_window(small_checkpoints):
     mask[8:40, 8:40] = 1
     target = rng.integers(-200, 300, (64, 64)).astype(np.int16)  # narrower range: own window would stretch it
     seen = []
-    seg._segment_chunk = lambda rgbs: seen.extend(rgbs) or [None] * len(rgbs)  # capture what the models get
+    prepare = seg.prepare_target
+
+    def capture(image, source="image"):  # what the models get, after the window
+        target = prepare(image, source)
+        seen.append(target.rgb)
+        return target
+
+    seg.prepare_target = capture
+    seg.segment_prepared = lambda targets: [SegmentationResult(mask=np.zeros(t.rgb.shape[:2], np.uint8))
+                                            for t in targets]
     seg.set_reference(ref, mask)
     assert (seg.window.lo, seg.window.hi) == (auto_window(ref).lo, auto_window(ref).hi)
     seg.segment_batch([target])

@@ -170,7 +170,7 @@ def test_kill_switch_and_guard(monkeypatch, caplog):
     counts = torch.tensor([20, 11], device=DEVICE)
     want = kmeans_reference(points, counts, 2)
     _forbid_kernel(monkeypatch)
-    with caplog.at_level("INFO", logger="refseg.kernels.dispatch"):
+    with caplog.at_level("DEBUG", logger="refseg.kernels.dispatch"):
         monkeypatch.setenv("REFSEG_DISABLE_KMEANS", "1")
         got = kmeans(points, counts, 2)
         monkeypatch.delenv("REFSEG_DISABLE_KMEANS")

@@ -177,7 +177,7 @@ def test_kill_switch(monkeypatch, caplog):
     ref, tgt = _inputs(1, 6, 7, 16, torch.float32)
     monkeypatch.setenv("REFSEG_DISABLE_MATCH", "1")
     _forbid_kernel(monkeypatch)
-    with caplog.at_level("INFO", logger="refseg.kernels.dispatch"):
+    with caplog.at_level("DEBUG", logger="refseg.kernels.dispatch"):
         got = match(ref, tgt)
         match(ref, tgt)
     assert sum("REFSEG_DISABLE_MATCH" in r.getMessage() for r in caplog.records) == 1  # logged once
@@ -190,7 +190,7 @@ def test_kill_switch(monkeypatch, caplog):
 def test_guard_falls_back(monkeypatch, caplog):
     ref, tgt = _inputs(1, 6, 7, 16, torch.float32)
     _forbid_kernel(monkeypatch)
-    with caplog.at_level("INFO", logger="refseg.kernels.dispatch"):
+    with caplog.at_level("DEBUG", logger="refseg.kernels.dispatch"):
         got = match(ref.double(), tgt.double())          # unsupported dtype
         match(ref, tgt, k=65)                             # k above the kernel's limit
     text = caplog.text
@@ -200,7 +200,7 @@ def test_guard_falls_back(monkeypatch, caplog):
         match(ref.double(), tgt.double(), backend="triton")
     if DEVICE == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "0")
-        with caplog.at_level("INFO", logger="refseg.kernels.dispatch"):
+        with caplog.at_level("DEBUG", logger="refseg.kernels.dispatch"):
             match(ref, tgt)
         assert "TRITON_INTERPRET" in caplog.text
 

@@ -39,7 +39,8 @@ def test_ci_runs_exactly_the_readme_setup_and_test_lines():
     joined = " ".join(setup)
     assert 'pip install -e ".[test]"' in joined
     assert 'pip install --no-deps "dinov2==0.0.1.dev2"' in joined  # the DINOv2 oracle, not only in CI
-    assert tests == ["python -m pytest tests -q -ra"]
+    assert tests[-1] == "python -m pytest tests -q -ra"  # after the C++ build + ctest line
+    assert all(line.startswith(("cmake ", "python -m pytest")) for line in tests)
     printed = subprocess.run(["bash", str(ROOT / ".ci" / "run"), "--print"], capture_output=True, text=True,
                              check=True).stdout.splitlines()
     assert printed == setup + tests

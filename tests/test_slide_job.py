@@ -30,10 +30,16 @@ class ThresholdSegmenter:
         if self.fail_after is not None and self.tiles + len(images) > self.fail_after:
             raise KeyboardInterrupt("simulated kill")
         self.tiles += len(images)
-        return [SimpleNamespace(mask=(np.asarray(i)[..., 1] < 100).astype(np.uint8)) for i in images]
+        return [SimpleNamespace(mask=(np.asarray(i)[..., 1] < 100).astype(np.uint8), timings={}) for i in images]
 
     def segment(self, image):
         return self.segment_batch([image])[0]
+
+    def prepare_target(self, image, source="image"):  # the streaming runtime's protocol
+        return np.asarray(image)
+
+    def segment_prepared(self, targets):
+        return self.segment_batch(targets)
 
 
 OPTIONS = SlideJobOptions(tile_size=256, thumbnail_size=512, preview_size=256)
@@ -143,7 +149,13 @@ MEMORY_SCRIPT = textwrap.dedent("""
         config = SimpleNamespace(batch_size=4, to_dict=lambda: {})
         classes = [1]
         def segment_batch(self, images):
-            return [SimpleNamespace(mask=(i[..., 1] < 100).astype(np.uint8)) for i in images]
+            return [SimpleNamespace(mask=(i[..., 1] < 100).astype(np.uint8), timings={}) for i in images]
+
+        def prepare_target(self, image, source="image"):  # the streaming runtime's protocol
+            return np.asarray(image)
+
+        def segment_prepared(self, targets):
+            return self.segment_batch(targets)
 
     def status(key):  # kB; VmHWM is this process's peak (ru_maxrss would include the forking parent's)
         with open("/proc/self/status") as f:
