@@ -73,7 +73,7 @@ class Dinov2Export(nn.Module):
         grid = image_size // patch
         with torch.no_grad():
             pos = model.position_embedding((grid, grid))
-        self.register_buffer("pos_embed", pos.to(model.pos_embed.dtype).clone(), persistent=False)
+        self.register_buffer("pos_embed", pos.detach().to(model.pos_embed.dtype).clone(), persistent=False)
         self.num_tokens = grid * grid
         self.io = GraphIO(
             inputs=(io.DINOV2_INPUT,), outputs=io.DINOV2_OUTPUTS,
