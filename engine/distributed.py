@@ -193,11 +193,7 @@ def connect(address: str | None, num_cpus: int | None):
 
 def encode_reference(spec: WorkerSpec, references: Sequence[tuple[np.ndarray, np.ndarray, str]]) -> Any:
     """Encode the (already checked) reference pairs once; returns the Segmenter's reference state."""
-    from refseg.segmenter import Segmenter
-
-    segmenter = Segmenter(spec.config, sam_checkpoint=spec.sam_checkpoint,
-                          dinov2_checkpoint=spec.dinov2_checkpoint, device=spec.device,
-                          backend=spec.backend, engine_dir=spec.engine_dir)
+    segmenter = build_segmenter(spec, workers_per_node=1)
     segmenter.set_window(spec.window)
     for image, mask, source in references:
         segmenter.add_reference(image, mask, source=source)

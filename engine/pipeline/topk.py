@@ -31,28 +31,28 @@ from refseg.pipeline.prompts import PromptBatch
 from refseg.pipeline.prototypes import Prototypes, build_prototypes, fg_scores, grid_mask
 
 
+def _local_maxima(score: torch.Tensor, kernel: int, dims: int, name: str) -> torch.Tensor:
+    """Cells equal to the maximum of their ``kernel``-wide window over the last ``dims`` axes (bool)."""
+    if kernel % 2 == 0 or kernel < 1:
+        raise ValueError(f"{name}: kernel={kernel} must be odd and >= 1")
+    shape = score.shape
+    x = score.reshape(-1, 1, *shape[-dims:]).float()
+    pool = F.max_pool2d if dims == 2 else F.max_pool3d
+    return (x == pool(x, kernel, stride=1, padding=kernel // 2)).reshape(shape)
+
+
 def nms_2d(score: torch.Tensor, kernel: int = 3) -> torch.Tensor:
     """Local maxima of (..., H, W) scores under a ``kernel``×``kernel`` max-pool (odd), as bool.
 
     A cell is kept when it equals the maximum of its window (plateaus keep all their cells;
     :func:`top_peaks` then orders them by index).
     """
-    if kernel % 2 == 0 or kernel < 1:
-        raise ValueError(f"nms_2d: kernel={kernel} must be odd and >= 1")
-    shape = score.shape
-    x = score.reshape(-1, 1, *shape[-2:]).float()
-    pooled = F.max_pool2d(x, kernel, stride=1, padding=kernel // 2)
-    return (x == pooled).reshape(shape)
+    return _local_maxima(score, kernel, 2, "nms_2d")
 
 
 def nms_3d(score: torch.Tensor, kernel: int = 3) -> torch.Tensor:
     """Local maxima of a (D, H, W) (or (..., D, H, W)) score volume under a cubic max-pool."""
-    if kernel % 2 == 0 or kernel < 1:
-        raise ValueError(f"nms_3d: kernel={kernel} must be odd and >= 1")
-    shape = score.shape
-    x = score.reshape(-1, 1, *shape[-3:]).float()
-    pooled = F.max_pool3d(x, kernel, stride=1, padding=kernel // 2)
-    return (x == pooled).reshape(shape)
+    return _local_maxima(score, kernel, 3, "nms_3d")
 
 
 def top_peaks(score: torch.Tensor, keep: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
