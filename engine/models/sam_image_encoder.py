@@ -125,8 +125,12 @@ def decomposed_rel_pos_bias(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w:
     bias[.., (y, x), (y', x')] = q(y, x)·R_h[y, y'] + q(y, x)·R_w[x, x'] (see
     :func:`decomposed_rel_pos_terms` for the arguments)."""
     rel_h, rel_w = decomposed_rel_pos_terms(q, rel_pos_h, rel_pos_w, q_size, k_size)
-    bias = rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]
     b, heads = q.shape[:2]
+    if _tracing():
+        bias = rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]
+    else:  # the einsum outputs are strided: a plain add would lay the bias out as they are, then copy
+        bias = torch.add(rel_h[:, :, :, :, None], rel_w[:, :, :, None, :],
+                         out=rel_h.new_empty(*rel_h.shape, rel_w.shape[-1]))
     return bias.reshape(b, heads, q_size[0] * q_size[1], k_size[0] * k_size[1])
 
 
