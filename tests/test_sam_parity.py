@@ -379,7 +379,8 @@ def test_medsam_format_loads(vit_b, tmp_path):
     assert wrapped.spec.name == "vit_b"
 
 
-def test_row_chunked_global_attention_equals_full_bias():
+def test_row_chunked_global_attention_equals_full_bias(monkeypatch):
+    monkeypatch.setenv("REFSEG_DISABLE_ONEDNN", "1")  # the SDPA path (the oneDNN one: tests/test_onednn.py)
     from refseg.models.sam_image_encoder import (attention_in_row_chunks, decomposed_rel_pos_bias,
                                                  decomposed_rel_pos_terms)
 

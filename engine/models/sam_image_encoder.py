@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .onednn import attention_rel_pos, linear
+
 
 class LayerNorm32(nn.LayerNorm):
     """``nn.LayerNorm`` over the last dimension that always computes in fp32.
@@ -67,7 +69,9 @@ class MLPBlock(nn.Module):
         self.act = act()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin2(self.act(self.lin1(x)))
+        if type(self.act) is nn.GELU and self.act.approximate == "none":  # fused into lin1 where oneDNN runs it
+            return linear(linear(x, self.lin1, "gelu"), self.lin2)
+        return linear(self.act(linear(x, self.lin1)), self.lin2)
 
 
 def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
@@ -157,6 +161,9 @@ def attention_in_row_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
     Returns:
         (B, heads, N, C), equal to SDPA with the full :func:`decomposed_rel_pos_bias`.
     """
+    fast = attention_rel_pos(q, k, v, rel_h, rel_w)
+    if fast is not None:  # oneDNN GEMMs on the CPU, where they beat SDPA's
+        return fast
     b, heads, n, _ = q.shape
     bh, q_h, q_w, k_h = rel_h.shape
     k_w = rel_w.shape[-1]
@@ -193,7 +200,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
-        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, c // self.num_heads)
+        qkv = linear(x, self.qkv).reshape(b, h * w, 3, self.num_heads, c // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, C/heads)
         if h * w > CHUNKED_ATTENTION_MIN_TOKENS and not _tracing():
             rel_h, rel_w = decomposed_rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
@@ -201,7 +208,7 @@ class Attention(nn.Module):
         else:
             bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return self.proj(out.transpose(1, 2).reshape(b, h, w, c))
+        return linear(out.transpose(1, 2).reshape(b, h, w, c), self.proj)
 
 
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:

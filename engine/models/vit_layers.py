@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .onednn import linear
+
 LAYER_NORM_EPS = 1e-6
 
 
@@ -66,11 +68,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, dim = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
+        qkv = linear(x, self.qkv).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
         # SDPA's default scale is head_dim ** -0.5, the same as the official model's.
         out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+        return linear(out.transpose(1, 2).reshape(batch, tokens, dim), self.proj)
 
 
 class Mlp(nn.Module):
@@ -79,11 +81,11 @@ class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
+        self.act = nn.GELU()  # applied by linear(..., "gelu"): fused into fc1 where oneDNN runs it
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return linear(linear(x, self.fc1, "gelu"), self.fc2)
 
 
 def swiglu_hidden_dim(dim: int, mlp_ratio: float) -> int:
@@ -103,8 +105,8 @@ class SwiGLUFFN(nn.Module):
         self.w3 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, value = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(gate) * value)
+        gate, value = linear(x, self.w12).chunk(2, dim=-1)
+        return linear(F.silu(gate) * value, self.w3)
 
 
 class LayerScale(nn.Module):
