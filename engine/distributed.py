@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from refseg.io import raster, writers
+from refseg.io.run_summary import RunSummary
 from refseg.optional import require
 
 log = logging.getLogger(__name__)
@@ -205,7 +206,7 @@ def segment_dataset(inputs: Sequence[str | os.PathLike] | None, outdir: str | os
                     address: str | None = None, num_workers: int | None = None, gpus_per_worker: float = 0.0,
                     batch_size: int | None = None, save_prompts: bool = False, overlay: bool = False,
                     resume: bool = False, force: bool = False, plan=None, num_cpus: int | None = None,
-                    before_item: Callable[[str], None] | None = None) -> writers.RunSummary:
+                    before_item: Callable[[str], None] | None = None) -> RunSummary:
     """Segment image files on a Ray cluster into ``outdir``; same files, ``run_config.json`` and
     ``summary.json`` as :func:`refseg.runner.run_folder`.
 

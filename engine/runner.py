@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from refseg.io import raster, writers
+from refseg.io.run_summary import RunSummary
 from refseg.runtime.progress import Progress
 from refseg.runtime.stream import StreamItem, stream_segment
 from refseg.runtime.writer import BackgroundWriter
@@ -65,7 +66,7 @@ def run_settings(config, reference_digests: list[str], sam_checkpoint=None, dino
 
 def fingerprint(settings: dict[str, Any]) -> str:
     """sha256 of the canonical JSON of ``settings``."""
-    text = json.dumps(writers._jsonable(settings), sort_keys=True)
+    text = json.dumps(writers.jsonable(settings), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -97,7 +98,7 @@ class FolderPlan:
 
     outdir: Path
     todo: list[tuple[Path, writers.OutputPaths]]
-    summary: writers.RunSummary
+    summary: RunSummary
     settings: dict[str, Any] | None = None
     previous: dict[str, Any] = field(default_factory=dict)
 
@@ -111,7 +112,7 @@ def plan_folder(inputs: list[Path], outdir: Path, resume: bool = False, force: b
             naming the settings that differ.
     """
     outdir = Path(outdir)
-    summary = writers.RunSummary(inputs, config=(settings or {}).get("config"))
+    summary = RunSummary(inputs, config=(settings or {}).get("config"))
     stored_path = outdir / RUN_CONFIG
     if resume and settings is not None and stored_path.is_file():
         try:
@@ -119,7 +120,7 @@ def plan_folder(inputs: list[Path], outdir: Path, resume: bool = False, force: b
         except (OSError, ValueError) as exc:
             raise ValueError(f"{stored_path}: unreadable ({exc}); rerun with --force to recompute") from exc
         if stored.get("fingerprint") != fingerprint(settings):
-            changes = _differences(stored.get("settings", {}), writers._jsonable(settings))
+            changes = _differences(stored.get("settings", {}), writers.jsonable(settings))
             if not force:
                 raise ValueError(
                     f"{outdir}: the existing outputs were written with other settings "
@@ -177,7 +178,7 @@ def write_run_config(plan: FolderPlan) -> None:
                                                       "settings": plan.settings})
 
 
-def finish_run(plan: FolderPlan) -> writers.RunSummary:
+def finish_run(plan: FolderPlan) -> RunSummary:
     """Log the failures, write ``summary.json`` and log the totals.
 
     Per-input errors are logged first: a ``summary.json`` that cannot be written never hides them
@@ -201,7 +202,7 @@ def finish_run(plan: FolderPlan) -> writers.RunSummary:
 def run_folder(segmenter, inputs: list[Path], outdir: Path, save_prompts: bool = False,
                overlay: bool = False, resume: bool = False, force: bool = False,
                settings: dict[str, Any] | None = None, plan: FolderPlan | None = None,
-               progress: str = "auto", batch_size: int | None = None) -> writers.RunSummary:
+               progress: str = "auto", batch_size: int | None = None) -> RunSummary:
     """Segment ``inputs`` into ``outdir`` (``<stem>.png`` + optional json/overlay + summary.json).
 
     Args:

@@ -109,7 +109,8 @@ def run(args: argparse.Namespace, config) -> int:
     """Run the volume job described by ``args`` (see module doc). Returns the CLI exit code."""
     from refseg.io import volume as vio
     from refseg.io.intensity import parse_window
-    from refseg.io.writers import RunSummary, write_json
+    from refseg.io.run_summary import RunSummary
+    from refseg.io.writers import write_json
     from refseg.segmenter import Segmenter
     from refseg.volume_segment import plan_volume, run_plan
 

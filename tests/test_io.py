@@ -488,3 +488,10 @@ def test_run_summary(tmp_path):
     assert data["config"] == {"preset": "sat", "size": 518}
     assert data["images_per_second"] == pytest.approx(2 / summary.elapsed, rel=1e-3)
     assert RunSummary(inputs=3).images_per_second == 0.0
+
+
+def test_run_summary_lists_failures_by_path_whatever_finished_first(tmp_path):
+    summary = RunSummary(inputs=3)
+    for name in ("c.png", "a.png", "b.png"):  # completion order of parallel readers
+        summary.add_failure(name, "ValueError: bad")
+    assert [f["path"] for f in json.loads(summary.write(tmp_path).read_text())["failed"]] == ["a.png", "b.png", "c.png"]

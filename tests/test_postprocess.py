@@ -54,3 +54,33 @@ def test_clean_mask_rules():
     assert not kept30[40:55, 40:55].any() and kept30[15:20, 15:20].all()
     assert clean_mask(torch.zeros(5, 5, dtype=torch.bool), keep_largest=True).sum() == 0
     np.testing.assert_array_equal(clean_mask(t).numpy(), m)
+
+
+@pytest.mark.parametrize("sam", ["vit_b", "medsam"])
+def test_decoded_logits_reach_the_original_frame_as_each_model_was_run(sam):
+    """SAM: 256 -> 1024, crop the resized image, -> (H, W). MedSAM (a stretched square, no padding):
+    one bilinear step 256 -> (H, W), as its inference script."""
+    import torch.nn.functional as F
+
+    from refseg.config import SegmenterConfig
+    from refseg.pipeline.decode import decode_target
+    from refseg.pipeline.prompts import PromptBatch
+
+    low = torch.randn(1, 1, 256, 256, generator=torch.Generator().manual_seed(0))
+
+    class FakeBackend:
+        sam_size = 1024
+
+        def decode(self, embedding, coords, labels, boxes, multimask):
+            return low.expand(coords.shape[0], 1, 256, 256), torch.ones(coords.shape[0], 1)
+
+    prompts = PromptBatch(torch.tensor([[[30.0, 40.0]]]), torch.tensor([[1]]), torch.tensor([1]))
+    config = SegmenterConfig.from_preset("sat").replace(sam=sam)
+    hw, input_size = (300, 420), ((1024, 1024) if sam == "medsam" else (731, 1024))
+    out = decode_target(FakeBackend(), torch.zeros(256, 64, 64), prompts, [0], input_size, hw, config).logits
+    if sam == "medsam":
+        expected = F.interpolate(low, hw, mode="bilinear", align_corners=False)
+    else:
+        big = F.interpolate(low, (1024, 1024), mode="bilinear", align_corners=False)[..., :731, :1024]
+        expected = F.interpolate(big, hw, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out, expected[0], rtol=0, atol=0)

@@ -133,3 +133,17 @@ def test_config_device_is_used_unless_the_argument_names_one(small_checkpoints):
         Segmenter(on_cuda, sam_checkpoint=sam_path, dinov2_checkpoint=dino_path)
     seg = Segmenter(on_cuda, sam_checkpoint=sam_path, dinov2_checkpoint=dino_path, device="cpu")
     assert seg.device.type == "cpu"
+
+
+@pytest.mark.parametrize("preset", ["sat", "gbmseg"])
+def test_x_prenorm_features_with_the_match_method(small_checkpoints, kvasir, preset):
+    """x_prenorm holds the class (and register) tokens before the patches: the backend hands the
+    matching stage the G·G patch rows only, so the match presets run with either feature key."""
+    sam_path, dino_path = small_checkpoints
+    seg = Segmenter.from_preset(preset, sam_checkpoint=sam_path, dinov2_checkpoint=dino_path, device="cpu",
+                                image_size=224, feature_key="x_prenorm")
+    (_, ref_image, ref_mask), (_, image, _) = kvasir[0], kvasir[1]
+    tokens = seg.backend.encode_dinov2(torch.zeros(1, 3, 224, 224))
+    assert tokens.shape == (1, 16 * 16, 384)
+    seg.set_reference(ref_image, ref_mask)
+    _check_result(seg.segment(image), image)

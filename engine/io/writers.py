@@ -1,4 +1,4 @@
-"""Output files: atomic writers, mask PNGs, overlays, output naming and the run summary.
+"""Output files: atomic writers, mask PNGs, overlays and output naming (the run summary: ``run_summary``).
 
 Every file is written atomically: the bytes go to a hidden temporary file in the destination folder, are
 flushed and fsync'ed, then ``os.replace`` puts them in place. A crash or an exception therefore never
@@ -16,7 +16,6 @@ import os
 import stat
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Mapping, Sequence
 
@@ -119,7 +118,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         handle.write(data)
 
 
-def _jsonable(obj: Any, where: str = "obj") -> Any:
+def jsonable(obj: Any, where: str = "obj") -> Any:
     """Convert numpy scalars/arrays, paths, tuples and sets to JSON types; NaN / inf become null."""
     if obj is None or isinstance(obj, (bool, str)):
         return obj
@@ -131,11 +130,11 @@ def _jsonable(obj: Any, where: str = "obj") -> Any:
         value = float(obj)
         return value if math.isfinite(value) else None
     if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist(), where)
+        return jsonable(obj.tolist(), where)
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return _jsonable(dataclasses.asdict(obj), where)
+        return jsonable(dataclasses.asdict(obj), where)
     if isinstance(obj, Mapping):
         out = {}
         for key, value in obj.items():
@@ -143,12 +142,12 @@ def _jsonable(obj: Any, where: str = "obj") -> Any:
                 key = key.item()
             if not isinstance(key, (str, int, float, bool)) and key is not None:
                 raise TypeError(f"{where}: dict key {key!r} of type {type(key).__name__} is not JSON-able")
-            out[key] = _jsonable(value, f"{where}[{key!r}]")
+            out[key] = jsonable(value, f"{where}[{key!r}]")
         return out
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return [jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
     if isinstance(obj, (set, frozenset)):
-        return sorted(_jsonable(v, where) for v in obj)
+        return sorted(jsonable(v, where) for v in obj)
     raise TypeError(f"{where}: object of type {type(obj).__name__} is not JSON-serialisable")
 
 
@@ -159,7 +158,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     floats are written as ``null`` so the file is strict JSON. ``TypeError`` names the offending entry.
     """
     with atomic_writer(path, "w") as handle:
-        json.dump(_jsonable(obj), handle, indent=2, sort_keys=False, allow_nan=False)
+        json.dump(jsonable(obj), handle, indent=2, sort_keys=False, allow_nan=False)
         handle.write("\n")
 
 
@@ -371,75 +370,3 @@ def prepare_output_folder(outdir: str | os.PathLike) -> Path:
     return outdir
 
 
-# --------------------------------------------------------------------------------------------- run summary
-class RunSummary:
-    """Book-keeping of a batch run, written to OUTDIR/summary.json.
-
-    JSON keys: ``inputs`` (number of inputs), ``succeeded`` (inputs whose outputs exist: done by an earlier
-    run and skipped now, plus done now), ``succeeded_this_run`` (done now), ``skipped`` (number already done,
-    ``--resume``), ``failed`` (list of {"path", "error"}), ``elapsed_s`` (wall time from
-    construction or :meth:`start` to :meth:`finish`), ``images_per_second`` (succeeded / elapsed_s, 0 when
-    nothing ran) and ``config`` (the run's settings).
-    """
-
-    def __init__(self, inputs: int | Sequence[Any] = 0, config: Mapping[str, Any] | None = None):
-        self.inputs = inputs if isinstance(inputs, int) else len(inputs)
-        self.config = dict(config or {})
-        self.succeeded_paths: list[str] = []
-        self.skipped: list[str] = []
-        self.failed: list[dict[str, str]] = []
-        self._start = time.perf_counter()
-        self._elapsed: float | None = None
-        self.write_error: str | None = None  # set by the runner when summary.json could not be written
-
-    def start(self) -> None:
-        """(Re)start the clock, e.g. after model loading so throughput counts only image work."""
-        self._start, self._elapsed = time.perf_counter(), None
-
-    @property
-    def succeeded(self) -> int:
-        """Number of inputs processed in this run."""
-        return len(self.succeeded_paths)
-
-    def add_success(self, path: str | os.PathLike) -> None:
-        """Record one input processed in this run."""
-        self.succeeded_paths.append(os.fspath(path))
-
-    def add_skipped(self, path: str | os.PathLike) -> None:
-        """Record one input skipped because its output already exists (``--resume``)."""
-        self.skipped.append(os.fspath(path))
-
-    def add_failure(self, path: str | os.PathLike, error: BaseException | str) -> None:
-        """Record one failed input; an exception is stored as "<ExceptionType>: <message>"."""
-        message = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
-        self.failed.append({"path": os.fspath(path), "error": message})
-
-    def finish(self) -> None:
-        """Stop the clock (idempotent)."""
-        if self._elapsed is None:
-            self._elapsed = time.perf_counter() - self._start
-
-    @property
-    def elapsed(self) -> float:
-        """Seconds from start to finish (or to now while running)."""
-        return self._elapsed if self._elapsed is not None else time.perf_counter() - self._start
-
-    @property
-    def images_per_second(self) -> float:
-        """Succeeded inputs per elapsed second (0.0 when none succeeded)."""
-        elapsed = self.elapsed
-        return self.succeeded / elapsed if self.succeeded and elapsed > 0 else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        """The summary as written to summary.json."""
-        return {"inputs": self.inputs, "succeeded": self.succeeded + len(self.skipped),
-                "succeeded_this_run": self.succeeded, "skipped": len(self.skipped),
-                "failed": list(self.failed), "elapsed_s": round(self.elapsed, 6),
-                "images_per_second": round(self.images_per_second, 6), "config": self.config}
-
-    def write(self, outdir: str | os.PathLike) -> Path:
-        """Write OUTDIR/summary.json atomically (the clock keeps running; call :meth:`finish` first for the
-        final summary). Returns the file path."""
-        path = Path(outdir) / "summary.json"
-        write_json(path, self.to_dict())
-        return path

@@ -196,16 +196,19 @@ def prepare_images(images: Sequence[np.ndarray], img_size: int = 1024,
 
 
 def postprocess_masks(low_res_masks: torch.Tensor, input_size: tuple[int, int],
-                      original_size: tuple[int, int], img_size: int = 1024) -> torch.Tensor:
+                      original_size: tuple[int, int], img_size: int = 1024, direct: bool = False) -> torch.Tensor:
     """Low-resolution logits (B, C, 256, 256) -> logits (B, C, H, W) in the original frame.
 
     Bilinear (``align_corners=False``) up to img_size², crop the (h, w) = ``input_size`` region
-    (drops the padding), bilinear to ``original_size`` (H, W). Threshold at 0
-    (``Sam.mask_threshold``) for binary masks.
+    (drops the padding), bilinear to ``original_size`` (H, W). ``direct``: one bilinear step from the
+    low-resolution logits straight to (H, W), as MedSAM's inference script does (its input is the
+    stretched square, with no padding to crop). Threshold at 0 (``Sam.mask_threshold``) for binary masks.
     """
     if low_res_masks.dim() != 4:
         raise ValueError(f"postprocess_masks: low_res_masks must be (B, C, h, w), "
                          f"got {tuple(low_res_masks.shape)}")
+    if direct:
+        return F.interpolate(low_res_masks, tuple(original_size), mode="bilinear", align_corners=False)
     masks = F.interpolate(low_res_masks, (img_size, img_size), mode="bilinear", align_corners=False)
     masks = masks[..., :input_size[0], :input_size[1]]
     return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)

@@ -17,8 +17,7 @@ import numpy as np
 import torch
 
 from refseg.config import SegmenterConfig
-from refseg.models.sam_transforms import (postprocess_masks, resize_boxes,
-                                          resize_coords)
+from refseg.models.sam_transforms import postprocess_masks, preprocessing_for, resize_boxes, resize_coords
 from refseg.pipeline.postprocess import clean_mask
 from refseg.pipeline.prompts import PromptBatch
 
@@ -70,7 +69,8 @@ def decode_target(backend, embedding: torch.Tensor, prompts: PromptBatch, rows: 
     live = live.to(dev)
     logits = torch.full((len(rows), h, w), float("-inf"), device=dev)
     iou = torch.zeros(len(rows), device=dev)
-    logits[live] = postprocess_masks(low_res[pick, best][:, None], input_size, original_size, side)[:, 0]
+    logits[live] = postprocess_masks(low_res[pick, best][:, None], input_size, original_size, side,
+                                     direct=preprocessing_for(config.sam) == "medsam")[:, 0]
     iou[live] = scores[pick, best]
     return DecodedTarget(logits, iou)
 
@@ -144,7 +144,8 @@ def decode_batch(backend, embeddings: torch.Tensor, prompts: PromptBatch, num_cl
         live = torch.as_tensor([r - t * num_classes for r in sel[start:start + n]], device=low_res.device)
         logits = torch.full((num_classes, h, w), float("-inf"), device=low_res.device)
         iou = torch.zeros(num_classes, device=low_res.device)
-        logits[live] = postprocess_masks(chosen[start:start + n, None], input_sizes[t], (h, w), side)[:, 0]
+        logits[live] = postprocess_masks(chosen[start:start + n, None], input_sizes[t], (h, w), side,
+                                         direct=preprocessing_for(config.sam) == "medsam")[:, 0]
         iou[live] = chosen_iou[start:start + n]
         out[t] = DecodedTarget(logits, iou)
         start += n

@@ -90,7 +90,8 @@ class TorchBackend:
         precision: ``fp32``, ``fp16``, ``bf16`` or ``auto`` for the encoders (the decoder and all
             outputs stay fp32; LayerNorms compute in fp32 inside the models). The resolved choice
             is :attr:`precision`.
-        feature_key: which ``forward_features`` entry to use as tokens.
+        feature_key: which ``forward_features`` entry to use as tokens; ``encode_dinov2`` returns its
+            (B, G·G, D) patch rows only (``x_prenorm`` also holds the class and register tokens).
         compile: ``torch.compile`` both encoders (:func:`compile_module`).
     """
 
@@ -119,7 +120,9 @@ class TorchBackend:
     @torch.inference_mode()
     def encode_dinov2(self, images: torch.Tensor) -> torch.Tensor:
         out = self._dinov2_features(images.to(self.device, self.dtype, non_blocking=True))
-        return out[self.feature_key]  # encoder dtype: no fp32 copy before matching
+        tokens = out[self.feature_key]  # encoder dtype: no fp32 copy before matching
+        # x_prenorm starts with the class (and register) tokens: every backend returns patch tokens only
+        return tokens[:, tokens.shape[1] - out["x_norm_patchtokens"].shape[1]:]
 
     @torch.inference_mode()
     def encode_sam(self, images: torch.Tensor) -> torch.Tensor:
