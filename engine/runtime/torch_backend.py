@@ -117,16 +117,26 @@ class TorchBackend:
             self._dinov2_features = compile_module(self.dinov2.forward_features, device)
             self._sam_encoder = compile_module(self.sam.image_encoder, device)
 
+    def _chunks(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The encoder calls of a batch: all at once on a GPU; image by image on the CPU, where the
+        encoders are compute-bound and a batch only enlarges the working set (SAM-B at batch 4 took 9 %
+        longer than four single calls on a 2-core EPYC; the results are the same either way)."""
+        x = images.to(self.device, self.dtype, non_blocking=True)
+        return x.split(1) if self.device.type == "cpu" and len(x) > 1 else (x,)
+
     @torch.inference_mode()
     def encode_dinov2(self, images: torch.Tensor) -> torch.Tensor:
-        out = self._dinov2_features(images.to(self.device, self.dtype, non_blocking=True))
-        tokens = out[self.feature_key]  # encoder dtype: no fp32 copy before matching
-        # x_prenorm starts with the class (and register) tokens: every backend returns patch tokens only
-        return tokens[:, tokens.shape[1] - out["x_norm_patchtokens"].shape[1]:]
+        parts = []
+        for x in self._chunks(images):
+            out = self._dinov2_features(x)
+            tokens = out[self.feature_key]  # encoder dtype: no fp32 copy before matching
+            # x_prenorm starts with the class (and register) tokens: every backend returns patch tokens only
+            parts.append(tokens[:, tokens.shape[1] - out["x_norm_patchtokens"].shape[1]:])
+        return torch.cat(parts)
 
     @torch.inference_mode()
     def encode_sam(self, images: torch.Tensor) -> torch.Tensor:
-        return self._sam_encoder(images.to(self.device, self.dtype, non_blocking=True)).float()
+        return torch.cat([self._sam_encoder(x).float() for x in self._chunks(images)])
 
     @torch.inference_mode()
     def decode_batch(self, embeddings: torch.Tensor, image_index: torch.Tensor, coords: torch.Tensor,
