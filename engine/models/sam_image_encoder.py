@@ -11,6 +11,8 @@ Differences from the official code, none of which change the result beyond float
 * attention runs through ``F.scaled_dot_product_attention``; the decomposed relative positions
   (MViTv2 / ViTDet) enter as an additive attention bias of shape (B·windows, heads, N, N) built from
   the per-row and per-column terms, instead of being added to an explicitly formed score matrix;
+* on the CPU, linear layers and the global blocks' attention may run on oneDNN GEMMs instead
+  (:mod:`refseg.models.onednn`: where measured faster, inference only, same numbers to float rounding);
 * LayerNorm and LayerNorm2d compute in fp32 and cast back, so fp16/bf16 runs do not overflow;
 * ``forward`` has no data-dependent control flow (window padding and table sizes follow from static
   shapes), so ``torch.compile`` and ONNX export trace it as it is.
