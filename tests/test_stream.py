@@ -98,6 +98,13 @@ def test_one_decoder_call_gives_the_per_target_numbers(seg, targets):
         torch.testing.assert_close(batched[t].logits, single.logits, atol=1e-5, rtol=0)
         torch.testing.assert_close(batched[t].iou, single.iou, atol=1e-6, rtol=0)
         assert torch.equal(batched[t].logits > 0, single.logits > 0)
+        # on the CPU the batch's decode is, per image, the very call the image alone makes: bit for bit
+        from refseg.pipeline.prompts import PromptBatch
+
+        own = PromptBatch(prompts.points[rows], prompts.labels[rows], prompts.num_points[rows],
+                          None if prompts.boxes is None else prompts.boxes[rows])
+        alone = decode_batch(seg.backend, emb[t:t + 1], own, len(classes), input_sizes[t:t + 1], sizes[t:t + 1], cfg)
+        assert torch.equal(batched[t].logits, alone[0].logits) and torch.equal(batched[t].iou, alone[0].iou)
 
 
 def test_stream_batches_equal_images_one_by_one(seg, targets, alone):

@@ -154,11 +154,29 @@ class TorchBackend:
             low-res logits (P, C, 256, 256) and predicted IoU (P, C), C = 3 or 1.
         """
         dev = self.device
-        emb = embeddings.to(dev, torch.float32)[image_index.to(dev)]
-        return self.sam.decode(emb, coords.to(dev, torch.float32), labels.to(dev),
-                               None if boxes is None else boxes.to(dev, torch.float32),
-                               multimask_output=multimask,
-                               point_mask=None if point_mask is None else point_mask.to(dev))
+        index = image_index.to(dev)
+        coords, labels = coords.to(dev, torch.float32), labels.to(dev)
+        boxes = None if boxes is None else boxes.to(dev, torch.float32)
+        point_mask = None if point_mask is None else point_mask.to(dev)
+        if dev.type == "cpu" and point_mask is not None:
+            # One call per image on the CPU (compute-bound: one call buys nothing there), each trimmed to
+            # its own sets' width: the very call the image alone makes, so the masks do not depend on
+            # which images share its batch.
+            low_res, iou = [], []
+            groups = [(index == t).nonzero().flatten() for t in index.unique_consecutive()]
+            for rows in groups:
+                width = int(point_mask[rows].sum(1).max())
+                pm = point_mask[rows, :width]
+                low, score = self.sam.decode(
+                    embeddings.to(dev, torch.float32)[index[rows]], coords[rows, :width], labels[rows, :width],
+                    None if boxes is None else boxes[rows], multimask_output=multimask,
+                    point_mask=None if bool(pm.all()) else pm)
+                low_res.append(low)
+                iou.append(score)
+            order = torch.cat(groups).argsort()
+            return torch.cat(low_res)[order], torch.cat(iou)[order]
+        emb = embeddings.to(dev, torch.float32)[index]
+        return self.sam.decode(emb, coords, labels, boxes, multimask_output=multimask, point_mask=point_mask)
 
     @torch.inference_mode()
     def decode(self, embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor,
