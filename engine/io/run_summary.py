@@ -14,8 +14,8 @@ class RunSummary:
 
     JSON keys: ``inputs`` (number of inputs), ``succeeded`` (inputs whose outputs exist: done by an earlier
     run and skipped now, plus done now), ``succeeded_this_run`` (done now), ``skipped`` (number already done,
-    ``--resume``), ``failed`` (list of {"path", "error"}, by path: the same order whatever finished first), ``elapsed_s`` (wall time from
-    construction or :meth:`start` to :meth:`finish`), ``images_per_second`` (succeeded / elapsed_s, 0 when
+    ``--resume``), ``failed`` (list of {"path", "error"}, by path: the same order whatever finished first),
+    ``elapsed_s`` (wall time from construction or :meth:`start` to :meth:`finish`), ``images_per_second`` (succeeded / elapsed_s, 0 when
     nothing ran) and ``config`` (the run's settings).
     """
 

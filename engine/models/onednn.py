@@ -102,7 +102,8 @@ def _decide(dtype: torch.dtype) -> bool:
     return m["onednn"]
 
 
-def _tracing() -> bool:
+def tracing() -> bool:
+    """True while TorchScript/ONNX tracing, ``torch.compile`` or ``torch.export`` records the model."""
     compiler = getattr(torch, "compiler", None)
     return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
             or any(bool(getattr(compiler, name, lambda: False)()) for name in ("is_compiling", "is_exporting")))
@@ -111,7 +112,7 @@ def _tracing() -> bool:
 def _eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if x.device.type != "cpu" or x.dtype != weight.dtype or x.dim() < 2:
         return False
-    if _tracing():
+    if tracing():
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False

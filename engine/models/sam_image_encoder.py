@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .onednn import attention_rel_pos, linear
+from .onednn import attention_rel_pos, linear, tracing
 
 
 class LayerNorm32(nn.LayerNorm):
@@ -132,7 +132,7 @@ def decomposed_rel_pos_bias(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w:
     :func:`decomposed_rel_pos_terms` for the arguments)."""
     rel_h, rel_w = decomposed_rel_pos_terms(q, rel_pos_h, rel_pos_w, q_size, k_size)
     b, heads = q.shape[:2]
-    if _tracing():
+    if tracing():
         bias = rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]
     else:  # the einsum outputs are strided: a plain add would lay the bias out as they are, then copy
         bias = torch.add(rel_h[:, :, :, :, None], rel_w[:, :, :, None, :],
@@ -145,11 +145,6 @@ def decomposed_rel_pos_bias(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w:
 # avoids that allocation and its page faults and gives the same numbers (~25 % faster on a CPU).
 CHUNKED_ATTENTION_MIN_TOKENS = 1024
 _CHUNK_BIAS_ELEMENTS = 1 << 25
-
-
-def _tracing() -> bool:
-    return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-            or torch.compiler.is_compiling())
 
 
 def attention_in_row_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor,
@@ -204,7 +199,7 @@ class Attention(nn.Module):
         b, h, w, c = x.shape
         qkv = linear(x, self.qkv).reshape(b, h * w, 3, self.num_heads, c // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, C/heads)
-        if h * w > CHUNKED_ATTENTION_MIN_TOKENS and not _tracing():
+        if h * w > CHUNKED_ATTENTION_MIN_TOKENS and not tracing():
             rel_h, rel_w = decomposed_rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
             out = attention_in_row_chunks(q, k, v, rel_h, rel_w)
         else:

@@ -135,6 +135,7 @@ def decode_batch(backend, embeddings: torch.Tensor, prompts: PromptBatch, num_cl
     best = scores.argmax(dim=1)
     pick = torch.arange(len(sel), device=low_res.device)
     chosen, chosen_iou = low_res[pick, best], scores[pick, best]  # (P, 256, 256), (P,)
+    direct = preprocessing_for(config.sam) == "medsam"  # MedSAM's one-step resize
     start = 0
     for t in range(t_count):
         n = sum(1 for r in sel if r // num_classes == t)
@@ -145,7 +146,7 @@ def decode_batch(backend, embeddings: torch.Tensor, prompts: PromptBatch, num_cl
         logits = torch.full((num_classes, h, w), float("-inf"), device=low_res.device)
         iou = torch.zeros(num_classes, device=low_res.device)
         logits[live] = postprocess_masks(chosen[start:start + n, None], input_sizes[t], (h, w), side,
-                                         direct=preprocessing_for(config.sam) == "medsam")[:, 0]
+                                         direct=direct)[:, 0]
         iou[live] = chosen_iou[start:start + n]
         out[t] = DecodedTarget(logits, iou)
         start += n

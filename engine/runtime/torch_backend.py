@@ -162,13 +162,13 @@ class TorchBackend:
             # One call per image on the CPU (compute-bound: one call buys nothing there), each trimmed to
             # its own sets' width: the very call the image alone makes, so the masks do not depend on
             # which images share its batch.
-            low_res, iou = [], []
+            low_res, iou, emb = [], [], embeddings.to(dev, torch.float32)
             groups = [(index == t).nonzero().flatten() for t in index.unique_consecutive()]
             for rows in groups:
                 width = int(point_mask[rows].sum(1).max())
                 pm = point_mask[rows, :width]
                 low, score = self.sam.decode(
-                    embeddings.to(dev, torch.float32)[index[rows]], coords[rows, :width], labels[rows, :width],
+                    emb[index[rows]], coords[rows, :width], labels[rows, :width],
                     None if boxes is None else boxes[rows], multimask_output=multimask,
                     point_mask=None if bool(pm.all()) else pm)
                 low_res.append(low)
