@@ -162,6 +162,13 @@ def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.T
     return torch.cat((x[..., :prefix, :], rotated.to(x.dtype)), dim=-2)
 
 
+def official_bias_mask(out_features: int) -> torch.Tensor:
+    """The official qkv ``bias_mask`` (out_features,): 1 for q and v, 0 for the key third."""
+    mask = torch.ones(out_features)
+    mask[out_features // 3: 2 * out_features // 3] = 0.0
+    return mask
+
+
 class MaskedBiasLinear(nn.Linear):
     """``nn.Linear`` with the official ``bias_mask`` buffer (1 for q and v, 0 for k).
 
@@ -172,9 +179,7 @@ class MaskedBiasLinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features, bias=True)
-        mask = torch.ones(out_features)
-        mask[out_features // 3: 2 * out_features // 3] = 0.0
-        self.register_buffer("bias_mask", mask)
+        self.register_buffer("bias_mask", official_bias_mask(out_features))
         self.register_load_state_dict_post_hook(MaskedBiasLinear._fold_mask)
 
     @staticmethod

@@ -22,7 +22,7 @@ from typing import Mapping
 import torch
 
 from refseg.models.checkpoints import CheckpointError, load_state_dict
-from refseg.models.dinov3 import DINOV3_SPECS, LAYER_NORM_EPS, Dinov3Spec, rope_periods
+from refseg.models.dinov3 import DINOV3_SPECS, LAYER_NORM_EPS, Dinov3Spec, official_bias_mask, rope_periods
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -153,7 +153,7 @@ def hf_to_official(state_dict: Mapping[str, torch.Tensor], config: Mapping,
                 raise CheckpointError(f"{source}: layer {index} lacks the q_proj / v_proj bias")
             q, v = parts["q"], parts["v"]
             out[f"{prefix}.bias"] = torch.cat((q, torch.zeros_like(q), v))
-            out[f"{prefix}.bias_mask"] = torch.cat((torch.ones_like(q), torch.zeros_like(q), torch.ones_like(v)))
+            out[f"{prefix}.bias_mask"] = official_bias_mask(3 * q.shape[0]).to(device=q.device, dtype=q.dtype)
     if unused:
         raise CheckpointError(f"{source}: keys not part of a DINOv3ViTModel: {', '.join(sorted(unused)[:10])}"
                               + (f" ... ({len(unused) - 10} more)" if len(unused) > 10 else ""))
@@ -228,8 +228,7 @@ def _split_qkv(out: dict, state_dict: Mapping, index: str, rest: str, dim: int, 
         out.update({prefix + "q_proj.weight": q, prefix + "k_proj.weight": k, prefix + "v_proj.weight": v})
     elif rest == "attn.qkv.bias":
         mask = state_dict[f"blocks.{index}.attn.qkv.bias_mask"].float().cpu()
-        expected = torch.cat((torch.ones(dim), torch.zeros(dim), torch.ones(dim)))
-        if not torch.equal(mask, expected):
+        if not torch.equal(mask, official_bias_mask(3 * dim)):
             raise CheckpointError(f"{source}: blocks.{index}.attn.qkv.bias_mask is not the official 1/0/1 "
                                   "pattern; the Hugging Face layout cannot hold it")
         q, _, v = state_dict[f"blocks.{index}.{rest}"].split(dim, dim=0)
