@@ -109,7 +109,7 @@ DINOV3_SPECS: dict[str, Dinov3Spec] = {spec.name: spec for spec in (
     _spec("vits16plus", 384, 12, 6, "swiglu", 6, "4057cbaa"),
     _spec("vitb16", 768, 12, 12, "mlp", 4, "73cec8be"),
     _spec("vitl16", 1024, 24, 16, "mlp", 4, "8aa4cbdd"),
-    _spec("vitl16_sat493m", 1024, 24, 16, "mlp", 4, "eadcf0ff", weights="sat493m"),
+    _spec("vitl16", 1024, 24, 16, "mlp", 4, "eadcf0ff", weights="sat493m"),
     _spec("vith16plus", 1280, 32, 20, "swiglu", 6, "7c1da9a5"),
 )}
 
