@@ -129,13 +129,26 @@ def rope_periods(head_dim: int, base: float = ROPE_BASE) -> torch.Tensor:
 
 
 class RopeEmbedding(nn.Module):
-    """Sine and cosine tables of the patch grid; holds the official ``periods`` buffer (head_dim/4,)."""
+    """Sine and cosine tables of the patch grid; holds the official ``periods`` buffer (head_dim/4,).
+
+    The periods stay float32 when the model is cast to fp16/bf16 (``.to(dtype)``, ``.half()``): the
+    official RoPE runs in float32 (``pos_embed_rope_dtype="fp32"``) and bf16 would round 1.3335 to 1.336.
+    """
 
     def __init__(self, head_dim: int, base: float = ROPE_BASE) -> None:
         super().__init__()
         if head_dim % 4:
             raise ValueError(f"RoPE needs a head dimension divisible by 4, got {head_dim}")
         self.register_buffer("periods", rope_periods(head_dim, base))
+
+    def _apply(self, fn, recurse: bool = True):
+        before = self.periods
+        super()._apply(fn, recurse)
+        after = self.periods
+        if (before is not None and after is not None and not before.is_meta and not after.is_meta
+                and before.dtype == torch.float32 and after.dtype != torch.float32):
+            self.periods = before.to(device=after.device)  # a dtype cast: keep the float32 values
+        return self
 
     def forward(self, grid_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(sin, cos), each (rows * cols, head_dim) float32, patches in row-major (y, x) order."""
