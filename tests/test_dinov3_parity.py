@@ -105,15 +105,16 @@ def assert_parity(ours: Dinov3VisionTransformer, oracle: "DINOv3ViTModel", sizes
 
 def hf_from_state(state: dict[str, torch.Tensor], name: str) -> "DINOv3ViTModel":
     """The oracle holding official-layout weights without a file: built on the meta device, weights
-    assigned through refseg's hub-layout conversion (strict), the RoPE buffer set by transformers' own init."""
+    assigned through refseg's hub-layout conversion (strict), its RoPE module rebuilt on the CPU (the
+    frequencies are a non-persistent buffer that transformers computes itself)."""
     spec = DINOV3_SPECS[name]
     with torch.device("meta"):
         oracle = DINOv3ViTModel(hf_config(name))
     converted = official_to_hf(state, spec, name)
-    oracle.load_state_dict({("model." + k if k.startswith("layer.") else k): v for k, v in converted.items()},
+    prefix = "model." if any(k.startswith("model.layer.") for k in oracle.state_dict()) else ""  # transformers 5
+    oracle.load_state_dict({(prefix + k if k.startswith("layer.") else k): v for k, v in converted.items()},
                            strict=True, assign=True)
-    oracle.rope_embeddings.inv_freq = torch.empty(spec.head_dim // 4)
-    oracle._init_weights(oracle.rope_embeddings)
+    oracle.rope_embeddings = type(oracle.rope_embeddings)(oracle.config)  # on the CPU: its own inv_freq
     return oracle.eval()
 
 
