@@ -40,7 +40,7 @@ from torch import nn
 
 from refseg.models.checkpoints import CheckpointError, CheckpointSource, load_into
 from refseg.models.onednn import linear
-from refseg.models.vit_layers import LayerNorm32, LayerScale, Mlp, PatchEmbed
+from refseg.models.vit_layers import LayerNorm32, LayerScale, Mlp, PatchEmbed, backbone_outputs
 
 log = logging.getLogger(__name__)
 
@@ -323,15 +323,7 @@ class Dinov3VisionTransformer(nn.Module):
         prenorm = tokens
         for block in self.blocks:
             prenorm = block(prenorm, rope)
-        normed = self.norm(prenorm)
-        first_patch = 1 + self.num_register_tokens
-        return {
-            "x_norm_clstoken": normed[:, 0],
-            "x_norm_regtokens": normed[:, 1:first_patch],
-            "x_norm_patchtokens": normed[:, first_patch:],
-            "x_prenorm": prenorm,
-            "masks": masks,
-        }
+        return backbone_outputs(prenorm, self.norm(prenorm), self.num_register_tokens, masks)
 
     def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict:
         """Run the backbone; the same keys as refseg's DINOv2.

@@ -48,6 +48,11 @@ _TOP_RENAMES = (("embeddings.cls_token", "cls_token"), ("embeddings.register_tok
                 ("embeddings.patch_embeddings.weight", "patch_embed.proj.weight"),
                 ("embeddings.patch_embeddings.bias", "patch_embed.proj.bias"),
                 ("norm.weight", "norm.weight"), ("norm.bias", "norm.bias"))
+def _block_renames(ffn: str) -> tuple[tuple[str, str], ...]:
+    """(HF suffix, official suffix) pairs inside one block, FFN included."""
+    return _BLOCK_RENAMES + tuple(("mlp." + old, "mlp." + new) for old, new in _MLP_RENAMES[ffn])
+
+
 _HF_LAYER = re.compile(r"^(?:model\.)?layer\.(\d+)\.(.+)$")
 
 
@@ -134,7 +139,7 @@ def hf_to_official(state_dict: Mapping[str, torch.Tensor], config: Mapping,
         if proj:
             qkv.setdefault((index, proj.group(2)), {})[proj.group(1)] = value
             continue
-        for old, new in _BLOCK_RENAMES + tuple(("mlp." + o, "mlp." + n) for o, n in _MLP_RENAMES[spec.ffn]):
+        for old, new in _block_renames(spec.ffn):
             if rest.startswith(old):
                 out[f"blocks.{index}.{new}{rest[len(old):]}"] = value
                 break
@@ -144,7 +149,8 @@ def hf_to_official(state_dict: Mapping[str, torch.Tensor], config: Mapping,
         prefix = f"blocks.{index}.attn.qkv"
         if kind == "weight":
             if set(parts) != {"q", "k", "v"}:
-                raise CheckpointError(f"{source}: layer {index} lacks {sorted({'q', 'k', 'v'} - set(parts))}_proj.weight")
+                absent = sorted({"q", "k", "v"} - set(parts))
+                raise CheckpointError(f"{source}: layer {index} lacks the {'/'.join(absent)}_proj weight")
             out[f"{prefix}.weight"] = torch.cat((parts["q"], parts["k"], parts["v"]), dim=0)
         else:
             if "k" in parts:  # key_bias=False in every official config: a key bias has no place here
@@ -192,7 +198,7 @@ def official_to_hf(state_dict: Mapping[str, torch.Tensor], spec: Dinov3Spec,
     if not torch.allclose(periods, rope_periods(spec.head_dim, spec.rope_base), rtol=1e-6, atol=0):
         raise CheckpointError(f"{source}: rope_embed.periods are not those of rope_theta={spec.rope_base}")
     top = {new: old for old, new in _TOP_RENAMES}
-    block = tuple((n, o) for o, n in _BLOCK_RENAMES + tuple(("mlp." + o, "mlp." + n) for o, n in _MLP_RENAMES[spec.ffn]))
+    block = tuple((n, o) for o, n in _block_renames(spec.ffn))
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         if key in top:
