@@ -57,8 +57,10 @@ _HF_LAYER = re.compile(r"^(?:model\.)?layer\.(\d+)\.(.+)$")
 
 
 def is_hf_layout(state_dict: Mapping[str, torch.Tensor]) -> bool:
-    """Whether ``state_dict`` uses ``transformers``' key names (``embeddings.*``, ``layer.<i>.*``)."""
-    return "embeddings.cls_token" in state_dict
+    """Whether ``state_dict`` uses ``DINOv3ViTModel``'s key names (``embeddings.*``, ``[model.]layer.<i>.*``;
+    transformers' DINOv2 uses ``encoder.layer.<i>.*``)."""
+    return "embeddings.cls_token" in state_dict and any(
+        f"{prefix}layer.0.attention.o_proj.weight" in state_dict for prefix in ("", "model."))
 
 
 def read_config(folder: str | os.PathLike) -> dict:
