@@ -42,6 +42,7 @@ EXTRAS = {
         "nibabel",                # NIfTI volumes (tests/test_volume*.py)
         "pydicom",                # DICOM series written and read by tests/test_volume_io.py
         "tifffile", "openslide-python", "openslide-bin", "shapely",  # whole-slide tests
+        "transformers>=4.56",     # DINOv3ViTModel: the DINOv3 parity oracle (tests/test_dinov3_parity.py)
     ],
     "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
     "gpu": ["onnxruntime-gpu>=1.17", "triton", "tensorrt>=10"],

@@ -1,4 +1,4 @@
-"""Build DINOv2 and SAM from official checkpoint files (or official names looked up on disk)."""
+"""Build DINOv2, DINOv3 and SAM from official checkpoint files (or official names looked up on disk)."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,12 +11,15 @@ from torch import nn
 
 from .checkpoints import CheckpointError, load_state_dict, resolve_checkpoint, unwrap_state_dict
 from .dinov2 import DINOV2_SPECS, dinov2_from_state_dict, infer_dinov2_name
+from .dinov3 import DINOV3_SPECS, dinov3_from_state_dict, infer_dinov3_name
+from .dinov3_hf import CONFIG_NAME, is_hf_layout, load_hf_folder
 from .sam import SAM_SPECS, infer_sam_spec, sam_from_state_dict
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DINOV2 = "vitb14"
 DEFAULT_SAM = "vit_b"
+DEFAULT_DINOV3 = "vitb16"
 
 PathLike = str | os.PathLike
 
@@ -42,6 +45,9 @@ def _build(kind: str, specs: dict, default: str, from_state_dict, name: str | No
         checkpoint = resolve_checkpoint(specs[name].checkpoint, download=download)
     path = os.fspath(checkpoint)
     state = load_state_dict(path)
+    if kind == "DINOv2" and _is_dinov3(state):
+        raise CheckpointError(f"{path}: this is a DINOv3 checkpoint, not a DINOv2 one (use build_dinov3 / "
+                              "--dinov3-checkpoint)")
     is_sam = "image_encoder.pos_embed" in state
     if is_sam != (kind == "SAM"):
         other = "SAM" if is_sam else "DINOv2"
@@ -90,6 +96,65 @@ def build_sam(name: str | None = None, checkpoint: PathLike | None = None,
         CheckpointError: missing/unreadable file, or a checkpoint of another model or size.
     """
     return _build("SAM", SAM_SPECS, DEFAULT_SAM, sam_from_state_dict, name, checkpoint, download)
+
+
+def _is_dinov3(state: dict) -> bool:
+    return "rope_embed.periods" in state or "storage_tokens" in state or is_hf_layout(state)
+
+
+def _dinov3_state(path: Path) -> tuple[dict, str]:
+    """(official-key state dict, inferred model name) of a DINOv3 file or Hugging Face folder."""
+    if path.is_dir():
+        return load_hf_folder(path)
+    if path.suffix == ".safetensors" and (path.parent / CONFIG_NAME).is_file():
+        return load_hf_folder(path.parent)  # the model.safetensors of a hub folder
+    state = load_state_dict(path)
+    if is_hf_layout(state):
+        raise CheckpointError(f"{path}: Hugging Face DINOv3 weights need their {CONFIG_NAME}: pass the folder "
+                              f"that holds both")
+    if "image_encoder.pos_embed" in state:
+        raise CheckpointError(f"{path}: this is a SAM checkpoint, not a DINOv3 one")
+    if "pos_embed" in state and not _is_dinov3(state):
+        raise CheckpointError(f"{path}: this is a DINOv2 checkpoint, not a DINOv3 one (use build_dinov2 / "
+                              "--dinov2-checkpoint)")
+    return state, infer_dinov3_name(state, str(path))
+
+
+def build_dinov3(name: str | None = None, checkpoint: PathLike | None = None) -> nn.Module:
+    """Build a DINOv3 ViT backbone with official weights, in eval mode on the CPU.
+
+    Args:
+        name: ``vits16``, ``vits16plus``, ``vitb16``, ``vitl16``, ``vitl16_sat493m`` or ``vith16plus``.
+            When ``None`` it is inferred from ``checkpoint`` (or defaults to ``vitb16``); when both are
+            given they must agree.
+        checkpoint: an official ``dinov3_*_pretrain_*.pth`` file (or a ``.safetensors`` with the same
+            keys), or a Hugging Face folder (``config.json`` + ``model.safetensors``, e.g. a download of
+            ``facebook/dinov3-vitb16-pretrain-lvd1689m``) or its ``model.safetensors``. When ``None``
+            the official file name for ``name``, then the hub folder name, is looked up in
+            ``$REFSEG_CHECKPOINT_DIR`` then ``~/.cache/refseg``. DINOv3 weights are gated (licence
+            to accept): they are never downloaded.
+
+    Returns:
+        The module; ``forward_features(x)`` takes (B, 3, H, W) ImageNet-normalised images with H, W
+        multiples of 16 and returns ``x_norm_clstoken``, ``x_norm_regtokens``, ``x_norm_patchtokens``
+        (patches only), ``x_prenorm``, ``masks`` like :func:`build_dinov2`'s.
+
+    Raises:
+        CheckpointError: missing/unreadable file or folder, a checkpoint of another model or size
+            (message names the file), keys that do not fit.
+        ValueError: unknown ``name``.
+    """
+    if name is not None and name not in DINOV3_SPECS:
+        raise ValueError(f"unknown DINOv3 model {name!r}; choose one of {', '.join(DINOV3_SPECS)}")
+    source = DINOV3_SPECS[name or DEFAULT_DINOV3].checkpoint
+    path = resolve_checkpoint(source, checkpoint, download=False)
+    state, found = _dinov3_state(path)
+    if name is not None and name != found:
+        raise CheckpointError(f"{path} holds DINOv3 {found}, not {name}; drop the name to use the checkpoint's "
+                              "model, or give the checkpoint of the model named")
+    model = dinov3_from_state_dict(state, name=found, source=str(path))
+    log.info("DINOv3 %s loaded from %s", found, path)
+    return model
 
 
 def _layout(spec) -> tuple:

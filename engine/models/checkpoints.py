@@ -41,12 +41,17 @@ class CheckpointSource:
 
     ``sha256`` is the full digest when it is known; otherwise ``sha256_prefix`` (the hex digits
     that the official file name carries, e.g. ``01ec64`` in ``sam_vit_b_01ec64.pth``) is checked.
+    ``folder`` names a Hugging Face snapshot folder (``config.json`` + ``model.safetensors``) that is
+    accepted in place of the file (DINOv3). ``access`` marks gated weights: the page where the user
+    accepts the licence; such files are never downloaded automatically (``url`` is None).
     """
 
     filename: str
     url: str | None
     sha256: str | None = None
     sha256_prefix: str | None = None
+    folder: str | None = None
+    access: str | None = None
 
 
 def cache_dir() -> Path:
@@ -66,12 +71,28 @@ def search_dirs() -> list[Path]:
 
 
 def find_checkpoint(source: CheckpointSource) -> Path | None:
-    """Return the first existing ``source.filename`` in :func:`search_dirs`, or ``None``."""
+    """Return the first existing ``source.filename`` in :func:`search_dirs` (or, when ``source.folder``
+    is set, the first such folder holding a ``config.json``), or ``None``."""
     for folder in search_dirs():
         path = folder / source.filename
         if path.is_file():
             return path
+        if source.folder and (folder / source.folder / "config.json").is_file():
+            return folder / source.folder
     return None
+
+
+def _missing_message(source: CheckpointSource, where: str) -> str:
+    if source.access:
+        folders = " or ".join(str(d / source.folder) for d in search_dirs()) if source.folder else None
+        return (f"checkpoint {source.filename} not found. These weights are gated: accept the licence at "
+                f"{source.access} (or on the Hugging Face hub), download {source.filename} and put it at "
+                f"{where}" + (f", or put the Hugging Face folder (config.json + model.safetensors) at "
+                              f"{folders}" if folders else "")
+                + f"; or pass the path explicitly / set {CHECKPOINT_DIR_ENV}. refseg never downloads them")
+    return (f"checkpoint {source.filename} not found; put it at {where} "
+            f"(or pass the path explicitly / set {CHECKPOINT_DIR_ENV})"
+            + (f"; official URL: {source.url}" if source.url else ""))
 
 
 def resolve_checkpoint(source: CheckpointSource, explicit: str | os.PathLike | None = None,
@@ -84,6 +105,11 @@ def resolve_checkpoint(source: CheckpointSource, explicit: str | os.PathLike | N
     """
     if explicit is not None:
         path = Path(explicit).expanduser()
+        if source.folder and path.is_dir():
+            if not (path / "config.json").is_file():
+                raise CheckpointError(f"{path}: folder has no config.json (expected a Hugging Face snapshot "
+                                      "folder: config.json + model.safetensors)")
+            return path
         if not path.is_file():
             raise CheckpointError(f"{path}: checkpoint file does not exist")
         return path
@@ -92,10 +118,7 @@ def resolve_checkpoint(source: CheckpointSource, explicit: str | os.PathLike | N
         return found
     where = " or ".join(str(d / source.filename) for d in search_dirs())
     if not download or source.url is None:
-        raise CheckpointError(
-            f"checkpoint {source.filename} not found; put it at {where} "
-            f"(or pass the path explicitly / set {CHECKPOINT_DIR_ENV})"
-            + (f"; official URL: {source.url}" if source.url else ""))
+        raise CheckpointError(_missing_message(source, where))
     try:
         return download_checkpoint(source, cache_dir())
     except (urllib.error.URLError, OSError, TimeoutError) as exc:

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from refseg.models.checkpoints import CheckpointError, CheckpointSource, load_into
-from refseg.models.vit_layers import LAYER_NORM_EPS, Block, LayerNorm32, LayerScale, PatchEmbed
+from refseg.models.vit_layers import (LAYER_NORM_EPS, Block, LayerNorm32, LayerScale, PatchEmbed,
+                                      backbone_outputs)
 
 log = logging.getLogger(__name__)
 
@@ -230,15 +231,7 @@ class DinoVisionTransformer(nn.Module):
         prenorm = tokens
         for block in self.blocks:
             prenorm = block(prenorm)
-        normed = self.norm(prenorm)
-        first_patch = 1 + self.num_register_tokens
-        return {
-            "x_norm_clstoken": normed[:, 0],
-            "x_norm_regtokens": normed[:, 1:first_patch],
-            "x_norm_patchtokens": normed[:, first_patch:],
-            "x_prenorm": prenorm,
-            "masks": masks,
-        }
+        return backbone_outputs(prenorm, self.norm(prenorm), self.num_register_tokens, masks)
 
     def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict:
         """Run the backbone; keys as the official ``forward_features``.

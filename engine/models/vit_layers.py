@@ -21,6 +21,27 @@ from .onednn import linear
 LAYER_NORM_EPS = 1e-6
 
 
+def backbone_outputs(prenorm: torch.Tensor, normed: torch.Tensor, num_register_tokens: int,
+                     masks: torch.Tensor | None) -> dict:
+    """``forward_features``' dictionary of a ViT whose tokens are [cls, registers (R), patches (N)].
+
+    Args:
+        prenorm: (B, 1 + R + N, D) output of the last block; normed: the same after the final norm.
+
+    Returns:
+        ``x_norm_clstoken`` (B, D), ``x_norm_regtokens`` (B, R, D), ``x_norm_patchtokens`` (B, N, D),
+        ``x_prenorm`` (B, 1 + R + N, D), ``masks`` as given (DINOv2's and DINOv3's keys).
+    """
+    first_patch = 1 + num_register_tokens
+    return {
+        "x_norm_clstoken": normed[:, 0],
+        "x_norm_regtokens": normed[:, 1:first_patch],
+        "x_norm_patchtokens": normed[:, first_patch:],
+        "x_prenorm": prenorm,
+        "masks": masks,
+    }
+
+
 class LayerNorm32(nn.LayerNorm):
     """``nn.LayerNorm`` that always normalises in float32 and returns the input dtype.
 
