@@ -5,13 +5,19 @@ Triton kernels run on the CPU through Triton's interpreter when no GPU is presen
 (refseg.kernels itself imports triton only on the first kernel call). An explicit setting wins.
 """
 import os
+import sys
+from pathlib import Path
 
-import torch
+# `python -m pytest` from the repository root puts the root first on sys.path; its source folders
+# (`kernels/`, `export/`) would then shadow installed packages of the same name (transformers imports
+# PyPI's `kernels`). refseg itself is installed (editable), so the root is not needed on the path.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != _ROOT]
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 

@@ -14,11 +14,6 @@ The official ``.pth`` and the hub folder of the same weights must give bit-ident
 """
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -31,28 +26,7 @@ from refseg.models.dinov3_hf import hf_to_official, official_to_hf, read_config
 from refseg.testing.random_checkpoints import write_dinov3_hf_folder, write_random_checkpoints
 
 PARITY_ATOL = 1e-4
-REPO_KERNELS = Path(__file__).resolve().parents[1] / "kernels"
 
-
-def _real_kernels_package() -> None:
-    """transformers imports the PyPI package ``kernels`` (one of its dependencies). Run from the repository
-    root (``python -m pytest`` puts the working directory first on ``sys.path``), refseg's own ``kernels/``
-    source folder would be imported under that name instead; load the installed distribution first."""
-    spec = importlib.util.find_spec("kernels")
-    if spec is None or spec.origin is None or Path(spec.origin).resolve().parent != REPO_KERNELS:
-        return
-    try:
-        init = Path(importlib.metadata.distribution("kernels").locate_file("kernels/__init__.py"))
-    except importlib.metadata.PackageNotFoundError:
-        return
-    if init.is_file():
-        real = importlib.util.spec_from_file_location("kernels", init, submodule_search_locations=[str(init.parent)])
-        module = importlib.util.module_from_spec(real)
-        sys.modules["kernels"] = module
-        real.loader.exec_module(module)
-
-
-_real_kernels_package()
 transformers = pytest.importorskip("transformers", reason="transformers (the oracle) not installed")
 try:
     from transformers import DINOv3ViTConfig, DINOv3ViTModel
