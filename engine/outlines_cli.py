@@ -47,8 +47,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="polygon tolerance in output pixels, each object on its own (default 1; 0 = exact "
                         "pixel-edge outlines)")
     p.add_argument("--names", metavar="1=Tumor,2=Stroma", help="QuPath class names (default: 'class N')")
-    p.add_argument("--tile", type=int, metavar="PX", help="tracing tile side (default: the file's tile height, "
-                                                          "512 for PNG)")
+    p.add_argument("--tile", type=int, metavar="PX", help="tracing tile side (default: about 1024, a multiple "
+                                                          "of the file's tile height); rows of tiles held in memory")
     p.add_argument("--scale", type=float, default=1.0,
                    help="output pixels per mask pixel, e.g. the mask level's downsample to write level-0 "
                         "pixels (default 1)")

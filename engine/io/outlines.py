@@ -22,6 +22,7 @@ waiting on open seams (about one row of tiles' worth of seam-crossing objects).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import Callable, Union
@@ -98,7 +99,7 @@ def trace_tile(labels: np.ndarray, offset: tuple[int, int] = (0, 0)
             ring_sizes.append(len(ring))
         rings_per_polygon.append(len(rings))
         values.append(value)
-    coords = np.array(points, np.float64).reshape(-1, 2)
+    coords = np.fromiter(itertools.chain.from_iterable(points), np.float64, 2 * len(points)).reshape(-1, 2)
     coords += offset
     ring_offsets = np.concatenate([[0], np.cumsum(ring_sizes)]).astype(np.int64)
     polygon_offsets = np.concatenate([[0], np.cumsum(rings_per_polygon)]).astype(np.int64)
@@ -311,7 +312,8 @@ class OutlineTracer:
             return min(pieces), geometries[0], value
         merged = shapely.union_all(geometries)
         # 4-connected pieces give one polygon; the seam leaves collinear vertices, which tolerance 0 drops
-        merged = shapely.simplify(merged, 0.0, preserve_topology=True)
+        # (removing collinear vertices cannot change the shape, so the fast Douglas-Peucker is safe)
+        merged = shapely.simplify(merged, 0.0, preserve_topology=False)
         if merged.geom_type != "Polygon":
             raise RuntimeError(f"OutlineTracer: class {value} pieces did not merge into one polygon "
                                f"({merged.geom_type})")

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 PROGRESS_EVERY_S = 10.0
+TRACE_TILE = 1024  # default tracing tile side (px)
 
 
 class LabelReadError(ValueError):
@@ -95,7 +96,9 @@ class LabelRaster:
         else:
             self._seg_h, self._seg_w = int(page.rowsperstrip or self.height), self.width
         self._per_row = -(-self.width // self._seg_w)
-        self.tile = self._seg_h if page.is_tiled else max(self._seg_h, 256)
+        # tracing tiles of ~1024 px: GDAL's per-call cost and the seam unions of smaller tiles make 512 px
+        # tiles ~1.6x slower, larger ones gain little and hold more rows in memory
+        self.tile = self._seg_h * max(1, TRACE_TILE // self._seg_h) if page.is_tiled else TRACE_TILE
         self._page, self._fh = page, tif.filehandle
         self._cached: tuple[int, np.ndarray] | None = None
         self._segment_row(0)  # decodable? (compression, data type) before any work
@@ -152,7 +155,7 @@ class LabelRaster:
                                  "labels have one channel")
         self.dtype = _check_dtype(self.path, dataset.dtypes[0])
         self.width, self.height = int(dataset.width), int(dataset.height)
-        self.tile = 512  # PNG and the like have no tiles: bands of 512 rows
+        self.tile = TRACE_TILE  # PNG and the like have no tiles
         self._dataset = dataset
 
     def _read_gdal(self, y0: int, y1: int) -> np.ndarray:
@@ -207,7 +210,8 @@ def outline_file(labels: str | os.PathLike, output: str | os.PathLike, *, simpli
 
     One feature per 4-connected object of each class (holes as interiors), in output pixels (x right,
     y down): mask pixels times ``scale``; ``simplify`` is the tolerance in output pixels (0 = exact
-    pixel-edge outlines); ``tile`` the tracing tile side (default: the file's tile height); ``names``
+    pixel-edge outlines); ``tile`` the tracing tile side (default: about 1024 px, a multiple of the
+    file's tile height); ``names``
     class value -> (name, RGB colour). The mask is read one band of tiles at a time; ``output`` is
     written atomically. Returns ``{"width", "height", "tile", "features", "seconds"}``.
 
