@@ -6,6 +6,7 @@ objects are counted per class with scipy.ndimage.label (4-connectivity). None of
 the tracer (GDAL's polygonizer + GEOS unions).
 """
 import json
+import uuid
 
 import numpy as np
 import pytest
@@ -115,35 +116,38 @@ def test_exact_outlines_striped_tiff_png_and_slide_pyramid(tmp_path):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_random_masks_any_tile_order(seed):
-    """Speckle and blobs, tiles given in random order: exact, and the same polygons as row-major order."""
+def test_random_masks_any_tile_order(tmp_path, seed):
+    """Speckle and blobs fed as a slide job would (loaders, tiles in random order, level-0 scale and
+    bounds): exact, and the same file byte for byte as tiles given in row-major order (resume)."""
+    from refseg.io.geojson import FeatureWriter
+
     rng = np.random.default_rng(seed)
-    h, w = rng.integers(20, 50, 2)
+    h, w = (int(v) for v in rng.integers(20, 50, 2))
     mask = (rng.random((h, w)) < 0.55) * rng.integers(1, 4, (h, w))
     mask = (ndimage.median_filter(mask, 3) if seed else mask).astype(np.uint8)
     tile = int(rng.integers(3, 12))
-    from refseg.io.geojson import FeatureWriter
-
-    results = []
+    files = []
     for shuffle in (False, True):
-        got: list = []
-        tracer = OutlineTracer(w, h, tile, lambda g, c: got.extend(zip(g, c)))
-        cells = [(r, c) for r in range(tracer.rows) for c in range(tracer.cols)]
-        if shuffle:
-            rng.shuffle(cells)
-        for r, c in cells:
-            tracer.add_tile(r, c, (lambda a: (lambda: a))(mask[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile]))
-        assert tracer.close() == len(got)
-        results.append(got)
-    assert [(g.wkb, c) for g, c in results[0]] == [(g.wkb, c) for g, c in results[1]]
-    features = []
-    for g, c in results[1]:
-        features.append({"geometry": json.loads(shapely.to_geojson(shapely.orient_polygons(g))),
-                         "properties": {"classification": {"name": f"class {c}"}}})
+        files.append(tmp_path / f"order{int(shuffle)}.geojson")
+        with FeatureWriter(files[-1], scale=2.0, bounds=(2 * w - 1, 2 * h), namespace="slide") as writer:
+            tracer = OutlineTracer(w, h, tile, writer.write)
+            cells = [(r, c) for r in range(tracer.rows) for c in range(tracer.cols)]
+            if shuffle:
+                rng.shuffle(cells)
+            for r, c in cells:
+                block = mask[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile]
+                tracer.add_tile(r, c, None if not block.any() and rng.random() < 0.5 else (lambda b=block: b))
+            assert tracer.close() == writer.count
+    assert files[0].read_bytes() == files[1].read_bytes()
+    features = json.loads(files[1].read_text())["features"]
+    for f in features:  # back to mask pixels; the last column was clamped to the bounds (2w - 1)
+        f["geometry"]["coordinates"] = [[[x / 2 if x != 2 * w - 1 else w, y / 2] for x, y in ring]
+                                        for ring in f["geometry"]["coordinates"]]
     check_exact(features, mask)
     with pytest.raises(ValueError, match="never given"):
         OutlineTracer(w, h, tile, lambda g, c: None).close()
-    del FeatureWriter
+    with pytest.raises(ValueError, match="given twice"):
+        tracer.add_tile(0, 0, None)
 
 
 def test_simplify_keeps_iou_and_drops_vertices(tmp_path):
@@ -180,6 +184,9 @@ def test_scale_names_and_wide_labels(tmp_path):
     tumor = shapely.geometry.shape(by_name["Tumor"]["geometry"])
     assert tumor.equals(shapely.box(20, 20, 100, 60))
     assert by_name["Stroma"]["properties"]["objectType"] == "annotation"
+    namespace = str((tmp_path / "m.tif").resolve())  # ids: uuid5 of path#index, as the slide job writes them
+    assert [f["id"] for f in features] == [str(uuid.uuid5(uuid.NAMESPACE_URL, f"{namespace}#{k}"))
+                                           for k in range(len(features))]
 
 
 def _files(folder):

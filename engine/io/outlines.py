@@ -257,7 +257,7 @@ class OutlineTracer:
             on_seam |= touch
             if r * self.cols + c >= self.tiles_done:  # neighbour not traced yet: this seam stays open
                 open_count += touch
-        final = [(int(ids[k]), polygons[k], int(values[k])) for k in np.flatnonzero(~on_seam)]
+        inside = ~on_seam
         for k in np.flatnonzero(on_seam):
             pid = int(ids[k])
             self._parent[pid] = pid
@@ -284,13 +284,22 @@ class OutlineTracer:
             for pid in other.pieces:
                 self._open[self._find(int(pid))] -= 1
             candidates.extend(int(p) for p in other.pieces)
-        for root in dict.fromkeys(self._find(p) for p in candidates):
-            if self._open[root] == 0:
-                final.append(self._finish_group(root))
-        if final:
-            final.sort(key=lambda f: f[0])
-            self.sink(np.array([f[1] for f in final], object), np.array([f[2] for f in final], np.int64))
-            self.objects += len(final)
+        groups = [self._finish_group(root) for root in dict.fromkeys(self._find(p) for p in candidates)
+                  if self._open[root] == 0]
+        groups.sort(key=lambda g: g[0])
+        merged = np.array([g[1][0] for g in groups], object)
+        several = np.flatnonzero([len(g[1]) > 1 for g in groups])
+        if len(several):
+            merged[several] = self._merge([groups[k][1] for k in several])
+        out = np.concatenate([polygons[inside], merged]) if len(merged) else polygons[inside]
+        if len(out):
+            classes = np.concatenate([values[inside], np.array([g[2] for g in groups], np.int64)])
+            bad = shapely.get_type_id(out) != shapely.GeometryType.POLYGON
+            if bad.any():
+                raise RuntimeError(f"OutlineTracer: {int(bad.sum())} object(s) of tile ({row}, {col}) did not merge "
+                                   "into one polygon")
+            self.sink(out, classes)
+            self.objects += len(out)
 
     @staticmethod
     def _edges(coords, ring_of, poly_of_ring, axis, line):
@@ -299,22 +308,28 @@ class OutlineTracer:
         order = np.argsort(start, kind="stable")
         return start[order], end[order], poly_of_ring[ring[order]]
 
-    def _finish_group(self, root: int) -> tuple[int, object, int]:
-        """Remove a final group; returns (its first piece id, its polygon, its class)."""
+    @staticmethod
+    def _merge(groups: list[list]) -> np.ndarray:
+        """One polygon per group of edge-sharing pieces, exact. GEOS's buffer(0) of the pieces is their
+        union and 2-3x faster than union_all on these inputs; any result that is not one polygon of the
+        pieces' total area (integer areas: exact) is redone with union_all."""
         shapely = _shapely()
+        pieces = np.array([shapely.MultiPolygon(g) for g in groups], object)
+        merged = shapely.buffer(pieces, 0.0)
+        wrong = np.flatnonzero((shapely.get_type_id(merged) != shapely.GeometryType.POLYGON)
+                               | (shapely.area(merged) != shapely.area(pieces)))
+        for k in wrong:
+            merged[k] = shapely.union_all(groups[k])
+        # the seams leave collinear vertices, which Douglas-Peucker at tolerance 0 drops (that cannot change
+        # the shape, so the fast variant is safe)
+        return shapely.simplify(merged, 0.0, preserve_topology=False)
+
+    def _finish_group(self, root: int) -> tuple[int, list, int]:
+        """Remove a final group; returns (its first piece id, its pieces' polygons, its class)."""
         pieces = self._members.pop(root)
         del self._open[root]
         geometries = [self._geometry.pop(p) for p in pieces]
         value = self._class[root]
         for p in pieces:
             del self._parent[p], self._class[p]
-        if len(geometries) == 1:
-            return min(pieces), geometries[0], value
-        merged = shapely.union_all(geometries)
-        # 4-connected pieces give one polygon; the seam leaves collinear vertices, which tolerance 0 drops
-        # (removing collinear vertices cannot change the shape, so the fast Douglas-Peucker is safe)
-        merged = shapely.simplify(merged, 0.0, preserve_topology=False)
-        if merged.geom_type != "Polygon":
-            raise RuntimeError(f"OutlineTracer: class {value} pieces did not merge into one polygon "
-                               f"({merged.geom_type})")
-        return min(pieces), merged, value
+        return min(pieces), geometries, value
