@@ -58,11 +58,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def _cmd_outlines(args: argparse.Namespace) -> int:
     from refseg.io.outlines_file import outline_file
+    from refseg.optional import MissingDependencyError
 
     if args.simplify < 0 or args.scale <= 0:
         raise ValueError(f"--simplify must be >= 0 and --scale > 0, got {args.simplify}, {args.scale}")
-    summary = outline_file(args.labels, args.output, simplify=args.simplify, names=parse_names(args.names),
-                           tile=args.tile, scale=args.scale)
+    try:
+        summary = outline_file(args.labels, args.output, simplify=args.simplify, names=parse_names(args.names),
+                               tile=args.tile, scale=args.scale)
+    except MissingDependencyError as exc:
+        log.error("%s", exc)
+        return 2
     log.info("%s: %d features (%d x %d px, tiles of %d px) in %.1f s", args.output, summary["features"],
              summary["width"], summary["height"], summary["tile"], summary["seconds"])
     return 0

@@ -243,3 +243,13 @@ def test_unwritable_output_and_failure_midway_leave_nothing(tmp_path, caplog, mo
     before = _files(tmp_path)
     assert main(["outlines", str(tmp_path / "m.tif"), "-o", str(tmp_path / "o.geojson")]) == 2
     assert _files(tmp_path) == before
+
+
+def test_missing_rasterio_names_the_extra(tmp_path, monkeypatch, caplog):
+    import sys
+
+    tifffile.imwrite(tmp_path / "m.tif", scene(), tile=(16, 16))
+    monkeypatch.setitem(sys.modules, "rasterio", None)  # import rasterio -> ImportError
+    monkeypatch.setitem(sys.modules, "rasterio.features", None)
+    assert main(["outlines", str(tmp_path / "m.tif"), "-o", str(tmp_path / "o.geojson")]) == 2
+    assert "pip install 'refseg[slides]'" in caplog.text and not (tmp_path / "o.geojson").exists()

@@ -51,6 +51,18 @@ def _shapely():
     return require("shapely", extra="slides", purpose="Label outline polygons")
 
 
+def require_outlines() -> None:
+    """Import what tracing and writing outlines need (rasterio, shapely >= 2.1), so that a job can refuse
+    early, before any model loads. Raises :class:`refseg.optional.MissingDependencyError` naming
+    ``pip install 'refseg[slides]'``."""
+    _features()
+    if not hasattr(_shapely(), "orient_polygons"):
+        from refseg.optional import MissingDependencyError
+
+        raise MissingDependencyError("Label outlines need shapely >= 2.1 (orient_polygons): "
+                                     "pip install 'refseg[slides]' (or pip install -U shapely)")
+
+
 def label_array(labels: np.ndarray, what: str = "labels") -> np.ndarray:
     """``labels`` as a 2-D array of a dtype GDAL's polygonizer reads (uint8, uint16, int16, int32).
 

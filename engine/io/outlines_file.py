@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from refseg.io.geojson import FeatureWriter
-from refseg.io.outlines import OutlineTracer
+from refseg.io.outlines import OutlineTracer, require_outlines
 from refseg.optional import require
 
 log = logging.getLogger(__name__)
@@ -218,6 +218,7 @@ def outline_file(labels: str | os.PathLike, output: str | os.PathLike, *, simpli
     Raises:
         LabelReadError / ValueError: naming the file, before any work where it can be known then.
     """
+    require_outlines()
     output = check_output(output, (labels,))
     started = time.perf_counter()
     with LabelRaster(labels) as raster:
