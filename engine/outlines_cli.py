@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 log = logging.getLogger("refseg.outlines")
 
@@ -52,6 +53,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--scale", type=float, default=1.0,
                    help="output pixels per mask pixel, e.g. the mask level's downsample to write level-0 "
                         "pixels (default 1)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="processes tracing tiles (default: min(4, CPUs)); 1 = in this process; same output")
     p.set_defaults(func=_cmd_outlines)
     return p
 
@@ -64,7 +67,7 @@ def _cmd_outlines(args: argparse.Namespace) -> int:
         raise ValueError(f"--simplify must be >= 0 and --scale > 0, got {args.simplify}, {args.scale}")
     try:
         summary = outline_file(args.labels, args.output, simplify=args.simplify, names=parse_names(args.names),
-                               tile=args.tile, scale=args.scale)
+                               tile=args.tile, scale=args.scale, workers=args.workers)
     except MissingDependencyError as exc:
         log.error("%s", exc)
         return 2

@@ -22,6 +22,7 @@ waiting on open seams (about one row of tiles' worth of seam-crossing objects).
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 from dataclasses import dataclass
@@ -83,20 +84,12 @@ def label_array(labels: np.ndarray, what: str = "labels") -> np.ndarray:
     return labels.astype(np.uint8 if labels.dtype == np.int8 else np.int32)
 
 
-def trace_tile(labels: np.ndarray, offset: tuple[int, int] = (0, 0)
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Exact outlines of every 4-connected region of equal non-zero label in ``labels``.
-
-    Args:
-        labels: (h, w) integer labels, 0 = background.
-        offset: (x, y) pixel position of ``labels[0, 0]``, added to every coordinate.
-
-    Returns:
-        polygons (N,) shapely Polygons (holes as interiors), values (N,) int64 class of each,
-        coords (V, 2) float64 (x, y) vertices of all rings (closed: first == last),
-        ring_of (V,) ring index of each vertex, poly_of_ring (R,) polygon index of each ring.
-    """
-    shapely = _shapely()
+def trace_arrays(labels: np.ndarray, offset: tuple[int, int] = (0, 0)
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """GDAL's exact outlines of every 4-connected region of equal non-zero label in ``labels``, as arrays
+    (cheap to send between processes): coords (V, 2) float64 (x, y) vertices of all rings (each closed,
+    shifted by ``offset`` (x, y)), ring_sizes (R,) vertices per ring, rings (N,) rings per polygon (the
+    exterior first, then its holes), values (N,) int64 class of each polygon."""
     labels = label_array(labels)
     if labels.dtype == np.int16 and labels.size and labels.min() < 0:
         raise ValueError("labels: label values must be >= 0")
@@ -113,13 +106,33 @@ def trace_tile(labels: np.ndarray, offset: tuple[int, int] = (0, 0)
         values.append(value)
     coords = np.fromiter(itertools.chain.from_iterable(points), np.float64, 2 * len(points)).reshape(-1, 2)
     coords += offset
+    return (coords, np.asarray(ring_sizes, np.int64), np.asarray(rings_per_polygon, np.int64),
+            np.asarray(values, np.int64))
+
+
+def trace_tile(labels: np.ndarray, offset: tuple[int, int] = (0, 0), traced: tuple | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Exact outlines of every 4-connected region of equal non-zero label in ``labels``.
+
+    Args:
+        labels: (h, w) integer labels, 0 = background.
+        offset: (x, y) pixel position of ``labels[0, 0]``, added to every coordinate.
+        traced: :func:`trace_arrays` of ``labels`` when already computed (e.g. by a worker process).
+
+    Returns:
+        polygons (N,) shapely Polygons (holes as interiors), values (N,) int64 class of each,
+        coords (V, 2) float64 (x, y) vertices of all rings (closed: first == last),
+        ring_of (V,) ring index of each vertex, poly_of_ring (R,) polygon index of each ring.
+    """
+    shapely = _shapely()
+    coords, ring_sizes, rings_per_polygon, values = traced if traced is not None else trace_arrays(labels, offset)
     ring_offsets = np.concatenate([[0], np.cumsum(ring_sizes)]).astype(np.int64)
     polygon_offsets = np.concatenate([[0], np.cumsum(rings_per_polygon)]).astype(np.int64)
     polygons = (shapely.from_ragged_array(shapely.GeometryType.POLYGON, coords, (ring_offsets, polygon_offsets))
-                if values else np.empty(0, object))
+                if len(values) else np.empty(0, object))
     ring_of = np.repeat(np.arange(len(ring_sizes)), ring_sizes)
     poly_of_ring = np.repeat(np.arange(len(values)), rings_per_polygon)
-    return polygons, np.asarray(values, np.int64), coords, ring_of, poly_of_ring
+    return polygons, values, coords, ring_of, poly_of_ring
 
 
 def seam_edges(coords: np.ndarray, ring_of: np.ndarray, axis: int, line: float
@@ -169,13 +182,24 @@ class OutlineTracer:
     receives each final object once, as an exact pixel-edge polygon in mask pixels (x, y), with its class.
     """
 
-    def __init__(self, width: int, height: int, tile: int, sink: Sink):
+    def __init__(self, width: int, height: int, tile: int, sink: Sink, workers: int = 0):
         if width <= 0 or height <= 0 or tile <= 0:
             raise ValueError(f"OutlineTracer: width, height and tile must be > 0, got {width}, {height}, {tile}")
         self.width, self.height, self.tile = int(width), int(height), int(tile)
         self.rows, self.cols = -(-self.height // self.tile), -(-self.width // self.tile)
         self.sink = sink
-        self.tiles_done = 0
+        self.tiles_done = 0      # tiles whose objects went to the sink (row-major prefix)
+        self._submitted = 0      # tiles read and handed to tracing (row-major prefix)
+        self._in_flight: collections.deque = collections.deque()  # (index, traced arrays or future or None)
+        self._pool = None
+        if workers > 1 and self.rows * self.cols > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # GDAL's polygonizer holds the GIL: tiles are traced in worker processes (spawned: no fork of
+            # a threaded parent), seams and writing stay here, in order
+            self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        self._window = 2 * workers if self._pool else 0
         self.objects = 0
         self._waiting: dict[int, TileData] = {}   # row-major index -> tile not yet due
         self._seams: dict[tuple[str, int, int], _Seam] = {}  # open seam -> the traced side's edges
@@ -193,13 +217,53 @@ class OutlineTracer:
         if not (0 <= row < self.rows and 0 <= col < self.cols):
             raise ValueError(f"tile ({row}, {col}) is outside the {self.rows} x {self.cols} grid")
         index = row * self.cols + col
-        if index < self.tiles_done or index in self._waiting:
+        if index < self._submitted or index in self._waiting:
             raise ValueError(f"tile ({row}, {col}) was given twice")
         self._waiting[index] = labels
-        while self.tiles_done in self._waiting:
-            due = self._waiting.pop(self.tiles_done)
-            self._process(*divmod(self.tiles_done, self.cols), due() if callable(due) else due)
+        while self._submitted in self._waiting:
+            due = self._waiting.pop(self._submitted)
+            self._submit(self._submitted, due() if callable(due) else due)
+            self._submitted += 1
+            self._drain(keep=self._window)
+
+    def _submit(self, index: int, labels: np.ndarray | None) -> None:
+        row, col = divmod(index, self.cols)
+        x0, y0 = col * self.tile, row * self.tile
+        h, w = min(self.tile, self.height - y0), min(self.tile, self.width - x0)
+        if labels is not None:
+            labels = np.asarray(labels)
+            if labels.ndim != 2 or labels.shape[0] < h or labels.shape[1] < w:
+                raise ValueError(f"tile ({row}, {col}): expected ({h}, {w}) labels, got {labels.shape}")
+            labels = label_array(labels[:h, :w], f"tile ({row}, {col})")
+        if labels is None or not labels.any():
+            job = None
+        elif self._pool is not None:
+            job = self._pool.submit(trace_arrays, np.ascontiguousarray(labels), (x0, y0))
+        else:
+            job = trace_arrays(labels, (x0, y0))
+        self._in_flight.append((index, job))
+
+    def _drain(self, keep: int) -> None:
+        """Join seams for traced tiles in order, until at most ``keep`` are in flight (finished ones go
+        on at once)."""
+        while self._in_flight and (len(self._in_flight) > keep or not hasattr(self._in_flight[0][1], "done")
+                                   or self._in_flight[0][1].done()):
+            index, job = self._in_flight.popleft()
+            traced = job.result() if hasattr(job, "done") else job
+            self._process(*divmod(index, self.cols), traced)
             self.tiles_done += 1
+
+    def __enter__(self) -> "OutlineTracer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Stop the worker processes (if any); :meth:`close` does it too."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
     @property
     def complete(self) -> bool:
@@ -211,9 +275,13 @@ class OutlineTracer:
 
         Raises:
             ValueError: tiles were never given (the first one missing is named)."""
+        try:
+            self._drain(keep=0)
+        finally:
+            self.shutdown()
         if not self.complete:
-            missing = next(i for i in range(self.tiles_done, self.rows * self.cols) if i not in self._waiting)
-            raise ValueError(f"OutlineTracer: {self.rows * self.cols - self.tiles_done - len(self._waiting)} "
+            missing = next(i for i in range(self._submitted, self.rows * self.cols) if i not in self._waiting)
+            raise ValueError(f"OutlineTracer: {self.rows * self.cols - self._submitted - len(self._waiting)} "
                              f"tile(s) never given, first ({missing // self.cols}, {missing % self.cols})")
         if self._members or self._seams:  # every seam has both sides once every tile is traced
             raise RuntimeError(f"OutlineTracer: {len(self._members)} object(s) still waiting after the last tile")
@@ -238,22 +306,15 @@ class OutlineTracer:
         self._open[ra] += self._open.pop(rb)
 
     # -- one tile
-    def _process(self, row: int, col: int, labels: np.ndarray | None) -> None:
+    def _process(self, row: int, col: int, traced: tuple | None) -> None:
         shapely = _shapely()
         x0, y0 = col * self.tile, row * self.tile
         x1, y1 = min(x0 + self.tile, self.width), min(y0 + self.tile, self.height)
-        if labels is not None:
-            labels = np.asarray(labels)
-            if labels.ndim != 2 or labels.shape[0] < y1 - y0 or labels.shape[1] < x1 - x0:
-                raise ValueError(f"tile ({row}, {col}): expected ({y1 - y0}, {x1 - x0}) labels, got {labels.shape}")
-            labels = labels[:y1 - y0, :x1 - x0]
-        if labels is None or not labels.any():
-            labels = None
-        if labels is None:
+        if traced is None:
             polygons, values = np.empty(0, object), np.empty(0, np.int64)
             coords, ring_of, poly_of_ring = np.empty((0, 2)), np.empty(0, np.int64), np.empty(0, np.int64)
         else:
-            polygons, values, coords, ring_of, poly_of_ring = trace_tile(labels, (x0, y0))
+            polygons, values, coords, ring_of, poly_of_ring = trace_tile(None, (x0, y0), traced=traced)
         ids = self._next_id + np.arange(len(polygons))
         self._next_id += len(polygons)
         bounds = shapely.bounds(polygons).reshape(-1, 4)

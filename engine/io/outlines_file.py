@@ -205,15 +205,15 @@ def check_output(output: str | os.PathLike, inputs: tuple[str | os.PathLike, ...
 
 def outline_file(labels: str | os.PathLike, output: str | os.PathLike, *, simplify: float = 1.0,
                  names: dict[int, tuple[str, tuple[int, int, int]]] | None = None, tile: int | None = None,
-                 scale: float = 1.0, bounds: tuple[float, float] | None = None) -> dict:
+                 scale: float = 1.0, bounds: tuple[float, float] | None = None, workers: int = 0) -> dict:
     """Vectorise the label mask file ``labels`` into the QuPath GeoJSON ``output``, streamed.
 
     One feature per 4-connected object of each class (holes as interiors), in output pixels (x right,
     y down): mask pixels times ``scale``; ``simplify`` is the tolerance in output pixels (0 = exact
     pixel-edge outlines); ``tile`` the tracing tile side (default: about 1024 px, a multiple of the
     file's tile height); ``names``
-    class value -> (name, RGB colour). The mask is read one band of tiles at a time; ``output`` is
-    written atomically. Returns ``{"width", "height", "tile", "features", "seconds"}``.
+    class value -> (name, RGB colour); ``workers`` > 1 traces tiles in that many processes (the output
+    is the same). The mask is read one band of tiles at a time; ``output`` is written atomically. Returns ``{"width", "height", "tile", "features", "seconds"}``.
 
     Raises:
         LabelReadError / ValueError: naming the file, before any work where it can be known then.
@@ -234,19 +234,19 @@ def outline_file(labels: str | os.PathLike, output: str | os.PathLike, *, simpli
                  raster.dtype, tile, output)
         with FeatureWriter(output, names=names, scale=scale, simplify=simplify, bounds=bounds,
                            namespace=str(Path(labels).resolve())) as writer:
-            tracer = OutlineTracer(raster.width, raster.height, tile, writer.write)
-            last = time.perf_counter()
-            for row in range(tracer.rows):
-                y0 = row * tile
-                band = raster.read_rows(y0, min(y0 + tile, raster.height))
-                for col in range(tracer.cols):
-                    tracer.add_tile(row, col, band[:, col * tile:(col + 1) * tile])
-                now = time.perf_counter()
-                if now - last >= PROGRESS_EVERY_S:
-                    log.info("%s: %d/%d rows of tiles, %d objects", raster.path.name, row + 1, tracer.rows,
-                             tracer.objects)
-                    last = now
-            tracer.close()
+            with OutlineTracer(raster.width, raster.height, tile, writer.write, workers=workers) as tracer:
+                last = time.perf_counter()
+                for row in range(tracer.rows):
+                    y0 = row * tile
+                    band = raster.read_rows(y0, min(y0 + tile, raster.height))
+                    for col in range(tracer.cols):
+                        tracer.add_tile(row, col, band[:, col * tile:(col + 1) * tile])
+                    now = time.perf_counter()
+                    if now - last >= PROGRESS_EVERY_S:
+                        log.info("%s: %d/%d rows of tiles, %d objects", raster.path.name, row + 1, tracer.rows,
+                                 tracer.objects)
+                        last = now
+                tracer.close()
     summary = {"width": raster.width, "height": raster.height, "tile": tile, "features": writer.count,
                "seconds": round(time.perf_counter() - started, 3)}
     return summary
