@@ -86,7 +86,8 @@ def check_exact(features: list[dict], mask: np.ndarray) -> None:
 
 def run_cli(tmp_path, labels_file, *extra) -> list[dict]:
     out = tmp_path / "out.geojson"
-    assert main(["outlines", str(labels_file), "-o", str(out), *extra]) == 0
+    workers = [] if "--workers" in extra else ["--workers", "1"]
+    assert main(["outlines", str(labels_file), "-o", str(out), *workers, *extra]) == 0
     data = json.loads(out.read_text())
     assert data["type"] == "FeatureCollection"
     return data["features"]
@@ -98,6 +99,18 @@ def test_exact_outlines_tiled_tiff(tmp_path, tile_tif, tile):
     tifffile.imwrite(tmp_path / "m.tif", mask, tile=(tile_tif, tile_tif), compression="zlib")
     extra = ["--simplify", "0"] + (["--tile", str(tile)] if tile else [])
     check_exact(run_cli(tmp_path, tmp_path / "m.tif", *extra), mask)
+
+
+def test_worker_processes_write_the_same_file(tmp_path):
+    mask = scene()
+    tifffile.imwrite(tmp_path / "m.tif", mask, tile=(16, 16))
+    outputs = []
+    for workers in ("1", "2"):
+        outputs.append(tmp_path / f"w{workers}.geojson")
+        assert main(["outlines", str(tmp_path / "m.tif"), "-o", str(outputs[-1]), "--tile", "16",
+                     "--simplify", "0", "--workers", workers]) == 0
+    assert outputs[0].read_bytes() == outputs[1].read_bytes()
+    check_exact(json.loads(outputs[1].read_text())["features"], mask)
 
 
 def test_exact_outlines_striped_tiff_png_and_slide_pyramid(tmp_path):
@@ -215,7 +228,7 @@ def test_bad_input_is_refused_naming_the_file(tmp_path, caplog, kind, message):
     else:
         bad = tmp_path / "none.tif"
     before = _files(tmp_path)
-    assert main(["outlines", str(bad), "-o", str(tmp_path / "out.geojson"), *extra]) == 2
+    assert main(["outlines", "--workers", "1", str(bad), "-o", str(tmp_path / "out.geojson"), *extra]) == 2
     assert message in caplog.text and str(bad) in caplog.text
     assert _files(tmp_path) == before  # nothing written, no temporary file left
 
@@ -223,14 +236,15 @@ def test_bad_input_is_refused_naming_the_file(tmp_path, caplog, kind, message):
 def test_unwritable_output_and_failure_midway_leave_nothing(tmp_path, caplog, monkeypatch):
     mask = scene()
     tifffile.imwrite(tmp_path / "m.tif", mask, tile=(16, 16))
-    assert main(["outlines", str(tmp_path / "m.tif"), "-o", str(tmp_path)]) == 2  # a folder
+    assert main(["outlines", "--workers", "1", str(tmp_path / "m.tif"), "-o", str(tmp_path)]) == 2  # a folder
     assert "is a folder" in caplog.text
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     try:
         import os
         if not os.access(locked, os.W_OK):  # root can write anywhere
-            assert main(["outlines", str(tmp_path / "m.tif"), "-o", str(locked / "o.geojson")]) == 2
+            assert main(["outlines", "--workers", "1", str(tmp_path / "m.tif"), "-o",
+                         str(locked / "o.geojson")]) == 2
             assert "cannot be written" in caplog.text
     finally:
         locked.chmod(0o700)
@@ -241,7 +255,7 @@ def test_unwritable_output_and_failure_midway_leave_nothing(tmp_path, caplog, mo
 
     monkeypatch.setattr(outlines, "trace_tile", broken)
     before = _files(tmp_path)
-    assert main(["outlines", str(tmp_path / "m.tif"), "-o", str(tmp_path / "o.geojson")]) == 2
+    assert main(["outlines", "--workers", "1", str(tmp_path / "m.tif"), "-o", str(tmp_path / "o.geojson")]) == 2
     assert _files(tmp_path) == before
 
 
@@ -251,5 +265,5 @@ def test_missing_rasterio_names_the_extra(tmp_path, monkeypatch, caplog):
     tifffile.imwrite(tmp_path / "m.tif", scene(), tile=(16, 16))
     monkeypatch.setitem(sys.modules, "rasterio", None)  # import rasterio -> ImportError
     monkeypatch.setitem(sys.modules, "rasterio.features", None)
-    assert main(["outlines", str(tmp_path / "m.tif"), "-o", str(tmp_path / "o.geojson")]) == 2
+    assert main(["outlines", "--workers", "1", str(tmp_path / "m.tif"), "-o", str(tmp_path / "o.geojson")]) == 2
     assert "pip install 'refseg[slides]'" in caplog.text and not (tmp_path / "o.geojson").exists()

@@ -211,9 +211,9 @@ def outline_file(labels: str | os.PathLike, output: str | os.PathLike, *, simpli
     One feature per 4-connected object of each class (holes as interiors), in output pixels (x right,
     y down): mask pixels times ``scale``; ``simplify`` is the tolerance in output pixels (0 = exact
     pixel-edge outlines); ``tile`` the tracing tile side (default: about 1024 px, a multiple of the
-    file's tile height); ``names``
-    class value -> (name, RGB colour); ``workers`` > 1 traces tiles in that many processes (the output
-    is the same). The mask is read one band of tiles at a time; ``output`` is written atomically. Returns ``{"width", "height", "tile", "features", "seconds"}``.
+    file's tile height); ``names`` class value -> (name, RGB colour); ``workers`` > 1 traces tiles in that
+    many processes (same output). The mask is read one band of tiles at a time; ``output`` is written
+    atomically. Returns ``{"width", "height", "tile", "features", "seconds"}``.
 
     Raises:
         LabelReadError / ValueError: naming the file, before any work where it can be known then.
