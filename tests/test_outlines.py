@@ -196,6 +196,7 @@ def test_scale_names_and_wide_labels(tmp_path):
     assert set(by_name) == {"Tumor", "Stroma"}
     tumor = shapely.geometry.shape(by_name["Tumor"]["geometry"])
     assert tumor.equals(shapely.box(20, 20, 100, 60))
+    assert len(by_name["Tumor"]["geometry"]["coordinates"][0]) == 5  # corners only, no collinear vertices
     assert by_name["Stroma"]["properties"]["objectType"] == "annotation"
     namespace = str((tmp_path / "m.tif").resolve())  # ids: uuid5 of path#index, as the slide job writes them
     assert [f["id"] for f in features] == [str(uuid.uuid5(uuid.NAMESPACE_URL, f"{namespace}#{k}"))
@@ -267,3 +268,69 @@ def test_missing_rasterio_names_the_extra(tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "rasterio.features", None)
     assert main(["outlines", "--workers", "1", str(tmp_path / "m.tif"), "-o", str(tmp_path / "o.geojson")]) == 2
     assert "pip install 'refseg[slides]'" in caplog.text and not (tmp_path / "o.geojson").exists()
+
+
+def _without_saddles(mask: np.ndarray) -> np.ndarray:
+    """Fill, class by class, the corner gap of every 2 x 2 block where two pixels of a class meet only
+    at a corner, until there is none (brute force over all blocks, in Python)."""
+    mask = mask.copy()
+    changed = True
+    while changed:
+        changed = False
+        for i in range(mask.shape[0] - 1):
+            for j in range(mask.shape[1] - 1):
+                a, b, c, d = mask[i, j], mask[i, j + 1], mask[i + 1, j], mask[i + 1, j + 1]
+                if a > 0 and a == d and b != a and c != a:
+                    mask[i, j + 1] = a
+                    changed = True
+                elif b > 0 and b == c and a != b and d != b:
+                    mask[i, j] = b
+                    changed = True
+    return mask
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_opencv_path_exact_on_thin_shapes(monkeypatch, seed):
+    """Masks without corner contacts go through OpenCV only (GDAL is made to fail): single pixels, 1 px
+    lines and dead ends, 1 px holes, islands in holes, objects on every border, several classes."""
+    from refseg.io import outlines_trace
+
+    rng = np.random.default_rng(seed)
+    mask = ((rng.random((37, 41)) < 0.3) * rng.integers(1, 3 + seed % 2, (37, 41))).astype(np.uint8)
+    mask[5, 3:30] = 1          # a 1 px line
+    mask[10:20, 10:20] = 2
+    mask[12:18, 12:18] = 0     # a hole ...
+    mask[14, 14] = 1           # ... holding a 1 px island
+    mask[15, 16] = 0           # and a 1 px hole next to it
+    mask = _without_saddles(mask)
+    assert not outlines_trace.saddle_classes(mask)
+
+    def refuse(*args):
+        raise AssertionError("GDAL used on a mask without corner contacts")
+
+    monkeypatch.setattr(outlines_trace, "_gdal_class", refuse)
+    features = []
+    tracer = OutlineTracer(41, 37, 16, lambda g, c: features.extend(
+        {"geometry": json.loads(shapely.to_geojson(p)), "properties": {"classification": {"name": f"class {v}"}}}
+        for p, v in zip(shapely.orient_polygons(g), c)))
+    for r in range(tracer.rows):
+        for c in range(tracer.cols):
+            tracer.add_tile(r, c, mask[r * 16:(r + 1) * 16, c * 16:(c + 1) * 16])
+    tracer.close()
+    check_exact(features, mask)
+
+
+def test_saddle_classes_brute_force():
+    rng = np.random.default_rng(5)
+    mask = (rng.random((30, 30)) < 0.5) * rng.integers(1, 4, (30, 30))
+    from refseg.io.outlines_trace import saddle_classes
+
+    expected = set()
+    for i in range(29):
+        for j in range(29):
+            a, b, c, d = mask[i, j], mask[i, j + 1], mask[i + 1, j], mask[i + 1, j + 1]
+            if a > 0 and a == d and b != a and c != a:
+                expected.add(int(a))
+            if b > 0 and b == c and a != b and d != b:
+                expected.add(int(b))
+    assert saddle_classes(mask) == expected and saddle_classes(_without_saddles(mask)) == set()

@@ -1,10 +1,10 @@
 """Streaming vectoriser: a tiled label mask -> one exact polygon per 4-connected object, tile by tile.
 
 A label mask (H, W) of integer classes (0 = background) is cut into a grid of ``tile`` x ``tile``
-pixel tiles (edge tiles smaller). Each tile is traced on its own by GDAL's polygonizer
-(``rasterio.features.shapes``, 4-connectivity): exact pixel-edge polygons with holes, in C. Pixel
-(i, j) is the unit square [j, j + 1) x [i, i + 1) (x right, y down), so a polygon covers exactly the
-pixels of its object.
+pixel tiles (edge tiles smaller). Each tile is traced on its own, in C (:mod:`refseg.io.outlines_trace`:
+OpenCV's border follower turned into pixel edges, GDAL's polygonizer where pixels meet at corners):
+exact pixel-edge polygons with holes, 4-connectivity. Pixel (i, j) is the unit square
+[j, j + 1) x [i, i + 1) (x right, y down), so a polygon covers exactly the pixels of its object.
 
 Seams. A traced piece that touches no seam between two tiles (only the tile's inside or the image
 border) is a whole object: it is final at once. A piece that touches a seam waits there. When the tile
@@ -23,13 +23,13 @@ waiting on open seams (about one row of tiles' worth of seam-crossing objects).
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
 from dataclasses import dataclass
 from typing import Callable, Union
 
 import numpy as np
 
+from refseg.io.outlines_trace import label_array, require_tracers, trace_arrays
 from refseg.optional import require
 
 log = logging.getLogger(__name__)
@@ -41,73 +41,20 @@ returning either (read when the tile's turn comes)."""
 Sink = Callable[[np.ndarray, np.ndarray], None]
 """Receives final objects: (N,) shapely Polygons in mask pixels and (N,) int64 class values."""
 
-_LABEL_DTYPES = (np.uint8, np.uint16, np.int16, np.int32)  # what GDAL's polygonizer takes as is
-
-
-def _features():
-    return require("rasterio.features", extra="slides", purpose="Tracing label outlines")
-
-
 def _shapely():
     return require("shapely", extra="slides", purpose="Label outline polygons")
 
 
 def require_outlines() -> None:
-    """Import what tracing and writing outlines need (rasterio, shapely >= 2.1), so that a job can refuse
-    early, before any model loads. Raises :class:`refseg.optional.MissingDependencyError` naming
-    ``pip install 'refseg[slides]'``."""
-    _features()
+    """Import what tracing and writing outlines need (OpenCV, rasterio, shapely >= 2.1), so that a job
+    can refuse early, before any model loads. Raises :class:`refseg.optional.MissingDependencyError`
+    naming ``pip install 'refseg[slides]'``."""
+    require_tracers()
     if not hasattr(_shapely(), "orient_polygons"):
         from refseg.optional import MissingDependencyError
 
         raise MissingDependencyError("Label outlines need shapely >= 2.1 (orient_polygons): "
                                      "pip install 'refseg[slides]' (or pip install -U shapely)")
-
-
-def label_array(labels: np.ndarray, what: str = "labels") -> np.ndarray:
-    """``labels`` as a 2-D array of a dtype GDAL's polygonizer reads (uint8, uint16, int16, int32).
-
-    Raises:
-        ValueError: naming ``what``: not 2-D, not an integer (or bool) type, negative or > 2**31 - 1.
-    """
-    labels = np.asarray(labels)
-    if labels.ndim != 2:
-        raise ValueError(f"{what}: a label mask has one channel, got an array of shape {labels.shape}")
-    if labels.dtype == bool:
-        return labels.view(np.uint8)
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{what}: not a label mask (dtype {labels.dtype}; labels are integers)")
-    if labels.dtype.type in _LABEL_DTYPES:
-        return labels
-    if labels.size and (labels.min() < 0 or labels.max() > np.iinfo(np.int32).max):
-        raise ValueError(f"{what}: label values must lie in 0..{np.iinfo(np.int32).max}")
-    return labels.astype(np.uint8 if labels.dtype == np.int8 else np.int32)
-
-
-def trace_arrays(labels: np.ndarray, offset: tuple[int, int] = (0, 0)
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """GDAL's exact outlines of every 4-connected region of equal non-zero label in ``labels``, as arrays
-    (cheap to send between processes): coords (V, 2) float64 (x, y) vertices of all rings (each closed,
-    shifted by ``offset`` (x, y)), ring_sizes (R,) vertices per ring, rings (N,) rings per polygon (the
-    exterior first, then its holes), values (N,) int64 class of each polygon."""
-    labels = label_array(labels)
-    if labels.dtype == np.int16 and labels.size and labels.min() < 0:
-        raise ValueError("labels: label values must be >= 0")
-    points: list = []
-    ring_sizes: list[int] = []
-    rings_per_polygon: list[int] = []
-    values: list[float] = []
-    for geometry, value in _features().shapes(labels, mask=labels > 0, connectivity=4):
-        rings = geometry["coordinates"]
-        for ring in rings:
-            points.extend(ring)
-            ring_sizes.append(len(ring))
-        rings_per_polygon.append(len(rings))
-        values.append(value)
-    coords = np.fromiter(itertools.chain.from_iterable(points), np.float64, 2 * len(points)).reshape(-1, 2)
-    coords += offset
-    return (coords, np.asarray(ring_sizes, np.int64), np.asarray(rings_per_polygon, np.int64),
-            np.asarray(values, np.int64))
 
 
 def trace_tile(labels: np.ndarray, offset: tuple[int, int] = (0, 0), traced: tuple | None = None
