@@ -303,7 +303,6 @@ def test_opencv_path_exact_on_thin_shapes(monkeypatch, seed):
     mask[14, 14] = 1           # ... holding a 1 px island
     mask[15, 16] = 0           # and a 1 px hole next to it
     mask = _without_saddles(mask)
-    assert not outlines_trace.saddle_classes(mask)
 
     def refuse(*args):
         raise AssertionError("GDAL used on a mask without corner contacts")
@@ -320,17 +319,22 @@ def test_opencv_path_exact_on_thin_shapes(monkeypatch, seed):
     check_exact(features, mask)
 
 
-def test_saddle_classes_brute_force():
-    rng = np.random.default_rng(5)
-    mask = (rng.random((30, 30)) < 0.5) * rng.integers(1, 4, (30, 30))
-    from refseg.io.outlines_trace import saddle_classes
+@pytest.mark.parametrize("limit", [-1, 10 ** 9])
+def test_corner_contacts_by_gdal_and_by_geos(monkeypatch, limit):
+    """Speckle full of pixels meeting at corners: traced by GDAL (limit -1) or by OpenCV with the
+    touched polygons split by GEOS (no limit); both exact, with 4-connectivity."""
+    from refseg.io import outlines_trace
 
-    expected = set()
-    for i in range(29):
-        for j in range(29):
-            a, b, c, d = mask[i, j], mask[i, j + 1], mask[i + 1, j], mask[i + 1, j + 1]
-            if a > 0 and a == d and b != a and c != a:
-                expected.add(int(a))
-            if b > 0 and b == c and a != b and d != b:
-                expected.add(int(b))
-    assert saddle_classes(mask) == expected and saddle_classes(_without_saddles(mask)) == set()
+    monkeypatch.setattr(outlines_trace, "CORNER_LIMIT", limit)
+    rng = np.random.default_rng(7)
+    for _ in range(3):
+        mask = ((rng.random((33, 45)) < 0.5) * rng.integers(1, 3, (33, 45))).astype(np.uint8)
+        features = []
+        tracer = OutlineTracer(45, 33, 10, lambda g, c: features.extend(
+            {"geometry": json.loads(shapely.to_geojson(p)), "properties": {"classification": {"name": f"class {v}"}}}
+            for p, v in zip(shapely.orient_polygons(g), c)))
+        for r in range(tracer.rows):
+            for c in range(tracer.cols):
+                tracer.add_tile(r, c, mask[r * 10:(r + 1) * 10, c * 10:(c + 1) * 10])
+        tracer.close()
+        check_exact(features, mask)

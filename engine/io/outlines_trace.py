@@ -28,9 +28,33 @@ _LABEL_DTYPES = (np.uint8, np.uint16, np.int16, np.int32)  # what GDAL's polygon
 # the 8 neighbour directions k (angle 45k degrees, x right, y down): E, SE, S, SW, W, NW, N, NE
 _DX = np.array([1, 1, 0, -1, -1, -1, 0, 1])
 _DY = np.array([0, 1, 1, 1, 0, -1, -1, -1])
-_CODE = np.full((3, 3), -1, np.int64)
-_CODE[_DY + 1, _DX + 1] = np.arange(8)
+_CODE = np.full(9, -1, np.int64)  # step (dx, dy) in -1..1 -> direction, at (dy + 1) * 3 + dx + 1
+_CODE[(_DY + 1) * 3 + _DX + 1] = np.arange(8)
 _SEARCH = -1  # the rotation sense in which OpenCV's border follower passes over the outside neighbours
+
+
+def _corner_table() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For a border pixel entered from direction ``back`` and left after turning ``turn`` eighths (9: a
+    lone pixel), indexed ``back * 10 + turn``: how many outline corners it adds (count (80,)), their
+    (x, y) offsets from the pixel's top-left corner (dx, dy (80, 4)) in order, and the direction of the
+    neighbour each one's edge faces (face (80, 4)). Turning from ``back``, every 4-neighbour passed over
+    is outside; the edge facing it ends at the corner 45 degrees further on."""
+    count = np.zeros(80, np.int64)
+    dx, dy, face = (np.zeros((80, 4), np.int64) for _ in range(3))
+    for back in range(8):
+        for turn in range(1, 10):
+            at = back * 10 + turn
+            for step in range(1, min(turn, 9)):
+                direction = (back + _SEARCH * step) % 8
+                if direction % 2 == 0:
+                    corner = (direction + _SEARCH) % 8
+                    k = count[at]
+                    dx[at, k], dy[at, k], face[at, k] = (_DX[corner] + 1) // 2, (_DY[corner] + 1) // 2, direction
+                    count[at] += 1
+    return count, dx, dy, face
+
+
+_CORNER_COUNT, _CORNER_DX, _CORNER_DY, _CORNER_FACE = _corner_table()
 
 
 def _features():
@@ -67,17 +91,9 @@ def label_array(labels: np.ndarray, what: str = "labels") -> np.ndarray:
     return labels.astype(np.int32)
 
 
-def saddle_classes(labels: np.ndarray) -> set[int]:
-    """Classes (> 0) having two pixels that meet only at a corner (a 2 x 2 block a b / c d with a == d,
-    b != a, c != a, or the mirror case): there 8- and 4-connectivity differ."""
-    a, b, c, d = labels[:-1, :-1], labels[:-1, 1:], labels[1:, :-1], labels[1:, 1:]
-    main = (a == d) & (a != b) & (a != c) & (a > 0)
-    anti = (b == c) & (b != a) & (b != d) & (b > 0)
-    return {int(v) for v in np.unique(np.concatenate([a[main], b[anti]]))}
-
-
 def chain_to_cracks(chains: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel-edge rings from OpenCV border chains (CHAIN_APPROX_NONE) of a class without saddles.
+    """Pixel-edge rings from OpenCV border chains (CHAIN_APPROX_NONE); where a chain passes a corner contact
+    (8-connectivity) its ring touches itself there (see :func:`trace_arrays`).
 
     Args:
         chains: closed chains of 8-adjacent border pixels, each (n, 1, 2) int (x, y) pixel indices.
@@ -87,53 +103,57 @@ def chain_to_cracks(chains: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         collinear vertices; ring_sizes (R,) int64, one ring per chain.
     """
     lengths = np.array([len(c) for c in chains], np.int64)
-    points = np.concatenate(chains).reshape(-1, 2).astype(np.int64)
+    points = np.concatenate(chains).reshape(-1, 2)
     first = np.cumsum(lengths) - lengths
-    chain = np.repeat(np.arange(len(chains)), lengths)
-    index = np.arange(len(points))
-    position = index - first[chain]
-    prev = np.where(position == 0, index + lengths[chain] - 1, index - 1)
-    succ = np.where(position == lengths[chain] - 1, first[chain], index + 1)
-    back = points[prev] - points
-    ahead = points[succ] - points
-    k_back = _CODE[np.clip(back[:, 1], -1, 1) + 1, np.clip(back[:, 0], -1, 1) + 1]
-    k_ahead = _CODE[np.clip(ahead[:, 1], -1, 1) + 1, np.clip(ahead[:, 0], -1, 1) + 1]
+    last = first + lengths - 1
+    ahead = np.empty_like(points)
+    ahead[:-1] = points[1:] - points[:-1]
+    ahead[last] = points[first] - points[last]            # chains are closed
+    k_ahead = _CODE[(ahead[:, 1] + 1) * 3 + ahead[:, 0] + 1]  # chain neighbours are 8-adjacent
+    k_back = np.empty_like(k_ahead)
+    k_back[1:] = k_ahead[:-1]
+    k_back[first] = k_ahead[last]
+    k_back = (k_back + 4) % 8                             # towards the previous chain pixel
     turn = (k_ahead - k_back) * _SEARCH % 8
-    turn[turn == 0] = 8                     # back the way it came: all the way round
-    turn[lengths[chain] == 1] = 9           # a lone pixel: all four edges
-    k_back[lengths[chain] == 1] = 0
-    step = np.arange(1, 9)
-    direction = (k_back[:, None] + _SEARCH * step) % 8          # neighbours passed over, in search order
-    emit = (step < turn[:, None]) & (direction % 2 == 0)        # the 4-neighbours among them are outside
-    corner = (direction + _SEARCH) % 8                          # end corner of the edge facing that neighbour
-    x = points[:, 0, None] + (_DX[corner] + 1) // 2
-    y = points[:, 1, None] + (_DY[corner] + 1) // 2
-    vx, vy = x[emit], y[emit]
-    ring = np.repeat(chain, emit.sum(1))
-    # drop collinear vertices: keep a vertex where the edge direction changes (cyclically within its ring)
+    turn[turn == 0] = 8                                   # back the way it came: all the way round
+    lone = first[lengths == 1]
+    turn[lone], k_back[lone] = 9, 0                       # a lone pixel: all four edges
+    at = k_back * 10 + turn
+    count = _CORNER_COUNT[at]
+    emit = np.arange(4) < count[:, None]
+    vx = (points[:, 0, None] + _CORNER_DX[at])[emit]
+    vy = (points[:, 1, None] + _CORNER_DY[at])[emit]
+    face = _CORNER_FACE[at][emit]
+    # a corner between two edges facing the same way is collinear: keep the others (cyclically per ring)
+    sizes = np.add.reduceat(count, first)
+    start = np.cumsum(sizes) - sizes
+    following = np.empty_like(face)
+    following[:-1] = face[1:]
+    following[start + sizes - 1] = face[start]
+    keep = face != following
+    ring = np.repeat(np.arange(len(chains)), sizes)[keep]
+    vx, vy = vx[keep], vy[keep]
     sizes = np.bincount(ring, minlength=len(chains))
     start = np.cumsum(sizes) - sizes
-    at = np.arange(len(vx)) - start[ring]
-    before = np.where(at == 0, np.arange(len(vx)) + sizes[ring] - 1, np.arange(len(vx)) - 1)
-    after = np.where(at == sizes[ring] - 1, start[ring], np.arange(len(vx)) + 1)
-    keep = ~(((vx[before] == vx) & (vx == vx[after])) | ((vy[before] == vy) & (vy == vy[after])))
-    vx, vy, ring = vx[keep], vy[keep], ring[keep]
-    sizes = np.bincount(ring, minlength=len(chains))
-    closing = np.cumsum(sizes) - sizes                           # repeat each ring's first vertex at its end
-    order = np.argsort(np.concatenate([np.arange(len(vx)), np.cumsum(sizes) - 0.5]), kind="stable")
-    coords = np.stack([np.concatenate([vx, vx[closing]]), np.concatenate([vy, vy[closing]])], 1)[order]
-    return coords.astype(np.float64), sizes + 1
+    coords = np.empty((len(vx) + len(sizes), 2), np.float64)  # each ring closed by its first vertex again
+    at = np.arange(len(vx)) + ring
+    coords[at, 0], coords[at, 1] = vx, vy
+    end = start + sizes + np.arange(len(sizes))
+    coords[end, 0], coords[end, 1] = vx[start], vy[start]
+    return coords, sizes + 1
 
 
-def _opencv_class(mask: np.ndarray) -> tuple[list[np.ndarray], np.ndarray, int]:
-    """OpenCV border chains of a binary (h, w) uint8 mask, ordered polygon by polygon (outer border, then
-    its holes): chains, rings per polygon (N,), N."""
+def _opencv_class(labels: np.ndarray, value: int) -> tuple[list[np.ndarray], np.ndarray, int]:
+    """OpenCV border chains of the pixels of class ``value`` in (h, w) ``labels``, ordered polygon by
+    polygon (outer border, then its holes): chains, rings per polygon (N,), N."""
     cv2 = _cv2()
-    padded = cv2.copyMakeBorder(mask, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)  # border pixels are traced too
+    h, w = labels.shape
+    padded = np.zeros((h + 2, w + 2), np.uint8)  # a frame of background: border pixels are traced too
+    np.equal(labels, value, out=padded[1:-1, 1:-1].view(bool))
     chains, hierarchy = cv2.findContours(padded, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE, offset=(-1, -1))
     if not chains:
         return [], np.empty(0, np.int64), 0
-    parent = hierarchy[0][:, 3]
+    parent = hierarchy.reshape(-1, 4)[:, 3]
     outer = np.flatnonzero(parent < 0)
     polygon = np.empty(len(chains), np.int64)
     polygon[outer] = np.arange(len(outer))
@@ -158,6 +178,35 @@ def _gdal_class(labels: np.ndarray) -> tuple[list, list[int], list[int], list[in
     return points, ring_sizes, rings_per_polygon, values
 
 
+def _split_corners(coords: np.ndarray, ring_sizes: np.ndarray, rings: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Polygons (ragged arrays, as :func:`trace_arrays` returns them) whose rings meet a corner contact,
+    rebuilt valid by GEOS: a ring that passes a corner twice is split there, so that objects meeting at a
+    corner become separate polygons (4-connectivity) and a pinched object one polygon whose hole touches
+    its shell."""
+    shapely = require("shapely", extra="slides", purpose="Label outline polygons")
+    offsets = (np.concatenate([[0], np.cumsum(ring_sizes)]), np.concatenate([[0], np.cumsum(rings)]))
+    polygons = shapely.from_ragged_array(shapely.GeometryType.POLYGON, coords, offsets)
+    # buffer(0) rebuilds them ~2.5x faster than make_valid; a result that is not polygons of the rings'
+    # (shoelace) area is redone by make_valid's "structure" method
+    valid = shapely.buffer(polygons, 0.0)
+    wrong = (shapely.area(valid) != shapely.area(polygons)) | ~np.isin(
+        shapely.get_type_id(valid), [shapely.GeometryType.POLYGON, shapely.GeometryType.MULTIPOLYGON])
+    if wrong.any():
+        valid[wrong] = shapely.make_valid(polygons[wrong], method="structure", keep_collapsed=False)
+    fixed = shapely.get_parts(valid)
+    fixed = fixed[shapely.get_type_id(fixed) == shapely.GeometryType.POLYGON]
+    if not len(fixed):
+        return np.empty((0, 2)), np.empty(0, np.int64), np.empty(0, np.int64)
+    _, xy, (ring_offsets, polygon_offsets) = shapely.to_ragged_array(fixed)
+    return xy, np.diff(ring_offsets), np.diff(polygon_offsets)
+
+
+CORNER_LIMIT = 256
+"""A class with more OpenCV polygons holding corner contacts in one tile than this (speckle) is traced by
+GDAL instead of being fixed polygon by polygon; the choice depends on the pixels only."""
+
+
 def trace_arrays(labels: np.ndarray, offset: tuple[int, int] = (0, 0)
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Exact outlines of every 4-connected region of equal non-zero label in ``labels`` (h, w).
@@ -165,37 +214,50 @@ def trace_arrays(labels: np.ndarray, offset: tuple[int, int] = (0, 0)
     Returns:
         coords (V, 2) float64 (x, y) vertices of all rings (each closed, shifted by ``offset`` (x, y)),
         ring_sizes (R,) vertices per ring, rings (N,) rings per polygon (its exterior first, then its
-        holes), values (N,) int64 class of each polygon. The order is fixed by the pixels (the OpenCV
-        classes in increasing order, then the GDAL ones).
+        holes), values (N,) int64 class of each polygon. The order is fixed by the pixels.
     """
-    labels = label_array(labels)
-    if labels.dtype.itemsize <= 2 and labels.dtype.kind == "u":
-        present = np.flatnonzero(np.bincount(labels.ravel(), minlength=1)[1:]) + 1
+    labels = np.ascontiguousarray(label_array(labels))
+    if labels.dtype == np.uint8:
+        present = np.flatnonzero(_cv2().calcHist([labels], [0], None, [256], [0, 256]).ravel()[1:]) + 1
     else:
         present = np.unique(labels[labels > 0])
-    corner = saddle_classes(labels)
-    coords, ring_sizes, rings, values = [], [], [], []
-    slow = [int(v) for v in present if int(v) in corner]
-    for value in present:
-        if int(value) in corner:
+    parts: list[tuple] = []
+    slow: list[int] = []
+    for value in (int(v) for v in present):
+        chains, per_polygon, count = _opencv_class(labels, value)
+        if not count:
             continue
-        chains, per_polygon, count = _opencv_class((labels == value).view(np.uint8))
-        if count:
-            xy, sizes = chain_to_cracks(chains)
-            coords.append(xy)
-            ring_sizes.append(sizes)
-            rings.append(per_polygon)
-            values.append(np.full(count, value, np.int64))
-    if slow:  # one GDAL pass over the classes with saddles
+        xy, sizes = chain_to_cracks(chains)
+        # a corner contact is a vertex met twice by the rings of one OpenCV polygon (never otherwise)
+        polygon = np.repeat(np.repeat(np.arange(count), per_polygon), sizes)
+        last = np.cumsum(sizes) - 1                     # the closing vertices repeat their ring's first
+        inner = np.ones(len(xy), bool)
+        inner[last] = False
+        keys = (xy[inner, 1] * (labels.shape[1] + 1) + xy[inner, 0]).astype(np.int64)
+        order = np.argsort(keys, kind="stable")
+        twice = np.flatnonzero(keys[order][1:] == keys[order][:-1])
+        bad = np.unique(polygon[inner][order[twice]])
+        if len(bad) > CORNER_LIMIT:
+            slow.append(value)
+            continue
+        if len(bad):
+            good = np.ones(count, bool)
+            good[bad] = False
+            ring_good = np.repeat(good, per_polygon)
+            fixed = _split_corners(xy[~good[polygon]], sizes[~ring_good], per_polygon[~good])
+            parts.append((xy[good[polygon]], sizes[ring_good], per_polygon[good], np.full(good.sum(), value)))
+            parts.append((*fixed, np.full(len(fixed[2]), value)))
+        else:
+            parts.append((xy, sizes, per_polygon, np.full(count, value)))
+    if slow:  # one GDAL pass over the speckled classes
         points, sizes, per_polygon, found = _gdal_class(np.where(np.isin(labels, slow), labels, 0)
                                                         .astype(labels.dtype))
-        coords.append(np.fromiter(itertools.chain.from_iterable(points), np.float64,
-                                  2 * len(points)).reshape(-1, 2))
-        ring_sizes.append(np.asarray(sizes, np.int64))
-        rings.append(np.asarray(per_polygon, np.int64))
-        values.append(np.asarray(found, np.int64))
-    if not values:
+        parts.append((np.fromiter(itertools.chain.from_iterable(points), np.float64,
+                                  2 * len(points)).reshape(-1, 2), sizes, per_polygon, found))
+    if not parts:
         return np.empty((0, 2)), np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64)
-    xy = np.concatenate(coords)
+    xy = np.concatenate([p[0] for p in parts]).astype(np.float64)
     xy += offset
-    return xy, np.concatenate(ring_sizes), np.concatenate(rings), np.concatenate(values)
+    return (xy, np.concatenate([np.asarray(p[1], np.int64) for p in parts]),
+            np.concatenate([np.asarray(p[2], np.int64) for p in parts]),
+            np.concatenate([np.asarray(p[3], np.int64) for p in parts]))
