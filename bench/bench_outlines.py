@@ -16,7 +16,7 @@ memory from ``wait4``:
 
 Each row keeps its fastest of ``--repeats`` runs; repeats go round all rows in turn.
 
-The reference needs ``pip install opencv-python-headless`` (only this script uses it).
+Needs ``pip install 'refseg[slides]'`` (OpenCV is part of it).
 """
 from __future__ import annotations
 
