@@ -270,6 +270,19 @@ def test_missing_rasterio_names_the_extra(tmp_path, monkeypatch, caplog):
     assert "pip install 'refseg[slides]'" in caplog.text and not (tmp_path / "o.geojson").exists()
 
 
+def traced_features(mask: np.ndarray, tile: int) -> list[dict]:
+    """The tracer's objects of ``mask`` (tiles in row-major order) as GeoJSON-like features."""
+    features = []
+    tracer = OutlineTracer(mask.shape[1], mask.shape[0], tile, lambda g, c: features.extend(
+        {"geometry": json.loads(shapely.to_geojson(p)), "properties": {"classification": {"name": f"class {v}"}}}
+        for p, v in zip(shapely.orient_polygons(g), c)))
+    for r in range(tracer.rows):
+        for c in range(tracer.cols):
+            tracer.add_tile(r, c, mask[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile])
+    tracer.close()
+    return features
+
+
 def _without_saddles(mask: np.ndarray) -> np.ndarray:
     """Fill, class by class, the corner gap of every 2 x 2 block where two pixels of a class meet only
     at a corner, until there is none (brute force over all blocks, in Python)."""
@@ -308,15 +321,7 @@ def test_opencv_path_exact_on_thin_shapes(monkeypatch, seed):
         raise AssertionError("GDAL used on a mask without corner contacts")
 
     monkeypatch.setattr(outlines_trace, "_gdal_class", refuse)
-    features = []
-    tracer = OutlineTracer(41, 37, 16, lambda g, c: features.extend(
-        {"geometry": json.loads(shapely.to_geojson(p)), "properties": {"classification": {"name": f"class {v}"}}}
-        for p, v in zip(shapely.orient_polygons(g), c)))
-    for r in range(tracer.rows):
-        for c in range(tracer.cols):
-            tracer.add_tile(r, c, mask[r * 16:(r + 1) * 16, c * 16:(c + 1) * 16])
-    tracer.close()
-    check_exact(features, mask)
+    check_exact(traced_features(mask, 16), mask)
 
 
 @pytest.mark.parametrize("limit", [-1, 10 ** 9])
@@ -329,12 +334,4 @@ def test_corner_contacts_by_gdal_and_by_geos(monkeypatch, limit):
     rng = np.random.default_rng(7)
     for _ in range(3):
         mask = ((rng.random((33, 45)) < 0.5) * rng.integers(1, 3, (33, 45))).astype(np.uint8)
-        features = []
-        tracer = OutlineTracer(45, 33, 10, lambda g, c: features.extend(
-            {"geometry": json.loads(shapely.to_geojson(p)), "properties": {"classification": {"name": f"class {v}"}}}
-            for p, v in zip(shapely.orient_polygons(g), c)))
-        for r in range(tracer.rows):
-            for c in range(tracer.cols):
-                tracer.add_tile(r, c, mask[r * 10:(r + 1) * 10, c * 10:(c + 1) * 10])
-        tracer.close()
-        check_exact(features, mask)
+        check_exact(traced_features(mask, 10), mask)

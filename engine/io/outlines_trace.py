@@ -1,19 +1,24 @@
 """Exact pixel-edge outlines of one label tile: every 4-connected region of one class, holes kept.
 
 Pixel (i, j) is the unit square [j, j + 1) x [i, i + 1) (x right, y down); an outline runs along pixel
-edges ("cracks"), so the polygon covers exactly the pixels of its object. Two tracers, both in C:
+edges ("cracks"), so the polygon covers exactly the pixels of its object. Per class of the tile:
 
-- OpenCV (fast path, ~15x GDAL's speed): ``cv2.findContours(RETR_CCOMP, CHAIN_APPROX_NONE)`` on the class's
-  binary mask gives, for each outer border and each hole, the chain of border pixel centres. OpenCV joins
-  foreground pixels by 8-connectivity (holes by 4): for a class with no 2 x 2 "saddle" (two pixels of the
-  class meeting only at a corner) 8- and 4-connectivity give the same objects and holes, and the crack
-  outline follows from the chain exactly: at each border pixel, turning from the previous chain pixel to
-  the next one in the tracer's search direction, every 4-neighbour passed over is outside, and the pixel
-  edge facing it is an outline edge (:func:`chain_to_cracks`, vectorised over all chains of the tile).
-- GDAL (``rasterio.features.shapes``, 4-connectivity) for a class whose mask has a saddle: its polygonizer
-  follows pixel edges itself and splits objects at corners; ~15-40 ns per pixel.
+1. OpenCV (``cv2.findContours(RETR_CCOMP, CHAIN_APPROX_NONE)``, C++) follows every outer border and hole
+   border as a chain of border pixel centres. :func:`chain_to_cracks` turns the chains into pixel-edge
+   rings exactly, vectorised: at each border pixel, turning from the previous chain pixel to the next
+   one in the tracer's search direction, every 4-neighbour passed over is outside, and the pixel edge
+   facing it is an outline edge.
+2. OpenCV joins a class's pixels by 8-connectivity. Where two pixels meet only at a corner, the rings
+   of that OpenCV polygon pass the corner twice (and only there): those few polygons are rebuilt valid
+   by GEOS (``buffer(0)``, checked against the rings' area), which splits them at the corner: objects
+   meeting at a corner become separate polygons (4-connectivity), a pinched object keeps a hole that
+   touches its shell at one point.
+3. A class with more such polygons in the tile than :data:`CORNER_LIMIT` (speckle) is traced by GDAL's
+   polygonizer instead (``rasterio.features.shapes``, 4-connectivity, pixel edges natively; 30-60 ns per
+   pixel on the benchmark's tiles, 1.5-2x the OpenCV path).
 
-Both return the same arrays (:func:`trace_arrays`), cheap to send between processes.
+All paths return the same arrays (:func:`trace_arrays`), cheap to send between processes; which path a
+class takes depends on its pixels only.
 """
 from __future__ import annotations
 
