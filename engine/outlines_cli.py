@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
 log = logging.getLogger("refseg.outlines")
 
@@ -53,8 +52,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--scale", type=float, default=1.0,
                    help="output pixels per mask pixel, e.g. the mask level's downsample to write level-0 "
                         "pixels (default 1)")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="processes tracing tiles (default: min(4, CPUs)); 1 = in this process; same output")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes tracing tiles (default 1: in this process); more help on many-core hosts; "
+                        "the output is the same")
     p.set_defaults(func=_cmd_outlines)
     return p
 
