@@ -28,7 +28,7 @@ import numpy as np
 
 from refseg.optional import require
 
-_LABEL_DTYPES = (np.uint8, np.uint16, np.int16, np.int32)  # what GDAL's polygonizer takes as is
+_LABEL_DTYPES = (np.uint8, np.uint16, np.int32)  # read as they are by both tracers
 
 # the 8 neighbour directions k (angle 45k degrees, x right, y down): E, SE, S, SW, W, NW, N, NE
 _DX = np.array([1, 1, 0, -1, -1, -1, 0, 1])
@@ -77,7 +77,7 @@ def require_tracers() -> None:
 
 
 def label_array(labels: np.ndarray, what: str = "labels") -> np.ndarray:
-    """``labels`` as a 2-D array of uint8, uint16, int16 or int32 (what both tracers read).
+    """``labels`` as a 2-D array of uint8, uint16 or int32 (other integer types converted to int32).
 
     Raises:
         ValueError: naming ``what``: not 2-D, not an integer (or bool) type, negative or > 2**31 - 1.
@@ -89,7 +89,7 @@ def label_array(labels: np.ndarray, what: str = "labels") -> np.ndarray:
         return labels.view(np.uint8)
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"{what}: not a label mask (dtype {labels.dtype}; labels are integers)")
-    if labels.dtype.type in _LABEL_DTYPES and labels.dtype != np.int16:
+    if labels.dtype.type in _LABEL_DTYPES and not (labels.dtype == np.int32 and labels.size and labels.min() < 0):
         return labels
     if labels.size and (labels.min() < 0 or labels.max() > np.iinfo(np.int32).max):
         raise ValueError(f"{what}: label values must lie in 0..{np.iinfo(np.int32).max}")
