@@ -43,12 +43,14 @@ EXTRAS = {
         "pydicom",                # DICOM series written and read by tests/test_volume_io.py
         "tifffile", "openslide-python", "openslide-bin", "shapely",  # whole-slide tests
         "transformers>=4.56",     # DINOv3ViTModel: the DINOv3 parity oracle (tests/test_dinov3_parity.py)
+        "opencv-python-headless", "rasterio",  # label outlines: OpenCV + GDAL tracers (tests/test_outlines.py)
     ],
     "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
     "gpu": ["onnxruntime-gpu>=1.17", "triton", "tensorrt>=10"],
     # Only what the code imports: raster (tifffile), checkpoints (safetensors), volume/dicom (nibabel, pydicom).
     "io": ["tifffile", "safetensors", "nibabel", "pydicom"],
-    "slides": ["tifffile", "openslide-python", "openslide-bin", "shapely"],
+    # opencv-python-headless + rasterio (GDAL): label outlines (refseg.io.outlines_trace)
+    "slides": ["tifffile", "openslide-python", "openslide-bin", "shapely>=2.1", "opencv-python-headless", "rasterio"],
     "medsam": ["scipy"],          # MedSAM pre-processing (refseg.models.sam_transforms)
     "dist": ["ray[data]>=2.40"],  # refseg.distributed (refseg segment --ray)
     "bench": ["matplotlib", "scikit-learn", "segment-anything==1.0", "torchvision"],  # + dinov2 --no-deps for the baseline

@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_info(sub)
     _add_presets(sub)
-    for module in ("refseg.export.cli", "refseg.bench_cli"):
+    for module in ("refseg.export.cli", "refseg.bench_cli", "refseg.outlines_cli"):
         try:
             __import__(module, fromlist=["add_parser"]).add_parser(sub)
         except ImportError as exc:
