@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from refseg.cli import main
-from refseg.runtime.progress import Progress
+from refseg.jobs.progress import Progress
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_stream import _image, write_tiny_sam  # noqa: E402
@@ -145,7 +145,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     import numpy as np
     from PIL import Image
-    from refseg.runner import run_folder
+    from refseg.jobs.folder import run_folder
     from refseg.segmenter import Segmenter
 
     sam, dino, root = sys.argv[1], sys.argv[2], Path(sys.argv[3])

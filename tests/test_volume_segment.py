@@ -191,7 +191,7 @@ def test_cli_nifti_and_dicom_end_to_end(case, capsys):
     assert main(["eval", "-p", str(out), "-g", str(seg), "--label", "5", "1", "--per-slice"]) == 0
     table = capsys.readouterr().out
     assert "Empty rule" in table and "slice 2" in table
-    from refseg.metrics_volume import evaluate_volume
+    from refseg.eval.metrics_volume import evaluate_volume
 
     score = evaluate_volume(out, seg, labels=[5])
     gt = np.asanyarray(nib.load(str(seg)).dataobj) == 5

@@ -113,6 +113,20 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def file_identity(path: str | os.PathLike | None, with_sha256: bool = False) -> dict | None:
+    """``{"path", "file", "size", "mtime_ns"}`` (plus ``"sha256"`` when asked) of a checkpoint file, or
+    ``None`` for ``None``: how export cache keys, export manifests and run fingerprints name a checkpoint
+    (each keeps the fields it needs)."""
+    if path is None:
+        return None
+    path = Path(path).expanduser().resolve()
+    stat = path.stat()
+    record = {"path": str(path), "file": path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if with_sha256:
+        record["sha256"] = sha256_file(path)
+    return record
+
+
 def verify_sha256(path: Path, source: CheckpointSource) -> None:
     """Raise :class:`CheckpointError` when ``path`` does not carry the expected digest."""
     actual = sha256_file(path)
