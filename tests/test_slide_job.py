@@ -117,6 +117,18 @@ def test_resume_after_interrupt_recomputes_only_unfinished_tiles(slide, tmp_path
     assert run_slide(fourth, slide, tmp_path, {**moved, "force": True})["tiles_resumed"] == 0 and fourth.tiles > 0
 
 
+def test_each_tile_is_written_as_it_leaves_the_stream(slide, tmp_path):
+    # no --batch-size on a CPU: one tile per model call, each stored at once; a kill after 5 keeps all 5
+    options = {**OPTIONS, "resume": True}
+    del options["batch_size"]
+    with pytest.raises(KeyboardInterrupt):
+        run_slide(ThresholdSegmenter(batch_size=16, fail_after=5), slide, tmp_path, options)
+    assert len(list((tmp_path / "slide.tiles").glob("r*_c*.png"))) == 5
+    again = ThresholdSegmenter(batch_size=16)
+    record = run_slide(again, slide, tmp_path, options)
+    assert record["tiles_resumed"] == 5 and again.tiles == record["tiles_tissue"] - 5
+
+
 def test_failed_tiles_are_listed_and_retried_on_resume(slide, tmp_path):
     class Flaky(ThresholdSegmenter):
         calls = 0

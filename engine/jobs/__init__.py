@@ -26,6 +26,7 @@ def job_for(args: argparse.Namespace):
         from refseg.jobs.volume import VolumeJob
 
         return VolumeJob
+    _refuse_damaged_slide(Path(args.input))
     if slide_inputs(args) or (args.slide and Path(args.input).is_file()):
         from refseg.jobs.slide import SlideJob
 
@@ -33,6 +34,23 @@ def job_for(args: argparse.Namespace):
     from refseg.jobs.folder import FolderJob
 
     return FolderJob
+
+
+def _refuse_damaged_slide(path: Path) -> None:
+    """A single TIFF ``-i`` that the slide reader finds truncated or damaged is not a slide to the router
+    (its pyramid cannot be parsed); say so now, naming the file, rather than read it as a 2-D image."""
+    from refseg.io.slide import TIFF_SUFFIXES, SlideReadError, open_slide
+    from refseg.optional import available
+
+    if not path.is_file() or path.suffix.lower() not in TIFF_SUFFIXES or not available("tifffile"):
+        return
+    try:
+        open_slide(path).close()
+    except SlideReadError as exc:
+        if "truncated" in str(exc) or "not a readable" in str(exc):
+            raise ValueError(f"{exc}; the file looks like a damaged whole-slide image") from None
+    except Exception:  # not a slide layout: a 2-D image, read as one
+        return
 
 
 def run_segment(args: argparse.Namespace, **runner_options) -> int:

@@ -40,35 +40,15 @@ def write_outputs(result, image: np.ndarray, paths: writers.OutputPaths, num_cla
 
 
 def list_inputs(source: str | os.PathLike | Sequence) -> list[Path]:
-    """The images of a folder (sorted), one image file, or a list of files. A single file is read here,
-    so that an unreadable one stops the job before any model loads (a damaged pyramidal TIFF is named as
-    such)."""
+    """The images of a folder (sorted), one image file, or a list of files. A single file is read here, so
+    that an unreadable one stops the job before any model loads."""
     if isinstance(source, (list, tuple)):
         return [Path(p) for p in source]
     path = Path(source)
     inputs = raster.list_images(path)
     if path.is_file():
-        try:
-            raster.read_image(path)
-        except ValueError as exc:
-            _explain_tiff(path)
-            raise exc from None
+        raster.read_image(path)
     return inputs
-
-
-def _explain_tiff(path: Path) -> None:
-    """A TIFF the 2-D reader cannot decode may be a damaged slide: raise the slide reader's message."""
-    from refseg.io.slide import TIFF_SUFFIXES, SlideReadError, open_slide
-    from refseg.optional import available
-
-    if path.suffix.lower() not in TIFF_SUFFIXES or not available("tifffile"):
-        return
-    try:
-        open_slide(path).close()
-    except SlideReadError as exc:
-        raise ValueError(f"{exc} (read as a whole-slide image: -i was not recognised as a 2-D image)") from None
-    except Exception:  # not a slide either: the 2-D reader's message stands
-        return
 
 
 class FolderJob(Job):
