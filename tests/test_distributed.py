@@ -35,9 +35,18 @@ WORKERS = ["--ray", "--ray-workers", "2"]
 
 @pytest.fixture(scope="module")
 def cluster():
+    # The CPU GEMM path (oneDNN or F.linear) is chosen per process by a timing probe, so under load the driver
+    # and an actor may round differently; pin it (for the actors too: set before they start) so that the
+    # comparison is about the job layer.
+    saved = os.environ.get("REFSEG_DISABLE_ONEDNN")
+    os.environ["REFSEG_DISABLE_ONEDNN"] = "1"
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 1024 ** 2)
     yield
     ray.shutdown()
+    if saved is None:
+        os.environ.pop("REFSEG_DISABLE_ONEDNN", None)
+    else:
+        os.environ["REFSEG_DISABLE_ONEDNN"] = saved
 
 
 @pytest.fixture(scope="module")

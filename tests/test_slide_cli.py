@@ -159,9 +159,8 @@ def test_more_bad_input_before_any_model(data, tmp_path, monkeypatch, caplog):
     a_file = tmp_path / "taken"
     a_file.write_text("x")
     caplog.clear()
-    assert main(["segment", "-r", str(slide), "-m", str(annotation), "-i", str(slide), "-o", str(a_file / "o"),
-                 *common]) == 2
-    assert "is an existing file" in caplog.text
+    assert main(["segment", "-r", str(slide), "-m", str(annotation), "-i", str(slide), "-o", str(a_file), *common]) == 2
+    assert f"{a_file}: the output path is an existing file" in caplog.text
     caplog.clear()
     monkeypatch.setitem(sys.modules, "shapely", None)  # the slides extra missing: one line, exit 2, no model
     assert _bad(data, "-i", str(slide)) == 2
