@@ -15,18 +15,8 @@ pytest.importorskip("pydicom")
 from refseg.config import SegmenterConfig  # noqa: E402
 from refseg.io.volume import Volume  # noqa: E402
 from refseg.segmenter import SegmentationResult  # noqa: E402
-from refseg.jobs.segmenter_spec import LocalRunner  # noqa: E402
-from refseg.jobs.volume import VolumeRun  # noqa: E402
+from refseg.jobs.volume import run_volume_plan as run_plan  # noqa: E402
 from refseg.jobs.volume_plan import plan_volume  # noqa: E402
-
-
-def run_plan(segmenter, plan):
-    """Every planned slice through ``segmenter``, as the volume job streams them."""
-    run, runner = VolumeRun(plan), LocalRunner(segmenter=segmenter)
-    for item_pass in run.passes(runner):
-        for out in runner.stream(item_pass.items):
-            run.consume(out)
-    return run.result()
 
 
 def _labels(shape=(20, 20, 12)):

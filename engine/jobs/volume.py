@@ -145,6 +145,12 @@ def segment_volume(segmenter, volume, reference_labels, reference=None, labels=N
     plan = plan_volume(volume, reference_labels, reference=reference, labels=labels, axis=axis, slices=slices,
                        reference_slices=reference_slices, pool_references=pool_references, chunks=chunks,
                        window=window, config=segmenter.config)
+    return run_volume_plan(segmenter, plan, batch_size)
+
+
+def run_volume_plan(segmenter, plan: VolumePlan, batch_size: int | None = None) -> VolumeSegmentation:
+    """Every planned slice of ``plan`` through ``segmenter``, in-process (its references are replaced per
+    reference set)."""
     run, runner = VolumeRun(plan), LocalRunner(segmenter=segmenter)
     for item_pass in run.passes(runner):
         for out in runner.stream(item_pass.items, batch_size):
