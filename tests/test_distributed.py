@@ -170,7 +170,7 @@ def test_slide_on_ray_equals_the_local_run(cluster, tmp_path, tiny_checkpoints):
         for x, y in [(432, 432), (528, 432), (432, 528), (528, 528)]]}))
     sam, dino = tiny_checkpoints
     common = ["-r", str(slide), "-m", str(annotation), "-i", str(slides), "--mpp", "2.0", "--simplify", "0",
-              "--sam-checkpoint", str(sam), "--dinov2-checkpoint", str(dino), "-d", "cpu", "--image-size", "56",
+              "--sam-checkpoint", str(sam), "--dinov2-checkpoint", str(dino), "-d", "cpu", "--image-size", "112",
               "--tile-size", "128", "--overlap", "16", "--thumbnail-size", "512", "--preview-size", "256"]
     local, remote = tmp_path / "local", tmp_path / "ray"
     assert _local(["segment", *common, "-o", str(local)]) == 0

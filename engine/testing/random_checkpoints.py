@@ -64,9 +64,12 @@ def random_sam_model(name: str = "vit_b", seed: int = 0, depth: int | None = Non
     return sam_mod.random_sam(spec, seed)
 
 
-def random_dinov2_model(name: str = "vits14", seed: int = 0) -> dinov2_mod.DinoVisionTransformer:
-    """A DINOv2 of the official ``name`` layout with random weights (eval mode)."""
-    model = dinov2_mod.DinoVisionTransformer(dinov2_mod.DINOV2_SPECS[name])
+def random_dinov2_model(name: str = "vits14", seed: int = 0,
+                        depth: int | None = None) -> dinov2_mod.DinoVisionTransformer:
+    """A DINOv2 of the official ``name`` layout with random weights (eval mode), optionally cut to ``depth``
+    blocks."""
+    spec = dinov2_mod.DINOV2_SPECS[name]
+    model = dinov2_mod.DinoVisionTransformer(spec if depth is None else dataclasses.replace(spec, depth=depth))
     return dinov2_mod.init_random_(model, seed).eval()
 
 
