@@ -51,12 +51,12 @@ def random_sam_state_dict(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
     return sam_mod.random_sam(name, seed).state_dict()
 
 
-def random_sam_model(name: str = "vit_b", seed: int = 0, depth: int | None = None,
+def random_sam_model(name: str | sam_mod.SamSpec = "vit_b", seed: int = 0, depth: int | None = None,
                      img_size: int | None = None) -> sam_mod.Sam:
-    """A SAM of the official ``name`` layout with random weights, optionally cut to ``depth`` image-encoder
-    blocks and an ``img_size`` input side (e.g. 2 blocks at 256 px: a 16 x 16 embedding, 16x cheaper than
-    1024): the one builder of small SAMs for tests and benchmarks."""
-    spec = sam_mod.SAM_SPECS[name]
+    """A SAM of the official ``name`` layout (or a :class:`refseg.models.sam.SamSpec`) with random weights, in
+    eval mode, optionally cut to ``depth`` image-encoder blocks and an ``img_size`` input side (e.g. 2 blocks
+    at 256 px: a 16 x 16 embedding, 16x cheaper than 1024): the one builder of SAMs for tests and benchmarks."""
+    spec = sam_mod.SAM_SPECS[name] if isinstance(name, str) else name
     if depth is not None:
         spec = spec.with_depth(depth)
     if img_size is not None:
@@ -64,11 +64,11 @@ def random_sam_model(name: str = "vit_b", seed: int = 0, depth: int | None = Non
     return sam_mod.random_sam(spec, seed)
 
 
-def random_dinov2_model(name: str = "vits14", seed: int = 0,
+def random_dinov2_model(name: str | dinov2_mod.Dinov2Spec = "vits14", seed: int = 0,
                         depth: int | None = None) -> dinov2_mod.DinoVisionTransformer:
-    """A DINOv2 of the official ``name`` layout with random weights (eval mode), optionally cut to ``depth``
-    blocks."""
-    spec = dinov2_mod.DINOV2_SPECS[name]
+    """A DINOv2 of the official ``name`` layout (or a spec) with random weights (eval mode), optionally cut to
+    ``depth`` blocks."""
+    spec = dinov2_mod.DINOV2_SPECS[name] if isinstance(name, str) else name
     model = dinov2_mod.DinoVisionTransformer(spec if depth is None else dataclasses.replace(spec, depth=depth))
     return dinov2_mod.init_random_(model, seed).eval()
 
