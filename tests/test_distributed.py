@@ -1,6 +1,6 @@
 """``refseg segment --ray``: one actor pool for folders, volumes and slides. Each mode's outputs are byte for
-byte those of the local run; progress is logged at INFO; a killed actor is restarted and the job finishes;
-a missing ``ray`` is one line and exit 2 before any model.
+byte those of the local run; progress is logged at INFO; a killed actor is restarted and the job finishes
+(a missing ``ray``: tests/test_jobs.py).
 
 One local Ray cluster (4 logical CPUs) serves the module; 1-2 actors with tiny random models. The actors
 run ``cores // actors`` torch threads, and so does the local run they are compared with (same reduction
@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 from pathlib import Path
@@ -26,7 +25,6 @@ from volume_data import synthetic_volume
 
 ray = pytest.importorskip("ray", reason="Ray is the optional 'dist' extra")
 
-import refseg.segmenter  # noqa: E402
 from refseg.cli import build_parser, main  # noqa: E402
 from refseg.jobs import run_segment  # noqa: E402
 
@@ -185,15 +183,3 @@ def test_slide_on_ray_equals_the_local_run(cluster, tmp_path, tiny_checkpoints):
     ours, theirs = (json.loads((d / "summary.json").read_text())["slides"][0] for d in (remote, local))
     for key in ("tiles_total", "tiles_background", "tiles_segmented", "tiles_failed"):
         assert ours[key] == theirs[key]
-
-
-def test_without_ray_one_line_and_exit_2_before_any_model(folder, monkeypatch, caplog):
-    root, common = folder
-    monkeypatch.setattr(refseg.segmenter.Segmenter, "__init__", lambda *a, **k: pytest.fail("models loaded"))
-    monkeypatch.setitem(sys.modules, "ray", None)
-    with caplog.at_level(logging.INFO):
-        assert main(["segment", *common, "-o", str(root / "no_ray"), "--ray"]) == 2
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1 and "pip install 'refseg[dist]'" in errors[0] and "\n" not in errors[0]
-    assert not (root / "no_ray").exists() or not any((root / "no_ray").iterdir())
-    shutil.rmtree(root / "no_ray", ignore_errors=True)

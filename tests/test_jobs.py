@@ -4,6 +4,7 @@ import argparse
 import json
 import logging
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -220,3 +221,60 @@ def test_a_label_map_keeps_its_values_where_a_two_valued_mask_is_binary():
     assert set(np.unique(mask_from_array(as_label_map(mask)))) == {0, 5}  # a volume's label slice: 5 stays 5
     image = np.zeros((20, 20, 3), np.uint8)
     assert set(np.unique(check_reference(image, as_label_map(mask))[1])) == {0, 5}
+
+
+# ------------------------------------------------------------------------------------------ folder CLI, no model
+@pytest.fixture
+def pair(tmp_path, monkeypatch):
+    """A reference pair and an input folder; loading a model fails the test."""
+    from PIL import Image
+
+    import refseg.segmenter
+
+    image = np.zeros((32, 32, 3), np.uint8)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:20, 8:20] = 255
+    Image.fromarray(image).save(tmp_path / "ref.png")
+    Image.fromarray(mask).save(tmp_path / "ref_mask.png")
+    (tmp_path / "in").mkdir()
+    Image.fromarray(image).save(tmp_path / "in" / "a.png")
+    monkeypatch.setattr(refseg.segmenter.Segmenter, "__init__", lambda *a, **k: pytest.fail("models loaded"))
+    return ["segment", "-r", str(tmp_path / "ref.png"), "-m", str(tmp_path / "ref_mask.png"), "-i",
+            str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--sam-checkpoint", str(tmp_path / "none.pth")]
+
+
+def test_folder_options_it_would_ignore_are_refused(pair, caplog):
+    from refseg.cli import main
+
+    for flags, words in ((["--label", "5"], "--label: not used for a folder"),
+                         (["--mpp", "2"], "--mpp: read a slide reference; -r"),
+                         (["--force"], "--force goes with --resume"),
+                         (["--ray-workers", "2"], "--ray-workers / --gpus-per-worker go with --ray")):
+        caplog.clear()
+        assert main([*pair, *flags]) == 2
+        assert words in caplog.text
+
+
+def test_without_ray_one_line_and_exit_2_before_any_model(pair, monkeypatch, caplog):
+    from refseg.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # the dist extra is not installed
+    assert main([*pair, "--ray"]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "pip install 'refseg[dist]'" in errors[0] and "\n" not in errors[0]
+
+
+def test_compile_reaches_the_segmenter_of_a_folder_job(pair, monkeypatch):
+    import refseg.segmenter
+    from refseg.cli import main
+    from refseg.jobs.segmenter_spec import SegmenterSpec
+
+    monkeypatch.setattr(SegmenterSpec, "check", lambda self: None)  # no checkpoint needed to get that far
+    seen = {}
+
+    def record(self, config, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("stop after recording")
+
+    monkeypatch.setattr(refseg.segmenter.Segmenter, "__init__", record)
+    assert main([*pair, "--compile", "--backend", "torch"]) == 2 and seen["compile"] is True

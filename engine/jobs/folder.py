@@ -51,6 +51,21 @@ def list_inputs(source: str | os.PathLike | Sequence) -> list[Path]:
     return inputs
 
 
+def _refuse_slide_options_without_a_slide_reference(args) -> None:
+    """--level / --mpp / --slide-reader choose how a slide reference is read; with plain references they
+    would do nothing."""
+    from refseg.jobs.checks import given
+    from refseg.jobs.references import is_slide
+
+    if any(is_slide(Path(r), args.slide) for r in args.reference or []):
+        return
+    wrong = [flag for flag, dest in (("--level", "level"), ("--mpp", "mpp"), ("--slide-reader", "slide_reader"))
+             if given(args, dest)]
+    if wrong:
+        raise ValueError(f"{' '.join(wrong)}: read a slide reference; -r {' '.join(args.reference or [])} holds "
+                         f"no slide, so remove {'it' if len(wrong) == 1 else 'them'}")
+
+
 class FolderJob(Job):
     """``refseg segment`` on 2-D images (see the module docstring)."""
 
@@ -61,6 +76,7 @@ class FolderJob(Job):
 
         args = self.args
         window = parse_window(args.window) if args.window else None
+        _refuse_slide_options_without_a_slide_reference(args)
         # references: read and checked here, unless the job was given a segmenter that holds them
         self.references = load_references(args, window)[0] if args.reference else []
         if not self.references and not self._given_runner:
