@@ -66,16 +66,19 @@ class _Config:
 
 
 def test_resume_store_refuses_other_settings_naming_them_and_force_recomputes(tmp_path, caplog):
-    old = run_settings(_Config(), ["ref1"], mode={"labels": [5], "window": None})
+    old = run_settings(_Config(), ["ref1"], mode={"labels": [5], "window": None, "classes": {1: "Glomerulus"}})
     ResumeStore(tmp_path / "run_config.json", old).write()
-    same = run_settings(_Config(batch_size=16, device="cuda"), ["ref1"], mode={"labels": [5], "window": None})
+    same = run_settings(_Config(batch_size=16, device="cuda"), ["ref1"],
+                        mode={"labels": [5], "window": None, "classes": {1: "Glomerulus"}})
     assert ResumeStore(tmp_path / "run_config.json", same).reuse(True, False, True)  # batch/device: same masks
-    new = run_settings(_Config(metric="euclidean"), ["ref2"], mode={"labels": [6], "window": None})
+    new = run_settings(_Config(metric="euclidean"), ["ref2"],
+                       mode={"labels": [6], "window": None, "classes": {1: "Gland"}})
     store = ResumeStore(tmp_path / "run_config.json", new)
     with pytest.raises(ValueError) as info:
         store.reuse(True, False, True)
     message = str(info.value)
     for words in ("config.metric: 'cosine' -> 'euclidean'", "mode.labels: [5] -> [6]", "references",
+                  "mode.classes.1: 'Glomerulus' -> 'Gland'",
                   "--resume --force"):
         assert words in message
     with caplog.at_level(logging.WARNING):

@@ -82,7 +82,7 @@ class ResumeStore:
 
     def __init__(self, path: str | Path, settings: Mapping[str, Any]):
         self.path = Path(path)
-        self.settings = writers.jsonable(dict(settings))
+        self.settings = json.loads(json.dumps(writers.jsonable(dict(settings))))  # as stored: string keys
 
     def reuse(self, resume: bool, force: bool, outputs_exist: bool) -> bool:
         """Whether finished outputs may be kept (``--resume``).
