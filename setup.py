@@ -38,7 +38,7 @@ EXTRAS = {
         "safetensors",
         "matplotlib",             # the benchmark report's plot is tested too
         "scikit-image",           # MedSAM's official pre-processing (skimage resize) as the test oracle
-        "ray[data]>=2.40",        # tests/test_distributed.py runs a local Ray cluster
+        "ray>=2.40",              # tests/test_distributed.py runs a local Ray cluster
         "nibabel",                # NIfTI volumes (tests/test_volume*.py)
         "pydicom",                # DICOM series written and read by tests/test_volume_io.py
         "tifffile", "openslide-python", "openslide-bin", "shapely",  # whole-slide tests
@@ -52,7 +52,7 @@ EXTRAS = {
     # opencv-python-headless + rasterio (GDAL): label outlines (refseg.io.outlines_trace)
     "slides": ["tifffile", "openslide-python", "openslide-bin", "shapely>=2.1", "opencv-python-headless", "rasterio"],
     "medsam": ["scipy"],          # MedSAM pre-processing (refseg.models.sam_transforms)
-    "dist": ["ray[data]>=2.40"],  # refseg.distributed (refseg segment --ray)
+    "dist": ["ray>=2.40"],        # refseg.jobs.ray_pool (refseg segment --ray): Ray core actors
     "bench": ["matplotlib", "scikit-learn", "segment-anything==1.0", "torchvision"],  # + dinov2 --no-deps for the baseline
     "methods": ["scipy", "pot"],  # matcher preset: Hungarian matching (scipy), EMD score (POT, optional)
 }

@@ -46,14 +46,10 @@ def exported(tmp_path_factory):
     """(export folder, manifest, dinov2 module, sam module) with random weights."""
     pytest.importorskip("onnx", reason="onnx not installed (pip install 'refseg[onnx]')")
     from refseg.export.onnx_export import export_models
-    from refseg.models.dinov2 import DINOV2_SPECS, DinoVisionTransformer
-    from refseg.models.dinov2 import init_random_ as dinov2_random_
-    from refseg.models.sam import SAM_SPECS, Sam
-    from refseg.models.sam import init_random_ as sam_random_
+    from refseg.testing.random_checkpoints import random_dinov2_model, random_sam_model
 
-    dinov2 = dinov2_random_(DinoVisionTransformer(DINOV2_SPECS[DINOV2]), seed=0).eval()
-    spec = SAM_SPECS[SAM].with_depth(SAM_DEPTH) if SAM_DEPTH else SAM_SPECS[SAM]
-    sam = sam_random_(Sam(spec), seed=0).eval()
+    dinov2 = random_dinov2_model(DINOV2)
+    sam = random_sam_model(SAM, depth=SAM_DEPTH or None)
     folder = tmp_path_factory.mktemp("bench_export")
     manifest = export_models(folder, precision=PRECISION, image_size=IMAGE_SIZE, max_batch=16,
                              dinov2_model=dinov2, sam_model=sam)

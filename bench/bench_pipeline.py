@@ -24,8 +24,8 @@ from refseg.benchmark.prompt_stage import reference_labels, refseg_prompt_stage
 from refseg.benchmark.variants import VARIANTS, decoder_runner, dinov2_runner, sam_encoder_runner
 from refseg.config import SegmenterConfig
 from refseg.models import dinov2 as dinov2_mod
-from refseg.models import sam as sam_mod
 from refseg.runtime.torch_backend import resolve_device
+from refseg.testing.random_checkpoints import random_dinov2_model, random_sam_model
 
 pytest.importorskip("pytest_benchmark")
 
@@ -61,7 +61,7 @@ def sam_modules():
     def get(name: str):
         if name not in cache:
             cache.clear()  # one SAM at a time
-            cache[name] = sam_mod.init_random_(sam_mod.Sam(sam_mod.SAM_SPECS[name]).eval())
+            cache[name] = random_sam_model(name)
         return cache[name]
 
     return get
@@ -71,7 +71,7 @@ def sam_modules():
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("name, size", DINOV2)
 def test_dinov2(benchmark, name, size, batch, variant):
-    model = dinov2_mod.init_random_(dinov2_mod.DinoVisionTransformer(dinov2_mod.DINOV2_SPECS[name]).eval(), 0)
+    model = random_dinov2_model(name)
     fn = dinov2_runner(model, VARIANTS[variant], DEVICE)
     images = _seeded(batch, 3, size, size)
     benchmark.extra_info.update(gflop=F.dinov2_flops(name, size, batch) / 1e9, images=batch)

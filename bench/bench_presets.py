@@ -25,11 +25,8 @@ import torch
 
 from refseg.config import PRESETS, SegmenterConfig
 from refseg.io import raster
-from refseg.models.dinov2 import DINOV2_SPECS, DinoVisionTransformer
-from refseg.models.dinov2 import init_random_ as init_dinov2
-from refseg.models.sam import SAM_SPECS, Sam
-from refseg.models.sam import init_random_ as init_sam
 from refseg.segmenter import Segmenter
+from refseg.testing.random_checkpoints import random_dinov2_model, random_sam_model, write_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "kvasir_seg5"
@@ -38,14 +35,9 @@ STAGES = ("dinov2", "matching", "prompts", "sam_encoder", "decoder", "postproces
 
 def checkpoints(folder: Path, sam_depth: int) -> tuple[Path, Path]:
     """Random official-format checkpoints: SAM ViT-B with ``sam_depth`` blocks, DINOv2 ViT-S/14."""
-    sam = Sam(SAM_SPECS["vit_b"].with_depth(sam_depth) if sam_depth != 12 else SAM_SPECS["vit_b"])
-    init_sam(sam, seed=0)
-    dino = DinoVisionTransformer(DINOV2_SPECS["vits14"])
-    init_dinov2(dino, seed=0)
-    paths = folder / "sam_vit_b.pth", folder / "dinov2_vits14_pretrain.pth"
-    torch.save(sam.state_dict(), paths[0])
-    torch.save(dino.state_dict(), paths[1])
-    return paths
+    return (write_model(random_sam_model("vit_b", depth=sam_depth if sam_depth != 12 else None),
+                        folder / "sam_vit_b.pth"),
+            write_model(random_dinov2_model("vits14"), folder / "dinov2_vits14_pretrain.pth"))
 
 
 def bench_preset(name: str, ckpt: tuple[Path, Path], ref, targets) -> dict:

@@ -25,7 +25,7 @@ pytest.importorskip("pytest_benchmark")
 pytest.importorskip("tifffile")
 pytest.importorskip("shapely")
 
-from refseg.runtime.slide_job import SlideJobOptions, run_slide  # noqa: E402
+from refseg.jobs.slide import run_slides  # noqa: E402
 from refseg.testing.synthetic_slide import write_slide  # noqa: E402
 
 
@@ -33,8 +33,16 @@ class _Threshold:
     config = SimpleNamespace(batch_size=4, to_dict=lambda: {"segmenter": "threshold"})
     classes = [1]
 
-    def segment_batch(self, images):
-        return [SimpleNamespace(mask=(np.asarray(i)[..., 1] < 100).astype(np.uint8)) for i in images]
+    def prepare_target(self, image, source="image"):  # the streaming runtime's protocol
+        return np.asarray(image)
+
+    def segment_prepared(self, targets):
+        return [SimpleNamespace(mask=(t[..., 1] < 100).astype(np.uint8), timings={}) for t in targets]
+
+
+def run_slide(segmenter, slide, outdir, **options):
+    """One slide through the slide job; its record of ``summary.json``'s ``slides``."""
+    return run_slides(segmenter, slide, outdir, progress="off", **options).records[0]
 
 
 def _record(benchmark, summary):
@@ -46,11 +54,10 @@ def _record(benchmark, summary):
 
 def test_slide_machinery(benchmark, tmp_path):
     slide = write_slide(tmp_path / "bench.tif", 4096)
-    options = SlideJobOptions(tile_size=256, thumbnail_size=1024, preview_size=512)
-
     def job():
         shutil.rmtree(tmp_path / "out", ignore_errors=True)
-        return run_slide(_Threshold(), slide, tmp_path / "out", options)
+        return run_slide(_Threshold(), slide, tmp_path / "out", tile_size=256, thumbnail_size=1024,
+                         preview_size=512, batch_size=4)
 
     summary = benchmark.pedantic(job, rounds=3, warmup_rounds=1, iterations=1)
     _record(benchmark, summary)
@@ -74,11 +81,10 @@ def test_slide_models(benchmark, tmp_path):
         image = view.read(96, 96, 64, 64)
     mask = structure_mask(384, 384, 256, 256, 2048, 2048, tissue, 96, 24)[::4, ::4]
     segmenter.set_reference(image, mask)
-    options = SlideJobOptions(mpp=2.0, tile_size=256, thumbnail_size=512, preview_size=256)
-
     def job():
         shutil.rmtree(tmp_path / "out", ignore_errors=True)
-        return run_slide(segmenter, slide, tmp_path / "out", options)
+        return run_slide(segmenter, slide, tmp_path / "out", mpp=2.0, tile_size=256, thumbnail_size=512,
+                         preview_size=256)
 
     summary = benchmark.pedantic(job, rounds=1, warmup_rounds=0, iterations=1)
     _record(benchmark, summary)

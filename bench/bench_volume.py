@@ -7,7 +7,7 @@ Both variants segment the same axial slices of ``shared/data/totalseg_ct/example
 label 5, one reference slice from its own label map, window ``abdomen``) with the same Segmenter:
 
 * ``per_slice``: ``Segmenter.segment`` on each windowed slice in turn (what a naive script does);
-* ``streamed``: :func:`refseg.volume_segment.run_plan`, i.e. :func:`refseg.runtime.stream.stream_segment`
+* ``streamed``: :func:`refseg.jobs.volume.run_volume_plan`, i.e. :func:`refseg.runtime.stream.stream_segment`
   (slices decoded ahead, batches of ``batch_size`` on the encoders).
 
 ``extra_info`` records ``slices_per_second`` and, for ``streamed``, ``speedup_vs_per_slice`` (same run).
@@ -35,27 +35,17 @@ _RESULTS: dict[str, float] = {}
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    import torch
-
     from refseg.io.intensity import parse_window
     from refseg.io.volume import read_label_volume, read_volume
-    from refseg.models.dinov2 import DINOV2_SPECS, DinoVisionTransformer
-    from refseg.models.dinov2 import init_random_ as init_dinov2
-    from refseg.models.sam import SAM_SPECS, Sam
-    from refseg.models.sam import init_random_ as init_sam
+    from refseg.jobs.volume_plan import plan_volume
     from refseg.segmenter import Segmenter
-    from refseg.volume_segment import plan_volume
+    from refseg.testing.random_checkpoints import random_dinov2_model, random_sam_model, write_model
 
     if not (DATA / "example_ct_sm.nii.gz").is_file():
         pytest.skip(f"TotalSegmentator CT not found at {DATA}")
     folder = tmp_path_factory.mktemp("ckpt")
-    spec = SAM_SPECS["vit_b"].with_depth(SAM_DEPTH) if SAM_DEPTH else SAM_SPECS["vit_b"]
-    sam = Sam(spec)
-    init_sam(sam, seed=0)
-    dino = DinoVisionTransformer(DINOV2_SPECS["vits14"])
-    init_dinov2(dino, seed=0)
-    torch.save(sam.state_dict(), folder / "sam.pth")
-    torch.save(dino.state_dict(), folder / "dinov2_vits14_pretrain.pth")
+    write_model(random_sam_model("vit_b", depth=SAM_DEPTH or None), folder / "sam.pth")
+    write_model(random_dinov2_model("vits14"), folder / "dinov2_vits14_pretrain.pth")
     seg = Segmenter.from_preset("sat", sam_checkpoint=folder / "sam.pth",
                                 dinov2_checkpoint=folder / "dinov2_vits14_pretrain.pth", device="cpu",
                                 image_size=IMAGE_SIZE, batch_size=BATCH)
@@ -68,7 +58,7 @@ def setup(tmp_path_factory):
 
 def test_volume_per_slice(benchmark, setup):
     from refseg.io.volume import slice_view
-    from refseg.volume_segment import reference_shots
+    from refseg.jobs.volume_plan import reference_shots
 
     seg, plan = setup
     seg.set_reference(*reference_shots(plan, (15,), seg.config)[0])
@@ -85,11 +75,11 @@ def test_volume_per_slice(benchmark, setup):
 
 
 def test_volume_streamed(benchmark, setup):
-    from refseg.volume_segment import run_plan
+    from refseg.jobs.volume import run_volume_plan
 
     seg, plan = setup
     benchmark.group = "volume"
-    result = benchmark.pedantic(lambda: run_plan(seg, plan, batch_size=BATCH), rounds=1, iterations=1,
+    result = benchmark.pedantic(lambda: run_volume_plan(seg, plan, batch_size=BATCH), rounds=1, iterations=1,
                                 warmup_rounds=0)
     assert not result.failed
     rate = len(plan.targets) / benchmark.stats.stats.mean

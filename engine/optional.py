@@ -1,9 +1,11 @@
-"""Optional dependencies: imported lazily, with one clear message naming the extra to install."""
+"""Optional dependencies: imported lazily, with one clear message naming the extra to install, and the
+versions of installed packages (for reports, manifests and ``refseg info``)."""
 from __future__ import annotations
 
 import importlib
 import logging
 from types import ModuleType
+from typing import Iterable
 
 log = logging.getLogger(__name__)
 
@@ -30,3 +32,18 @@ def available(module: str) -> bool:
         return True
     except ImportError:
         return False
+
+
+def versions(distributions: Iterable[str]) -> dict[str, str | None]:
+    """Installed version of each named distribution (``importlib.metadata``, nothing is imported), ``None``
+    when it is not installed: the one versions report of benchmark results, export manifests and
+    ``refseg info``."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for name in distributions:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out

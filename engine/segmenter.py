@@ -316,12 +316,13 @@ class Segmenter:
                 reference volume; used for reference and target slices alike.
 
         Returns:
-            :class:`refseg.volume_segment.VolumeSegmentation`: ``labels`` (I, J, K) uint8 in ``volume``'s
-            stored voxel order. A slice where a label gets no positive prompt has no voxel of it (no
-            forced point: the run uses ``fallback=False``). The reference set by :meth:`set_reference`
-            is replaced.
+            :class:`refseg.jobs.volume_plan.VolumeSegmentation`: ``labels`` (I, J, K) uint8 in ``volume``'s
+            stored voxel order, label values kept. A slice where a label gets no positive prompt has no
+            voxel of it (build the Segmenter with ``fallback=False``, as ``refseg segment`` does for volumes,
+            so that no positive point is forced either). The reference set by :meth:`set_reference` is
+            replaced.
         """
-        from refseg.volume_segment import segment_volume
+        from refseg.jobs.volume import segment_volume
 
         return segment_volume(self, volume, reference_labels, reference=reference, labels=labels, axis=axis,
                               slices=slices, reference_slices=reference_slices,

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from refseg.io.writers import atomic_writer
-from refseg.models.checkpoints import sha256_file
+from refseg.models.checkpoints import file_identity, sha256_file
+from refseg.optional import versions
 from refseg.runtime.io_names import FORMAT_VERSION, MANIFEST_NAME
 
 log = logging.getLogger(__name__)
@@ -27,25 +28,7 @@ log = logging.getLogger(__name__)
 
 def checkpoint_record(path: str | os.PathLike | None) -> dict | None:
     """``{"path", "file", "size", "mtime_ns", "sha256"}`` of a checkpoint file (None for None)."""
-    if path is None:
-        return None
-    path = Path(path).expanduser().resolve()
-    stat = path.stat()
-    return {"path": str(path), "file": path.name, "size": stat.st_size,
-            "mtime_ns": stat.st_mtime_ns, "sha256": sha256_file(path)}
-
-
-def versions() -> dict[str, str | None]:
-    """Versions of refseg and of the packages that shape the exported graphs."""
-    from importlib import metadata
-
-    out: dict[str, str | None] = {}
-    for package in ("refseg", "torch", "onnx", "onnxruntime"):
-        try:
-            out[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            out[package] = None
-    return out
+    return file_identity(path, with_sha256=True)
 
 
 def build_manifest(folder: str | os.PathLike, graphs: dict[str, dict], *, precision: str,
@@ -69,7 +52,7 @@ def build_manifest(folder: str | os.PathLike, graphs: dict[str, dict], *, precis
     return {
         "format": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "versions": versions(),
+        "versions": versions(("refseg", "torch", "onnx", "onnxruntime")),  # what shapes the graphs
         "opset": opset,
         "precision": precision,
         "image_size": image_size,

@@ -27,26 +27,27 @@ KVASIR = SHARED_DATA / "kvasir_seg5"
 
 def write_small_checkpoints(folder: Path) -> tuple[Path, Path]:
     """Official-format random checkpoints: SAM ViT-B reduced to 2 blocks, DINOv2 ViT-S/14 (full)."""
-    from refseg.models.dinov2 import DINOV2_SPECS, DinoVisionTransformer
-    from refseg.models.dinov2 import init_random_ as init_dinov2
-    from refseg.models.sam import SAM_SPECS, Sam
-    from refseg.models.sam import init_random_ as init_sam
+    from refseg.testing.random_checkpoints import random_dinov2_model, random_sam_model, write_model
 
-    folder.mkdir(parents=True, exist_ok=True)
-    sam = Sam(SAM_SPECS["vit_b"].with_depth(2))
-    init_sam(sam, seed=0)
-    dino = DinoVisionTransformer(DINOV2_SPECS["vits14"])
-    init_dinov2(dino, seed=0)
-    sam_path, dino_path = folder / "sam_small.pth", folder / "dinov2_vits14_pretrain.pth"
-    torch.save(sam.state_dict(), sam_path)
-    torch.save(dino.state_dict(), dino_path)
-    return sam_path, dino_path
+    return (write_model(random_sam_model("vit_b", depth=2), folder / "sam_small.pth"),
+            write_model(random_dinov2_model("vits14"), folder / "dinov2_vits14_pretrain.pth"))
 
 
 @pytest.fixture(scope="session")
 def small_checkpoints(tmp_path_factory):
     """(sam_path, dinov2_path) of small random checkpoints, written once per test session."""
     return write_small_checkpoints(tmp_path_factory.mktemp("small_ckpt"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory, small_checkpoints):
+    """(sam_path, dinov2_path): SAM ViT-B with 2 blocks at a 256-px input (16x cheaper than 1024) and the
+    session's DINOv2 ViT-S/14."""
+    from refseg.testing.random_checkpoints import random_sam_model, write_model
+
+    sam = write_model(random_sam_model("vit_b", depth=2, img_size=256),
+                      tmp_path_factory.mktemp("tiny_ckpt") / "sam_tiny.pth")
+    return sam, small_checkpoints[1]
 
 
 @pytest.fixture(scope="session")

@@ -44,7 +44,7 @@ def test_segment_folder_with_bad_files_and_resume(setup, capsys):
     failed = {Path(f["path"]).name: f["error"] for f in summary["failed"]}
     assert set(failed) == {"zero.png", "truncated.jpg", "tiny.png"}
     assert "0 bytes" in failed["zero.png"] or "empty" in failed["zero.png"]
-    assert summary["images_per_second"] > 0
+    assert summary["items_per_second"] > 0 and summary["item"] == "image"
     for src in images[1:3]:
         mask = np.asarray(Image.open(out / f"{src.stem}.png"))
         assert mask.shape == np.asarray(Image.open(src)).shape[:2]

@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from refseg.models.dinov2 import DINOV2_SPECS, DinoVisionTransformer
-from refseg.models.dinov2 import init_random_ as dinov2_random_
-from refseg.models.sam import SAM_SPECS, Sam
-from refseg.models.sam import init_random_ as sam_random_
+from refseg.models.dinov2 import DINOV2_SPECS
+from refseg.models.sam import SAM_SPECS
 from refseg.runtime.io_names import pack_prompts
+from refseg.testing.random_checkpoints import random_dinov2_model, random_sam_model
 
 ROOT = Path(__file__).resolve().parents[1]
 ATOL = 1e-5
@@ -24,7 +23,7 @@ ATOL = 1e-5
 @pytest.mark.parametrize("name", ["vits14", "vits14_reg"])
 def test_dinov2_position_and_token_methods_rebuild_forward_features(name):
     spec = dataclasses.replace(DINOV2_SPECS[name], depth=2)
-    model = dinov2_random_(DinoVisionTransformer(spec), seed=0).eval()
+    model = random_dinov2_model(spec, seed=0)
     x = torch.randn(2, 3, 56, 70, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model.forward_features(x)
@@ -39,7 +38,7 @@ def test_dinov2_position_and_token_methods_rebuild_forward_features(name):
 
 def test_sam_packed_prompt_methods_match_decode():
     spec = dataclasses.replace(SAM_SPECS["vit_b"].with_depth(1), img_size=256)
-    sam = sam_random_(Sam(spec), seed=1).eval()
+    sam = random_sam_model(spec, seed=1)
     gen = torch.Generator().manual_seed(2)
     embedding = torch.randn(1, 256, 16, 16, generator=gen)
     coords = torch.rand(3, 5, 2, generator=gen) * 256

@@ -1,6 +1,6 @@
 """ONNX export and the ONNX Runtime backend against the PyTorch models (CPU).
 
-Models carry deterministic random weights (``init_random_``). Small fixtures: DINOv2-S/14 at
+Models carry deterministic random weights (``refseg.testing.random_checkpoints``). Small fixtures: DINOv2-S/14 at
 224 (full depth) and SAM-B reduced to 2 encoder blocks (one windowed, one global) on a 256² input
 (16² embedding, windows padded 16 -> 28), exported once through ``refseg export`` (fp32) and once
 through the backend's export-on-first-use (fp16). Full size once: DINOv2-B/14 at 518 and the
@@ -30,16 +30,15 @@ from refseg.export.fp16 import FLOAT, HALF, _elem_types, convert_float_to_float1
 from refseg.export.onnx_export import export_graph, export_models  # noqa: E402
 from refseg.export.cache_fill import fill_export_folder  # noqa: E402
 from refseg.export.wrappers import Dinov2Export, SamDecoderExport, SamEncoderExport  # noqa: E402
-from refseg.models.dinov2 import DINOV2_SPECS, DinoVisionTransformer  # noqa: E402
-from refseg.models.dinov2 import init_random_ as dinov2_random_  # noqa: E402
-from refseg.models.sam import SAM_SPECS, Sam  # noqa: E402
-from refseg.models.sam import init_random_ as sam_random_  # noqa: E402
+from refseg.models.dinov2 import DINOV2_SPECS  # noqa: E402
+from refseg.models.sam import SAM_SPECS  # noqa: E402
 from refseg.runtime import io_names as io  # noqa: E402
 from refseg.runtime.exported import create_exported_backend  # noqa: E402
 from refseg.runtime.io_names import MANIFEST_NAME, pack_prompts  # noqa: E402
 from refseg.runtime.manifest_reader import ManifestError, verify_manifest  # noqa: E402
 from refseg.runtime.select import create_backend  # noqa: E402
 from refseg.runtime.torch_backend import TorchBackend  # noqa: E402
+from refseg.testing.random_checkpoints import random_dinov2_model, random_sam_model  # noqa: E402
 
 FP32_ATOL = 1e-3
 FP16_REL = 2e-2
@@ -66,9 +65,9 @@ def images(batch: int, side: int, seed: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def models():
-    dinov2 = dinov2_random_(DinoVisionTransformer(DINOV2_SPECS["vits14"]), seed=0).eval()
+    dinov2 = random_dinov2_model(DINOV2_SPECS["vits14"], seed=0)
     spec = dataclasses.replace(SAM_SPECS["vit_b"].with_depth(2), img_size=SAM_SIZE)
-    sam = sam_random_(Sam(spec), seed=1).eval()
+    sam = random_sam_model(spec, seed=1)
     return dinov2, sam
 
 
@@ -153,7 +152,7 @@ def test_dinov2_fp32_matches_torch(ort_fp32, models, batch):
 def test_dinov2_registers_and_swiglu_export(tmp_path, name, depth):
     """Register tokens (ViT-S/14-reg) and the SwiGLU ViT-g/14 (2 of its 40 blocks), at 112²."""
     spec = DINOV2_SPECS[name] if depth is None else dataclasses.replace(DINOV2_SPECS[name], depth=depth)
-    model = dinov2_random_(DinoVisionTransformer(spec), seed=3).eval()
+    model = random_dinov2_model(spec, seed=3)
     export_graph(Dinov2Export(model, 112), tmp_path / "dinov2.onnx")
     session = ort.InferenceSession(str(tmp_path / "dinov2.onnx"), providers=["CPUExecutionProvider"])
     x = images(2, 112, seed=4)
@@ -372,7 +371,7 @@ def test_cli_export_rejects_unsupported_model(checkpoints, tmp_path):
 
 # ----------------------------------------------------------------------------- full-size B models
 def test_dinov2_b_full_size_518(tmp_path):
-    model = dinov2_random_(DinoVisionTransformer(DINOV2_SPECS["vitb14"]), seed=40).eval()
+    model = random_dinov2_model(DINOV2_SPECS["vitb14"], seed=40)
     export_graph(Dinov2Export(model, 518), tmp_path / "dinov2.onnx")
     session = ort.InferenceSession(str(tmp_path / "dinov2.onnx"), providers=["CPUExecutionProvider"])
     x = images(1, 518, seed=41)
@@ -384,7 +383,7 @@ def test_dinov2_b_full_size_518(tmp_path):
 
 
 def test_sam_b_full_size_encoder_and_decoder(tmp_path):
-    sam = sam_random_(Sam(SAM_SPECS["vit_b"]), seed=42).eval()
+    sam = random_sam_model(SAM_SPECS["vit_b"], seed=42)
     export_graph(SamEncoderExport(sam), tmp_path / "sam_encoder.onnx")
     export_graph(SamDecoderExport(sam), tmp_path / "sam_decoder.onnx")
     providers = ["CPUExecutionProvider"]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from refseg.io import (IMAGE_SUFFIXES, ImageReadError, OutputPaths, RunSummary, atomic_write_bytes, atomic_writer,
+from refseg.io import (IMAGE_SUFFIXES, ImageReadError, OutputPaths, atomic_write_bytes, atomic_writer,
                        is_done, is_image_file, list_images, mask_to_png_array, output_paths, overlay, read_image,
                        read_mask, to_rgb_uint8, unique_stems, write_json, write_png)
 from refseg.io.writers import BOX_COLOUR, NEGATIVE_COLOUR, POSITIVE_COLOUR, class_colour
@@ -470,28 +470,3 @@ def test_is_done(tmp_path):
     assert not is_done(paths)
     _save(paths.mask, np.zeros((8, 8), np.uint8), format="JPEG")  # readable, but not a PNG
     assert not is_done(paths)
-
-
-def test_run_summary(tmp_path):
-    summary = RunSummary(inputs=["a.png", "b.png", "c.png", "d.png"], config={"preset": "sat", "size": 518})
-    summary.add_success("a.png")
-    summary.add_success("b.png")
-    summary.add_skipped("c.png")
-    summary.add_failure("d.png", ImageReadError("d.png: file is empty (0 bytes)"))
-    summary.finish()
-    path = summary.write(tmp_path)
-    assert path == tmp_path / "summary.json" and _leftovers(tmp_path) == []
-    data = json.loads(path.read_text())
-    assert {"inputs", "succeeded", "failed", "images_per_second", "skipped", "config"} <= set(data)
-    assert (data["inputs"], data["succeeded"], data["succeeded_this_run"], data["skipped"]) == (4, 3, 2, 1)
-    assert data["failed"] == [{"path": "d.png", "error": "ImageReadError: d.png: file is empty (0 bytes)"}]
-    assert data["config"] == {"preset": "sat", "size": 518}
-    assert data["images_per_second"] == pytest.approx(2 / summary.elapsed, rel=1e-3)
-    assert RunSummary(inputs=3).images_per_second == 0.0
-
-
-def test_run_summary_lists_failures_by_path_whatever_finished_first(tmp_path):
-    summary = RunSummary(inputs=3)
-    for name in ("c.png", "a.png", "b.png"):  # completion order of parallel readers
-        summary.add_failure(name, "ValueError: bad")
-    assert [f["path"] for f in json.loads(summary.write(tmp_path).read_text())["failed"]] == ["a.png", "b.png", "c.png"]

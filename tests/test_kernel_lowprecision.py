@@ -13,7 +13,6 @@ the same for every block size (partial tiles included: 1369 and 1600 are not mul
 Tolerance: as tests/test_kernel_match.py (values 1e-5 absolute for cosine, 1e-4 + 1e-5 relative for
 Euclidean; indices equal except between candidates whose exact scores lie within 1e-5 relative).
 """
-import dataclasses
 
 import pytest
 import torch
@@ -48,13 +47,11 @@ def kernel_spy(monkeypatch):
 @pytest.mark.parametrize("precision, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
 def test_backend_tokens_reach_the_kernel_in_low_precision(precision, dtype, kernel_spy):
     from refseg.config import SegmenterConfig
-    from refseg.models.dinov2 import DINOV2_SPECS, DinoVisionTransformer, init_random_
-    from refseg.models.sam import SAM_SPECS, Sam
     from refseg.runtime.torch_backend import TorchBackend
+    from refseg.testing.random_checkpoints import random_dinov2_model, random_sam_model
 
-    dino = DinoVisionTransformer(dataclasses.replace(DINOV2_SPECS["vits14"], depth=2))
-    init_random_(dino, seed=0)
-    backend = TorchBackend(dino, Sam(SAM_SPECS["vit_b"].with_depth(1)), torch.device("cpu"), precision=precision)
+    backend = TorchBackend(random_dinov2_model("vits14", depth=2), random_sam_model("vit_b", depth=1),
+                           torch.device("cpu"), precision=precision)
     images = torch.randn(3, 3, 112, 112, generator=torch.Generator().manual_seed(0))
     tokens = backend.encode_dinov2(images)
     assert tokens.dtype == dtype and tokens.shape == (3, 64, 384)  # no fp32 copy on the way out

@@ -1,4 +1,4 @@
-"""Tests of refseg.metrics: Dice / IoU, the empty-vs-empty rule and folder evaluation."""
+"""Tests of refseg.eval.metrics: Dice / IoU, the empty-vs-empty rule and folder evaluation."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from refseg.io import list_images, read_mask, write_json, write_png
-from refseg.metrics import EMPTY_RULE, dice, evaluate_folders, iou, per_class_scores
+from refseg.eval.metrics import EMPTY_RULE, dice, evaluate_folders, iou, per_class_scores
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 KVASIR = DATA / "kvasir_seg5"

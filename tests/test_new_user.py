@@ -19,8 +19,8 @@ from PIL import Image
 import refseg
 from refseg.cli import main
 from refseg.io import writers
-from refseg.io.run_summary import RunSummary
-from refseg.metrics import evaluate_folders
+from refseg.jobs.summary import RunSummary
+from refseg.eval.metrics import evaluate_folders
 from refseg.segmenter import check_reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +74,7 @@ def test_outputs_get_the_umasks_mode(tmp_path, umask_027):
 
     writers.write_png(tmp_path / "m.png", np.zeros((4, 4), np.uint8))
     writers.write_json(tmp_path / "m.json", {"a": 1})
-    RunSummary(1).write(tmp_path)
+    RunSummary(1).write(tmp_path / "summary.json")
     write_manifest(tmp_path, {"format": 1})
     for name in ("m.png", "m.json", "summary.json", "manifest.json"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == umask_027, name
@@ -138,7 +138,7 @@ class _FakeSegmenter:
 
 
 def test_write_failures_are_per_input_and_summary_failure_hides_nothing(tmp_path, caplog):
-    from refseg.runner import run_folder
+    from refseg.jobs.folder import run_folder
 
     inputs = []
     for name in ("a.png", "b.png"):

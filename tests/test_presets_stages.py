@@ -135,18 +135,6 @@ def test_s_space_to_target_pixels():
     torch.testing.assert_close(box, torch.tensor([0.0, 0.0, 399.0, 199.0]))
 
 
-def test_support_slice_for_chunks_by_relative_position():
-    support = list(range(10, 19))          # 9 labelled support slices -> chunks 10-12, 13-15, 16-18
-    picks = [prototypes.support_slice_for(q, 30, support) for q in range(30)]
-    assert picks[:10] == [11] * 10 and picks[10:20] == [14] * 10 and picks[20:] == [17] * 10
-    assert [prototypes.support_slice_for(q, 3, [5, 6]) for q in range(3)] == [5, 5, 6]
-    assert prototypes.support_slice_for(0, 1, [7]) == 7
-    with pytest.raises(ValueError, match="outside"):
-        prototypes.support_slice_for(3, 3, support)
-    with pytest.raises(ValueError, match="no labelled slice"):
-        prototypes.support_slice_for(0, 3, [])
-
-
 def test_protosam_two_components_one_decoder_call():
     cfg = SegmenterConfig.from_preset("protosam", image_size=112, dinov2="vits14", sam="vit_b")
     backend = ColourBackend()
@@ -173,18 +161,6 @@ def test_nms_2d_and_top_peaks():
     assert idx[ok].tolist() == [6, 19, 20] and ok.tolist() == [True, True, True, False]
     with pytest.raises(ValueError, match="odd"):
         topk.nms_2d(s, 2)
-
-
-def test_nms_3d_points_decoded_on_their_slices():
-    vol = torch.zeros(4, 6, 6)
-    vol[0, 1, 2], vol[1, 1, 2] = 0.9, 0.8   # neighbours across slices: 3-D NMS keeps one
-    vol[3, 4, 5], vol[2, 5, 0] = 0.7, 0.6
-    pts, scores = topk.topk_points_3d(vol, k=10, kernel=3, min_score=0.0)
-    assert pts.tolist() == [[0, 2, 1], [3, 5, 4], [2, 0, 5]]     # (z, x, y), best first
-    torch.testing.assert_close(scores, torch.tensor([0.9, 0.7, 0.6]))
-    by = topk.points_by_slice(pts)
-    assert list(by) == [0, 2, 3] and by[3].tolist() == [[5, 4]]
-    assert bool(topk.nms_2d(vol, 3)[1, 1, 2])                   # 2-D NMS alone keeps both
 
 
 def test_uncertainty_demotes_disagreeing_cells():

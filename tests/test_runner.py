@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from refseg.cli import main
-from refseg.runtime.progress import Progress
+from refseg.jobs.progress import Progress
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_stream import _image, write_tiny_sam  # noqa: E402
@@ -145,7 +145,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     import numpy as np
     from PIL import Image
-    from refseg.runner import run_folder
+    from refseg.jobs.folder import run_folder
     from refseg.segmenter import Segmenter
 
     sam, dino, root = sys.argv[1], sys.argv[2], Path(sys.argv[3])
@@ -171,14 +171,9 @@ MEMORY_SCRIPT = textwrap.dedent("""
 
 
 def test_peak_memory_is_flat_in_the_number_of_inputs(tmp_path, small_checkpoints):
-    import dataclasses
+    from refseg.testing.random_checkpoints import random_sam_model, write_model
 
-    import torch
-    from refseg.models.sam import SAM_SPECS, Sam, init_random_
-
-    sam = Sam(dataclasses.replace(SAM_SPECS["vit_b"].with_depth(2), img_size=64))
-    init_random_(sam, seed=0)
-    torch.save(sam.state_dict(), tmp_path / "sam64.pth")
+    write_model(random_sam_model("vit_b", depth=2, img_size=64), tmp_path / "sam64.pth")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path / "sam64.pth"),
                           str(small_checkpoints[1]), str(tmp_path)], capture_output=True, text=True,

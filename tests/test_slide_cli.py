@@ -1,5 +1,6 @@
 """`refseg segment` on synthetic pyramidal slides end to end (small random models) and bad slide input."""
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -40,8 +41,8 @@ def test_slides_end_to_end_mask_geojson_and_tiles_one_by_one(data):
     from refseg.io.slide import SlideView, open_slide
     from refseg.runtime.tiling import TileGrid, tissue_mask, tissue_tiles
     from refseg.segmenter import Segmenter
-    from refseg.cli import _config_from_args
-    from refseg.slide_cli import load_references
+    from refseg.jobs.references import load_references
+    from refseg.jobs.segmenter_spec import config_from_args
 
     root, slides, slide, annotation, common = data
     out = root / "out"
@@ -49,8 +50,9 @@ def test_slides_end_to_end_mask_geojson_and_tiles_one_by_one(data):
             "--mpp", "2.0", "--simplify", "0", *common]
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["slides"] == 2 and summary["succeeded"] == 2 and summary["failed"] == []
-    case, blank = sorted(summary["results"], key=lambda r: r["slide"])[::-1]
+    assert summary["inputs"] == 2 and summary["succeeded"] == 2 and summary["failed"] == []
+    assert summary["mode"] == "slide" and summary["item"] == "tile" and summary["items_segmented"] == 2
+    case, blank = sorted(summary["slides"], key=lambda r: r["path"])[::-1]
     assert case["level"] == 2 and case["size"] == [512, 512] and case["tiles_total"] == 9
     assert case["tiles_background"] == 7 and case["tiles_segmented"] == 2 and case["tiles_failed"] == 0
     assert set(case["times"]) >= {"tissue_s", "segment_s", "stitch_s", "geojson_s", "total_s"}
@@ -64,6 +66,7 @@ def test_slides_end_to_end_mask_geojson_and_tiles_one_by_one(data):
         stitched = levels[0].asarray()
     assert (out / "case1_overlay.png").is_file() and (out / "blank.geojson").is_file()
     assert not (out / "case1.tiles").exists()
+    assert summary["models"]["dinov2"] == "vits14" and (out / "run_config.json").is_file()
 
     data_json = json.loads((out / "case1.geojson").read_text())
     assert data_json["type"] == "FeatureCollection"
@@ -79,7 +82,7 @@ def test_slides_end_to_end_mask_geojson_and_tiles_one_by_one(data):
 
     # The same reference, the same tiles, one segment() call each, stitched by the core rule.
     args = build_parser().parse_args(argv)
-    config = _config_from_args(args)
+    config = config_from_args(args)
     refs, _ = load_references(args)
     sam, dino = args.sam_checkpoint, args.dinov2_checkpoint
     segmenter = Segmenter(config, sam_checkpoint=sam, dinov2_checkpoint=dino, device="cpu")
@@ -127,11 +130,63 @@ def test_bad_level_mpp_region_and_files_are_reported(data, tmp_path, caplog):
     cut.write_bytes(whole[: len(whole) // 2])
     assert _bad(data, "-i", str(cut), "--slide") == 2
     assert "cut.tif" in caplog.text and "truncated" in caplog.text
+    caplog.clear()
+    assert _bad(data, "-i", str(cut)) == 2  # not routed to the 2-D reader: named as a damaged slide
+    assert "cut.tif: truncated file" in caplog.text and "damaged whole-slide image" in caplog.text
     assert not (root / "bad_out" / "case1.ome.tif").exists()
 
 
+def test_more_bad_input_before_any_model(data, tmp_path, monkeypatch, caplog):
+    import sys
+
+    import refseg.segmenter
+
+    root, slides, slide, annotation, common = data
+    seen = {}
+
+    def record(self, config, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("stop after recording")
+
+    monkeypatch.setattr(refseg.segmenter.Segmenter, "__init__", record)
+    assert _bad(data, "-i", str(slide), "--compile") == 2 and seen["compile"] is True  # --compile reaches it
+    for flags, words in ((["--save-prompts"], "--save-prompts: not used for whole-slide images"),
+                         (["--slices", "0:3"], "--slices: not used for whole-slide images"),
+                         (["--force"], "--force goes with --resume")):
+        caplog.clear()
+        assert _bad(data, "-i", str(slide), *flags) == 2
+        assert words in caplog.text
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    caplog.clear()
+    assert main(["segment", "-r", str(slide), "-m", str(annotation), "-i", str(slide), "-o", str(a_file), *common]) == 2
+    assert f"{a_file}: the output path is an existing file" in caplog.text
+    caplog.clear()
+    monkeypatch.setitem(sys.modules, "shapely", None)  # the slides extra missing: one line, exit 2, no model
+    assert _bad(data, "-i", str(slide)) == 2
+    assert "pip install 'refseg[slides]'" in caplog.text
+    assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 1
+
+
+def test_resume_checks_the_settings_of_finished_slides(data, monkeypatch, caplog):
+    import refseg.segmenter
+
+    root, slides, slide, annotation, common = data
+    out = root / "out"  # written by the end-to-end test above
+    if not (out / "run_config.json").is_file():
+        pytest.skip("needs the end-to-end test's outputs")
+    argv = ["segment", "-r", str(slide), "-m", str(annotation), "-i", str(slides), "-o", str(out),
+            "--mpp", "2.0", "--simplify", "0", "--resume", *common]
+    monkeypatch.setattr(refseg.segmenter.Segmenter, "__init__", lambda *a, **k: pytest.fail("models loaded"))
+    assert main(argv) == 0
+    assert json.loads((out / "summary.json").read_text())["skipped"] == 2
+    caplog.clear()
+    assert main([*argv, "--min-tissue", "0.02"]) == 2  # a finished slide is not kept under other settings
+    assert "mode.tissue: [True, 0.01, 512] -> [True, 0.02, 512]" in caplog.text
+
+
 def test_reference_routes_region_mask_and_plain_image(data, tmp_path):
-    from refseg.slide_cli import load_references
+    from refseg.jobs.references import load_references
     from refseg.testing.synthetic_slide import structure_mask
 
     root, slides, slide, annotation, common = data

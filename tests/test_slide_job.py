@@ -1,4 +1,5 @@
-"""The slide job's mechanics with a cheap colour-threshold segmenter: stitching, resume, memory bound."""
+"""The slide job's mechanics with a cheap colour-threshold segmenter: stitching, each tile written as it
+leaves the stream, resume after a kill, failed tiles retried, memory bound."""
 import json
 import subprocess
 import sys
@@ -12,7 +13,7 @@ tifffile = pytest.importorskip("tifffile")
 shapely = pytest.importorskip("shapely")
 
 from refseg.io.slide import SlideView, open_slide  # noqa: E402
-from refseg.runtime.slide_job import SlideJobOptions, run_slide  # noqa: E402
+from refseg.jobs.slide import run_slides  # noqa: E402
 from refseg.runtime.tiling import TileGrid  # noqa: E402
 from refseg.testing.synthetic_slide import write_slide  # noqa: E402
 
@@ -42,7 +43,15 @@ class ThresholdSegmenter:
         return self.segment_batch(targets)
 
 
-OPTIONS = SlideJobOptions(tile_size=256, thumbnail_size=512, preview_size=256)
+OPTIONS = dict(tile_size=256, thumbnail_size=512, preview_size=256, batch_size=3, progress="off")
+
+
+def run_slide(segmenter, slide, outdir, options=OPTIONS):
+    """One slide through the slide job; returns its record of ``summary.json``'s ``slides``."""
+    summary = run_slides(segmenter, slide, outdir, **options)
+    if not summary.records:
+        return {"status": "done earlier"} if summary.skipped else {"status": "failed", "failed": summary.failed}
+    return summary.records[0]
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +92,7 @@ def test_stitched_mask_equals_tiles_one_by_one(slide, tmp_path):
 
 
 def test_resume_after_interrupt_recomputes_only_unfinished_tiles(slide, tmp_path):
-    options = SlideJobOptions(**{**OPTIONS.__dict__, "resume": True})
+    options = {**OPTIONS, "resume": True}
     with pytest.raises(KeyboardInterrupt):
         run_slide(ThresholdSegmenter(fail_after=7), slide, tmp_path, options)
     stored = sorted((tmp_path / "slide.tiles").glob("r*_c*.png"))
@@ -101,9 +110,23 @@ def test_resume_after_interrupt_recomputes_only_unfinished_tiles(slide, tmp_path
     assert run_slide(third, slide, tmp_path, options)["status"] == "done earlier" and third.tiles == 0
     # other settings: the old tile store is not reused
     (tmp_path / "slide.geojson").unlink()
-    moved = SlideJobOptions(**{**options.__dict__, "min_tissue": 0.02})
+    moved = {**options, "min_tissue": 0.02}
+    with pytest.raises(ValueError, match=r"mode.tissue: \[True, 0.01, 512\] -> \[True, 0.02, 512\].*--force"):
+        run_slide(ThresholdSegmenter(), slide, tmp_path, moved)  # refused, naming what differs
     fourth = ThresholdSegmenter()
-    assert run_slide(fourth, slide, tmp_path, moved)["tiles_resumed"] == 0 and fourth.tiles > 0
+    assert run_slide(fourth, slide, tmp_path, {**moved, "force": True})["tiles_resumed"] == 0 and fourth.tiles > 0
+
+
+def test_each_tile_is_written_as_it_leaves_the_stream(slide, tmp_path):
+    # no --batch-size on a CPU: one tile per model call, each stored at once; a kill after 5 keeps all 5
+    options = {**OPTIONS, "resume": True}
+    del options["batch_size"]
+    with pytest.raises(KeyboardInterrupt):
+        run_slide(ThresholdSegmenter(batch_size=16, fail_after=5), slide, tmp_path, options)
+    assert len(list((tmp_path / "slide.tiles").glob("r*_c*.png"))) == 5
+    again = ThresholdSegmenter(batch_size=16)
+    record = run_slide(again, slide, tmp_path, options)
+    assert record["tiles_resumed"] == 5 and again.tiles == record["tiles_tissue"] - 5
 
 
 def test_failed_tiles_are_listed_and_retried_on_resume(slide, tmp_path):
@@ -116,8 +139,9 @@ def test_failed_tiles_are_listed_and_retried_on_resume(slide, tmp_path):
                 raise RuntimeError("model error on this tile")
             return super().segment_batch(images)
 
-    options = SlideJobOptions(**{**OPTIONS.__dict__, "resume": True})
-    flaky = Flaky(batch_size=1)
+    options = {**OPTIONS, "resume": True}
+    flaky = Flaky()
+    options["batch_size"] = 1
     summary = run_slide(flaky, slide, tmp_path, options)
     assert summary["status"] == "failed tiles" and summary["tiles_failed"] == 1
     assert summary["tiles_segmented"] == summary["tiles_tissue"] - 1
@@ -143,7 +167,8 @@ MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys
     from types import SimpleNamespace
     import numpy as np
-    from refseg.runtime.slide_job import SlideJobOptions, run_slide
+    from refseg.jobs.slide import run_slides
+    import refseg.runtime.stream  # the runtime (torch) is loaded before the baseline, as in any run
 
     class Threshold:
         config = SimpleNamespace(batch_size=4, to_dict=lambda: {})
@@ -162,9 +187,9 @@ MEMORY_SCRIPT = textwrap.dedent("""
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
 
     before = status("VmRSS")
-    summary = run_slide(Threshold(), sys.argv[1], sys.argv[2],
-                        SlideJobOptions(tile_size=512, thumbnail_size=512, preview_size=512))
-    print(json.dumps({"delta": status("VmHWM") - before, "segmented": summary["tiles_segmented"]}))
+    summary = run_slides(Threshold(), sys.argv[1], sys.argv[2], tile_size=512, thumbnail_size=512,
+                         preview_size=512, batch_size=4, progress="off")
+    print(json.dumps({"delta": status("VmHWM") - before, "segmented": summary.records[0]["tiles_segmented"]}))
 """)
 
 

@@ -21,14 +21,9 @@ def _image(rng, h, w):
 
 def write_tiny_sam(path):
     """SAM ViT-B layout with 2 blocks and a 256-px input (16x16 embedding): 16x cheaper than 1024."""
-    import dataclasses
+    from refseg.testing.random_checkpoints import random_sam_model, write_model
 
-    from refseg.models.sam import SAM_SPECS, Sam, init_random_
-
-    sam = Sam(dataclasses.replace(SAM_SPECS["vit_b"].with_depth(2), img_size=256))
-    init_random_(sam, seed=0)
-    torch.save(sam.state_dict(), path)
-    return path
+    return write_model(random_sam_model("vit_b", depth=2, img_size=256), path)
 
 
 @pytest.fixture(scope="module")

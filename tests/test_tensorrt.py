@@ -11,7 +11,6 @@ torch fp32, max abs diff <= 2 % of the reference's max abs value and mean cosine
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 from types import SimpleNamespace
@@ -307,14 +306,10 @@ def small_exports(tmp_path_factory):
     """fp32 and fp16 exports of DINOv2-S@224 and a 2-block SAM-B on a 256² input, and the models."""
     pytest.importorskip("onnx", reason="onnx not installed")
     from refseg.export.onnx_export import export_models
-    from refseg.models.dinov2 import DINOV2_SPECS, DinoVisionTransformer
-    from refseg.models.dinov2 import init_random_ as dinov2_random_
-    from refseg.models.sam import SAM_SPECS, Sam
-    from refseg.models.sam import init_random_ as sam_random_
+    from refseg.testing.random_checkpoints import random_dinov2_model, random_sam_model
 
-    dinov2 = dinov2_random_(DinoVisionTransformer(DINOV2_SPECS["vits14"]), seed=0).eval()
-    spec = dataclasses.replace(SAM_SPECS["vit_b"].with_depth(2), img_size=SAM_SIZE)
-    sam = sam_random_(Sam(spec), seed=1).eval()
+    dinov2 = random_dinov2_model("vits14", seed=0)
+    sam = random_sam_model("vit_b", seed=1, depth=2, img_size=SAM_SIZE)
     out = {}
     for precision in ("fp32", "fp16"):
         folder = tmp_path_factory.mktemp(f"export_{precision}")

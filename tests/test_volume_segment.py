@@ -15,7 +15,8 @@ pytest.importorskip("pydicom")
 from refseg.config import SegmenterConfig  # noqa: E402
 from refseg.io.volume import Volume  # noqa: E402
 from refseg.segmenter import SegmentationResult  # noqa: E402
-from refseg.volume_segment import plan_volume, run_plan  # noqa: E402
+from refseg.jobs.volume import run_volume_plan as run_plan  # noqa: E402
+from refseg.jobs.volume_plan import plan_volume  # noqa: E402
 
 
 def _labels(shape=(20, 20, 12)):
@@ -61,8 +62,10 @@ def test_plan_bad_inputs_are_named():
         plan_volume(vol, short, reference=vol)
     with pytest.raises(ValueError, match=r"label\(s\) \[7\] absent from reference slices \[2\]"):
         plan_volume(vol, lab, reference=vol, labels=[5, 7], reference_slices=[2])
-    with pytest.raises(ValueError, match="selects no slice"):
+    with pytest.raises(ValueError, match=r"--slices 20:30: t.nii.gz has 12 slices along axis 2 \(axial\)"):
         plan_volume(vol, lab, reference=vol, slices="20:30")
+    with pytest.raises(ValueError, match=r"--slices 5:5: selects no slice of the 12 slices"):
+        plan_volume(vol, lab, reference=vol, slices="5:5")
 
 
 class FakeSegmenter:
@@ -125,10 +128,9 @@ def test_run_plan_empty_rule_failures_and_geometry():
     plan = plan_volume(target, reference_labels, reference=reference, labels=[5, 7])
     fail_value = plan.window.apply(np.int16(7))
     seg = FakeSegmenter(no_positive={7}, fail_value=fail_value)
-    seen = []
-    result = run_plan(seg, plan, on_slice=lambda done, total: seen.append((done, total)))
-    assert seg.fallback_seen == {False} and seg.config.fallback is True  # switched for the run, restored
-    assert seen[-1] == (12, 12)
+    config = seg.config
+    result = run_plan(seg, plan)
+    assert seg.config is config and seg.fallback_seen == {True}  # the segmenter's config is never swapped
     assert list(result.failed) == [4] and "model broke" in result.failed[4]
     assert result.labels.shape == vol.shape and result.labels.dtype == np.uint8
     assert 7 not in result.labels  # no positive prompt -> empty, never forced
@@ -169,7 +171,7 @@ def test_cli_nifti_and_dicom_end_to_end(case, capsys):
     data = np.asanyarray(res.dataobj)
     assert set(np.unique(data)) <= {0, 1, 5}
     assert not data[:, :, :2].any() and not data[:, :, 4:].any()  # only the asked slices
-    summary = json.loads((out.parent / "summary.json").read_text())
+    summary = json.loads((out.parent / "ct_labels.summary.json").read_text())
     assert summary["succeeded"] == 1 and summary["volumes"][0]["slices_segmented"] == 2
     assert summary["volumes"][0]["window"][2] == "abdomen" and summary["volumes"][0]["seconds"] > 0
 
@@ -191,7 +193,7 @@ def test_cli_nifti_and_dicom_end_to_end(case, capsys):
     assert main(["eval", "-p", str(out), "-g", str(seg), "--label", "5", "1", "--per-slice"]) == 0
     table = capsys.readouterr().out
     assert "Empty rule" in table and "slice 2" in table
-    from refseg.metrics_volume import evaluate_volume
+    from refseg.eval.metrics_volume import evaluate_volume
 
     score = evaluate_volume(out, seg, labels=[5])
     gt = np.asanyarray(nib.load(str(seg)).dataobj) == 5
@@ -224,10 +226,12 @@ def test_cli_same_volume_multilabel_one_encode_and_folder_resume(case, monkeypat
     data = np.asanyarray(nib.load(str(out / "a.nii.gz")).dataobj)
     assert np.array_equal(data[:, :, 1], np.where(np.isin(few[:, :, 1], [5, 2]), few[:, :, 1], 0))
     assert set(np.unique(data)) <= {0, 2, 5}
-    # --resume: nothing left, so no model is loaded (a missing checkpoint would fail otherwise)
-    bad = [a if a != common[1] else str(root / "missing.pth") for a in args]
+    # --resume: nothing left, so no model is loaded
+    import refseg.segmenter
+
+    monkeypatch.setattr(refseg.segmenter.Segmenter, "__init__", lambda *a, **k: pytest.fail("models loaded"))
     assert main(["segment", "-r", str(folder / "a.nii.gz"), "-m", str(few_path), "-i", str(folder), "-o", str(out),
-                 "--resume", *bad]) == 0
+                 "--resume", *args]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped"] == 1 and summary["succeeded_this_run"] == 0  # succeeded counts earlier runs too
 

@@ -36,11 +36,13 @@ def ct_crop(folder: Path, z: slice = slice(8, 14), step: int = 1) -> tuple[Path,
 
 
 def write_dicom_series(folder: Path, data: np.ndarray, affine: np.ndarray, uid: str = "1.2.826.0.1.3680043.8.498.1",
-                       shuffle_seed: int | None = 0, skip: tuple[int, ...] = ()) -> list[Path]:
+                       shuffle_seed: int | None = 0, skip: tuple[int, ...] = (),
+                       instance_numbers: bool = False) -> list[Path]:
     """Write a NIfTI volume (RAS+ ``affine``, int16 HU ``data[i, j, k]``) as a CT DICOM series in a
     transposed + flipped storage: DICOM pixel (row r, column c) of file slice kk is voxel
     (i = c, j = J-1-r, k = K-1-kk). Values stored as uint16 with RescaleIntercept -2048. Files are named
-    in shuffled order; slices in ``skip`` are left out (a gap)."""
+    in shuffled order; slices in ``skip`` are left out (a gap). ``instance_numbers``: file slice kk gets
+    InstanceNumber kk + 1 (the order per-slice masks follow with ``--pair-by order``)."""
     pydicom = pytest.importorskip("pydicom")
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -69,6 +71,8 @@ def write_dicom_series(folder: Path, data: np.ndarray, affine: np.ndarray, uid: 
         ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
         ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
         ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = "CT", uid, uid + ".9"
+        if instance_numbers:
+            ds.InstanceNumber = kk + 1
         ds.ImagePositionPatient = [float(v) for v in ipp[:3]]
         ds.ImageOrientationPatient = [float(v) for v in (*x_dir, *y_dir)]
         ds.PixelSpacing = spacing
@@ -80,4 +84,25 @@ def write_dicom_series(folder: Path, data: np.ndarray, affine: np.ndarray, uid: 
         ds.PixelData = (pixel.astype(np.int32) + 2048).astype(np.uint16).tobytes()
         ds.save_as(str(path), enforce_file_format=True)
         paths.append(path)
+    return paths
+
+
+def synthetic_volume(folder: Path, name: str = "vol", shape: tuple[int, int, int] = (64, 64, 6), label: int = 5,
+                     seed: int = 0, affine: np.ndarray | None = None) -> tuple[Path, Path]:
+    """A small CT-like NIfTI volume (HU, int16) with a bright block of 8-px random texture in the middle of
+    every slice, and its label map marking the block with ``label`` on slices 1..K-2; returns (image, labels).
+    Sized for DINOv2 at 56 px: the block covers whole 14-px patches."""
+    nib = pytest.importorskip("nibabel")
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    i, j, k = shape
+    texture = np.kron(rng.integers(-200, 200, (i // 8, j // 8, k)), np.ones((8, 8, 1)))
+    data = (-800 + texture).astype(np.int16)
+    data[16:48, 16:48] += 900
+    labels = np.zeros(shape, np.uint8)
+    labels[16:48, 16:48, 1:k - 1] = label
+    affine = np.diag([1.5, 1.5, 3.0, 1.0]) if affine is None else affine
+    paths = (folder / f"{name}.nii.gz", folder / f"{name}_labels.nii.gz")
+    nib.Nifti1Image(data, affine).to_filename(str(paths[0]))
+    nib.Nifti1Image(labels, affine).to_filename(str(paths[1]))
     return paths

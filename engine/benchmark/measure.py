@@ -166,7 +166,7 @@ def mask_agreement(pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     Raises:
         ValueError: the shapes differ.
     """
-    from refseg.metrics import dice, iou
+    from refseg.eval.metrics import dice, iou
 
     return {"iou": iou(pred, ref), "dice": dice(pred, ref)}
 

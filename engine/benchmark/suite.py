@@ -14,7 +14,6 @@ import platform
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 from .context import Budget, CheckpointStore, RunContext, SuitePlan, full_plan, quick_plan
@@ -22,6 +21,7 @@ from .data import load_sets, with_mirrors
 from .model_rows import ModelRows
 from .pipeline_rows import PipelineRows
 from .variants import REFERENCE, plan_variants
+from ..optional import versions as installed_versions
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +41,6 @@ def git_commit() -> dict:
         return {"commit": None, "dirty": None}
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def versions() -> dict:
     """Versions of the packages the numbers depend on (None when not installed)."""
     import numpy
@@ -55,9 +48,8 @@ def versions() -> dict:
 
     out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
            "numpy": numpy.__version__}
-    for dist in ("triton", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "torchvision",
-                 "segment-anything", "dinov2", "refseg"):
-        out[dist] = _version(dist)
+    out.update(installed_versions(("triton", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "torchvision",
+                         "segment-anything", "dinov2", "refseg")))
     return out
 
 

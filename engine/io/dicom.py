@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -55,12 +55,14 @@ class DicomSeries:
         affine: (4, 4) voxel (r, c, k) -> RAS+ mm.
         files: the file of each slice k, in array order.
         series_uid: SeriesInstanceUID.
+        instance_numbers: InstanceNumber of each slice k (``None`` where a file has none).
     """
 
     data: np.ndarray
     affine: np.ndarray
     files: list[Path]
     series_uid: str
+    instance_numbers: list[int | None] = field(default_factory=list)
 
 
 def dicom_affine(ipp_first: Sequence[float], iop: Sequence[float], pixel_spacing: Sequence[float],
@@ -224,4 +226,7 @@ def read_dicom_series(source: str | os.PathLike | Sequence[str | os.PathLike],
         thickness = float(getattr(members[0][1], "SliceThickness", 1.0) or 1.0)
         step = -normal * thickness  # Y x X, right-handed in (r, c, k), as nibabel's DICOM wrapper
     affine = dicom_affine(ipps[0], iop0, spacing0, step)
-    return DicomSeries(data=data, affine=affine, files=[p for p, _ in members], series_uid=chosen)
+    numbers = [None if getattr(ds, "InstanceNumber", None) in (None, "") else int(ds.InstanceNumber)
+               for _, ds in members]
+    return DicomSeries(data=data, affine=affine, files=[p for p, _ in members], series_uid=chosen,
+                       instance_numbers=numbers)

@@ -301,3 +301,31 @@ class FeatureWriter:
             write(f'{separator}{{"type": "Feature", "id": "{feature_id(self.namespace, self.count)}", '
                   f'"geometry": {text}, "properties": {self._class_properties(int(value))}}}')
             self.count += 1
+
+
+def write_tile_outlines(path: str | os.PathLike, tiles: Iterable[tuple[int, int, np.ndarray]], scale: float,
+                        simplify: float, names: dict[int, tuple[str, tuple[int, int, int]]],
+                        bounds: tuple[int, int], namespace: str = "refseg") -> int:
+    """The GeoJSON stage of a slide job, in one call: label tiles -> one outline set per class -> ``path``.
+
+    Args:
+        tiles: (x, y, labels) per tile: labels an (h, w) uint8 label map whose top-left pixel is (x, y) of
+            the processing level; tiles do not overlap.
+        scale: processing-level pixel -> level-0 pixels; ``simplify``: tolerance in level-0 pixels (0 =
+            exact pixel outlines); ``bounds``: level-0 (W, H) the outlines are clipped to.
+        names: class value -> (QuPath class name, RGB colour); other values get "class k" and
+            :func:`refseg.io.writers.class_colour`.
+
+    Returns:
+        The number of features written.
+    """
+    from refseg.io.writers import class_colour
+
+    shapes: dict[int, list] = {}
+    for x, y, labels in tiles:
+        for value in np.unique(labels[labels > 0]):
+            shapes.setdefault(int(value), []).append(mask_polygons(labels, int(value), offset=(x, y)))
+    merged = {v: union(parts) for v, parts in shapes.items()}
+    del shapes
+    named = {v: names.get(v, (f"class {v}", class_colour(v))) for v in merged}
+    return write_geojson(path, to_features(merged, scale, simplify, named, bounds, namespace=namespace))

@@ -3,7 +3,8 @@ masks given to the Python API (``Segmenter.set_reference``, :func:`mask_from_arr
 
 Arrays are (H, W), (H, W, 1) or (H, W, 3 | 4) with equal R, G, B (alpha ignored), row-major ``[y, x]``.
 A two-valued mask (0 and one value v: 0/1, 0/63, 0/255, a two-entry palette) is binary, class 1. A lossy
-(JPEG-decoded) binary mask is binarised at a threshold (128 by default); label maps keep their values.
+(JPEG-decoded) binary mask is binarised at a threshold (128 by default); label maps keep their values. A mask
+marked with :func:`as_label_map` (e.g. a volume slice holding label 5 alone) always keeps its values.
 """
 from __future__ import annotations
 
@@ -117,6 +118,16 @@ def label_map(array: np.ndarray, source: str = "mask", threshold: float = 128,
     return array.astype(np.int64)
 
 
+class LabelMap(np.ndarray):
+    """An integer mask whose values are label values as they are: :func:`mask_from_array` applies no
+    two-valued rule to it (``as_label_map(m)`` with m holding 0 and 5 stays class 5)."""
+
+
+def as_label_map(mask: np.ndarray) -> LabelMap:
+    """View ``mask`` as a :class:`LabelMap` (no copy): the Segmenter then keeps its values as classes."""
+    return np.asarray(mask).view(LabelMap)
+
+
 def binary_if_two_valued(labels: np.ndarray) -> np.ndarray:
     """A mask holding 0 and one other value v (0/1, 0/63, 0/255, 0/65535, a two-entry palette) -> 0/1
     int64; anything else is returned unchanged."""
@@ -132,6 +143,9 @@ def mask_from_array(mask: np.ndarray, source: str = "mask", threshold: float = 1
     Accepts (H, W), (H, W, 1) and (H, W, 3 | 4) with equal R, G, B (alpha ignored), any integer, bool or
     float dtype. A two-valued mask (0 and one value v) is binary: v -> class 1. A lossy (JPEG-decoded)
     binary mask is detected (see ``_looks_smeared``), binarised at ``value >= threshold`` and one warning is
-    logged. Other masks keep their values as class labels. Same rules as :func:`read_mask`.
+    logged. Other masks keep their values as class labels. Same rules as :func:`read_mask`. A
+    :class:`LabelMap` (:func:`as_label_map`) keeps its values, two-valued or not, and is never binarised.
     """
+    if isinstance(mask, LabelMap):
+        return label_map(mask.view(np.ndarray), source, threshold, lossy=False)
     return binary_if_two_valued(label_map(mask, source, threshold, lossy=None))

@@ -51,6 +51,7 @@ class Volume:
         path: the file or folder it came from.
         header: the NIfTI header (``None`` for DICOM), copied to label maps written for this volume.
         slice_files: for DICOM series, the file of each index k (array order); empty for NIfTI.
+        slice_instances: for DICOM series, the InstanceNumber of each index k (``None`` where absent).
     """
 
     data: np.ndarray
@@ -58,6 +59,7 @@ class Volume:
     path: Path
     header: Any = None
     slice_files: list[Path] = field(default_factory=list)
+    slice_instances: list[int | None] = field(default_factory=list)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -148,7 +150,7 @@ def read_volume(path: str | os.PathLike, series_uid: str | None = None) -> Volum
         except DicomReadError as exc:
             raise VolumeReadError(str(exc)) from exc
         volume = Volume(data=_as_3d(series.data, path), affine=series.affine, path=path,
-                        slice_files=series.files)
+                        slice_files=series.files, slice_instances=series.instance_numbers)
     else:
         raise VolumeReadError(f"{path}: not a NIfTI file (.nii, .nii.gz) or a DICOM series folder")
     if np.issubdtype(volume.data.dtype, np.floating):
@@ -179,35 +181,110 @@ def read_label_volume(path: str | os.PathLike) -> Volume:
     return volume
 
 
-def read_slice_masks(folder: str | os.PathLike, volume: Volume) -> np.ndarray:
-    """Label volume from per-slice masks ``<stem>.png`` named like the DICOM files of ``volume`` (e.g.
-    ``IM0001.dcm`` -> ``IM0001.png``; a slice without a mask file is unlabelled, 0). Each mask is (Rows,
-    Columns) as the DICOM pixels. Returns (I, J, K) int64 in ``volume.data``'s order.
+PAIR_BY = ("stem", "order")
+
+
+def _order_pairs(masks: list[Path], volume: Volume, folder: Path) -> list[tuple[int, Path]]:
+    files = volume.slice_files
+    if len(masks) != len(files):
+        raise VolumeReadError(f"{folder}: {len(masks)} mask file(s) but the series {volume.path} has "
+                              f"{len(files)} files; --pair-by order needs one mask per file")
+    numbers = volume.slice_instances
+    if numbers and all(n is not None for n in numbers):
+        ranked = sorted(range(len(files)), key=lambda k: (numbers[k], files[k].name))
+    else:  # no InstanceNumber on some file: the files' names give the order
+        ranked = sorted(range(len(files)), key=lambda k: files[k].name)
+    return list(zip(ranked, masks))
+
+
+def read_slice_masks(folder: str | os.PathLike, volume: Volume, pair_by: str = "stem") -> np.ndarray:
+    """Label volume from per-slice masks (``.png``) of a DICOM series; label values are kept as stored in
+    the files (like a NIfTI label map: a 0/255 mask gives label 255).
+
+    Pairing (``pair_by``): ``stem``, a mask ``<stem>.png`` per DICOM file ``<stem>.dcm`` (a file without a
+    mask is an unlabelled slice, 0); ``order``, the i-th mask by file name for the i-th file of the series by
+    InstanceNumber (by file name when a file has none), one mask per file. Each mask is (Rows, Columns) as
+    the DICOM pixels. Returns (I, J, K) int64 in ``volume.data``'s order.
 
     Raises:
-        VolumeReadError: ``volume`` is not a DICOM series, no mask matches, or a mask's size differs.
+        VolumeReadError: ``volume`` is not a DICOM series, no mask matches (``stem``: the message suggests
+            ``--pair-by order``), the counts differ (``order``), or a mask's size differs.
     """
-    from refseg.io.raster import read_mask
+    from refseg.io.raster import read_label_map
 
     folder = Path(folder)
+    if pair_by not in PAIR_BY:
+        raise ValueError(f"--pair-by must be one of {', '.join(PAIR_BY)}, got {pair_by!r}")
     if not volume.slice_files:
         raise VolumeReadError(f"{folder}: per-slice PNG masks need a DICOM series reference, "
                               f"{volume.path} is not one")
+    masks = sorted((p for p in folder.iterdir() if p.suffix.lower() == ".png" and not p.name.startswith(".")),
+                   key=lambda p: p.name)
+    if pair_by == "order":
+        pairs = _order_pairs(masks, volume, folder)
+    else:
+        by_stem = {p.stem: p for p in masks}
+        pairs = [(k, by_stem[f.stem]) for k, f in enumerate(volume.slice_files) if f.stem in by_stem]
+        if not pairs:
+            raise VolumeReadError(
+                f"{folder}: no <stem>.png mask matches a file of the series {volume.path} (masks "
+                f"{', '.join(p.name for p in masks[:3]) or 'none'}{' ...' if len(masks) > 3 else ''}; files "
+                f"{', '.join(f.name for f in volume.slice_files[:3])} ...); masks named in the series' order "
+                f"(e.g. organ_000.png ...) pair with --pair-by order")
     labels = np.zeros(volume.shape, np.int64)
-    found = 0
-    for k, dicom_path in enumerate(volume.slice_files):
-        mask_path = folder / f"{dicom_path.stem}.png"
-        if not mask_path.is_file():
-            continue
-        mask = read_mask(mask_path)
+    for k, mask_path in pairs:
+        mask = read_label_map(mask_path)
         if mask.shape != volume.shape[:2]:
             raise VolumeReadError(f"{mask_path}: mask size {mask.shape} differs from the DICOM slice "
-                                  f"{volume.shape[:2]} (rows, columns) of {dicom_path.name}")
+                                  f"{volume.shape[:2]} (rows, columns) of {volume.slice_files[k].name}")
         labels[:, :, k] = mask
-        found += 1
-    if not found:
-        raise VolumeReadError(f"{folder}: no <stem>.png mask matches a file of the series {volume.path}")
     return labels
+
+
+def slice_range(text: str | None, count: int, where: str, axis_name: str = "") -> list[int]:
+    """The slice indices ``A:B`` selects out of ``count`` (Python range rules: A, B optional, negative from
+    the end); ``None`` selects all.
+
+    Raises:
+        ValueError: a malformed range, or one that lies outside ``0:count`` or selects nothing, naming
+            ``where`` (the volume) and how many slices it has.
+    """
+    if text is None:
+        return list(range(count))
+    start, sep, stop = str(text).partition(":")
+    if not sep:
+        raise ValueError(f"--slices {text!r}: expected A:B (e.g. 10:20; A or B may be left out)")
+    try:
+        a = int(start) if start.strip() else None
+        b = int(stop) if stop.strip() else None
+    except ValueError:
+        raise ValueError(f"--slices {text!r}: A and B must be whole numbers") from None
+    axis = f" along {axis_name}" if axis_name else ""
+    if any(v is not None and not -count <= v <= count for v in (a, b)):
+        raise ValueError(f"--slices {text}: {where} has {count} slices{axis}; A and B must lie within "
+                         f"0:{count} (or -{count}:0 from the end)")
+    chosen = list(range(count))[slice(a, b)]
+    if not chosen:
+        raise ValueError(f"--slices {text}: selects no slice of the {count} slices{axis} of {where}")
+    return chosen
+
+
+def canonical_length(path: str | os.PathLike, axis: int, series_uid: str | None = None) -> int:
+    """Slices of a volume file along canonical ``axis`` (see the module doc), read from the NIfTI header
+    alone; a DICOM series is read."""
+    path = Path(path)
+    if is_nifti_path(path):
+        nib = _nibabel()
+        try:
+            image = nib.load(str(path))
+        except Exception as exc:
+            raise VolumeReadError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
+        shape, affine = image.shape[:3], image.affine
+    else:
+        volume = read_volume(path, series_uid=series_uid)
+        shape, affine = volume.shape, volume.affine
+    stored_axis = int(_nibabel().orientations.io_orientation(affine)[:, 0].tolist().index(axis))
+    return int(shape[stored_axis])
 
 
 def write_label_volume(path: str | os.PathLike, labels: np.ndarray, like: Volume) -> Path:
@@ -261,6 +338,15 @@ class Reorientation:
     def undo(self, data: np.ndarray) -> np.ndarray:
         """Canonical array -> stored order."""
         return _nibabel().orientations.apply_orientation(data, self.from_canonical)
+
+
+def canonical_affine(affine: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """The voxel -> RAS+ affine of the canonical array of a volume stored with ``affine`` and ``shape``
+    (``nibabel.as_closest_canonical``'s affine): two volumes store the same grid in another voxel order
+    exactly when their canonical shapes and affines agree."""
+    orientations = _nibabel().orientations
+    ornt = orientations.io_orientation(affine)
+    return np.asarray(affine, np.float64) @ orientations.inv_ornt_aff(ornt, shape)
 
 
 def reorientation(affine: np.ndarray) -> Reorientation:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import io
 import json
 import logging
@@ -110,6 +111,21 @@ def _fsync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def remove_temporaries(targets: Iterable[str | os.PathLike]) -> int:
+    """Delete the temporary files :func:`atomic_writer` left for these targets when a run was killed
+    mid-write (``.<name>.<random>.tmp`` beside each target file; for a target folder, every such file in
+    it). Returns how many were removed."""
+    removed = 0
+    for target in map(Path, targets):
+        pattern = ".*.tmp" if target.is_dir() else f".{glob.escape(target.name)}.*.tmp"
+        for stale in (target if target.is_dir() else target.parent).glob(pattern):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+                removed += 1
+                log.debug("removed %s, left by an interrupted run", stale)
+    return removed
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from refseg.io.writers import new_file_mode
+from refseg.io.writers import atomic_writer
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +135,26 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def file_identity(path: str | os.PathLike | None, with_sha256: bool = False) -> dict | None:
+    """``{"path", "file", "size", "mtime_ns"}`` (plus ``"sha256"`` when asked) of a checkpoint file, or
+    ``None`` for ``None``: how export cache keys, export manifests and run fingerprints name a checkpoint
+    (each keeps the fields it needs)."""
+    if path is None:
+        return None
+    path = Path(path).expanduser().resolve()
+    stat = path.stat()
+    record = {"path": str(path), "file": path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if with_sha256:
+        record["sha256"] = sha256_file(path)
+    return record
+
+
 def verify_sha256(path: Path, source: CheckpointSource) -> None:
     """Raise :class:`CheckpointError` when ``path`` does not carry the expected digest."""
-    actual = sha256_file(path)
+    _check_digest(sha256_file(path), source, path)
+
+
+def _check_digest(actual: str, source: CheckpointSource, path: Path) -> None:
     if source.sha256 is None and source.sha256_prefix is None:
         # DINOv2's release publishes no digest: the strict key/shape load is the remaining check.
         log.warning("%s: no official sha256 to verify against; got %s", source.filename, actual)
@@ -150,20 +166,14 @@ def verify_sha256(path: Path, source: CheckpointSource) -> None:
 
 def download_checkpoint(source: CheckpointSource, folder: Path, timeout: float = 30.0) -> Path:
     """Download ``source.url`` into ``folder`` with sha256 verification and an atomic rename."""
-    folder.mkdir(parents=True, exist_ok=True)
     final = folder / source.filename
     log.info("downloading %s -> %s", source.url, final)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{source.filename}.", dir=folder)
-    tmp = Path(tmp_name)
-    try:
-        os.fchmod(fd, new_file_mode())  # mkstemp's 0600 -> what a plain open() would give
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(source.url, timeout=timeout) as resp:
-            for block in iter(lambda: resp.read(1 << 20), b""):
-                out.write(block)
-        verify_sha256(tmp, source)
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+    digest = hashlib.sha256()
+    with atomic_writer(final) as out, urllib.request.urlopen(source.url, timeout=timeout) as resp:
+        for block in iter(lambda: resp.read(1 << 20), b""):
+            digest.update(block)
+            out.write(block)
+        _check_digest(digest.hexdigest(), source, final)  # raising here leaves no file behind
     return final
 
 

@@ -36,20 +36,12 @@ from refseg.config import SegmenterConfig
 from refseg.models.sam_transforms import prepare_images
 from refseg.pipeline.features import dinov2_batch
 from refseg.pipeline.grid import FG, cells_to_pixels
+from refseg.pipeline.matching import hungarian_solver
 from refseg.pipeline.methods import ReferenceSet, TargetOutput, decode_target_sets, patch_tokens
 from refseg.pipeline.prompt_sets import DecodedSets, PromptSets
 
 log = logging.getLogger(__name__)
 _WARNED = set()
-
-
-def _linear_sum_assignment():
-    try:
-        from scipy.optimize import linear_sum_assignment
-    except ImportError as exc:  # pragma: no cover - scipy is in the test extra
-        raise ImportError("the matcher preset needs scipy for Hungarian matching: "
-                          "pip install 'refseg[methods]' (or pip install scipy)") from exc
-    return linear_sum_assignment
 
 
 def hungarian_matches(ref: torch.Tensor, tgt: torch.Tensor, ref_fg: torch.Tensor
@@ -62,7 +54,7 @@ def hungarian_matches(ref: torch.Tensor, tgt: torch.Tensor, ref_fg: torch.Tensor
     Returns:
         (ref_idx (n,), tgt_idx (n,)) int64 surviving forward matches, and their cosine (n,).
     """
-    lsa = _linear_sum_assignment()
+    lsa = hungarian_solver()
     sim = (ref.float() @ tgt.float().T).cpu()
     fg_idx = ref_fg.cpu().nonzero().flatten()
     rows, cols = lsa(sim[fg_idx].double().numpy(), maximize=True)

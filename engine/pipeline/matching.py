@@ -152,11 +152,18 @@ def _fallback(mask: torch.Tensor, fwd_c: torch.Tensor, member: torch.Tensor, key
     return mask | add
 
 
+def hungarian_solver():
+    """scipy's ``linear_sum_assignment``, or one message naming the ``methods`` extra to install."""
+    from ..optional import require
+
+    return require("scipy.optimize", "methods",
+                   "Hungarian matching (the matcher preset, matcher='hungarian')").linear_sum_assignment
+
+
 def _hungarian_candidates(ref: torch.Tensor, tgt: torch.Tensor, labels: torch.Tensor,
                           config: SegmenterConfig) -> Candidates:
     """One-to-one forward assignment per class and label, one-to-one backward check (scipy)."""
-    from ..optional import require
-    lsa = require("scipy.optimize", "test", "matcher='hungarian'").linear_sum_assignment
+    lsa = hungarian_solver()
 
     b, nt = tgt.shape[:2]
     nr = ref.shape[1]

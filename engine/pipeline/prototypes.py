@@ -10,15 +10,14 @@
    confident one) the most confident FG pixel and the centroid are positives, the component's
    bounding box the box; all components of all classes decoded in one call; union per class.
 
-Volume protocol (slice-wise): :func:`support_slice_for` picks, for a query slice, the middle slice of
-the support chunk at the same relative position (support and query split into 3 chunks).
+Volumes run slice by slice; which reference slice serves which target slice (the chunked protocol of
+SSL-ALPNet / ProtoSAM) is :func:`refseg.jobs.volume_plan.support_slice`.
 Coordinates: S-space pixels (x, y) on the S×S DINOv2 input, mapped to target pixels as
 ``x_t = (x_s + 0.5) · W / S − 0.5`` (centres of pixels), boxes by their pixel edges.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -176,32 +175,6 @@ def box_to_target(boxes: torch.Tensor, size: int, original_size: tuple[int, int]
     out = boxes.float() * scale
     out[..., 2:] -= 1.0
     return torch.maximum(out, out.new_zeros(()))
-
-
-def support_slice_for(query_index: int, query_count: int, support_slices: Sequence[int], chunks: int = 3) -> int:
-    """ProtoSAM's chunked support protocol for volumes: the support slice a query slice uses.
-
-    The query's labelled slices (``query_count`` of them, ``query_index`` the rank of this one,
-    0-based) and the support's labelled slices (``support_slices``, slice numbers, ascending) are
-    each split into ``chunks`` parts by relative position; a query slice in part k uses the middle
-    slice of support part k (when the support has fewer slices than chunks, the nearest one).
-
-    Returns:
-        A slice number from ``support_slices``.
-    """
-    if query_count < 1 or not 0 <= query_index < query_count:
-        raise ValueError(f"support_slice_for: query_index {query_index} outside 0..{query_count - 1}")
-    if chunks < 1:
-        raise ValueError(f"support_slice_for: chunks={chunks} must be >= 1")
-    support = list(support_slices)
-    if not support:
-        raise ValueError("support_slice_for: the support volume has no labelled slice")
-    part = min(query_index * chunks // query_count, chunks - 1)
-    n = len(support)
-    start, stop = part * n // chunks, (part + 1) * n // chunks
-    if stop <= start:  # fewer support slices than chunks: the slice at the same relative position
-        return int(support[min(n - 1, (2 * part + 1) * n // (2 * chunks))])
-    return int(support[(start + stop - 1) // 2])
 
 
 # ------------------------------------------------------------------------------- method interface

@@ -9,9 +9,7 @@ Mean m = mean_v p_v is the confidence, u = std_v p_v the uncertainty (disagreeme
 FG = m − w·u where m > 0.5, BG = (1 − m) − w·u where m < 0.5 (w = ``topk_uncertainty_weight``).
 Max-pool non-maximum suppression (window ``topk_nms_kernel``) keeps local maxima; the ``topk_k``
 best FG peaks are positives and the ``topk_neg_k`` best BG peaks negatives, at their cell centres.
-
-3-D: :func:`nms_3d` / :func:`topk_points_3d` select points in a (D, H, W) score volume and
-:func:`points_by_slice` groups them per slice so each slice decodes its own points.
+Volumes run the preset slice by slice (no 3-D suppression across slices).
 """
 from __future__ import annotations
 
@@ -31,28 +29,17 @@ from refseg.pipeline.prompts import PromptBatch
 from refseg.pipeline.prototypes import Prototypes, build_prototypes, fg_scores, grid_mask
 
 
-def _local_maxima(score: torch.Tensor, kernel: int, dims: int, name: str) -> torch.Tensor:
-    """Cells equal to the maximum of their ``kernel``-wide window over the last ``dims`` axes (bool)."""
-    if kernel % 2 == 0 or kernel < 1:
-        raise ValueError(f"{name}: kernel={kernel} must be odd and >= 1")
-    shape = score.shape
-    x = score.reshape(-1, 1, *shape[-dims:]).float()
-    pool = F.max_pool2d if dims == 2 else F.max_pool3d
-    return (x == pool(x, kernel, stride=1, padding=kernel // 2)).reshape(shape)
-
-
 def nms_2d(score: torch.Tensor, kernel: int = 3) -> torch.Tensor:
     """Local maxima of (..., H, W) scores under a ``kernel``×``kernel`` max-pool (odd), as bool.
 
     A cell is kept when it equals the maximum of its window (plateaus keep all their cells;
     :func:`top_peaks` then orders them by index).
     """
-    return _local_maxima(score, kernel, 2, "nms_2d")
-
-
-def nms_3d(score: torch.Tensor, kernel: int = 3) -> torch.Tensor:
-    """Local maxima of a (D, H, W) (or (..., D, H, W)) score volume under a cubic max-pool."""
-    return _local_maxima(score, kernel, 3, "nms_3d")
+    if kernel % 2 == 0 or kernel < 1:
+        raise ValueError(f"nms_2d: kernel={kernel} must be odd and >= 1")
+    shape = score.shape
+    x = score.reshape(-1, 1, *shape[-2:]).float()
+    return (x == F.max_pool2d(x, kernel, stride=1, padding=kernel // 2)).reshape(shape)
 
 
 def top_peaks(score: torch.Tensor, keep: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,33 +59,6 @@ def top_peaks(score: torch.Tensor, keep: torch.Tensor, k: int) -> tuple[torch.Te
         order = torch.cat([order, order.new_zeros(*order.shape[:-1], pad)], -1)
         valid = torch.cat([valid, valid.new_zeros(*valid.shape[:-1], pad)], -1)
     return order, valid
-
-
-def topk_points_3d(score: torch.Tensor, k: int, kernel: int = 3, min_score: float = float("-inf")
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``k`` 3-D non-maximum-suppressed points of a (D, H, W) score volume.
-
-    Returns:
-        points (n, 3) int64 as (z, x, y) — slice index, then (x, y) pixels of that slice — and their
-        scores (n,), best first, n ≤ k (only scores > ``min_score``).
-    """
-    d, h, w = score.shape
-    keep = nms_3d(score, kernel) & (score > min_score)
-    idx, valid = top_peaks(score.flatten(), keep.flatten(), k)
-    idx = idx[valid]
-    z = torch.div(idx, h * w, rounding_mode="floor")
-    rest = idx - z * h * w
-    y = torch.div(rest, w, rounding_mode="floor")
-    x = rest - y * w
-    return torch.stack([z, x, y], -1), score.flatten()[idx]
-
-
-def points_by_slice(points: torch.Tensor) -> dict[int, torch.Tensor]:
-    """(n, 3) (z, x, y) points -> {slice z: (m, 2) (x, y) points of that slice}, slices ascending."""
-    out = {}
-    for z in torch.unique(points[:, 0]).tolist():
-        out[int(z)] = points[points[:, 0] == z][:, 1:]
-    return out
 
 
 def confidence_and_uncertainty(views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,18 +4,11 @@ Used by ``refseg info`` and by benchmark reports; every probe is lazy and never 
 """
 from __future__ import annotations
 
-import importlib
 import os
 import platform
 from pathlib import Path
 
-
-def _version(module: str) -> str | None:
-    try:
-        mod = importlib.import_module(module)
-    except Exception:  # a broken optional install must not break `refseg info`
-        return None
-    return str(getattr(mod, "__version__", "unknown"))
+from refseg.optional import versions
 
 
 def cpu_name() -> str:
@@ -33,8 +26,9 @@ def collect() -> dict:
     """A JSON-able dict describing the software and hardware refseg can use."""
     import torch
 
+    found = versions(("refseg", "triton", "onnx", "onnxruntime", "tensorrt"))  # read, not imported
     info: dict = {
-        "refseg": _version("refseg") or "dev",
+        "refseg": found["refseg"] or "dev",
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu": cpu_name(),
@@ -44,11 +38,11 @@ def collect() -> dict:
         "cuda_available": torch.cuda.is_available(),
         "cuda": torch.version.cuda,
         "gpus": [],
-        "triton": _version("triton"),
-        "onnx": _version("onnx"),
-        "onnxruntime": _version("onnxruntime"),
+        "triton": found["triton"],
+        "onnx": found["onnx"],
+        "onnxruntime": found["onnxruntime"],
         "onnxruntime_providers": [],
-        "tensorrt": _version("tensorrt"),
+        "tensorrt": found["tensorrt"],
     }
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):

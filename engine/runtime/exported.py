@@ -296,21 +296,13 @@ def graph_digest(manifest: dict, record: dict) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def _checkpoint_identity(path: Path | None) -> dict | None:
-    if path is None:
-        return None
-    path = path.expanduser().resolve()
-    stat = path.stat()
-    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
 def default_export_dir(config: SegmenterConfig, dinov2_checkpoint: Path, sam_checkpoint: Path,
                        max_batch: int) -> Path:
     """``~/.cache/refseg/exports/<dinov2>-<sam>-<S>-<precision>-<key>`` (see module docstring)."""
-    from refseg.models.checkpoints import cache_dir
+    from refseg.models.checkpoints import cache_dir, file_identity
 
-    key = json.dumps({"layout": EXPORT_LAYOUT, "dinov2": _checkpoint_identity(dinov2_checkpoint),
-                      "sam": _checkpoint_identity(sam_checkpoint), "image_size": config.image_size,
+    key = json.dumps({"layout": EXPORT_LAYOUT, "dinov2": file_identity(dinov2_checkpoint),
+                      "sam": file_identity(sam_checkpoint), "image_size": config.image_size,
                       "precision": config.precision, "max_batch": max_batch}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_dir() / "exports" / (f"{config.dinov2}-{config.sam}-{config.image_size}-"

@@ -10,7 +10,7 @@ goes on. Errors raised while loading or validating name the item's key.
 Pipeline: reader threads (decode + validate + resize for both encoders) -> a bounded window of
 items read ahead -> batches -> DINOv2 and SAM encoders (pinned memory and non-blocking copies on
 CUDA) -> matching and prompt engineering on the device -> one decoder call for all prompt sets of
-the batch -> post-processing -> the consumer (the folder runner hands outputs to a bounded
+the batch -> post-processing -> the consumer (the folder job hands outputs to a bounded
 :class:`refseg.runtime.writer.BackgroundWriter`).
 
     items = (StreamItem(key=str(p), load=functools.partial(read_image, p)) for p in paths)
@@ -188,12 +188,3 @@ def stream_segment(segmenter, items: Iterable[StreamItem], batch_size: int | Non
         for future in window:
             future.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def segment_items(segmenter, items: Iterable[StreamItem], batch_size: int | None = None) -> Iterator[StreamOutput]:
-    """The jobs' seam: :func:`stream_segment` here, or the segmenter's own ``stream`` when its work runs
-    elsewhere (:class:`refseg.ray_stream.RaySegmenter`: batches on Ray actors, outputs back in order)."""
-    remote = getattr(segmenter, "stream", None)
-    if remote is not None:
-        return remote(items, batch_size=batch_size)
-    return stream_segment(segmenter, items, batch_size=batch_size)

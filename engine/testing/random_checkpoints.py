@@ -18,15 +18,15 @@ hub layout, as in the real files).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from refseg.io.writers import new_file_mode, write_json
+from refseg.io.writers import atomic_write_bytes, atomic_writer, write_json
 from refseg.models import dinov2 as dinov2_mod
 from refseg.models import dinov3 as dinov3_mod
 from refseg.models import dinov3_hf
@@ -36,20 +36,14 @@ log = logging.getLogger(__name__)
 
 
 def _save(state: dict[str, torch.Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.fchmod(fd, new_file_mode())  # mkstemp's 0600 -> the umask's normal mode
-    os.close(fd)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
-            save_file({k: v.contiguous() for k, v in state.items()}, tmp)
-            os.chmod(tmp, new_file_mode())  # safetensors re-creates the file with mode 0600
-        else:
-            torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    """torch.save / safetensors by suffix, written atomically (:func:`refseg.io.writers.atomic_writer`)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save
+
+        atomic_write_bytes(path, save({k: v.contiguous() for k, v in state.items()}))
+    else:
+        with atomic_writer(path) as handle:
+            torch.save(state, handle)
 
 
 def _file_name(official: str, safetensors: bool) -> str:
@@ -58,14 +52,52 @@ def _file_name(official: str, safetensors: bool) -> str:
 
 def random_dinov2_state_dict(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """A DINOv2 state dict with official keys and shapes, random values from ``seed``."""
-    model = dinov2_mod.DinoVisionTransformer(dinov2_mod.DINOV2_SPECS[name])
-    dinov2_mod.init_random_(model, seed)
-    return model.state_dict()
+    return random_dinov2_model(name, seed).state_dict()
 
 
 def random_sam_state_dict(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """A SAM state dict with official keys and shapes, random values from ``seed``."""
     return sam_mod.random_sam(name, seed).state_dict()
+
+
+def random_sam_model(name: str | sam_mod.SamSpec = "vit_b", seed: int = 0, depth: int | None = None,
+                     img_size: int | None = None) -> sam_mod.Sam:
+    """A SAM of the official ``name`` layout (or a :class:`refseg.models.sam.SamSpec`) with random weights, in
+    eval mode, optionally cut to ``depth`` image-encoder blocks and an ``img_size`` input side (e.g. 2 blocks
+    at 256 px: a 16 x 16 embedding, 16x cheaper than 1024): the one builder of SAMs for tests and benchmarks."""
+    spec = sam_mod.SAM_SPECS[name] if isinstance(name, str) else name
+    if depth is not None:
+        spec = spec.with_depth(depth)
+    if img_size is not None:
+        spec = dataclasses.replace(spec, img_size=img_size)
+    return sam_mod.random_sam(spec, seed)
+
+
+def random_dinov2_model(name: str | dinov2_mod.Dinov2Spec = "vits14", seed: int = 0,
+                        depth: int | None = None) -> dinov2_mod.DinoVisionTransformer:
+    """A DINOv2 of the official ``name`` layout (or a spec) with random weights (eval mode), optionally cut to
+    ``depth`` blocks."""
+    spec = dinov2_mod.DINOV2_SPECS[name] if isinstance(name, str) else name
+    model = dinov2_mod.DinoVisionTransformer(spec if depth is None else dataclasses.replace(spec, depth=depth))
+    return dinov2_mod.init_random_(model, seed).eval()
+
+
+def write_model(model: torch.nn.Module, path: str | os.PathLike) -> Path:
+    """Save ``model``'s state dict as a checkpoint file (``.pth``, or ``.safetensors`` by suffix)."""
+    path = Path(path)
+    _save(model.state_dict(), path)
+    return path
+
+
+def write_tiny_checkpoints(folder: str | os.PathLike, sam_img_size: int = 256) -> tuple[Path, Path]:
+    """(SAM, DINOv2) checkpoint files of the smallest models the pipeline runs end to end: SAM ViT-B cut to
+    2 blocks at ``sam_img_size`` px, DINOv2 ViT-S/14 (full), random weights; for tests and smoke runs."""
+    folder = Path(folder)
+    sam = write_model(random_sam_model("vit_b", depth=2, img_size=sam_img_size), folder / f"sam_tiny_{sam_img_size}.pth")
+    dino = folder / dinov2_mod.DINOV2_SPECS["vits14"].checkpoint.filename
+    if not dino.is_file():
+        write_model(random_dinov2_model("vits14"), dino)
+    return sam, dino
 
 
 def random_dinov3_state_dict(name: str, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -1,8 +1,10 @@
-"""Progress of a run, per image: a tqdm bar on a terminal, periodic log lines otherwise.
+"""Progress of a job, per stream item (image, slice, tile): a tqdm bar on a terminal, INFO lines otherwise.
 
 Without a terminal (CI logs, ``nohup``, a cluster job) a line such as
-``progress: 40/200 images (20 %), 3.1 images/s, ETA 52 s`` is logged at INFO every ``every_n``
-images or ``every_s`` seconds, whichever comes first, and once at the end.
+``progress: 40/200 slices (20 %), 3.1 slices/s, ETA 52 s`` is logged at INFO every ``every_n`` items or
+``every_s`` seconds, whichever comes first, and once at the end. Every mode (folders, volumes, slides, on
+Ray or not) reports through this one class; the total may grow while a job plans its inputs (a volume's
+slices are known once it is read, a slide's tissue tiles once its thumbnail is).
 """
 from __future__ import annotations
 
@@ -28,32 +30,44 @@ def _duration(seconds: float) -> str:
 
 
 class Progress:
-    """Counts finished images out of ``total``.
+    """Counts finished items out of ``total``.
 
     Args:
-        total: images to process.
+        total: items to process (may grow later: :meth:`grow`).
         mode: ``auto`` (bar when stderr is a terminal, else log lines), ``bar``, ``log``, ``off``.
-        every_n: log a line every this many images (default: about every 10 % of ``total``,
-            at most every 100 images).
+        every_n: log a line every this many items (default: about every 10 % of ``total``, at most every
+            100 items).
         every_s: ... or when this many seconds passed since the last line.
+        unit: plural noun of an item (``images``, ``slices``, ``tiles``).
     """
 
     def __init__(self, total: int, mode: str = "auto", every_n: int | None = None,
-                 every_s: float = 30.0):
+                 every_s: float = 30.0, unit: str = "images"):
         if mode not in MODES:
             raise ValueError(f"progress mode must be one of {', '.join(MODES)}, got {mode!r}")
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "log"
-        self.total, self.done, self.mode = total, 0, mode
-        self.every_n = every_n or max(1, min(100, math.ceil(total / 10)))
+        self.total, self.done, self.mode, self.unit = total, 0, mode, unit
+        self._every_n = every_n
         self.every_s = every_s
         self._start = self._last = time.perf_counter()
         self._last_done = 0
         self._bar = None
-        if mode == "bar" and total:
+        if mode == "bar":
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, unit="img", desc="refseg", file=sys.stderr)
+            self._bar = tqdm(total=total, unit=unit.rstrip("s"), desc="refseg", file=sys.stderr)
+
+    @property
+    def every_n(self) -> int:
+        return self._every_n or max(1, min(100, math.ceil(self.total / 10)))
+
+    def grow(self, n: int) -> None:
+        """``n`` more items to process than announced so far."""
+        self.total += n
+        if self._bar is not None:
+            self._bar.total = self.total
+            self._bar.refresh()
 
     def line(self) -> str:
         """The progress sentence for the current count."""
@@ -61,11 +75,11 @@ class Progress:
         rate = self.done / elapsed if elapsed > 0 else 0.0
         pct = 100.0 * self.done / self.total if self.total else 100.0
         eta = _duration((self.total - self.done) / rate) if rate > 0 else "unknown"
-        return (f"progress: {self.done}/{self.total} images ({pct:.0f} %), {rate:.2f} images/s, "
+        return (f"progress: {self.done}/{self.total} {self.unit} ({pct:.0f} %), {rate:.2f} {self.unit}/s, "
                 f"ETA {eta}")
 
     def update(self, n: int = 1) -> None:
-        """``n`` more images finished."""
+        """``n`` more items finished."""
         self.done += n
         if self._bar is not None:
             self._bar.update(n)

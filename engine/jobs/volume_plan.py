@@ -1,4 +1,5 @@
-"""Segmenting a CT / MRI volume slice by slice from labelled reference slices.
+"""Planning a CT / MRI volume run: which labelled reference slices serve which target slice (pure numpy,
+before any model loads), and the reference shots and slice loaders of the run.
 
 Geometry: both volumes are viewed in their closest RAS+ canonical orientation and sliced along ``axis``
 (0 sagittal, 1 coronal, 2 axial; see :mod:`refseg.io.volume`); slice indices (``slices``,
@@ -8,10 +9,12 @@ back in the target's stored voxel order, same shape.
 Which reference slice serves which target slice, for each requested label c (candidates: the reference
 slices holding c, or those of ``reference_slices`` holding c):
 
-* default (the ProtoSAM / SSL-ALPNet protocol): the candidates are split into ``chunks`` contiguous
-  chunks (``numpy.array_split``) and each chunk is represented by its middle slice; a target slice at
-  relative position p in the segmented range (0 <= p < 1) uses chunk ``floor(p * chunks)``. With
-  ``reference_slices`` every given slice is its own chunk.
+* default (the SSL-ALPNet / ProtoSAM evaluation protocol, :func:`support_slice`): the n candidates are
+  split into C = ``chunks`` chunks by relative position, chunk k holding the candidates at relative
+  positions [k / C, (k + 1) / C), and each chunk is represented by its middle slice, candidate
+  ``floor((2k + 1) n / (2C))``; a target slice at relative position p = (t - first) / (last - first) of the
+  segmented range uses chunk ``min(C - 1, floor(C p))``. With ``reference_slices`` every given slice is its
+  own chunk.
 * ``pool_references``: every candidate slice is one shot of an n-shot reference.
 * same-volume mode (``reference`` is ``None``: the labels mark a few slices of the target itself): each
   target slice uses the nearest labelled slice (ties: the lower one); the labelled slices are copied into
@@ -21,32 +24,34 @@ All labels are segmented together: one SAM encode per target slice, one prompt s
 slice contributes every requested label it holds (a label covering no whole 14 px patch of that slice is
 left out of it). Intensities of reference and target slices go through one :class:`Window`.
 
-Empty slices: volume runs decode with ``fallback=False`` and a label whose prompt set has no positive
-point after the cycle check gets no mask on that slice (rather than SAM's answer to negatives alone).
+Empty slices: a label whose prompt set has no positive point after the cycle check gets no mask on that
+slice (rather than SAM's answer to negatives alone); ``refseg segment`` builds volume Segmenters with
+``fallback=False``, so no positive point is forced either.
 """
 from __future__ import annotations
 
 import functools
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from refseg.io.intensity import DEFAULT_PERCENTILES, Window, auto_window
-from refseg.io.volume import Volume, read_volume, reorientation, slice_view, put_slice_view
 from refseg.config import PATCH_SIZE
+from refseg.io.intensity import DEFAULT_PERCENTILES, Window, auto_window
+from refseg.io.masks import as_label_map
+from refseg.io.volume import Volume, read_volume, reorientation, slice_view
+from refseg.io.volume import slice_range
 from refseg.pipeline.grid import FG, binary_to_grid, resize_binary_mask
-from refseg.runtime.stream import StreamItem, segment_items
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNKS = 3
 """Reference chunks of the ProtoSAM protocol (SSL-ALPNet's evaluation uses 3)."""
+AXIS_NAMES = ("axis 0 (sagittal)", "axis 1 (coronal)", "axis 2 (axial)")
 
 
 @dataclass
@@ -104,27 +109,42 @@ def _as_volume(value, name: str) -> Volume:
     return Volume(data=array, affine=np.eye(4), path=Path(name))
 
 
-def _parse_range(slices, count: int, name: str) -> list[int]:
-    if slices is None:
-        return list(range(count))
-    if isinstance(slices, str):
-        start, sep, stop = slices.partition(":")
-        if not sep:
-            raise ValueError(f"{name}: --slices {slices!r} is not of the form A:B")
-        try:
-            slices = slice(int(start) if start.strip() else None, int(stop) if stop.strip() else None)
-        except ValueError:
-            raise ValueError(f"{name}: --slices {slices!r}: A and B must be integers") from None
+def _slices(slices, count: int, name: str, axis: int) -> list[int]:
+    """``slices`` as ``"A:B"``, a ``slice`` or indices -> sorted indices, each within 0..count-1."""
+    if slices is None or isinstance(slices, str):
+        return slice_range(slices, count, name, AXIS_NAMES[axis])
     if isinstance(slices, slice):
         chosen = list(range(count))[slices]
     else:
         chosen = sorted({int(s) for s in slices})
         bad = [s for s in chosen if not 0 <= s < count]
         if bad:
-            raise ValueError(f"{name}: slice(s) {bad} outside 0..{count - 1}")
+            raise ValueError(f"{name}: slice(s) {bad} outside 0..{count - 1} ({count} slices along "
+                             f"{AXIS_NAMES[axis]})")
     if not chosen:
-        raise ValueError(f"{name}: slice range {slices} selects no slice of {count}")
+        raise ValueError(f"{name}: the slices asked for select none of the {count} along {AXIS_NAMES[axis]}")
     return chosen
+
+
+def support_slice(position: float, labelled: Sequence[int], chunks: int) -> int:
+    """The reference slice of a target slice under the SSL-ALPNet / ProtoSAM protocol.
+
+    Args:
+        position: the target's relative position in its range, 0 (first) .. 1 (last).
+        labelled: the reference slices holding the label, ascending (n of them).
+        chunks: C; the labelled slices form C chunks by relative position.
+
+    Returns:
+        The middle slice of chunk k = min(C - 1, floor(C * position)): ``labelled[floor((2k + 1) n / (2C))]``
+        (exact integer arithmetic; also when n < C).
+    """
+    if not labelled:
+        raise ValueError("support_slice: no labelled slice")
+    if chunks < 1:
+        raise ValueError(f"support_slice: chunks must be >= 1, got {chunks}")
+    k = min(chunks - 1, max(0, int(chunks * position)))
+    n = len(labelled)
+    return int(labelled[min(n - 1, (2 * k + 1) * n // (2 * chunks))])
 
 
 def _covering(mask: np.ndarray, classes: list[int], config) -> list[int]:
@@ -202,32 +222,31 @@ def plan_volume(target: Volume | np.ndarray, reference_labels: Volume | np.ndarr
                              f"--set grid_rule=fraction")
         holds = {c: np.asarray(v) for c, v in usable.items()}
     if reference_slices is not None:
-        given = np.asarray(_parse_range(list(reference_slices), ref_can.shape[axis], str(label_volume.path)))
+        given = np.asarray(_slices(list(reference_slices), ref_can.shape[axis], str(label_volume.path), axis))
         holds = {c: np.intersect1d(v, given) for c, v in holds.items()}
         missing = [c for c, v in holds.items() if v.size == 0]
         if missing:
             raise ValueError(f"{label_volume.path}: label(s) {missing} absent from reference slices "
                              f"{given.tolist()}")
-    targets = _parse_range(slices, tgt_can.shape[axis], name)
+    targets = _slices(slices, tgt_can.shape[axis], name, axis)
     copied: list[int] = []
     if same_volume:
         labelled = set(np.unique(np.concatenate(list(holds.values()))).tolist())
         copied = [t for t in targets if t in labelled]
         targets = [t for t in targets if t not in labelled]
     groups: dict[tuple[int, ...], list[int]] = {}
-    for pos, t in enumerate(targets):
+    span = max(1, targets[-1] - targets[0]) if targets else 1
+    for t in targets:
         chosen = set()
         for c in labels:
-            cand = holds[c]
+            cand = holds[c].tolist()
             if pool_references:
-                chosen.update(cand.tolist())
+                chosen.update(cand)
             elif same_volume:
-                chosen.add(_nearest(cand, t))
+                chosen.add(_nearest(np.asarray(cand), t))
             else:
-                parts = [cand[i:i + 1] for i in range(cand.size)] if reference_slices is not None \
-                    else np.array_split(cand, min(max(1, chunks), cand.size))
-                part = parts[min(len(parts) - 1, pos * len(parts) // len(targets))]
-                chosen.add(int(part[len(part) // 2]))
+                chosen.add(support_slice((t - targets[0]) / span, cand,
+                                         len(cand) if reference_slices is not None else chunks))
         groups.setdefault(tuple(sorted(chosen)), []).append(t)
     if window is None:
         window = auto_window(reference.data, DEFAULT_PERCENTILES, source="reference volume p0.5-p99.5")
@@ -239,7 +258,8 @@ def plan_volume(target: Volume | np.ndarray, reference_labels: Volume | np.ndarr
 
 
 def reference_shots(plan: VolumePlan, slices: tuple[int, ...], config) -> list[tuple[np.ndarray, np.ndarray, str]]:
-    """(uint8 image, label mask, source) per reference slice, keeping only labels that survive the grid."""
+    """(uint8 image, label map, source) per reference slice, keeping only labels that survive the grid; the
+    masks are :func:`refseg.io.masks.as_label_map` views, so the Segmenter keeps their values."""
     shots = []
     for s in slices:
         mask = slice_view(plan.labels_canonical, plan.axis, s)
@@ -253,11 +273,12 @@ def reference_shots(plan: VolumePlan, slices: tuple[int, ...], config) -> list[t
         if not mask.any() or mask.all():
             continue
         image = plan.window.apply(slice_view(plan.reference_canonical, plan.axis, s))
-        shots.append((image, mask, f"{plan.reference.path}[axis {plan.axis} slice {s}]"))
+        # label values as they are: a slice holding label 5 alone stays 5 (not the 2-D rule's class 1)
+        shots.append((image, as_label_map(mask), f"{plan.reference.path}[axis {plan.axis} slice {s}]"))
     return shots
 
 
-def _drop_unprompted(result) -> None:
+def drop_unprompted(result) -> None:
     """Empty-slice rule: clear every class whose prompt set holds no positive point."""
     for c, lab in result.point_labels.items():
         if not bool((np.asarray(lab) == 1).any()) and c in result.class_masks:
@@ -274,85 +295,8 @@ def _canonical_volume(path: str, series_uid: str | None, stamp: tuple) -> np.nda
 def read_canonical_slice(path: str, series_uid: str | None, axis: int, index: int, window: Window) -> np.ndarray:
     """(H, W) uint8 slice ``index`` along canonical ``axis`` of the volume file ``path``, through ``window``.
 
-    The picklable slice loader of remote runs (a worker reads the file itself): the last volume read is
-    kept per process (keyed by path, series, size and mtime), so a slice batch costs one read per worker.
+    The picklable slice loader of Ray runs (an actor reads the file itself): the last volume read is
+    kept per process (keyed by path, series, size and mtime), so a slice batch costs one read per actor.
     """
     stat = os.stat(path)
     return window.apply(slice_view(_canonical_volume(path, series_uid, (stat.st_size, stat.st_mtime_ns)), axis, index))
-
-
-def _slice_loader(plan: VolumePlan, t: int, target_file: tuple[str, str | None] | None):
-    if target_file is not None:
-        return functools.partial(read_canonical_slice, str(target_file[0]), target_file[1], plan.axis, t, plan.window)
-    return lambda: plan.window.apply(slice_view(plan.target_canonical, plan.axis, t))
-
-
-def run_plan(segmenter, plan: VolumePlan, batch_size: int | None = None,
-             on_slice: Callable[[int, int], None] | None = None,
-             target_file: tuple[str, str | None] | None = None) -> VolumeSegmentation:
-    """Segment the planned target slices with ``segmenter`` (its references are replaced per group).
-
-    ``on_slice(done, total)`` is called after every target slice (progress). The segmenter's config is
-    switched to ``fallback=False`` for the run and restored afterwards. Slices are windowed to uint8 here
-    (``plan.window``), so the segmenter's own window plays no part.
-
-    ``target_file`` = (path, DICOM series UID or ``None``) of the file ``plan.target`` was read from:
-    slices are then loaded from it by :func:`read_canonical_slice` (picklable, for a
-    :class:`refseg.ray_stream.RaySegmenter`), else from ``plan.target_canonical``.
-    """
-    axis = plan.axis
-    out = np.zeros(plan.target_canonical.shape, np.uint8)
-    for t in plan.copied:
-        mask = slice_view(plan.labels_canonical, axis, t)
-        put_slice_view(out, axis, t, np.where(np.isin(mask, plan.labels), mask, 0).astype(np.uint8))
-    failed: dict[int, str] = {}
-    segmented: list[int] = []
-    done, total = 0, len(plan.targets)
-    saved = segmenter.config
-    start = time.perf_counter()
-    try:
-        segmenter.config = saved.replace(fallback=False)
-        for slices, members in plan.groups.items():
-            shots = reference_shots(plan, slices, segmenter.config)
-            if not shots:
-                for t in members:
-                    failed[t] = f"reference slices {list(slices)}: no label covers a whole patch"
-                continue
-            segmenter.set_reference(*shots[0])
-            for shot in shots[1:]:
-                segmenter.add_reference(*shot)
-            missing = sorted(set(plan.labels) - set(segmenter.classes))
-            if missing:
-                log.warning("%s: label(s) %s have no usable reference patch on slices %s; not segmented on "
-                            "%d slice(s)", plan.name, missing, list(slices), len(members))
-            items = (StreamItem(key=f"{plan.name}[axis={axis} slice={t}]", meta=t,
-                                load=_slice_loader(plan, t, target_file)) for t in members)
-            for result in segment_items(segmenter, items, batch_size=batch_size):
-                t = result.item.meta
-                if result.error is not None:
-                    failed[t] = f"{type(result.error).__name__}: {result.error}"
-                else:
-                    _drop_unprompted(result.result)
-                    put_slice_view(out, axis, t, result.result.mask)
-                    segmented.append(t)
-                done += 1
-                if on_slice is not None:
-                    on_slice(done, total)
-    finally:
-        segmenter.config = saved
-    seconds = time.perf_counter() - start
-    turn = reorientation(plan.target.affine)
-    labels = np.ascontiguousarray(turn.undo(out))
-    return VolumeSegmentation(labels=labels, segmented=sorted(segmented), copied=list(plan.copied),
-                              failed=failed, seconds=seconds, reference_slices=list(plan.groups))
-
-
-def segment_volume(segmenter, volume, reference_labels, reference=None, labels=None, axis: int = 2,
-                   slices=None, reference_slices=None, pool_references: bool = False,
-                   chunks: int = DEFAULT_CHUNKS, window: Window | None = None, batch_size: int | None = None,
-                   on_slice=None) -> VolumeSegmentation:
-    """:func:`plan_volume` then :func:`run_plan`; see :meth:`refseg.Segmenter.segment_volume`."""
-    plan = plan_volume(volume, reference_labels, reference=reference, labels=labels, axis=axis, slices=slices,
-                       reference_slices=reference_slices, pool_references=pool_references, chunks=chunks,
-                       window=window, config=segmenter.config)
-    return run_plan(segmenter, plan, batch_size=batch_size, on_slice=on_slice)

@@ -1,26 +1,29 @@
 """Volume evaluation: per-structure Dice of NIfTI label maps over the whole volume (and per slice).
 
-    refseg eval -p OUT.nii.gz -g GT.nii.gz [--label 5 6] [--per-slice] [--axis 2]
+    refseg eval -p OUT.nii.gz -g GT.nii.gz [--label 5 6] [--per-slice] [--axis 2] [--slices 10:40]
     refseg eval -p PRED_DIR -g GT_DIR            # NIfTI files paired by name (stem without .nii[.gz])
 
 Empty rule (:data:`VOLUME_EMPTY_RULE`): a structure (label value) is scored in a volume when the ground
 truth or the prediction holds it; present in only one of them gives Dice 0; absent from both, it is not
 scored (no row, not in the mean). Per-slice Dice applies the same rule to each slice (slice index along the
-canonical RAS+ ``--axis``, as in ``refseg segment``). Prediction and ground truth must have the same shape;
-their affines differing by more than 1e-3 gives a warning (voxels are paired by index).
+canonical RAS+ ``--axis``, as in ``refseg segment``); ``--slices A:B`` scores only those slices.
+
+Pairing voxels: both label maps are viewed in their closest RAS+ canonical orientation. When the two
+canonical grids agree (same shape, affines within 1e-3 mm) the voxels are paired by world position, so a
+prediction stored in a DICOM series' voxel order scores against a NIfTI ground truth of the same space
+(axes permuted or flipped: no interpolation is needed). Grids of the same stored shape whose affines differ
+are paired by index with a warning; other grids are refused.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
-import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from refseg.metrics import dice
+from refseg.eval.metrics import dice
 
 log = logging.getLogger(__name__)
 
@@ -40,25 +43,44 @@ class VolumeScore:
     per_slice: dict[int, list[tuple[int, float]]]
     error: str | None = None
 
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Volume options of ``refseg eval``."""
-    group = parser.add_argument_group("volumes (NIfTI label maps)")
-    group.add_argument("--label", type=int, nargs="+", help="structures (label values) to score; default: "
-                       "every label in ground truth or prediction")
-    group.add_argument("--per-slice", action="store_true", help="also print Dice per slice")
-    group.add_argument("--axis", type=int, choices=(0, 1, 2), default=2,
-                       help="slice axis of --per-slice in RAS+ canonical orientation (2 = axial)")
+    def to_dict(self) -> dict:
+        """JSON-friendly copy (``refseg eval --json``)."""
+        return {"name": self.name, "gt": self.gt_path, "pred": self.pred_path,
+                "dice": {str(k): v for k, v in self.dice.items()},
+                "per_slice": {str(k): [list(p) for p in v] for k, v in self.per_slice.items()},
+                "error": self.error}
 
 
-def is_volume_eval(args: argparse.Namespace) -> bool:
-    """True when ``-p`` or ``-g`` is a NIfTI file or a folder holding NIfTI files."""
+def is_volume_eval(pred, gt) -> bool:
+    """True when ``pred`` or ``gt`` is a NIfTI file or a folder holding NIfTI files."""
     from refseg.io.volume import is_nifti_path
 
     def holds_nifti(path: Path) -> bool:
         return is_nifti_path(path) or (path.is_dir() and any(is_nifti_path(p) for p in path.iterdir()))
 
-    return holds_nifti(Path(args.pred)) or holds_nifti(Path(args.gt))
+    return holds_nifti(Path(pred)) or holds_nifti(Path(gt))
+
+
+def aligned(pred, gt) -> tuple[np.ndarray, np.ndarray]:
+    """Canonical (RAS+) arrays of two :class:`refseg.io.volume.Volume` label maps, voxel for voxel (see the
+    module doc for the rule).
+
+    Raises:
+        ValueError: naming both files, when the grids describe different spaces.
+    """
+    from refseg.io.volume import canonical_affine, reorientation
+
+    p = reorientation(pred.affine).apply(pred.data)
+    g = reorientation(gt.affine).apply(gt.data)
+    if p.shape == g.shape and np.allclose(canonical_affine(pred.affine, pred.shape),
+                                          canonical_affine(gt.affine, gt.shape), atol=1e-3):
+        return p, g
+    if pred.shape == gt.shape:
+        log.warning("%s: grid differs from the ground truth %s; voxels are paired by index", pred.path, gt.path)
+        turn = reorientation(gt.affine)
+        return turn.apply(pred.data), g
+    raise ValueError(f"{pred.path}: grid {pred.shape} ({pred.orientation()}) describes another space than the "
+                     f"ground truth {gt.path} {gt.shape} ({gt.orientation()}); resample one onto the other first")
 
 
 def score_volume(pred: np.ndarray, gt: np.ndarray, labels: Sequence[int] | None = None,
@@ -87,20 +109,21 @@ def score_volume(pred: np.ndarray, gt: np.ndarray, labels: Sequence[int] | None 
 
 
 def evaluate_volume(pred_path, gt_path, labels: Sequence[int] | None = None, per_slice: bool = False,
-                    axis: int = 2) -> VolumeScore:
-    """Score one NIfTI prediction against its ground truth (both read with ``read_label_volume``)."""
-    from refseg.io.volume import read_label_volume, reorientation, volume_stem
+                    axis: int = 2, slices: str | None = None) -> VolumeScore:
+    """Score one NIfTI prediction against its ground truth (both read with ``read_label_volume``, paired by
+    :func:`aligned`); ``slices`` ``"A:B"`` keeps canonical slices A..B-1 along ``axis``."""
+    from refseg.io.volume import read_label_volume, volume_stem
+    from refseg.io.volume import slice_range
 
-    gt = read_label_volume(gt_path)
-    pred = read_label_volume(pred_path)
-    if pred.shape != gt.shape:
-        raise ValueError(f"{pred_path}: shape {pred.shape} differs from the ground truth {gt_path} {gt.shape}")
-    if not np.allclose(pred.affine, gt.affine, atol=1e-3):
-        log.warning("%s: affine differs from the ground truth %s; voxels are paired by index", pred_path, gt_path)
-    turn = reorientation(gt.affine)
-    p, g = turn.apply(pred.data), turn.apply(gt.data)
-    scores, slices = score_volume(p, g, labels, axis if per_slice else None)
-    return VolumeScore(volume_stem(gt_path), str(gt_path), str(pred_path), scores, slices)
+    p, g = aligned(read_label_volume(pred_path), read_label_volume(gt_path))
+    offset = 0
+    if slices is not None:
+        chosen = slice_range(slices, g.shape[axis], str(gt_path), f"axis {axis}")
+        offset = chosen[0]
+        p, g = (np.take(a, chosen, axis=axis) for a in (p, g))
+    scores, per = score_volume(p, g, labels, axis if per_slice else None)
+    per = {c: [(k + offset, d) for k, d in rows] for c, rows in per.items()}
+    return VolumeScore(volume_stem(gt_path), str(gt_path), str(pred_path), scores, per)
 
 
 def _pairs(pred: Path, gt: Path) -> list[tuple[Path | None, Path]]:
@@ -116,7 +139,7 @@ def _pairs(pred: Path, gt: Path) -> list[tuple[Path | None, Path]]:
 
 
 def evaluate_volumes(pred, gt, labels: Sequence[int] | None = None, per_slice: bool = False,
-                     axis: int = 2) -> list[VolumeScore]:
+                     axis: int = 2, slices: str | None = None) -> list[VolumeScore]:
     """Score NIfTI predictions against ground truth: two files, or two folders paired by name. A missing
     prediction scores 0 for every ground-truth structure; an unreadable pair is reported in ``error``."""
     from refseg.io.volume import read_label_volume, volume_stem
@@ -131,7 +154,7 @@ def evaluate_volumes(pred, gt, labels: Sequence[int] | None = None, per_slice: b
                 out.append(VolumeScore(name, str(gt_path), None, {c: 0.0 for c in chosen}, {},
                                        error="no prediction (scored 0)"))
                 continue
-            out.append(evaluate_volume(pred_path, gt_path, labels, per_slice, axis))
+            out.append(evaluate_volume(pred_path, gt_path, labels, per_slice, axis, slices))
         except (ValueError, OSError) as exc:
             out.append(VolumeScore(name, str(gt_path), str(pred_path), {}, {}, error=str(exc)))
     return out
@@ -157,13 +180,3 @@ def format_volume_table(scores: list[VolumeScore], per_slice: bool = False) -> s
         lines.append(f"{'mean':<{width}}  {label:>5}  {float(np.mean(values)):7.4f}  over {len(values)} volume(s)")
     lines.append(f"Empty rule: {VOLUME_EMPTY_RULE}.")
     return "\n".join(lines)
-
-
-def run_volume_eval(args: argparse.Namespace) -> int:
-    """``refseg eval`` on NIfTI: prints the table; exit 1 when no volume could be scored."""
-    scores = evaluate_volumes(args.pred, args.gt, labels=args.label, per_slice=args.per_slice, axis=args.axis)
-    sys.stdout.write(format_volume_table(scores, args.per_slice) + "\n")
-    for s in scores:
-        if s.error:
-            log.error("%s: %s", s.gt_path, s.error)
-    return 0 if any(s.dice and s.pred_path for s in scores) else 1

@@ -1,0 +1,144 @@
+"""How a job builds its Segmenter: one picklable spec from the command line, used in-process and on Ray actors.
+
+:class:`SegmenterSpec` holds plain values (configuration, checkpoint files, device, backend, export folder,
+``--compile``, intensity window, torch threads); :meth:`SegmenterSpec.check` locates both checkpoints and
+checks the model names given with ``--dinov2`` / ``--sam`` without loading any model, and
+:meth:`SegmenterSpec.build` loads the models. :class:`LocalRunner` is the in-process side of the job's
+segmentation switch (:class:`refseg.jobs.ray_pool.RayPool` the Ray side): both take reference shots,
+stream items and report the models they loaded.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+Shot = tuple[np.ndarray, np.ndarray, str]
+"""One reference: (image as read, mask, source name for messages)."""
+
+
+def config_from_args(args: argparse.Namespace):
+    """The :class:`refseg.SegmenterConfig` of ``refseg segment``: ``--preset``, the explicit model / size
+    options, then every ``--set KEY=VALUE``."""
+    from refseg.config import SegmenterConfig
+
+    explicit = {k: v for k, v in {
+        "sam": args.sam, "dinov2": args.dinov2, "batch_size": args.batch_size,
+        "image_size": args.image_size, "metric": args.metric, "precision": args.precision,
+    }.items() if v is not None}
+    config = SegmenterConfig.from_preset(args.preset, **explicit)
+    return config.override_from_strings(args.overrides) if args.overrides else config
+
+
+@dataclass(frozen=True)
+class SegmenterSpec:
+    """What it takes to build a :class:`refseg.Segmenter` (plain, picklable values).
+
+    ``threads``: torch intra-op threads of the process that builds it (0 = leave torch's default);
+    ``window``: :meth:`refseg.Segmenter.set_window` (``None`` = the reference's own window).
+    ``names_given``: the ``--dinov2`` / ``--sam`` names typed by the user, checked against the
+    checkpoint files by :meth:`check`.
+    """
+
+    config: Any  # SegmenterConfig
+    sam_checkpoint: str | None = None
+    dinov2_checkpoint: str | None = None
+    device: str = "auto"
+    backend: str = "torch"
+    engine_dir: str | None = None
+    compile: bool = False
+    threads: int = 0
+    window: Any = None  # refseg.io.intensity.Window
+    names_given: tuple[str | None, str | None] = (None, None)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, config, window=None) -> "SegmenterSpec":
+        """The spec of ``refseg segment`` for ``config`` (the job may have changed it, e.g. volumes
+        decode with ``fallback=False``)."""
+        return cls(config, sam_checkpoint=args.sam_checkpoint, dinov2_checkpoint=args.dinov2_checkpoint,
+                   device=args.device, backend=args.backend, engine_dir=args.engine_dir,
+                   compile=bool(args.compile), window=window, names_given=(args.dinov2, args.sam))
+
+    def check(self) -> None:
+        """Locate both checkpoints (every missing one in one message) and refuse ``--dinov2`` / ``--sam``
+        names that contradict them; no model is loaded. Exported backends with an ``--engine-dir`` and no
+        checkpoint need no file."""
+        from refseg.models.build import check_model_names, resolve_model_checkpoints
+
+        if self.engine_dir is not None and not (self.dinov2_checkpoint or self.sam_checkpoint):
+            return
+        dinov2_path, sam_path = resolve_model_checkpoints(self.config.dinov2, self.config.sam,
+                                                          self.dinov2_checkpoint, self.sam_checkpoint)
+        dinov2, sam = self.names_given
+        check_model_names(dinov2 if self.dinov2_checkpoint else None, sam if self.sam_checkpoint else None,
+                          dinov2_path, sam_path)
+
+    def build(self):
+        """Load the models: a :class:`refseg.Segmenter` with this spec's window (no reference yet)."""
+        import torch
+
+        from refseg.segmenter import Segmenter
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        segmenter = Segmenter(self.config, sam_checkpoint=self.sam_checkpoint,
+                              dinov2_checkpoint=self.dinov2_checkpoint, device=self.device,
+                              backend=self.backend, engine_dir=self.engine_dir, compile=self.compile)
+        return segmenter.set_window(self.window)
+
+
+def loaded_models(segmenter) -> dict[str, Any]:
+    """The models a Segmenter actually runs: DINOv2 and SAM names as loaded, backend and device."""
+    config = segmenter.config
+    return {"dinov2": getattr(config, "dinov2", None), "sam": getattr(config, "sam", None),
+            "backend": getattr(getattr(segmenter, "backend", None), "name", None),
+            "device": str(getattr(segmenter, "device", "cpu"))}
+
+
+def set_shots(segmenter, shots: Sequence[Shot]) -> None:
+    """Replace the segmenter's references by ``shots`` (n-shot when several)."""
+    if not shots:
+        raise ValueError("no reference shot to set")
+    segmenter.set_reference(*shots[0])
+    for shot in shots[1:]:
+        segmenter.add_reference(*shot)
+
+
+class LocalRunner:
+    """The in-process segmentation of a job: one Segmenter, :func:`refseg.runtime.stream.stream_segment`.
+
+    Built from a ``spec`` (the models load here) or around a ``segmenter`` that is already built."""
+
+    remote = False  # item loaders may close over in-memory data
+
+    def __init__(self, spec: SegmenterSpec | None = None, segmenter=None):
+        self.segmenter = segmenter if segmenter is not None else spec.build()
+        self.config = self.segmenter.config  # model names as actually loaded
+        self.models = loaded_models(self.segmenter)
+
+    @property
+    def classes(self) -> list[int]:
+        """Class values of the current references, ascending."""
+        return self.segmenter.classes
+
+    def set_references(self, shots: Sequence[Shot]) -> None:
+        set_shots(self.segmenter, shots)
+
+    def stream(self, items: Iterable, batch_size: int | None = None) -> Iterator:
+        from refseg.runtime.stream import stream_segment
+
+        return stream_segment(self.segmenter, items, batch_size=batch_size)
+
+    def close(self) -> None:
+        pass
+
+
+def default_threads(workers: int) -> int:
+    """Torch threads for each of ``workers`` processes sharing this machine's cores."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
