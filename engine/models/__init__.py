@@ -1,11 +1,13 @@
-"""Models: DINOv2 (ViT-S/B/L/g, with or without registers) and SAM (ViT-B/L/H, MedSAM).
+"""Models: DINOv2 (ViT-S/B/L/g, with or without registers), SAM (ViT-B/L/H, MedSAM) and SAM 2 for
+images (SAM 2 / 2.1 Hiera tiny, small, base_plus, large; MedSAM2).
 
 State-dict keys are the official ones, so official checkpoint files load as they are.
 """
-from .build import build_dinov2, build_sam
+from .build import build_dinov2, build_sam, build_sam2
 from .checkpoints import CheckpointError
 from .dinov2 import DINOV2_SPECS, DinoVisionTransformer
 from .sam import SAM_SPECS, Sam
+from .sam2 import SAM2_SPECS, Sam2
 
-__all__ = ["build_dinov2", "build_sam", "CheckpointError", "DINOV2_SPECS", "DinoVisionTransformer",
-           "SAM_SPECS", "Sam"]
+__all__ = ["build_dinov2", "build_sam", "build_sam2", "CheckpointError", "DINOV2_SPECS",
+           "DinoVisionTransformer", "SAM_SPECS", "Sam", "SAM2_SPECS", "Sam2"]

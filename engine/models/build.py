@@ -12,11 +12,14 @@ from torch import nn
 from .checkpoints import CheckpointError, load_state_dict, resolve_checkpoint, unwrap_state_dict
 from .dinov2 import DINOV2_SPECS, dinov2_from_state_dict, infer_dinov2_name
 from .sam import SAM_SPECS, infer_sam_spec, sam_from_state_dict
+from .sam2 import SAM2_SPECS
+from .sam2_state_dict import is_sam2_state_dict, sam2_from_state_dict
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DINOV2 = "vitb14"
 DEFAULT_SAM = "vit_b"
+DEFAULT_SAM2 = "sam2.1_hiera_t"
 
 PathLike = str | os.PathLike
 
@@ -42,13 +45,20 @@ def _build(kind: str, specs: dict, default: str, from_state_dict, name: str | No
         checkpoint = resolve_checkpoint(specs[name].checkpoint, download=download)
     path = os.fspath(checkpoint)
     state = load_state_dict(path)
-    is_sam = "image_encoder.pos_embed" in state
-    if is_sam != (kind == "SAM"):
-        other = "SAM" if is_sam else "DINOv2"
-        raise CheckpointError(f"{path}: this is a {other} checkpoint, not a {kind} one")
+    family = checkpoint_family(state)
+    if family != kind:
+        raise CheckpointError(f"{path}: this is a {family} checkpoint, not a {kind} one")
     model = from_state_dict(state, name=name, source=path)
     log.info("%s %s loaded from %s", kind, model.spec.name, path)
     return model.eval()
+
+
+def checkpoint_family(state: dict) -> str:
+    """``"SAM"`` (ViT: SAM, MedSAM), ``"SAM 2"`` (Hiera: SAM 2, SAM 2.1, MedSAM2) or ``"DINOv2"``,
+    read off the keys of an official-format state dict."""
+    if "image_encoder.pos_embed" in state:
+        return "SAM"
+    return "SAM 2" if is_sam2_state_dict(state) else "DINOv2"
 
 
 def build_dinov2(name: str | None = None, checkpoint: PathLike | None = None,
@@ -90,6 +100,27 @@ def build_sam(name: str | None = None, checkpoint: PathLike | None = None,
         CheckpointError: missing/unreadable file, or a checkpoint of another model or size.
     """
     return _build("SAM", SAM_SPECS, DEFAULT_SAM, sam_from_state_dict, name, checkpoint, download)
+
+
+def build_sam2(name: str | None = None, checkpoint: PathLike | None = None,
+               download: bool = True) -> nn.Module:
+    """Build SAM 2 / SAM 2.1 / MedSAM2 for images (Hiera encoder + neck, prompt encoder, mask decoder)
+    with official weights, eval mode, CPU.
+
+    Args:
+        name: ``sam2.1_hiera_{t,s,b+,l}``, ``sam2_hiera_{t,s,b+,l}`` or ``medsam2``. When ``None`` it is
+            ``medsam2`` for a file named ``MedSAM2*``, else inferred from ``checkpoint`` (or defaults to
+            ``sam2.1_hiera_t``).
+        checkpoint: an official ``sam2.1_hiera_*.pt`` / ``sam2_hiera_*.pt`` / ``MedSAM2_*.pt`` file
+            (weights under ``"model"``). When ``None`` the official file is looked up / downloaded as
+            for :func:`build_dinov2`.
+        download: allow the download.
+
+    Raises:
+        CheckpointError: missing/unreadable file, a checkpoint of another model, or any key or shape
+            that does not fit (the memory modules' keys included; see ``refseg.models.sam2_state_dict``).
+    """
+    return _build("SAM 2", SAM2_SPECS, DEFAULT_SAM2, sam2_from_state_dict, name, checkpoint, download)
 
 
 def _layout(spec) -> tuple:

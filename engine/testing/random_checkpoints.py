@@ -2,9 +2,11 @@
 
 Every refseg command can then run offline (smoke runs: the masks mean nothing)::
 
-    python -m refseg.testing.random_checkpoints OUTDIR --sam vit_b --dinov2 vits14
+    python -m refseg.testing.random_checkpoints OUTDIR --sam vit_b sam2.1_hiera_t --dinov2 vits14
 
-writes ``OUTDIR/sam_vit_b_01ec64.pth`` and ``OUTDIR/dinov2_vits14_pretrain.pth``; point
+writes ``OUTDIR/sam_vit_b_01ec64.pth``, ``OUTDIR/sam2.1_hiera_tiny.pt`` and
+``OUTDIR/dinov2_vits14_pretrain.pth``; SAM 2 family files (``sam2.1_hiera_*``, ``sam2_hiera_*``,
+``medsam2``) are ``{"model": state_dict}`` with the memory modules' keys too, as released; point
 ``REFSEG_CHECKPOINT_DIR`` at OUTDIR or pass the paths explicitly. The same seed gives the same
 tensors on every machine.
 """
@@ -22,11 +24,13 @@ import torch
 from refseg.io.writers import new_file_mode
 from refseg.models import dinov2 as dinov2_mod
 from refseg.models import sam as sam_mod
+from refseg.models import sam2 as sam2_mod
+from refseg.models.sam2_state_dict import random_sam2_state_dict
 
 log = logging.getLogger(__name__)
 
 
-def _save(state: dict[str, torch.Tensor], path: Path) -> None:
+def _save(state: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.fchmod(fd, new_file_mode())  # mkstemp's 0600 -> the umask's normal mode
@@ -68,8 +72,13 @@ def write_random_checkpoints(outdir: str | os.PathLike, sam: list[str] = (), din
     outdir = Path(outdir)
     written = []
     for name in sam:
-        path = outdir / _file_name(sam_mod.SAM_SPECS[name].checkpoint.filename, safetensors)
-        _save(random_sam_state_dict(name, seed), path)
+        if name in sam2_mod.SAM2_SPECS:  # the official SAM 2 files wrap the weights: {"model": ...}
+            path = outdir / _file_name(sam2_mod.SAM2_SPECS[name].checkpoint.filename, safetensors)
+            state = random_sam2_state_dict(name, seed)
+            _save(state if safetensors else {"model": state}, path)
+        else:
+            path = outdir / _file_name(sam_mod.SAM_SPECS[name].checkpoint.filename, safetensors)
+            _save(random_sam_state_dict(name, seed), path)
         written.append(path)
     for name in dinov2:
         path = outdir / _file_name(dinov2_mod.DINOV2_SPECS[name].checkpoint.filename, safetensors)
@@ -82,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m refseg.testing.random_checkpoints",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("outdir")
-    parser.add_argument("--sam", nargs="*", default=[], choices=sorted(sam_mod.SAM_SPECS))
+    parser.add_argument("--sam", nargs="*", default=[], choices=sorted(sam_mod.SAM_SPECS) + sorted(sam2_mod.SAM2_SPECS))
     parser.add_argument("--dinov2", nargs="*", default=[], choices=sorted(dinov2_mod.DINOV2_SPECS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--safetensors", action="store_true", help="write .safetensors files instead")
