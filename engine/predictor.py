@@ -20,6 +20,7 @@ With SAM 2, ``predict(..., multimask_output=False)`` uses dynamic multimask via 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -31,8 +32,8 @@ from refseg.models import sam2_transforms, sam_transforms
 from refseg.models.build import checkpoint_family, sam_name_from_file
 from refseg.models.checkpoints import CheckpointError, load_state_dict
 from refseg.models.sam import sam_from_state_dict
-from refseg.models.sam2 import Sam2
-from refseg.models.sam2_state_dict import sam2_from_state_dict
+from refseg.models.sam2 import Sam2, get_spec
+from refseg.models.sam2_state_dict import infer_sam2_name, sam2_from_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -48,20 +49,31 @@ class Predictor:
         mask_threshold: logit above which a pixel is in the mask (0.0).
         dynamic_multimask: SAM 2 only: with ``multimask_output=False``, fall back to the best multimask
             output when the single mask is unstable (the official default post-processing).
+        image_size: SAM 2 only: the square model input side, a multiple of 32 (default: the model's,
+            1024, 512 for MedSAM2). SAM 2 runs at other sizes (the official ``image_size`` setting);
+            a smaller input is faster and coarser. SAM (ViT) has a fixed 1024 input.
 
     Raises:
         CheckpointError: a missing, unreadable or non-SAM checkpoint, or weights that do not fit.
     """
 
     def __init__(self, sam_checkpoint: str | os.PathLike, device: str | torch.device | None = None, *,
-                 sam: str | None = None, mask_threshold: float = 0.0, dynamic_multimask: bool = True) -> None:
+                 sam: str | None = None, mask_threshold: float = 0.0, dynamic_multimask: bool = True,
+                 image_size: int | None = None) -> None:
+        if image_size is not None and (image_size <= 0 or image_size % 32):
+            raise ValueError(f"Predictor: image_size must be a positive multiple of 32, got {image_size}")
         path = Path(sam_checkpoint)
         state = load_state_dict(path)
         family = checkpoint_family(state)
         if family == "SAM":
+            if image_size not in (None, 1024):
+                raise ValueError(f"Predictor: {path} is a SAM (ViT) checkpoint, whose input is 1024 only")
             model = sam_from_state_dict(state, sam or sam_name_from_file(path), source=str(path))
         elif family == "SAM 2":
-            model = sam2_from_state_dict(state, sam, source=str(path))
+            spec = get_spec(sam or infer_sam2_name(state, str(path)))
+            if image_size is not None:
+                spec = dataclasses.replace(spec, image_size=image_size)
+            model = sam2_from_state_dict(state, spec, source=str(path))
         else:
             raise CheckpointError(f"{path}: this is a {family} checkpoint, not a SAM-family one")
         del state
@@ -129,7 +141,8 @@ class Predictor:
             return_logits: return logits instead of boolean masks.
 
         Returns:
-            masks (C, H, W) bool (float32 logits with ``return_logits``), iou_predictions (C,) and
+            masks (C, H, W): bool for SAM / MedSAM, 0/1 float32 for SAM 2 / MedSAM2 (what each official
+            predictor returns), float32 logits with ``return_logits``; iou_predictions (C,) and
             low_res_logits (C, h, w) float32, C = 3 or 1; a leading B axis for B objects.
         """
         self._require_image()
@@ -239,5 +252,7 @@ class Predictor:
                                                      self.image_size, direct=self.preprocessing == "medsam")
         if not return_logits:
             masks = masks > self.mask_threshold
+            if self.is_sam2:  # SAM2ImagePredictor returns 0/1 float32 masks, SamPredictor booleans
+                masks = masks.float()
         out = (masks, iou.float(), low_res.float())
         return tuple(t.squeeze(0).cpu().numpy() if t.shape[0] == 1 else t.cpu().numpy() for t in out)

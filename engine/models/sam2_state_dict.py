@@ -205,9 +205,9 @@ def _random_value(key: str, noise: torch.Tensor, module: nn.Module | None) -> to
     return 0.1 * noise  # position tables, layer scales, learned embeddings of the memory path
 
 
-def random_sam2_state_dict(spec: Sam2Spec | str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A complete official-format SAM 2 state dict (image path and memory modules, official key names
-    and shapes) with deterministic random values drawn from ``seed`` in key order."""
+def official_key_shapes(spec: Sam2Spec | str) -> dict[str, tuple[tuple[int, ...], nn.Module | None]]:
+    """Every key of an official checkpoint of ``spec`` (image path and memory modules) with its shape
+    and, for image-path keys, the refseg module holding it (None for memory keys)."""
     spec = get_spec(spec) if isinstance(spec, str) else spec
     with torch.device("meta"):
         model = Sam2(spec)
@@ -215,9 +215,15 @@ def random_sam2_state_dict(spec: Sam2Spec | str, seed: int = 0) -> dict[str, tor
     shapes = {to_official_key(k): (tuple(v.shape), modules[k.rpartition(".")[0]])
               for k, v in model.state_dict().items()}
     shapes.update({k: (shape, None) for k, shape in memory_key_shapes(spec.version, spec.d_model).items()})
+    return shapes
+
+
+def random_sam2_state_dict(spec: Sam2Spec | str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A complete official-format SAM 2 state dict (image path and memory modules, official key names
+    and shapes) with deterministic random values drawn from ``seed`` in key order."""
     gen = torch.Generator().manual_seed(seed)
     return {key: _random_value(key, torch.randn(shape, generator=gen), module)
-            for key, (shape, module) in shapes.items()}
+            for key, (shape, module) in official_key_shapes(spec).items()}
 
 
 def random_sam2(spec: Sam2Spec | str, seed: int = 0) -> Sam2:
