@@ -31,7 +31,8 @@ import torch
 from refseg.models import sam2_transforms, sam_transforms
 from refseg.models.build import checkpoint_family, sam_name_from_file
 from refseg.models.checkpoints import CheckpointError, load_state_dict
-from refseg.models.sam import sam_from_state_dict
+from refseg.models.sam import SAM_SPECS, infer_sam_spec, sam_from_state_dict
+from refseg.models.sam import get_spec as sam_get_spec
 from refseg.models.sam2 import Sam2, get_spec
 from refseg.models.sam2_state_dict import infer_sam2_name, sam2_from_state_dict
 
@@ -65,10 +66,16 @@ class Predictor:
         path = Path(sam_checkpoint)
         state = load_state_dict(path)
         family = checkpoint_family(state)
+        medsam = False
         if family == "SAM":
             if image_size not in (None, 1024):
                 raise ValueError(f"Predictor: {path} is a SAM (ViT) checkpoint, whose input is 1024 only")
-            model = sam_from_state_dict(state, sam or sam_name_from_file(path), source=str(path))
+            # MedSAM is told by its name (file or ``sam``); its layout still comes from the weights.
+            medsam = (sam or sam_name_from_file(path)) == "medsam"
+            spec = sam_get_spec(sam) if sam is not None else infer_sam_spec(state, str(path))
+            if medsam and spec.name == "vit_b":
+                spec = SAM_SPECS["medsam"]
+            model = sam_from_state_dict(state, spec, source=str(path))
         elif family == "SAM 2":
             spec = get_spec(sam or infer_sam2_name(state, str(path)))
             if image_size is not None:
@@ -83,7 +90,7 @@ class Predictor:
         self.mask_threshold = mask_threshold
         self.dynamic_multimask = dynamic_multimask
         self.image_size = model.image_size if self.is_sam2 else model.img_size
-        self.preprocessing = "sam2" if self.is_sam2 else sam_transforms.preprocessing_for(model.spec.name)
+        self.preprocessing = "sam2" if self.is_sam2 else ("medsam" if medsam else "sam")
         log.info("Predictor: %s (%s) from %s on %s", model.spec.name, family, path, self.device)
         self.reset_predictor()
 
