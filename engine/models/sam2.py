@@ -167,27 +167,59 @@ class Sam2(nn.Module):
         image_embed = level2 + self.no_mem_embed.reshape(1, -1, 1, 1).to(level2.dtype)
         return Sam2Embedding(image_embed, s0, s1)
 
+    @staticmethod
+    def pack_prompts(point_coords: torch.Tensor | None, point_labels: torch.Tensor | None,
+                     boxes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Points and boxes as one point set, the way ``SAM2ImagePredictor`` feeds the prompt encoder.
+
+        Args:
+            point_coords: (B, N, 2) (x, y) input-frame pixels; point_labels: (B, N) 1 / 0 / -1.
+            boxes: (B, 4) XYXY (or (B, 2, 2) corners) in the input frame.
+
+        Returns:
+            None without points and boxes, else coords (B, N', 2) and labels (B, N') float32: the box
+            corners (labels 2, 3) first, then the points, then one padding point (0, 0) of label -1.
+        """
+        if (point_coords is None) != (point_labels is None):
+            raise ValueError("Sam2: point_coords and point_labels must be given together")
+        coords, labels = [], []
+        if boxes is not None:
+            corners = boxes.reshape(-1, 2, 2).to(torch.float32)
+            coords.append(corners)
+            labels.append(torch.tensor([[2.0, 3.0]], device=boxes.device).expand(corners.shape[0], 2))
+        if point_coords is not None:
+            coords.append(point_coords.to(torch.float32))
+            labels.append(point_labels.to(torch.float32))
+        if not coords:
+            return None
+        sets = coords[0].shape[0]
+        coords.append(coords[0].new_zeros(sets, 1, 2))
+        labels.append(labels[0].new_full((sets, 1), -1.0))
+        return torch.cat(coords, dim=1), torch.cat(labels, dim=1)
+
+    def embed_packed_prompts(self, point_coords: torch.Tensor, point_labels: torch.Tensor) -> torch.Tensor:
+        """Sparse embeddings (P, N, 256) of packed prompts (:meth:`pack_prompts`): coords (P, N, 2)
+        input-frame pixels, labels (P, N) float 1 / 0 / -1 / 2 / 3, one token per column."""
+        return self.sam_prompt_encoder.embed_points(point_coords, point_labels, pad=False)
+
+    def embed_mask_prompt(self, mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> torch.Tensor:
+        """Dense embedding (M, 256, h, w) with the mask prompt switched by a tensor (traceable):
+        ``has_mask_input`` (1,) 1.0 embeds ``mask_input`` (M, 1, 4h, 4w), 0.0 gives ``no_mask_embed``."""
+        encoder = self.sam_prompt_encoder
+        use_mask = has_mask_input.reshape(1, 1, 1, 1)
+        no_mask = encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        return use_mask * encoder.embed_masks(mask_input) + (1 - use_mask) * no_mask
+
     def embed_prompts(self, point_coords: torch.Tensor | None = None, point_labels: torch.Tensor | None = None,
                       boxes: torch.Tensor | None = None, mask_input: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sparse and dense prompt embeddings, the way ``SAM2ImagePredictor`` builds them.
-
-        A box becomes two points (labels 2, 3) placed before the points; one padding point follows
-        whenever there are points or a box. Shapes as in :meth:`decode`; returns sparse (B, N', 256)
-        and dense (B or 1, 256, h, w).
-        """
-        if (point_coords is None) != (point_labels is None):
-            raise ValueError("Sam2.decode: point_coords and point_labels must be given together")
-        points = None if point_coords is None else (point_coords, point_labels)
-        if boxes is not None:
-            corners = boxes.reshape(-1, 2, 2).to(torch.float32)
-            corner_labels = torch.tensor([[2, 3]], dtype=torch.int32, device=boxes.device).expand(corners.shape[0], 2)
-            if points is None:
-                points = (corners, corner_labels)
-            else:
-                points = (torch.cat([corners, point_coords.to(torch.float32)], dim=1),
-                          torch.cat([corner_labels, point_labels.to(torch.int32)], dim=1))
-        return self.sam_prompt_encoder(points, None, mask_input)
+        """Sparse (B, N', 256) and dense (B or 1, 256, h, w) prompt embeddings, packed as
+        :meth:`pack_prompts` says (shapes as in :meth:`decode`)."""
+        packed = self.pack_prompts(point_coords, point_labels, boxes)
+        sparse, dense = self.sam_prompt_encoder(None, None, mask_input)
+        if packed is not None:
+            sparse = self.embed_packed_prompts(*packed)
+        return sparse, dense
 
     def decode(self, embedding: Sam2Embedding, point_coords: torch.Tensor | None = None,
                point_labels: torch.Tensor | None = None, boxes: torch.Tensor | None = None,
