@@ -16,7 +16,8 @@ writes ``sam2_encoder.onnx`` and ``sam2_decoder.onnx`` (graphs traced with
   float (1 positive, 0 negative, -1 padding, 2 / 3 box corners), ``mask_input`` (M, 1, S/4, S/4) with
   M = 1 or P, ``has_mask_input`` (1,) -> ``low_res_masks`` (P, 4, S/4, S/4) logits of all four mask
   tokens (index 0 the single-mask output, 1..3 the multimask ones), ``iou_predictions`` (P, 4),
-  ``object_score_logits`` (P, 1). Prompts are packed by ``Sam2.pack_prompts``: box corners first,
+  ``object_score_logits`` (P, 1) (``Sam2.embed_packed_prompts``, ``Sam2.embed_mask_prompt``,
+  ``Sam2.decode_all``). Prompts are packed by ``Sam2.pack_prompts``: box corners first,
   then the points, then ONE padding point, always (unlike SAM's graph, where a box replaces the
   padding point). Multimask and dynamic-multimask selection are left to the caller
   (``Sam2MaskDecoder.select_masks`` on the outputs).
@@ -35,6 +36,7 @@ from torch import nn
 
 from refseg.export.onnx_export import DEFAULT_OPSET, export_graph
 from refseg.export.wrappers import GraphIO
+from refseg.models.sam2 import Sam2Embedding
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +106,8 @@ class Sam2DecoderExport(nn.Module):
                 has_mask_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         sparse = self.model.embed_packed_prompts(point_coords, point_labels)
         dense = self.model.embed_mask_prompt(mask_input, has_mask_input)
-        out = self.model.sam_mask_decoder.predict_all(image_embed, self.dense_pe, sparse, dense,
-                                                      (high_res_feats_0, high_res_feats_1))
+        out = self.model.decode_all(Sam2Embedding(image_embed, high_res_feats_0, high_res_feats_1), sparse, dense,
+                                    self.dense_pe)
         return out.masks, out.iou, out.object_score_logits
 
 

@@ -10,7 +10,9 @@ multimask and single outputs picked from the four): logits <= 1e-3, IoU and obje
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,3 +93,13 @@ def test_torch_export(model, embedding):
             for out, ref in zip(program.module()(*args), wrapper(*args)):
                 # eager linear layers may run on oneDNN, the exported graph's on F.linear: rounding only
                 assert float((out - ref).abs().max()) <= 1e-4 * max(1.0, float(ref.abs().max()))
+
+
+def test_exporter_uses_only_public_model_methods():
+    """The wrappers call the model's methods; they touch none of its insides (no re-written forward)."""
+    internals = {"trunk", "neck", "blocks", "patch_embed", "sam_mask_decoder", "mask_decoder", "image_encoder",
+                 "point_embeddings", "no_mask_embed", "not_a_point_embed", "embed_points", "embed_masks",
+                 "mask_downscaling", "predict_masks", "predict_all", "pe_layer", "conv_s0", "conv_s1"}
+    source = Path(__file__).resolve().parents[1] / "export" / "sam2_onnx.py"
+    tree = ast.parse(source.read_text(encoding="utf-8"))
+    assert sorted({n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)} & internals) == []

@@ -140,6 +140,9 @@ def test_prompts(pair):
     fractions.append(compare(ours, official, point_coords=np.array([[50.0, 50.0]]), point_labels=np.array([1]),
                              mask_input=previous, multimask_output=True))
     fractions.append(compare(ours, official, mask_input=previous, multimask_output=False))
+    # normalize_coords=False: prompts as fractions of the width / height.
+    fractions.append(compare(ours, official, point_coords=np.array([[0.4, 0.3]]), point_labels=np.array([1]),
+                             box=np.array([0.2, 0.1, 0.9, 0.8]), normalize_coords=False, multimask_output=True))
     assert 0.0 < np.mean(fractions) < 1.0  # the masks are not trivially empty or full
 
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from .checkpoints import SAM2_CHECKPOINTS, CheckpointSource
 from .hiera import Hiera
-from .sam2_heads import Sam2MaskDecoder, Sam2PromptEncoder
+from .sam2_heads import DecoderOutput, Sam2MaskDecoder, Sam2PromptEncoder
 from .sam2_neck import FpnNeck
 
 BACKBONE_STRIDE = 16
@@ -220,6 +220,16 @@ class Sam2(nn.Module):
         if packed is not None:
             sparse = self.embed_packed_prompts(*packed)
         return sparse, dense
+
+    def decode_all(self, embedding: Sam2Embedding, sparse: torch.Tensor, dense: torch.Tensor,
+                   image_pe: torch.Tensor | None = None) -> DecoderOutput:
+        """Mask decoder returning every output token (:class:`~refseg.models.sam2_heads.DecoderOutput`:
+        masks (P, 4, 4h, 4w), IoU (P, 4), tokens, object_score_logits (P, 1)) for embedded prompts.
+        ``image_pe`` (1, 256, h, w) defaults to the prompt encoder's (an exporter passes it precomputed)."""
+        if image_pe is None:
+            image_pe = self.sam_prompt_encoder.get_dense_pe()
+        return self.sam_mask_decoder.predict_all(embedding.image_embed, image_pe, sparse, dense,
+                                                 (embedding.high_res_s0, embedding.high_res_s1))
 
     def decode(self, embedding: Sam2Embedding, point_coords: torch.Tensor | None = None,
                point_labels: torch.Tensor | None = None, boxes: torch.Tensor | None = None,
