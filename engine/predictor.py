@@ -33,7 +33,7 @@ from refseg.models.build import checkpoint_family, sam_name_from_file
 from refseg.models.checkpoints import CheckpointError, load_state_dict
 from refseg.models.sam import SAM_SPECS, infer_sam_spec, sam_from_state_dict
 from refseg.models.sam import get_spec as sam_get_spec
-from refseg.models.sam2 import Sam2, get_spec
+from refseg.models.sam2 import SAM2_SPECS, Sam2, get_spec
 from refseg.models.sam2_state_dict import infer_sam2_name, sam2_from_state_dict
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,10 @@ class Predictor:
                  image_size: int | None = None) -> None:
         if image_size is not None and (image_size <= 0 or image_size % 32):
             raise ValueError(f"Predictor: image_size must be a positive multiple of 32, got {image_size}")
+        if sam is not None and sam not in SAM_SPECS and sam not in SAM2_SPECS:
+            raise ValueError(f"Predictor: unknown model {sam!r}; choose one of "
+                             f"{', '.join([*SAM_SPECS, *SAM2_SPECS])}")
+        self.device = torch.device(device if device is not None else "cpu")
         path = Path(sam_checkpoint)
         state = load_state_dict(path)
         family = checkpoint_family(state)
@@ -84,7 +88,6 @@ class Predictor:
         else:
             raise CheckpointError(f"{path}: this is a {family} checkpoint, not a SAM-family one")
         del state
-        self.device = torch.device(device if device is not None else "cpu")
         self.model = model.to(self.device).eval()
         self.is_sam2 = isinstance(model, Sam2)
         self.mask_threshold = mask_threshold

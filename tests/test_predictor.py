@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import refseg
+from prompt_images import make_image
 from refseg.models.checkpoints import CheckpointError
 from refseg.models.sam import SAM_SPECS, random_sam
 
@@ -50,14 +51,6 @@ def official_sam(state_dict: dict) -> nn.Module:
     model = m.Sam(image_encoder=encoder, prompt_encoder=prompt, mask_decoder=decoder).eval()
     model.load_state_dict(state_dict, strict=True)
     return model
-
-
-def make_image(height: int, width: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    disc = ((y - height * 0.5) ** 2 + (x - width * 0.4) ** 2) < (min(height, width) * 0.3) ** 2
-    base = np.stack([x * 255 / width, y * 255 / height, 100 + 120 * disc], axis=-1)
-    return np.clip(base + rng.normal(0, 15, base.shape), 0, 255).astype(np.uint8)
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +166,8 @@ def test_errors(files, sam_pair, tmp_path):
     torch.save({"patch_embed.proj.weight": torch.zeros(4, 3, 14, 14)}, dino)
     with pytest.raises(CheckpointError, match="not a SAM-family one"):
         refseg.Predictor(dino)
+    with pytest.raises(ValueError, match="unknown model 'vit_z'"):
+        refseg.Predictor(tmp_path / "absent.pth", sam="vit_z")  # refused before the file is read
     with pytest.raises(ValueError, match="input is 1024 only"):
         refseg.Predictor(sam_path, image_size=512)
     predictor = refseg.Predictor(sam_path)

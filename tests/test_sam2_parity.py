@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 import refseg
+from prompt_images import make_image
 from refseg.models.checkpoints import CheckpointError
 from refseg.models.hiera import Hiera
 from refseg.models.sam2 import SAM2_SPECS
@@ -56,15 +57,6 @@ def official_predictor(name: str, checkpoint: Path, image_size: int) -> SAM2Imag
     predictor = SAM2ImagePredictor(model)
     predictor._bb_feat_sizes = [(image_size // 4 >> k, image_size // 4 >> k) for k in range(3)]
     return predictor
-
-
-def make_image(height: int, width: int, seed: int) -> np.ndarray:
-    """Smooth gradients, a bright disc and noise: structure for the encoder, odd non-square sizes."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    disc = ((y - height * 0.45) ** 2 + (x - width * 0.55) ** 2) < (min(height, width) * 0.25) ** 2
-    base = np.stack([x * 255 / width, y * 255 / height, 128 + 100 * disc], axis=-1)
-    return np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
 
 
 PROMPTS = {
