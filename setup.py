@@ -29,6 +29,7 @@ EXTRAS = {
         "pytest>=7",
         "pytest-benchmark>=4",
         "segment-anything==1.0",  # official SAM oracle (imports torchvision)
+        "sam2==1.1.0",            # official SAM 2 oracle; install with SAM2_BUILD_CUDA=0 (no CUDA extension)
         "torchvision",
         "triton",                 # Triton kernels are tested with TRITON_INTERPRET=1 on CPU
         "onnx>=1.15",

@@ -21,6 +21,7 @@ _EXPORTS = {
     "Segmenter": "refseg.segmenter",
     "SegmentationResult": "refseg.segmenter",
     "SegmenterConfig": "refseg.config",
+    "Predictor": "refseg.predictor",
     "PRESETS": "refseg.config",
     "engineer_points": "refseg.pipeline.prompts",
     "read_mask": "refseg.io.raster",

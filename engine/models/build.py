@@ -14,12 +14,15 @@ from .dinov2 import DINOV2_SPECS, dinov2_from_state_dict, infer_dinov2_name
 from .dinov3 import DINOV3_SPECS, dinov3_from_state_dict, infer_dinov3_name
 from .dinov3_hf import CONFIG_NAME, is_hf_layout, load_hf_folder
 from .sam import SAM_SPECS, infer_sam_spec, sam_from_state_dict
+from .sam2 import SAM2_SPECS
+from .sam2_state_dict import is_sam2_state_dict, sam2_from_state_dict
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DINOV2 = "vitb14"
 DEFAULT_SAM = "vit_b"
 DEFAULT_DINOV3 = "vitb16"
+DEFAULT_SAM2 = "sam2.1_hiera_t"
 
 PathLike = str | os.PathLike
 
@@ -45,16 +48,22 @@ def _build(kind: str, specs: dict, default: str, from_state_dict, name: str | No
         checkpoint = resolve_checkpoint(specs[name].checkpoint, download=download)
     path = os.fspath(checkpoint)
     state = load_state_dict(path)
-    if kind == "DINOv2" and _is_dinov3(state):
-        raise CheckpointError(f"{path}: this is a DINOv3 checkpoint, not a DINOv2 one (use build_dinov3 / "
-                              "--dinov3-checkpoint)")
-    is_sam = "image_encoder.pos_embed" in state
-    if is_sam != (kind == "SAM"):
-        other = "SAM" if is_sam else "DINOv2"
-        raise CheckpointError(f"{path}: this is a {other} checkpoint, not a {kind} one")
+    family = checkpoint_family(state)
+    if family != kind:
+        raise CheckpointError(f"{path}: this is a {family} checkpoint, not a {kind} one")
     model = from_state_dict(state, name=name, source=path)
     log.info("%s %s loaded from %s", kind, model.spec.name, path)
     return model.eval()
+
+
+def checkpoint_family(state: dict) -> str:
+    """``"SAM"`` (ViT: SAM, MedSAM), ``"SAM 2"`` (Hiera: SAM 2, SAM 2.1, MedSAM2), ``"DINOv3"`` (official
+    or Hugging Face keys) or ``"DINOv2"``, read off the keys of a state dict."""
+    if "image_encoder.pos_embed" in state:
+        return "SAM"
+    if is_sam2_state_dict(state):
+        return "SAM 2"
+    return "DINOv3" if _is_dinov3(state) else "DINOv2"
 
 
 def build_dinov2(name: str | None = None, checkpoint: PathLike | None = None,
@@ -112,11 +121,9 @@ def _dinov3_state(path: Path) -> tuple[dict, str]:
     if is_hf_layout(state):
         raise CheckpointError(f"{path}: Hugging Face DINOv3 weights need their {CONFIG_NAME}: pass the folder "
                               f"that holds both")
-    if "image_encoder.pos_embed" in state:
-        raise CheckpointError(f"{path}: this is a SAM checkpoint, not a DINOv3 one")
-    if "pos_embed" in state and not _is_dinov3(state):
-        raise CheckpointError(f"{path}: this is a DINOv2 checkpoint, not a DINOv3 one (use build_dinov2 / "
-                              "--dinov2-checkpoint)")
+    family = checkpoint_family(state)
+    if family != "DINOv3":
+        raise CheckpointError(f"{path}: this is a {family} checkpoint, not a DINOv3 one")
     return state, infer_dinov3_name(state, str(path))
 
 
@@ -155,6 +162,27 @@ def build_dinov3(name: str | None = None, checkpoint: PathLike | None = None) ->
     model = dinov3_from_state_dict(state, name=found, source=str(path))
     log.info("DINOv3 %s loaded from %s", found, path)
     return model
+
+
+def build_sam2(name: str | None = None, checkpoint: PathLike | None = None,
+               download: bool = True) -> nn.Module:
+    """Build SAM 2 / SAM 2.1 / MedSAM2 for images (Hiera encoder + neck, prompt encoder, mask decoder)
+    with official weights, eval mode, CPU.
+
+    Args:
+        name: ``sam2.1_hiera_{t,s,b+,l}``, ``sam2_hiera_{t,s,b+,l}`` or ``medsam2``. When ``None`` it is
+            ``medsam2`` for a file named ``MedSAM2*``, else inferred from ``checkpoint`` (or defaults to
+            ``sam2.1_hiera_t``).
+        checkpoint: an official ``sam2.1_hiera_*.pt`` / ``sam2_hiera_*.pt`` / ``MedSAM2_*.pt`` file
+            (weights under ``"model"``). When ``None`` the official file is looked up / downloaded as
+            for :func:`build_dinov2`.
+        download: allow the download.
+
+    Raises:
+        CheckpointError: missing/unreadable file, a checkpoint of another model, or any key or shape
+            that does not fit (the memory modules' keys included; see ``refseg.models.sam2_state_dict``).
+    """
+    return _build("SAM 2", SAM2_SPECS, DEFAULT_SAM2, sam2_from_state_dict, name, checkpoint, download)
 
 
 def _layout(spec) -> tuple:

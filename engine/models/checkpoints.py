@@ -250,3 +250,19 @@ def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source:
         raise CheckpointError(f"{source}: checkpoint does not fit {type(module).__name__} "
                               f"({'; '.join(parts)})")
     module.load_state_dict(state_dict, strict=True)
+
+
+# SAM 2 / SAM 2.1 (Meta) and MedSAM2 (bowang-lab, on Hugging Face): neither release publishes
+# digests, so these files are checked by the strict key/shape load alone (a warning logs the digest).
+_SAM2_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/072824/"
+_SAM2_1_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
+_MEDSAM2_URL = "https://huggingface.co/wanglab/MedSAM2/resolve/main/"
+
+SAM2_CHECKPOINTS: dict[str, CheckpointSource] = {
+    **{f"sam2.1_hiera_{short}": CheckpointSource(f"sam2.1_hiera_{size}.pt", f"{_SAM2_1_URL}sam2.1_hiera_{size}.pt")
+       for short, size in (("t", "tiny"), ("s", "small"), ("b+", "base_plus"), ("l", "large"))},
+    **{f"sam2_hiera_{short}": CheckpointSource(f"sam2_hiera_{size}.pt", f"{_SAM2_URL}sam2_hiera_{size}.pt")
+       for short, size in (("t", "tiny"), ("s", "small"), ("b+", "base_plus"), ("l", "large"))},
+    "medsam2": CheckpointSource("MedSAM2_latest.pt", f"{_MEDSAM2_URL}MedSAM2_latest.pt"),
+}
+"""Official SAM 2 family checkpoint files by refseg model name (see ``refseg.models.sam2.SAM2_SPECS``)."""

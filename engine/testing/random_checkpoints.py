@@ -2,9 +2,11 @@
 
 Every refseg command can then run offline (smoke runs: the masks mean nothing)::
 
-    python -m refseg.testing.random_checkpoints OUTDIR --sam vit_b --dinov2 vits14
+    python -m refseg.testing.random_checkpoints OUTDIR --sam vit_b sam2.1_hiera_t --dinov2 vits14
 
-writes ``OUTDIR/sam_vit_b_01ec64.pth`` and ``OUTDIR/dinov2_vits14_pretrain.pth``; point
+writes ``OUTDIR/sam_vit_b_01ec64.pth``, ``OUTDIR/sam2.1_hiera_tiny.pt`` and
+``OUTDIR/dinov2_vits14_pretrain.pth``; SAM 2 family files (``sam2.1_hiera_*``, ``sam2_hiera_*``,
+``medsam2``) are ``{"model": state_dict}`` with the memory modules' keys too, as released; point
 ``REFSEG_CHECKPOINT_DIR`` at OUTDIR or pass the paths explicitly. The same seed gives the same
 tensors on every machine. DINOv3 comes in both layouts users download::
 
@@ -31,6 +33,8 @@ from refseg.models import dinov2 as dinov2_mod
 from refseg.models import dinov3 as dinov3_mod
 from refseg.models import dinov3_hf
 from refseg.models import sam as sam_mod
+from refseg.models import sam2 as sam2_mod
+from refseg.models.sam2_state_dict import random_sam2_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +145,13 @@ def write_random_checkpoints(outdir: str | os.PathLike, sam: list[str] = (), din
     outdir = Path(outdir)
     written = []
     for name in sam:
-        path = outdir / _file_name(sam_mod.SAM_SPECS[name].checkpoint.filename, safetensors)
-        _save(random_sam_state_dict(name, seed), path)
+        if name in sam2_mod.SAM2_SPECS:  # the official SAM 2 files wrap the weights: {"model": ...}
+            path = outdir / _file_name(sam2_mod.SAM2_SPECS[name].checkpoint.filename, safetensors)
+            state = random_sam2_state_dict(name, seed)
+            _save(state if safetensors else {"model": state}, path)
+        else:
+            path = outdir / _file_name(sam_mod.SAM_SPECS[name].checkpoint.filename, safetensors)
+            _save(random_sam_state_dict(name, seed), path)
         written.append(path)
     for name in dinov2:
         path = outdir / _file_name(dinov2_mod.DINOV2_SPECS[name].checkpoint.filename, safetensors)
@@ -164,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m refseg.testing.random_checkpoints",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("outdir")
-    parser.add_argument("--sam", nargs="*", default=[], choices=sorted(sam_mod.SAM_SPECS))
+    parser.add_argument("--sam", nargs="*", default=[], choices=sorted(sam_mod.SAM_SPECS) + sorted(sam2_mod.SAM2_SPECS))
     parser.add_argument("--dinov2", nargs="*", default=[], choices=sorted(dinov2_mod.DINOV2_SPECS))
     parser.add_argument("--dinov3", nargs="*", default=[], choices=sorted(dinov3_mod.DINOV3_SPECS),
                         help="official DINOv3 .pth files")
