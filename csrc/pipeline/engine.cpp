@@ -130,9 +130,16 @@ struct AotiModels : Models {
     encoder = load(kGraphs[1]);
     decoder = load(kGraphs[2]);
   }
-  at::Tensor dinov2(const at::Tensor& x) override { return dino->run({x})[0]; }
-  at::Tensor sam_encoder(const at::Tensor& x) override { return encoder->run({x})[0]; }
-  std::vector<at::Tensor> sam_decoder(const std::vector<at::Tensor>& in) override { return decoder->run(in); }
+  // A package reads its inputs as the contiguous tensors it was traced with, whatever their strides (the
+  // manifest's "memory_format"): every input is made contiguous float32 first.
+  static std::vector<at::Tensor> run(torch::inductor::AOTIModelPackageLoader& package, const std::vector<at::Tensor>& in) {
+    std::vector<at::Tensor> dense;
+    for (const auto& t : in) dense.push_back(t.to(at::kFloat).contiguous());
+    return package.run(dense);
+  }
+  at::Tensor dinov2(const at::Tensor& x) override { return run(*dino, {x})[0]; }
+  at::Tensor sam_encoder(const at::Tensor& x) override { return run(*encoder, {x})[0]; }
+  std::vector<at::Tensor> sam_decoder(const std::vector<at::Tensor>& in) override { return run(*decoder, in); }
 };
 
 #ifdef REFSEG_HAVE_TENSORRT
