@@ -89,7 +89,8 @@ def run_cli(export: Path, refs: list[tuple[Path, Path]], out: Path, *inputs: Pat
     args = [str(CLI), "-e", str(export), "-o", str(out), *extra]
     for image, mask in refs:
         args += ["-r", str(image), "-m", str(mask)]
-    proc = subprocess.run(args + [str(p) for p in inputs], capture_output=True, text=True, timeout=900)
+    env = {**os.environ, "OMP_WAIT_POLICY": "passive"}  # OpenMP spinning is slow on a CPU shared with other jobs
+    proc = subprocess.run(args + [str(p) for p in inputs], capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == expect, proc.stderr
     return proc
 

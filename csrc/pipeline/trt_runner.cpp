@@ -310,16 +310,22 @@ struct Session::Impl {
 
   cudaStream_t cuda_stream() const { return static_cast<cudaStream_t>(stream.handle()); }
 
+  // (re)allocates device (cudaMalloc) or pinned host (cudaMallocHost) memory to hold `bytes`
+  void grow(void*& ptr, size_t& have, size_t bytes, bool host, const std::string& name) {
+    if (have >= bytes) return;
+    if (ptr) check_cuda(host ? cudaFreeHost(ptr) : cudaFree(ptr), e.where() + ": freeing the buffer of " + name);
+    ptr = nullptr;  // (cudaFree is synchronous: no kernel still reads the old buffer)
+    have = 0;
+    const size_t n = std::max<size_t>(bytes, 1);
+    check_cuda(host ? cudaMallocHost(&ptr, n) : cudaMalloc(&ptr, n),
+               e.where() + (host ? ": cudaMallocHost of " : ": cudaMalloc of ") + std::to_string(bytes) +
+                   " bytes for " + name);
+    have = bytes;
+  }
+
   void* device_buffer(const std::string& name, size_t bytes) {
     DeviceBuffer& b = device[name];
-    if (b.bytes < bytes) {
-      if (b.ptr) check_cuda(cudaFree(b.ptr), e.where() + ": cudaFree");  // synchronous: no kernel still reads it
-      b.ptr = nullptr;
-      b.bytes = 0;
-      check_cuda(cudaMalloc(&b.ptr, std::max<size_t>(bytes, 1)),
-                 e.where() + ": cudaMalloc of " + std::to_string(bytes) + " bytes for " + name);
-      b.bytes = bytes;
-    }
+    grow(b.ptr, b.bytes, bytes, false, name);
     return b.ptr;
   }
 
@@ -327,14 +333,7 @@ struct Session::Impl {
   void* pinned(PinnedBuffer& b, size_t bytes, const std::string& name) {
     if (b.busy && b.epoch == stream_epoch(stream.handle())) stream.synchronize();
     b.busy = false;
-    if (b.bytes < bytes) {
-      if (b.ptr) check_cuda(cudaFreeHost(b.ptr), e.where() + ": cudaFreeHost");
-      b.ptr = nullptr;
-      b.bytes = 0;
-      check_cuda(cudaMallocHost(&b.ptr, std::max<size_t>(bytes, 1)),
-                 e.where() + ": cudaMallocHost of " + std::to_string(bytes) + " bytes for " + name);
-      b.bytes = bytes;
-    }
+    grow(b.ptr, b.bytes, bytes, true, name);
     return b.ptr;
   }
 

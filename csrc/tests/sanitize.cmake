@@ -4,12 +4,7 @@
 # LibTorch (our calls, buffers, threads and locks); lsan.supp and tsan.supp name the reports that come from inside it.
 #   cmake -DSOURCE_DIR=... -DBUILD_DIR=... -DSANITIZER=address|thread -DMODEL=... -DGENERATOR=...
 #         -DPython3_EXECUTABLE=... -P sanitize.cmake
-function(run)
-  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc)
-  if(NOT rc EQUAL 0)
-    message(FATAL_ERROR "failed (${rc}): ${ARGN}")
-  endif()
-endfunction()
+include("${CMAKE_CURRENT_LIST_DIR}/run.cmake")
 string(TIMESTAMP t0 "%s")
 # -O1, little debug information: a short build on a small machine, still readable stacks
 run("${CMAKE_COMMAND}" -S "${SOURCE_DIR}" -B "${BUILD_DIR}" -G "${GENERATOR}" -DREFSEG_SANITIZE=${SANITIZER}
