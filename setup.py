@@ -83,11 +83,13 @@ class OptionalBuildExt(build_ext):
             logging.warning("refseg._C not built (%s); the pure-torch prompt engine will be used", exc)
 
 
-# the C++ prompt engine (csrc/core) behind refseg._C; no floating-point contraction: every sum
-# must round like the torch reference
+# refseg._C: pybind11 bindings over the C API (csrc/include/refseg.h), compiled from the C API's sources without
+# LibTorch (the prompt engine of csrc/core, resampling, mask cleaning, presets; model calls answer
+# REFSEG_ERR_UNSUPPORTED). No floating-point contraction: every sum must round like the torch reference.
 NATIVE = Extension(
-    "refseg._C", sorted(glob.glob("csrc/core/*.cpp")) + ["csrc/pipeline/resample.cpp", "csrc/python/module.cpp"],
-    include_dirs=["csrc/include"], language="c++",
+    "refseg._C", sorted(glob.glob("csrc/core/*.cpp")) + sorted(glob.glob("csrc/api/*.cpp"))
+    + ["csrc/pipeline/resample.cpp", "csrc/python/module.cpp"],
+    include_dirs=["csrc/include", "csrc/api"], language="c++",
     extra_compile_args=["-std=c++17", "-O2", "-ffp-contract=off", "-fvisibility=hidden"])
 
 setup(

@@ -31,16 +31,43 @@ AOTI_FILES = {"dinov2": "dinov2.pt2", "sam_encoder": "sam_encoder.pt2", "sam_dec
 AOTI_FORMAT = "aoti"
 
 
+class ContiguousOutputs(nn.Module):
+    """The memory contract of every package: outputs are contiguous (row-major) tensors.
+
+    An AOTInductor package keeps the strides its graph produced (SAM's encoder ends in a channels-last
+    convolution: strides (1048576, 1, 16384, 256)) and reads its inputs as the contiguous example tensors
+    it was traced with, without checking. Returning contiguous outputs makes the embedding that goes from
+    the encoder package to the decoder package what the decoder expects; callers still make every input
+    contiguous (:class:`AotiPackages`, csrc/pipeline), so the contract holds for tensors from elsewhere.
+    """
+
+    def __init__(self, wrapper: nn.Module) -> None:
+        super().__init__()
+        self.wrapper = wrapper  # not "graph": an exported GraphModule has an attribute of that name
+        self.io = wrapper.io
+
+    def forward(self, *inputs):
+        out = self.wrapper(*inputs)
+        if isinstance(out, torch.Tensor):
+            return out.contiguous()
+        return tuple(o.contiguous() for o in out)
+
+
 def compile_graph(wrapper: nn.Module, args: tuple, path: Path, dynamic_shapes=None) -> dict:
-    """torch.export + AOTInductor package of ``wrapper`` at ``path``; returns its manifest record."""
+    """torch.export + AOTInductor package of ``wrapper`` (outputs made contiguous) at ``path``; returns
+    its manifest record (``memory_format``: inputs must be, and outputs are, contiguous)."""
     t0 = time.perf_counter()
+    wrapper = ContiguousOutputs(wrapper).eval()
+    if dynamic_shapes is not None:  # one spec per positional input of the wrapped forward (*inputs)
+        dynamic_shapes = {"inputs": tuple(dynamic_shapes)}
     with torch.no_grad():
         program = torch.export.export(wrapper, args, dynamic_shapes=dynamic_shapes)
         torch._inductor.aoti_compile_and_package(program, package_path=str(path))
     shapes = {name: list(dims) for name, dims in wrapper.io.shapes.items()}
     log.info("AOTInductor package %s written in %.1f s", path.name, time.perf_counter() - t0)
     return {"files": [path.name], "inputs": list(wrapper.io.inputs), "outputs": list(wrapper.io.outputs),
-            "shapes": shapes, "precision": "fp32", "dtypes": {n: "float32" for n in shapes}}
+            "shapes": shapes, "precision": "fp32", "dtypes": {n: "float32" for n in shapes},
+            "memory_format": "contiguous"}
 
 
 def export_aoti(out_dir: str | os.PathLike, dinov2_model: nn.Module, sam_model: nn.Module, *, image_size: int,
@@ -104,18 +131,26 @@ class AotiPackages:
         self._pack = pack_prompts
         self.config, self.device = like.config, like.device
 
+    @staticmethod
+    def _run(package, *inputs: torch.Tensor):
+        """One package call; every input made contiguous float32 first (the packages read their inputs as
+        the contiguous tensors they were traced with, whatever the strides: the manifest's
+        ``memory_format``)."""
+        return package(*(t.float().contiguous() for t in inputs))
+
     def encode_dinov2(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, T, D) patch tokens (the packages take batch 1)."""
-        return torch.cat([self._dinov2(images[i:i + 1])[0] for i in range(len(images))]).float()
+        return torch.cat([self._run(self._dinov2, images[i:i + 1])[0] for i in range(len(images))]).float()
 
     def encode_sam(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, 1024, 1024) -> (B, 256, 64, 64)."""
-        return torch.cat([self._encoder(images[i:i + 1]) for i in range(len(images))])
+        return torch.cat([self._run(self._encoder, images[i:i + 1]) for i in range(len(images))])
 
     def decode(self, embedding, coords, labels, boxes=None, multimask: bool = False):
-        """As the torch backend's ``decode``: (P, C, 256, 256) logits and (P, C) IoU, C = 3 or 1."""
+        """As the torch backend's ``decode``: (P, C, 256, 256) logits and (P, C) IoU, C = 3 or 1.
+        ``embedding`` (256, 64, 64) may have any strides (the torch encoder's is channels-last)."""
         c, lab = self._pack(coords, labels, boxes)
-        masks, iou = self._decoder(embedding[None], c, lab, torch.zeros(1, 1, 256, 256), torch.zeros(1))
+        masks, iou = self._run(self._decoder, embedding[None], c, lab, torch.zeros(1, 1, 256, 256), torch.zeros(1))
         return (masks[:, 1:], iou[:, 1:]) if multimask else (masks[:, :1], iou[:, :1])
 
 

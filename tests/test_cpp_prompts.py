@@ -1,4 +1,4 @@
-"""refseg._C (C++ prompt engine) against the torch path: grid labels, matching post-processing,
+"""refseg._C (the C API's prompt engine) against the torch path: grid labels, matching post-processing,
 k-means, the physical-space stage (random and GBMSeg golden inputs) and the pipeline hook."""
 from __future__ import annotations
 
@@ -173,20 +173,21 @@ def test_kill_switch_and_load_log(monkeypatch, caplog):
 def test_bad_input_raises():
     with pytest.raises(ValueError, match="sizes"):
         _C.engineer_padded(np.zeros((1, 2, 2)), np.ones((1, 2), bool), np.zeros((1, 2, 2)), np.ones((1, 2), bool),
-                           np.zeros((1, 3), np.int64), _C.PromptOptions())
+                           np.zeros((1, 3), np.int64), _C.PromptParams())
     with pytest.raises(ValueError, match="grid rule"):
         _C.grid_labels(np.zeros((1, 14, 14), np.uint8), "most", 0.9, False)
-    with pytest.raises(IndexError):
+    with pytest.raises(ValueError, match=r"fwd / far\[0\] is not a target patch index"):
         _C.match_nn(np.array([[5]]), np.array([[0]]), np.zeros((1, 1)), np.array([[0, 0]]), np.ones((1, 1), np.int8),
                     True, True, False, True, False)
 
 
-def test_readme_example_is_the_compiled_one():
-    """README's "Embedding from C++" C example is csrc/examples/embed/segment_one.c (built by ctest)."""
+def test_documented_c_example_is_the_compiled_one():
+    """docs/cpp.md's "Embedding from C" example is csrc/examples/embed/segment_one.c (built and run by ctest's
+    find_package_example)."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    readme = (root / "README.md").read_text(encoding="utf-8")
-    block = readme[readme.index("## Embedding from C++"):].split("```c\n", 1)[1].split("```", 1)[0]
+    doc = (root / "docs" / "cpp.md").read_text(encoding="utf-8")
+    block = doc[doc.index("## Embedding from C"):].split("```c\n", 1)[1].split("```", 1)[0]
     source = (root / "csrc" / "examples" / "embed" / "segment_one.c").read_text(encoding="utf-8")
     assert source.endswith(block) and len(block.splitlines()) >= 15

@@ -18,7 +18,6 @@ struct ApiError : std::runtime_error {
 
 void set_last_error(const std::string& message);
 const std::string& thread_last_error();
-void clear_last_error();
 
 template <typename F>
 refseg_status guarded(const char* where, F&& body) {
@@ -42,9 +41,6 @@ refseg_status guarded(const char* where, F&& body) {
     return REFSEG_ERR_INTERNAL;
   }
 }
-
-struct PromptOptions;
-PromptOptions to_options(const refseg_prompt_params& p);  // validates (ApiError)
 
 inline void require(bool ok, const std::string& message, refseg_status s = REFSEG_ERR_INVALID_ARGUMENT) {
   if (!ok) throw ApiError(s, message);

@@ -6,7 +6,7 @@
 
 namespace refseg {
 
-std::vector<int8_t> binary_to_grid(const uint8_t* mask, int side, long stride, GridRule rule,
+std::vector<int8_t> binary_to_grid(const uint8_t* mask, int side, int64_t stride, GridRule rule,
                                    double fraction, bool skip_last) {
   if (side <= 0 || side % kPatchSize)
     throw std::invalid_argument("mask side must be a positive multiple of 14");
@@ -15,7 +15,7 @@ std::vector<int8_t> binary_to_grid(const uint8_t* mask, int side, long stride, G
   const int g = side / kPatchSize, full = kPatchSize * kPatchSize;
   std::vector<int> count(static_cast<size_t>(g) * g, 0);
   for (int y = 0; y < side; ++y) {
-    const uint8_t* row = mask + static_cast<long>(y) * stride;
+    const uint8_t* row = mask + static_cast<int64_t>(y) * stride;
     int* cells = count.data() + static_cast<size_t>(y / kPatchSize) * g;
     for (int x = 0; x < side; ++x) cells[x / kPatchSize] += row[x] != 0;
   }
@@ -41,10 +41,10 @@ std::vector<int8_t> binary_to_grid(const uint8_t* mask, int side, long stride, G
   return labels;
 }
 
-Point cell_to_pixel(long index, int grid_size, int image_size, int height, int width) {
+Point cell_to_pixel(int64_t index, int grid_size, int image_size, int height, int width) {
   // floor division: index -1 is row -1, column G - 1 (Python negative indexing in the release)
-  long row = index >= 0 ? index / grid_size : -((-index + grid_size - 1) / grid_size);
-  long col = index - row * grid_size;
+  int64_t row = index >= 0 ? index / grid_size : -((-index + grid_size - 1) / grid_size);
+  int64_t col = index - row * grid_size;
   const double cx = static_cast<double>(col) * kPatchSize + kPatchSize / 2.0;
   const double cy = static_cast<double>(row) * kPatchSize + kPatchSize / 2.0;
   // torch.round: half to even, which nearbyint gives in the default rounding mode
@@ -55,8 +55,8 @@ PointList candidates_to_points(const uint8_t* mask, bool offimage, int grid_size
                                int height, int width) {
   PointList out;
   if (offimage) out.push_back(cell_to_pixel(-1, grid_size, image_size, height, width));
-  const long nt = static_cast<long>(grid_size) * grid_size;
-  for (long i = 0; i < nt; ++i)
+  const int64_t nt = static_cast<int64_t>(grid_size) * grid_size;
+  for (int64_t i = 0; i < nt; ++i)
     if (mask[i]) out.push_back(cell_to_pixel(i, grid_size, image_size, height, width));
   return out;
 }

@@ -29,18 +29,20 @@ enum class GridRule { All, Any, Fraction };
 
 // (S, S) mask (non-zero = FG, row-major, row stride `stride` bytes) -> (G, G) labels {1, 0, -1},
 // G = S / 14, cell i = row * G + col.
-std::vector<int8_t> binary_to_grid(const uint8_t* mask, int side, long stride, GridRule rule,
+std::vector<int8_t> binary_to_grid(const uint8_t* mask, int side, int64_t stride, GridRule rule,
                                    double fraction, bool skip_last);
 
 // Flat patch index (-1 allowed: row -1, column G - 1) -> (x, y) target pixel of the cell centre,
 // (14 col + 7) * W / S rounded half to even.
-Point cell_to_pixel(long index, int grid_size, int image_size, int height, int width);
+Point cell_to_pixel(int64_t index, int grid_size, int image_size, int height, int width);
 
+// Option values come from refseg_params (csrc/api/params.cpp, presets generated from refseg.config): the
+// member defaults here are neutral placeholders, not a preset.
 struct MatchOptions {
   bool cosine = true;        // metric: larger fwd_val is better (else a distance: smaller is better)
-  bool cycle_check = true;
+  bool cycle_check = false;
   bool hard_negatives = false;
-  bool fallback = true;
+  bool fallback = false;
   bool offimage_quirk = false;
 };
 
@@ -60,12 +62,12 @@ Candidates match_candidates(const int64_t* fwd, const int64_t* far, const double
 
 struct PromptOptions {
   bool offimage_quirk = false;
-  bool radius_side = true;  // radii are fractions of max(H, W); else pixels
-  double pos_radius = 0.125, neg_radius = 0.125, exclusion_radius = 0.125, hard_radius = 0.125;
-  int kmeans_k = 16, kmeans_iters = 100;
+  bool radius_side = false;  // radii are fractions of max(H, W); else pixels
+  double pos_radius = 0, neg_radius = 0, exclusion_radius = 0, hard_radius = 0;
+  int kmeans_k = 0, kmeans_iters = 1;
   int64_t kmeans_seed = 0;
   int max_points = 0;
-  bool fallback = true;
+  bool fallback = false;
   bool use_box = false;
 };
 

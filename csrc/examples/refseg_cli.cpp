@@ -1,129 +1,215 @@
-// refseg-cli: segment PNG targets with one reference pair and an artifact folder (C API example).
+// refseg-cli: segment PNG / JPEG targets with reference pairs and an artifact folder (C API example).
 //
-//   refseg-cli ARTIFACT_DIR REF_IMAGE.png REF_MASK.png OUT_DIR TARGET.png [TARGET.png ...]
+//   refseg-cli -e EXPORT_DIR -r REF -m MASK [-r REF2 -m MASK2 ...] -o OUT_DIR [--preset sat|gbmseg]
+//              [--threads N] INPUT...
 //
-// Writes OUT_DIR/<target name>  (8-bit grey PNG, 255 = foreground). One unreadable target is
-// reported and skipped; the exit code is 1 when any target failed, 2 for bad arguments / setup.
-#include <png.h>
+// INPUT: image files, or folders whose .png / .jpg / .jpeg files are taken (sorted). Several -r/-m pairs are
+// n-shot references. Mask values are classes (JPEG masks: binarised at 128). Writes OUT_DIR/<stem>.png (created
+// if needed): 0 / 255 for one class, the class values for several, the target's size. Everything that can be
+// checked is checked before the model loads. Progress: one line per finished image on stdout; on a terminal the
+// stages of the current image update one line in between. Exit code 0, 1 when a target failed (the others are written), 2 for bad
+// arguments or setup.
+#include <unistd.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <string>
 #include <vector>
 
+#include "image_files.h"
 #include "refseg.h"
+
+namespace fs = std::filesystem;
+using refseg_cli::Raster;
 
 namespace {
 
-struct Png {
-  int width = 0, height = 0, channels = 0;
-  std::vector<uint8_t> pixels;
+const char* kUsage =
+    "usage: refseg-cli -e EXPORT_DIR -r REF -m MASK [-r REF -m MASK ...] -o OUT_DIR [--preset sat|gbmseg] "
+    "[--threads N] INPUT...\n";
+
+struct Args {
+  std::string export_dir, out_dir, preset = "sat";
+  std::vector<std::string> refs, masks, inputs;
+  int threads = 0;
 };
 
-bool read_png(const std::string& path, Png& out, std::string& error) {
-  png_image image;
-  std::memset(&image, 0, sizeof image);
-  image.version = PNG_IMAGE_VERSION;
-  if (!png_image_begin_read_from_file(&image, path.c_str())) {
-    error = path + ": " + image.message;
-    return false;
+int fail(const std::string& message) {
+  std::fprintf(stderr, "refseg-cli: %s\n", message.c_str());
+  return 2;
+}
+
+bool parse(int argc, char** argv, Args& a, std::string& error) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    auto value = [&](std::string& into) {
+      if (i + 1 >= argc) return error = arg + " needs a value", false;
+      into = argv[++i];
+      return true;
+    };
+    std::string v;
+    if (arg == "-e" || arg == "--export") {
+      if (!value(a.export_dir)) return false;
+    } else if (arg == "-r" || arg == "--reference") {
+      if (!value(v)) return false;
+      a.refs.push_back(v);
+    } else if (arg == "-m" || arg == "--mask") {
+      if (!value(v)) return false;
+      a.masks.push_back(v);
+    } else if (arg == "-o" || arg == "--output") {
+      if (!value(a.out_dir)) return false;
+    } else if (arg == "--preset") {
+      if (!value(a.preset)) return false;
+    } else if (arg == "--threads") {
+      if (!value(v)) return false;
+      char* end = nullptr;
+      a.threads = static_cast<int>(std::strtol(v.c_str(), &end, 10));
+      if (*end || a.threads < 0) return error = "--threads " + v + ": not a count", false;
+    } else if (arg == "-h" || arg == "--help") {
+      return error = "", false;
+    } else if (!arg.empty() && arg[0] == '-') {
+      return error = "unknown option " + arg, false;
+    } else {
+      a.inputs.push_back(arg);
+    }
   }
-  const bool grey = !(image.format & PNG_FORMAT_FLAG_COLOR);
-  image.format = grey ? PNG_FORMAT_GRAY : PNG_FORMAT_RGB;
-  out.width = static_cast<int>(image.width);
-  out.height = static_cast<int>(image.height);
-  out.channels = grey ? 1 : 3;
-  out.pixels.resize(PNG_IMAGE_SIZE(image));
-  if (!png_image_finish_read(&image, nullptr, out.pixels.data(), 0, nullptr)) {
-    error = path + ": " + image.message;
-    png_image_free(&image);
-    return false;
+  if (a.export_dir.empty() || a.out_dir.empty()) return error = "-e EXPORT_DIR and -o OUT_DIR are required", false;
+  if (a.refs.empty() || a.refs.size() != a.masks.size())
+    return error = "give one -m MASK for each -r REF (got " + std::to_string(a.refs.size()) + " and " +
+                   std::to_string(a.masks.size()) + ")", false;
+  if (a.inputs.empty()) return error = "no INPUT image or folder", false;
+  return true;
+}
+
+// files of the inputs (folders: their images, sorted); false with `error` for a missing path or empty folder
+bool expand(const std::vector<std::string>& inputs, std::vector<std::string>& files, std::string& error) {
+  for (const auto& in : inputs) {
+    std::error_code ec;
+    if (fs::is_directory(in, ec)) {
+      std::vector<std::string> found;
+      for (const auto& e : fs::directory_iterator(in, ec))
+        if (e.is_regular_file() && refseg_cli::is_image_name(e.path().string())) found.push_back(e.path().string());
+      if (found.empty()) return error = in + ": no .png / .jpg / .jpeg file in this folder", false;
+      std::sort(found.begin(), found.end());
+      files.insert(files.end(), found.begin(), found.end());
+    } else if (fs::is_regular_file(in, ec)) {
+      files.push_back(in);
+    } else {
+      return error = in + ": no such file or folder", false;
+    }
   }
   return true;
 }
 
-bool write_png(const std::string& path, const std::vector<uint8_t>& grey, int width, int height) {
-  png_image image;
-  std::memset(&image, 0, sizeof image);
-  image.version = PNG_IMAGE_VERSION;
-  image.width = static_cast<png_uint_32>(width);
-  image.height = static_cast<png_uint_32>(height);
-  image.format = PNG_FORMAT_GRAY;
-  const std::string tmp = path + ".part";  // atomic: write aside, then rename
-  if (!png_image_write_to_file(&image, tmp.c_str(), 0, grey.data(), 0, nullptr)) return false;
-  return std::rename(tmp.c_str(), path.c_str()) == 0;
+refseg_image view(const Raster& r) {
+  return {r.pixels.data(), r.width, r.height, r.channels, static_cast<int64_t>(r.width) * r.channels};
 }
 
-refseg_image view(const Png& p) { return {p.pixels.data(), p.width, p.height, p.channels, (int64_t)p.width * p.channels}; }
+struct Progress {
+  bool terminal;
+  std::string label;
+};
 
 int on_progress(const char* stage, float fraction, void* user_data) {
-  std::fprintf(stderr, "  [%s] %s %3.0f%%\r", static_cast<const std::string*>(user_data)->c_str(), stage,
-               100.0f * fraction);
+  auto* p = static_cast<Progress*>(user_data);
+  if (p->terminal) {
+    std::printf("\r\033[K%s: %s %3.0f%%", p->label.c_str(), stage, 100.0f * fraction);
+    std::fflush(stdout);
+  }
   return 1;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc < 6) {
-    std::fprintf(stderr, "usage: %s ARTIFACT_DIR REF_IMAGE.png REF_MASK.png OUT_DIR TARGET.png...\n", argv[0]);
-    return 2;
-  }
-  Png ref, mask;
+  Args a;
   std::string error;
-  if (!read_png(argv[2], ref, error) || !read_png(argv[3], mask, error)) {
-    std::fprintf(stderr, "refseg-cli: %s\n", error.c_str());
+  if (!parse(argc, argv, a, error)) {
+    if (!error.empty()) std::fprintf(stderr, "refseg-cli: %s\n", error.c_str());
+    std::fputs(kUsage, stderr);
     return 2;
   }
-  if (mask.channels != 1) {  // a colour mask: non-zero in any channel is foreground
-    std::vector<uint8_t> g(static_cast<size_t>(mask.width) * mask.height);
-    for (size_t i = 0; i < g.size(); ++i) g[i] = (mask.pixels[3 * i] | mask.pixels[3 * i + 1] | mask.pixels[3 * i + 2]) ? 255 : 0;
-    mask.pixels.swap(g);
-    mask.channels = 1;
+  refseg_params params;
+  if (refseg_preset_params(a.preset.c_str(), &params) != REFSEG_OK) return fail(refseg_last_error());
+  params.num_threads = a.threads;
+  // every check that needs no model first: references, inputs, the output folder
+  std::vector<Raster> refs(a.refs.size()), masks(a.refs.size());
+  for (size_t i = 0; i < a.refs.size(); ++i) {
+    if (!refseg_cli::read_image(a.refs[i], refs[i], error) || !refseg_cli::read_mask(a.masks[i], masks[i], error))
+      return fail(error);
+    if (refs[i].width != masks[i].width || refs[i].height != masks[i].height)
+      return fail(a.masks[i] + ": mask size " + std::to_string(masks[i].width) + "x" + std::to_string(masks[i].height) +
+                  " differs from its image " + std::to_string(refs[i].width) + "x" + std::to_string(refs[i].height));
   }
-  std::string label = "reference";
-  refseg_params params = refseg_default_params();
+  std::vector<std::string> files;
+  if (!expand(a.inputs, files, error)) return fail(error);
+  std::error_code ec;
+  fs::create_directories(a.out_dir, ec);
+  if (ec || !fs::is_directory(a.out_dir)) return fail(a.out_dir + ": cannot create the output folder (" + ec.message() + ")");
+  if (access(a.out_dir.c_str(), W_OK) != 0) return fail(a.out_dir + ": output folder is not writable");
+
+  Progress progress{isatty(fileno(stdout)) != 0, "reference"};
   params.progress_callback = on_progress;
-  params.progress_user_data = &label;  // the engine keeps the pointer: update the string it points to
-  refseg_engine* engine = nullptr;
-  refseg_status s = refseg_engine_create(argv[1], &params, &engine);
-  if (s != REFSEG_OK) {
-    std::fprintf(stderr, "refseg-cli: %s: %s\n", refseg_status_string(s), refseg_last_error(nullptr));
-    return 2;
+  params.progress_user_data = &progress;  // the context keeps the pointer: the label is updated below
+  refseg_model* model = nullptr;
+  refseg_status s = refseg_model_load(a.export_dir.c_str(), &params, &model);
+  if (s != REFSEG_OK) return fail(std::string(refseg_status_string(s)) + ": " + refseg_last_error());
+  refseg_context* ctx = nullptr;
+  if ((s = refseg_context_create(model, &ctx)) != REFSEG_OK) {
+    refseg_model_free(model);
+    return fail(std::string(refseg_status_string(s)) + ": " + refseg_last_error());
   }
-  const refseg_image ri = view(ref), mi = view(mask);
-  if ((s = refseg_set_reference(engine, &ri, &mi)) != REFSEG_OK) {
-    std::fprintf(stderr, "refseg-cli: %s: %s\n", refseg_status_string(s), refseg_last_error(engine));
-    refseg_engine_free(engine);
-    return 2;
+  for (size_t i = 0; i < refs.size(); ++i) {
+    const refseg_image ri = view(refs[i]), mi = view(masks[i]);
+    if ((s = refseg_context_set_reference(ctx, &ri, &mi)) != REFSEG_OK) {
+      const std::string message = a.refs[i] + ": " + refseg_status_string(s) + ": " + refseg_context_last_error(ctx);
+      refseg_context_free(ctx);
+      refseg_model_free(model);
+      return fail(message);
+    }
   }
+  const bool binary = refseg_context_classes(ctx, nullptr, 0) == 1;
   int failed = 0;
-  for (int i = 5; i < argc; ++i) {
-    const std::string path = argv[i];
-    const std::string name = path.substr(path.find_last_of('/') + 1);
-    Png target;
-    if (!read_png(path, target, error)) {
+  for (size_t i = 0; i < files.size(); ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const std::string& path = files[i];
+    const std::string dest = (fs::path(a.out_dir) / fs::path(path).stem()).string() + ".png";
+    progress.label = "[" + std::to_string(i + 1) + "/" + std::to_string(files.size()) + "] " + path;
+    Raster target;
+    std::vector<uint8_t> labels;
+    if (!refseg_cli::read_image(path, target, error)) {
+      ++failed;
+    } else {
+      labels.resize(static_cast<size_t>(target.width) * target.height);
+      const refseg_image ti = view(target);
+      s = refseg_context_segment(ctx, &ti, labels.data(), target.width);
+      if (s != REFSEG_OK) {
+        error = path + ": " + refseg_status_string(s) + ": " + refseg_context_last_error(ctx);
+        ++failed;
+      } else {
+        if (binary)
+          for (auto& v : labels) v = v ? 255 : 0;
+        if (!refseg_cli::write_png(dest, labels.data(), target.width, target.height, error)) ++failed;
+        else error.clear();
+      }
+    }
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (progress.terminal) std::printf("\r\033[K");
+    if (!error.empty()) {
+      std::fflush(stdout);
       std::fprintf(stderr, "refseg-cli: %s (skipped)\n", error.c_str());
-      ++failed;
-      continue;
+      error.clear();
+    } else {
+      std::printf("%s -> %s (%.2f s)\n", progress.label.c_str(), dest.c_str(), seconds);
     }
-    label = name;
-    std::vector<uint8_t> out(static_cast<size_t>(target.width) * target.height);
-    const refseg_image ti = view(target);
-    s = refseg_segment(engine, &ti, out.data(), target.width);
-    if (s != REFSEG_OK) {
-      std::fprintf(stderr, "refseg-cli: %s: %s: %s (skipped)\n", path.c_str(), refseg_status_string(s), refseg_last_error(engine));
-      ++failed;
-      continue;
-    }
-    const std::string dest = std::string(argv[4]) + "/" + name;
-    if (!write_png(dest, out, target.width, target.height)) {
-      std::fprintf(stderr, "refseg-cli: cannot write %s\n", dest.c_str());
-      ++failed;
-      continue;
-    }
-    std::fprintf(stderr, "\n%s -> %s\n", path.c_str(), dest.c_str());
+    std::fflush(stdout);
   }
-  refseg_engine_free(engine);
+  refseg_context_free(ctx);
+  refseg_model_free(model);
+  if (failed) std::fprintf(stderr, "refseg-cli: %d of %zu target(s) failed\n", failed, files.size());
   return failed ? 1 : 0;
 }

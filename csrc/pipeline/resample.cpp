@@ -73,7 +73,7 @@ inline uint8_t clip8(int v) {
 
 }  // namespace
 
-std::vector<uint8_t> resize_like_pil(const uint8_t* src, int width, int height, int channels, long stride,
+std::vector<uint8_t> resize_like_pil(const uint8_t* src, int width, int height, int channels, int64_t stride,
                                      int out_w, int out_h, Filter filter) {
   if (width <= 0 || height <= 0 || out_w <= 0 || out_h <= 0 || channels <= 0)
     throw std::invalid_argument("resize: empty image");
@@ -85,12 +85,12 @@ std::vector<uint8_t> resize_like_pil(const uint8_t* src, int width, int height, 
   const int rows = y_last - y_first;
   std::vector<uint8_t> tmp;
   const uint8_t* mid = nullptr;
-  long mid_stride = 0;
+  int64_t mid_stride = 0;
   int mid_w = width;
   if (need_h) {
     tmp.resize(static_cast<size_t>(rows) * out_w * channels);
     for (int y = 0; y < rows; ++y) {
-      const uint8_t* in = src + static_cast<long>(y + y_first) * stride;
+      const uint8_t* in = src + static_cast<int64_t>(y + y_first) * stride;
       uint8_t* out = tmp.data() + static_cast<size_t>(y) * out_w * channels;
       for (int xx = 0; xx < out_w; ++xx) {
         const int xmin = ch.bounds[2 * xx], n = ch.bounds[2 * xx + 1];
@@ -103,16 +103,16 @@ std::vector<uint8_t> resize_like_pil(const uint8_t* src, int width, int height, 
       }
     }
     mid = tmp.data();
-    mid_stride = static_cast<long>(out_w) * channels;
+    mid_stride = static_cast<int64_t>(out_w) * channels;
     mid_w = out_w;
   } else {
-    mid = src + static_cast<long>(y_first) * stride;
+    mid = src + static_cast<int64_t>(y_first) * stride;
     mid_stride = stride;
   }
   std::vector<uint8_t> out(static_cast<size_t>(out_h) * out_w * channels);
   if (!need_v) {
     for (int y = 0; y < out_h; ++y)
-      std::copy(mid + y * mid_stride, mid + y * mid_stride + static_cast<long>(mid_w) * channels,
+      std::copy(mid + y * mid_stride, mid + y * mid_stride + static_cast<int64_t>(mid_w) * channels,
                 out.begin() + static_cast<size_t>(y) * out_w * channels);
     return out;
   }

@@ -10,7 +10,7 @@ namespace refseg {
 enum class Filter { Bilinear, Bicubic };
 
 // src: (height, width, channels) uint8, `stride` bytes per row -> (out_h, out_w, channels) contiguous.
-std::vector<uint8_t> resize_like_pil(const uint8_t* src, int width, int height, int channels, long stride,
+std::vector<uint8_t> resize_like_pil(const uint8_t* src, int width, int height, int channels, int64_t stride,
                                      int out_w, int out_h, Filter filter);
 
 }  // namespace refseg

@@ -8,7 +8,7 @@
 #include "refseg.h"
 
 static bool error_mentions(const char* word) {
-  return std::strstr(refseg_last_error(nullptr), word) != nullptr;
+  return std::strstr(refseg_last_error(), word) != nullptr;
 }
 
 int main() {
@@ -40,7 +40,7 @@ int main() {
   mask[0] = 0;            // one BG pixel in cell 0 -> ignored under "all"
   CHECK(refseg_grid_labels(mask.data(), 28, 28, &params, labels.data()) == REFSEG_OK);
   CHECK(labels[0] == -1 && labels[1] == 1 && labels[2] == 1 && labels[3] == 1);
-  CHECK(std::string(refseg_last_error(nullptr)).find("refseg_grid_labels") == 0);  // last failure stays
+  CHECK(std::string(refseg_last_error()).find("refseg_grid_labels") == 0);  // last failure stays
 
   // ---- refseg_engineer_prompts
   const refseg_point pos[3] = {{10, 10}, {12, 10}, {50, 50}};
@@ -85,6 +85,48 @@ int main() {
   CHECK(box[2] == 50 && box[3] == 50);
   CHECK(call(nullptr, 0, neg, 2, 100, 100, &with_box, 8) == REFSEG_OK);  // no positives: NaN box
   CHECK(std::isnan(box[0]) && count == 2);
+
+  // ---- presets (values: csrc/api/presets.h, compared with refseg.config by tests/test_cpp_defaults.py)
+  refseg_params preset = refseg_default_params();
+  CHECK(preset.cuda_device == -1 && preset.max_parallel_runs == 0 && preset.progress_callback == nullptr);
+  CHECK(refseg_preset_params("gbmseg", &preset) == REFSEG_OK && preset.metric_euclidean == 1);
+  refseg_params untouched = preset;
+  CHECK(refseg_preset_params("persam", &preset) == REFSEG_ERR_INVALID_ARGUMENT && error_mentions("sat, gbmseg"));
+  CHECK(std::memcmp(&untouched, &preset, sizeof preset) == 0);
+  CHECK(refseg_preset_params(nullptr, &preset) == REFSEG_ERR_INVALID_ARGUMENT);
+
+  // ---- refseg_match_candidates: indices are checked, outputs untouched on failure
+  const int64_t fwd[2] = {0, 1}, far_idx[2] = {2, 2}, bwd[3] = {0, 1, 5};
+  const double val[2] = {0.9, 0.8};
+  const int8_t grid[2] = {1, 0};
+  uint8_t mpos[3] = {7, 7, 7}, mneg[3], mhard[3], moffp[1], moffn[1];
+  const refseg_params sat = refseg_default_params();
+  CHECK(refseg_match_candidates(fwd, far_idx, val, bwd, 2, 3, grid, 1, &sat, mpos, mneg, mhard, moffp, moffn) ==
+        REFSEG_ERR_INVALID_ARGUMENT);
+  CHECK(error_mentions("bwd[2]") && mpos[0] == 7);
+  const int64_t bwd_ok[3] = {0, 1, 1};
+  CHECK(refseg_match_candidates(fwd, far_idx, val, bwd_ok, 2, 3, grid, 1, &sat, mpos, mneg, mhard, moffp, moffn) ==
+        REFSEG_OK);
+  CHECK(mpos[0] == 1 && mpos[1] == 0 && mneg[1] == 1);  // FG patch 0 -> target 0 (back to 0: FG); BG 1 -> 1 -> 1
+
+  // ---- refseg_kmeans, refseg_resize, refseg_clean_mask: argument checks and a small case each
+  const float pts[6] = {0, 0, 10, 10, 0, 1};
+  float centres[4];
+  int64_t km_labels[3];
+  CHECK(refseg_kmeans(pts, 3, 2, 4, 10, 0, 1, centres, km_labels) == REFSEG_ERR_INVALID_ARGUMENT && error_mentions("k"));
+  CHECK(refseg_kmeans(pts, 3, 2, 2, 10, 0, 1, centres, km_labels) == REFSEG_OK);
+  CHECK(km_labels[0] == km_labels[2] && km_labels[0] != km_labels[1]);
+  std::vector<uint8_t> px(6 * 4 * 3, 90), small(3 * 2 * 3, 0);
+  const refseg_image img = {px.data(), 6, 4, 3, 18};
+  CHECK(refseg_resize(&img, 3, 2, 9, small.data(), 9) == REFSEG_ERR_INVALID_ARGUMENT && error_mentions("filter"));
+  CHECK(refseg_resize(&img, 3, 2, REFSEG_FILTER_BICUBIC, small.data(), 8) == REFSEG_ERR_INVALID_ARGUMENT);
+  CHECK(refseg_resize(&img, 3, 2, REFSEG_FILTER_BICUBIC, small.data(), 9) == REFSEG_OK && small[0] == 90 && small[17] == 90);
+  uint8_t blob[7 * 7] = {0};
+  for (int i : {8, 9, 10, 15, 17, 22, 23, 24, 48}) blob[i] = 255;  // a ring with a hole at 16, and a speck at 48
+  CHECK(refseg_clean_mask(blob, 7, 7, 6, 0, 0.3, 1) == REFSEG_ERR_INVALID_ARGUMENT && error_mentions("stride"));
+  CHECK(refseg_clean_mask(blob, 7, 7, 7, 0, 1.5, 1) == REFSEG_ERR_INVALID_ARGUMENT);
+  CHECK(refseg_clean_mask(blob, 7, 7, 7, 0, 0.3, 1) == REFSEG_OK);
+  CHECK(blob[16] == 1 && blob[48] == 0 && blob[8] == 1 && blob[0] == 0);  // speck dropped (1 < 0.3 x 8), hole filled
 
   if (g_failures) std::fprintf(stderr, "%d failure(s)\n", g_failures);
   return g_failures ? 1 : 0;

@@ -1,5 +1,6 @@
-"""The C++ prompt engine (``refseg._C``, built from ``csrc/``) behind grid labelling, matching
-post-processing and the physical-space prompt stage, used on the CPU when the extension is built.
+"""The C++ prompt engine (``refseg._C``: pybind11 bindings over the C API of ``csrc/include/refseg.h``) behind
+grid labelling, matching post-processing and the physical-space prompt stage, used on the CPU when the
+extension is built.
 
 Each function here takes the torch path's own arguments and returns its result, or None when the
 native engine does not apply (extension absent, kill switch set, tensors on another device, an
@@ -79,13 +80,14 @@ def match_nn(res, labels: torch.Tensor, config: SegmenterConfig) -> Optional[tup
 
 @functools.lru_cache(maxsize=32)
 def _options(config: SegmenterConfig):
-    o = _load().PromptOptions()
-    o.offimage_quirk = config.gbmseg_offimage_quirk
-    o.radius_side = config.radius_unit == "side"
+    """The C API's ``refseg_prompt_params`` of ``config``'s physical-space fields."""
+    o = _load().PromptParams()
+    o.gbmseg_offimage_quirk = int(config.gbmseg_offimage_quirk)
+    o.radius_in_pixels = int(config.radius_unit == "pixel")
     for key in ("pos_radius", "neg_radius", "exclusion_radius", "hard_radius"):
         setattr(o, key, float(getattr(config, key)))
     o.kmeans_k, o.kmeans_iters, o.kmeans_seed = config.kmeans_k, config.kmeans_iters, config.kmeans_seed
-    o.max_points, o.fallback, o.use_box = config.max_points, config.fallback, config.use_box
+    o.max_points, o.fallback, o.use_box = config.max_points, int(config.fallback), int(config.use_box)
     return o
 
 

@@ -1,5 +1,5 @@
-// README "Embedding from C++": links the installed refseg through find_package(refseg). Runs the
-// prompt engine on a few points, and the README's segment_one() on a folder that is not an export
+// docs/cpp.md "Embedding from C": links the installed refseg through find_package(refseg). Runs the
+// prompt engine on a few points, and the documented segment_one() on a folder that is not an export
 // (it must fail cleanly with REFSEG_ERR_ARTIFACT: no models are exported in this test).
 #include <cstdio>
 #include <refseg.h>
@@ -19,7 +19,7 @@ int main(int argc, char** argv) {
   refseg_status s = refseg_engineer_prompts(pos, 3, neg, 3, NULL, 0, /*height*/ 240, /*width*/ 320,
                                             &params, points, labels, 6, &count, box);
   if (s != REFSEG_OK) {
-    std::fprintf(stderr, "refseg: %s: %s\n", refseg_status_string(s), refseg_last_error(nullptr));
+    std::fprintf(stderr, "refseg: %s: %s\n", refseg_status_string(s), refseg_last_error());
     return 1;
   }
   for (int i = 0; i < count; ++i) std::printf("(%g, %g) label %d\n", points[i].x, points[i].y, labels[i]);

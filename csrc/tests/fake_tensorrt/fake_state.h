@@ -19,8 +19,12 @@ namespace fake {
 struct State {
   int device_count = 2;
   int current_device = 0;
-  std::vector<std::string> events;  // "set_device 1", "malloc 1", "h2d", "profile 0", "enqueue", "d2h", "sync"
+  // "set_device 1", "malloc 1", "malloc_host", "stream_create 1 s1", "h2d s1", "h2d pageable s1", "profile 0",
+  // "enqueue s1", "d2h s1", "sync s1", "free", "free_host"
+  std::vector<std::string> events;
   std::map<const void*, std::pair<size_t, int>> live;  // device allocations: bytes, device
+  std::map<const void*, size_t> pinned;                 // cudaMallocHost allocations: bytes
+  int streams = 0;
   std::vector<std::string> input_shapes;                // "name(1,3,28,28)" per setInputShape
   int contexts = 0;
   bool fail_enqueue = false;
@@ -30,5 +34,7 @@ struct State {
 State& state();
 void reset();
 int count(const std::string& event_prefix);
+// the device allocation holding [ptr, ptr + bytes), or nullptr
+const std::pair<size_t, int>* device_allocation(const void* ptr, size_t bytes);
 
 }  // namespace fake

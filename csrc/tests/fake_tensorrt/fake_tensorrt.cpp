@@ -20,6 +20,14 @@ int count(const std::string& prefix) {
   for (const auto& e : state().events) n += e.compare(0, prefix.size(), prefix) == 0;
   return n;
 }
+const std::pair<size_t, int>* device_allocation(const void* ptr, size_t bytes) {
+  const auto* p = static_cast<const char*>(ptr);
+  for (const auto& [base, info] : state().live) {
+    const auto* b = static_cast<const char*>(base);
+    if (p >= b && p + bytes <= b + info.first) return &info;
+  }
+  return nullptr;
+}
 }  // namespace fake
 
 namespace {
@@ -49,6 +57,13 @@ size_t bytes_of(nvinfer1::DataType t) {
   return t == nvinfer1::DataType::kHALF ? 2 : t == nvinfer1::DataType::kINT64 ? 8 : 4;
 }
 }  // namespace
+
+struct CUstream_st {
+  int device;
+  int id;
+};
+
+static int stream_id(cudaStream_t s) { return s ? s->id : 0; }
 
 namespace nvinfer1 {
 
@@ -173,9 +188,9 @@ bool IExecutionContext::setTensorAddress(const char* n, void* data) noexcept {
   fake->addresses[n] = data;
   return true;
 }
-bool IExecutionContext::enqueueV3(cudaStream_t) noexcept {
+bool IExecutionContext::enqueueV3(cudaStream_t stream) noexcept {
   fake::State& st = fake::state();
-  st.events.push_back("enqueue");
+  st.events.push_back("enqueue s" + std::to_string(stream_id(stream)));
   auto fail = [&](const std::string& why) {
     st.last_enqueue_error = why;
     fake->engine->logger->log(ILogger::Severity::kERROR, why.c_str());
@@ -183,6 +198,7 @@ bool IExecutionContext::enqueueV3(cudaStream_t) noexcept {
   };
   if (st.fail_enqueue) return fail("fake enqueue failure");
   if (st.current_device != fake->engine->device) return fail("enqueued with another device current");
+  if (stream && stream->device != fake->engine->device) return fail("enqueued on a stream of another device");
   const Tensor* in0 = nullptr;
   for (const auto& t : fake->engine->tensors) {
     const Dims d = getTensorShape(t.name.c_str());
@@ -190,10 +206,9 @@ bool IExecutionContext::enqueueV3(cudaStream_t) noexcept {
     for (int i = 0; i < d.nbDims; ++i) n *= d.d[i] < 0 ? 0 : static_cast<size_t>(d.d[i]);
     auto it = fake->addresses.find(t.name);
     if (it == fake->addresses.end()) return fail("no address for " + t.name);
-    auto live = st.live.find(it->second);
-    if (live == st.live.end()) return fail(t.name + " is not a device allocation");
-    if (live->second.second != fake->engine->device) return fail(t.name + " lives on another device");
-    if (live->second.first < n * bytes_of(t.type)) return fail(t.name + ": device buffer too small");
+    const auto* live = fake::device_allocation(it->second, n * bytes_of(t.type));
+    if (!live) return fail(t.name + " is not (inside) a device allocation large enough");
+    if (live->second != fake->engine->device) return fail(t.name + " lives on another device");
     if (t.input && !fake->shapes.count(t.name)) return fail("no shape set for " + t.name);
     if (t.input && !in0) in0 = &t;
   }
@@ -227,10 +242,6 @@ bool IExecutionContext::enqueueV3(cudaStream_t) noexcept {
 }  // namespace nvinfer1
 
 // ---- CUDA runtime
-struct CUstream_st {
-  int device;
-};
-
 cudaError_t cudaGetDeviceCount(int* count) {
   *count = fake::state().device_count;
   return cudaSuccess;
@@ -262,30 +273,60 @@ cudaError_t cudaFree(void* ptr) {
   s.events.push_back("free");
   return cudaSuccess;
 }
-static cudaError_t copy(void* dst, const void* src, size_t n, cudaMemcpyKind kind) {
+cudaError_t cudaMallocHost(void** ptr, size_t size) {
   fake::State& s = fake::state();
-  const void* dev = kind == cudaMemcpyHostToDevice ? dst : kind == cudaMemcpyDeviceToHost ? src : nullptr;
-  auto it = s.live.find(dev);
-  if (!dev || it == s.live.end() || it->second.first < n) return cudaErrorInvalidValue;
-  std::memcpy(dst, src, n);
-  s.events.push_back(kind == cudaMemcpyHostToDevice ? "h2d" : "d2h");
+  *ptr = std::malloc(size ? size : 1);
+  if (!*ptr) return cudaErrorMemoryAllocation;
+  s.pinned[*ptr] = size;
+  s.events.push_back("malloc_host");
   return cudaSuccess;
 }
-cudaError_t cudaMemcpy(void* dst, const void* src, size_t n, cudaMemcpyKind kind) { return copy(dst, src, n, kind); }
-cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind kind, cudaStream_t) {
-  return copy(dst, src, n, kind);
+cudaError_t cudaFreeHost(void* ptr) {
+  fake::State& s = fake::state();
+  if (!ptr) return cudaSuccess;
+  if (!s.pinned.erase(ptr)) return cudaErrorInvalidValue;
+  std::free(ptr);
+  s.events.push_back("free_host");
+  return cudaSuccess;
+}
+static bool is_pinned(const void* ptr, size_t n) {
+  const auto* p = static_cast<const char*>(ptr);
+  for (const auto& [base, bytes] : fake::state().pinned) {
+    const auto* b = static_cast<const char*>(base);
+    if (p >= b && p + n <= b + bytes) return true;
+  }
+  return false;
+}
+static cudaError_t copy(void* dst, const void* src, size_t n, cudaMemcpyKind kind, cudaStream_t stream) {
+  fake::State& s = fake::state();
+  const void* dev = kind == cudaMemcpyHostToDevice ? dst : kind == cudaMemcpyDeviceToHost ? src : nullptr;
+  const void* host = kind == cudaMemcpyHostToDevice ? src : dst;
+  if (!dev || !fake::device_allocation(dev, n)) return cudaErrorInvalidValue;
+  std::memcpy(dst, src, n);
+  std::string event = kind == cudaMemcpyHostToDevice ? "h2d" : "d2h";
+  if (!is_pinned(host, n)) event += " pageable";
+  s.events.push_back(event + " s" + std::to_string(stream_id(stream)));
+  return cudaSuccess;
+}
+cudaError_t cudaMemcpy(void* dst, const void* src, size_t n, cudaMemcpyKind kind) {
+  return copy(dst, src, n, kind, nullptr);
+}
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind kind, cudaStream_t stream) {
+  return copy(dst, src, n, kind, stream);
 }
 cudaError_t cudaStreamCreate(cudaStream_t* stream) {
-  *stream = new CUstream_st{fake::state().current_device};
-  fake::state().events.push_back("stream_create " + std::to_string(fake::state().current_device));
+  fake::State& s = fake::state();
+  *stream = new CUstream_st{s.current_device, ++s.streams};
+  s.events.push_back("stream_create " + std::to_string(s.current_device) + " s" + std::to_string(s.streams));
   return cudaSuccess;
 }
 cudaError_t cudaStreamDestroy(cudaStream_t stream) {
+  fake::state().events.push_back("stream_destroy s" + std::to_string(stream_id(stream)));
   delete stream;
   return cudaSuccess;
 }
-cudaError_t cudaStreamSynchronize(cudaStream_t) {
-  fake::state().events.push_back("sync");
+cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
+  fake::state().events.push_back("sync s" + std::to_string(stream_id(stream)));
   return cudaSuccess;
 }
 const char* cudaGetErrorString(cudaError_t e) {

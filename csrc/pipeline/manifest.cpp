@@ -1,0 +1,81 @@
+// manifest.json -> Manifest (see manifest.h).
+#include "manifest.h"
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "../core/prompt_engine.h"
+#include "json.h"
+#include "pipeline.h"
+
+namespace fs = std::filesystem;
+
+namespace refseg {
+
+Manifest read_manifest(const std::string& dir) {
+  Manifest m;
+  const fs::path file = fs::path(dir) / "manifest.json";
+  m.path = file.string();
+  if (!fs::is_directory(dir)) throw ArtifactError(dir + ": not a directory");
+  if (!fs::is_regular_file(file))
+    throw ArtifactError(m.path + ": no export manifest (create the folder with `refseg export --format aoti`)");
+  std::ifstream in(file, std::ios::binary);
+  std::stringstream text;
+  text << in.rdbuf();
+  if (!in) throw ArtifactError(m.path + ": cannot read the file");
+  json::Value root;
+  try {
+    root = json::parse(text.str());
+    if (!root.is(json::Type::Object)) throw json::Error("the manifest is not a JSON object", 0);
+    const json::Value* format = root.find("format");
+    if (!format || format->as_int("format") != kManifestFormat)
+      throw json::Error("manifest format " + (format ? format->text : std::string("missing")) +
+                            ", this refseg reads format " + std::to_string(kManifestFormat) + "; export again",
+                        0);
+    const json::Value* size = root.find("image_size");
+    if (!size) throw json::Error("no image_size", 0);
+    const int64_t s = size->as_int("image_size");
+    if (s <= 0 || s % kPatchSize || s > 1 << 16)
+      throw json::Error("image_size " + std::to_string(s) + " is not a positive multiple of 14", 0);
+    m.image_size = static_cast<int>(s);
+    if (const json::Value* models = root.find("models")) {
+      if (const json::Value* d = models->find("dinov2")) m.dinov2_model = d->as_string("models.dinov2");
+      if (const json::Value* d = models->find("sam")) m.sam_model = d->as_string("models.sam");
+    }
+    if (const json::Value* graphs = root.find("graphs")) {
+      if (!graphs->is(json::Type::Object)) throw json::Error("graphs: expected an object", 0);
+      for (const auto& [name, graph] : graphs->members) {
+        std::vector<std::string>& files = m.graph_files[name];
+        if (const json::Value* list = graph.find("files")) {
+          if (!list->is(json::Type::Array)) throw json::Error("graphs." + name + ".files: expected an array", 0);
+          for (const auto& f : list->items) files.push_back(f.as_string("graphs." + name + ".files[]"));
+        }
+      }
+    }
+    // AOTInductor packages carry "export_format": "aoti" (and their "device"); the ONNX export lists .onnx graphs
+    if (const json::Value* kind = root.find("export_format")) {
+      m.kind = kind->as_string("export_format");
+      if (m.kind == "aoti") {
+        const json::Value* device = root.find("device");
+        m.device = device ? device->as_string("device") : "cpu";
+      }
+    } else {
+      const auto it = m.graph_files.find("dinov2");
+      if (it != m.graph_files.end())
+        for (const auto& f : it->second)
+          if (f == "dinov2.onnx") m.kind = "onnx";
+    }
+  } catch (const json::Error& e) {
+    throw ArtifactError(m.path + ": " + e.what());
+  }
+  if (m.kind != "aoti" && m.kind != "onnx")
+    throw ArtifactError(m.path + ": not an AOTInductor export nor an ONNX export with TensorRT engines (export "
+                        "with `refseg export --format aoti` or `--format onnx,tensorrt`)");
+  if (m.sam_model == "medsam")
+    throw ArtifactError(m.path + ": a MedSAM export; the C++ pipeline implements SAM's own pre-processing only "
+                        "(use the Python pipeline for MedSAM)");
+  return m;
+}
+
+}  // namespace refseg

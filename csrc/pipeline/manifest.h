@@ -1,0 +1,27 @@
+// An export folder's manifest.json (written by refseg.export.manifest), read with the strict JSON reader:
+// what the C++ pipeline needs to pick and check its models.
+#pragma once
+
+#include <map>
+#include <string>
+#include <vector>
+
+namespace refseg {
+
+constexpr int kManifestFormat = 1;  // refseg.runtime.io_names.FORMAT_VERSION
+
+struct Manifest {
+  std::string path;          // the manifest file, for messages
+  std::string kind;          // "aoti" (AOTInductor packages) or "onnx" (graphs for TensorRT engines)
+  std::string device;        // aoti: the device the packages were compiled for ("cpu", "cuda")
+  int image_size = 0;        // DINOv2 input side S
+  std::string dinov2_model;  // models.dinov2 / models.sam ("" when absent)
+  std::string sam_model;
+  std::map<std::string, std::vector<std::string>> graph_files;  // graphs.<name>.files
+};
+
+// Reads DIR/manifest.json; throws ArtifactError naming the file and the problem (no manifest, bad JSON,
+// another format version, missing or mistyped keys, an export of neither kind, S not a multiple of 14).
+Manifest read_manifest(const std::string& dir);
+
+}  // namespace refseg
