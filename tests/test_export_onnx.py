@@ -3,8 +3,10 @@
 Models carry deterministic random weights (``init_random_``). Small fixtures: DINOv2-S/14 at
 224 (full depth) and SAM-B reduced to 2 encoder blocks (one windowed, one global) on a 256² input
 (16² embedding, windows padded 16 -> 28), exported once through ``refseg export`` (fp32) and once
-through the backend's export-on-first-use (fp16). Full size once: DINOv2-B/14 at 518 and the
-12-block SAM-B image encoder at 1024² (fp32, batch 1).
+through the backend's export-on-first-use (fp16). Full size once: DINOv2-B/14 at 518 and the SAM-B
+image encoder at 1024² reduced to 4 blocks (fp32, batch 1). The graphs hold SAM's attention in its
+fused form (the export default), the torch backend runs the CPU's eager default (the bias form), so
+the parity checks compare the two forms too.
 
 Tolerances: fp32 graphs vs torch, max abs diff <= 1e-3 (features, embeddings, mask logits, IoU);
 fp16 encoders vs the fp32 torch model, max abs diff <= 2 % of the reference's max abs value and
@@ -135,6 +137,11 @@ def test_graph_checker_opset_names_and_dynamic_axes(fp32_dir, graph):
     else:
         for flags in dynamic.values():
             assert flags[0] and not any(flags[1:])
+    if graph == "sam_encoder":  # fused attention: plain MatMul -> Softmax, no additive (N, N) bias
+        producers = {out: node for node in model.graph.node for out in node.output}
+        softmaxes = [n for n in model.graph.node if n.op_type == "Softmax"]
+        assert len(softmaxes) == 2  # one windowed block, one global block
+        assert all(producers[n.input[0]].op_type == "MatMul" for n in softmaxes)
 
 
 # ----------------------------------------------------------------------------- fp32 parity
@@ -295,6 +302,7 @@ def test_manifest_records_versions_io_and_checksums(fp32_dir, checkpoints):
     assert manifest["checkpoints"]["sam"]["path"] == str(checkpoints[1].resolve())
     assert len(manifest["checkpoints"]["dinov2"]["sha256"]) == 64
     assert manifest["graphs"]["dinov2"]["outputs"][io.DINOV2_PATCH_TOKENS]["shape"] == ["batch", 256, 384]
+    assert manifest["graphs"]["sam_encoder"]["attention"] == "fused"
     verify_manifest(fp32_dir, precision="fp32", image_size=SIZE, dinov2="vits14",
                     dinov2_checkpoint=checkpoints[0], sam_checkpoint=checkpoints[1])
 
@@ -384,7 +392,9 @@ def test_dinov2_b_full_size_518(tmp_path):
 
 
 def test_sam_b_full_size_encoder_and_decoder(tmp_path):
-    sam = sam_random_(Sam(SAM_SPECS["vit_b"]), seed=42).eval()
+    # The 1024 layout (64x64 grid, 14x14 windows padded to 70x70) at depth 4: two windowed and two
+    # global blocks; the other eight blocks repeat these (full depth vs official: test_sam_parity.py).
+    sam = sam_random_(Sam(SAM_SPECS["vit_b"].with_depth(4)), seed=42).eval()
     export_graph(SamEncoderExport(sam), tmp_path / "sam_encoder.onnx")
     export_graph(SamDecoderExport(sam), tmp_path / "sam_decoder.onnx")
     providers = ["CPUExecutionProvider"]

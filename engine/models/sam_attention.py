@@ -40,13 +40,13 @@ ATTENTION_FORMS = ("fused", "bias")
 CPU_FORM = "bias"
 
 
-def attention_form(device: torch.device) -> str:
+def attention_form(device: torch.device, traced: bool | None = None) -> str:
     """The attention form for tensors on ``device``: ``"fused"`` or ``"bias"``.
 
     ``$REFSEG_SAM_ATTENTION`` wins when set; otherwise ``fused`` on every accelerator and whenever the
-    model is being traced or compiled (exports must show plain attention); :data:`CPU_FORM` on the CPU
-    in eager mode, whatever the dtype. A fixed rule, never a per-process timing, so results do not depend
-    on machine load.
+    model is being traced or compiled (``traced``, default :func:`~refseg.models.onednn.tracing`:
+    exports must show plain attention), and :data:`CPU_FORM` on the CPU in eager mode, whatever the
+    dtype. A fixed rule, never a per-process timing, so results do not depend on machine load.
 
     Raises:
         ValueError: ``$REFSEG_SAM_ATTENTION`` holds something else than ``fused`` or ``bias``.
@@ -56,7 +56,7 @@ def attention_form(device: torch.device) -> str:
         if chosen not in ATTENTION_FORMS:
             raise ValueError(f"{ATTENTION_ENV}={chosen!r}: must be one of {', '.join(ATTENTION_FORMS)}")
         return chosen
-    if device.type != "cpu" or tracing():
+    if device.type != "cpu" or (tracing() if traced is None else traced):
         return "fused"
     return CPU_FORM
 
@@ -160,7 +160,8 @@ def attention_in_row_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
 
 def fused_width(head_dim: int, k_size: tuple[int, int]) -> int:
     """Head width of the fused form: C + k_h + k_w rounded up to a multiple of 8 (flash kernels)."""
-    return -(-(head_dim + k_size[0] + k_size[1]) // 8) * 8
+    # Non-negative operands only: a traced head_dim is a graph value, and ONNX's Div truncates.
+    return (head_dim + k_size[0] + k_size[1] + 7) // 8 * 8
 
 
 def key_position_codes(k_size: tuple[int, int], width: int, dtype: torch.dtype,
@@ -197,11 +198,9 @@ def fused_rel_pos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
     k_h, k_w = k_size
     width = fused_width(c, k_size)
     rel_h, rel_w = decomposed_rel_pos_terms(q, rel_pos_h, rel_pos_w, q_size, k_size)
-    pad = width - c - k_h - k_w
-    parts = [q * c ** -0.5, rel_h.reshape(b, heads, n_q, k_h), rel_w.reshape(b, heads, n_q, k_w)]
-    if pad:
-        parts.append(q.new_zeros(b, heads, n_q, pad))
-    q_ext = torch.cat(parts, dim=-1)
+    pad = width - c - k_h - k_w  # zero columns, padded on here (no zeros of a traced, dynamic shape)
+    q_ext = torch.cat([q * c ** -0.5, rel_h.reshape(b, heads, n_q, k_h),
+                       F.pad(rel_w.reshape(b, heads, n_q, k_w), (0, pad))], dim=-1)
     codes = key_position_codes(k_size, width - c, q.dtype, q.device)
     k_ext = torch.cat([k, codes.expand(b, heads, k_h * k_w, width - c)], dim=-1)
     v_ext = F.pad(v, (0, width - c))
