@@ -273,7 +273,7 @@ def test_cache_miss_without_exporter_names_the_command(checkpoints, tmp_path, mo
     # The runtime exports nothing itself: without an exporter a missing cached export is refused with
     # the `refseg export` command that fills the cache folder.
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    config = SegmenterConfig(dinov2="vits14", image_size=SIZE)
+    config = SegmenterConfig(dinov2="vits14", image_size=SIZE, precision="fp32")  # as create_backend resolves it
     with pytest.raises(ManifestError, match=r"write it with `refseg export --dinov2-checkpoint .*"
                                             r"--image-size 224 --max-batch 16 -o .*refseg/exports/"):
         create_exported_backend("onnxruntime", config, CPU, sam_checkpoint=checkpoints[1],
@@ -353,7 +353,7 @@ def test_backend_refuses_mismatched_export(fp32_dir, checkpoints):
 
 
 @pytest.mark.parametrize("changes, message", [({"precision": "bf16"}, "bf16"),
-                                               ({"feature_key": "x_prenorm"}, "x_prenorm")])
+                                               ({"precision": "fp32", "feature_key": "x_prenorm"}, "x_prenorm")])
 def test_backend_refuses_unsupported_requests(fp32_dir, changes, message):
     config = SegmenterConfig(image_size=SIZE, **changes)
     with pytest.raises(ValueError, match=message):
