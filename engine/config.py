@@ -72,7 +72,9 @@ class SegmenterConfig:
     Decoding: ``use_box`` (box from the positive extent), ``multimask_output`` (then argmax
     predicted IoU), ``keep_largest_contour``, ``min_component_fraction`` (drop components smaller
     than this share of the largest; 0 = off), ``fill_holes``.
-    Runtime: ``batch_size`` targets per encoder call, ``precision`` of the encoders, ``device``
+    Runtime: ``batch_size`` targets per encoder call, ``precision`` of the encoders (``auto``:
+    bf16 on CUDA GPUs with bf16, fp16 on older ones, fp32 on CPUs; see
+    :func:`refseg.runtime.torch_backend.resolve_precision`), ``device``
     (None = the Segmenter's ``device`` argument, ``auto`` by default; e.g. ``--set device=cpu``).
     Method (``method``; ``match`` is the matching pipeline above, the others are stage modules of
     :mod:`refseg.pipeline.methods`, docs/algorithm.md §3–§5):
@@ -126,7 +128,7 @@ class SegmenterConfig:
     fill_holes: bool = False
     # runtime
     batch_size: int = 16
-    precision: str = "fp32"
+    precision: str = "auto"
     device: Optional[str] = None
     # method family (docs/algorithm.md §3–§5)
     method: str = "match"
@@ -332,7 +334,7 @@ PRESETS: dict[str, SegmenterConfig] = {
         radius_unit="pixel", pos_radius=0.0, neg_radius=64.0, exclusion_radius=128.0, hard_radius=64.0,
         kmeans_k=0, max_points=0, fallback=False,
         use_box=False, multimask_output=False, keep_largest_contour=False, min_component_fraction=0.0,
-        fill_holes=False, batch_size=1, precision="fp32"),
+        fill_holes=False, batch_size=1),
     # §3 ProtoSAM: prototypes on DINOv2-L @672 -> coarse mask -> per-component points + box.
     "protosam": SegmenterConfig(
         name="protosam", method="protosam", dinov2="vitl14", sam="vit_h", image_size=672,

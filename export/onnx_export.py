@@ -11,7 +11,11 @@ for graphs over ~1.8 GB, e.g. DINOv2-g and SAM-H) and ``manifest.json``.
 Graphs are traced with the TorchScript-based ``torch.onnx.export`` (``dynamo=False``: the
 dynamo exporter needs ``onnxscript``, not a refseg dependency) at opset >= 17, so LayerNorm is a
 single ``LayerNormalization``. Dynamic dimensions: the batch of both encoders, the prompt sets and
-points of the decoder. Precision ``fp16`` bakes half precision into the encoders' graphs with
+points of the decoder. SAM's attention is traced in its ``fused`` form (rel-pos folded into q and k,
+:mod:`refseg.models.sam_attention`), so the encoder graph holds plain MatMul-Softmax-MatMul attention
+with no (N, N) bias, the pattern TensorRT fuses; ``REFSEG_SAM_ATTENTION=bias`` at export time writes the
+bias form instead (~30 % faster under ONNX Runtime on a CPU, where nothing fuses attention; the
+manifest records which: ``graphs.sam_encoder.attention``). Precision ``fp16`` bakes half precision into the encoders' graphs with
 LayerNorm and Softmax kept in fp32 (:mod:`refseg.export.fp16`); the decoder (3.6 GFLOP per
 prompt set) stays fp32, like the torch backend's. Every graph passes ``onnx.checker``.
 """
@@ -31,6 +35,7 @@ from torch import nn
 from refseg.export.fp16 import convert_float_to_float16, float16_report
 from refseg.export.manifest import build_manifest, checkpoint_record, write_manifest
 from refseg.export.wrappers import Dinov2Export, SamDecoderExport, SamEncoderExport
+from refseg.models.sam_attention import attention_form
 from refseg.runtime.io_names import GRAPH_FILES, MANIFEST_NAME
 
 log = logging.getLogger(__name__)
@@ -202,6 +207,7 @@ def export_models(out_dir: str | os.PathLike, dinov2_checkpoint: str | os.PathLi
                                     out_dir / GRAPH_FILES["sam_decoder"], "fp32", opset, device),
     }
     graphs["sam_decoder"]["mask_outputs"] = "all"
+    graphs["sam_encoder"]["attention"] = attention_form(torch.device(device), traced=True)
     manifest = build_manifest(out_dir, graphs, precision=precision, image_size=image_size,
                               models={"dinov2": dinov2_model.spec.name, "sam": sam_model.spec.name},
                               checkpoints=checkpoints, opset=opset, max_batch=max_batch)

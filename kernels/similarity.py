@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from typing import NamedTuple, Optional
 
 import torch
@@ -180,11 +181,34 @@ def _tensors(*items: Optional[Tensor]) -> list[Tensor]:
     return [t for t in items if t is not None]
 
 
+def reference_preferred(device_type: str, dtype: torch.dtype) -> Optional[str]:
+    """Why ``backend="auto"`` runs the torch reference where the kernel could run too; None: the kernel.
+
+    The rule, reasoned from the shapes (docs/attention.md, "Matching"): the kernel scores every pair twice
+    (once per direction, so that no (Nr, Nt) matrix is stored), so it does twice the reference's
+    multiply-adds. fp16 / bf16 tokens run them on tensor cores in one launch, while the reference upcasts
+    to an fp32 GEMM plus three passes over the score matrix: the kernel wins. fp32 tokens on a GPU run
+    the kernel's exact products on the FMA units, where cuBLAS's SGEMM has the same peak and half the work
+    (and TF32 tensor cores where ``torch.backends.cuda.matmul.allow_tf32`` allows them); the matrix
+    traffic (16 bytes per score, ~30 MB per 1369 x 1369 pair, ~10 us on an H100) does not close that gap:
+    the reference wins. On the CPU the kernel only runs under Triton's interpreter (tests): no preference.
+    """
+    if device_type == "cuda" and dtype == torch.float32:
+        return ("fp32 tokens on a GPU: cuBLAS (TF32 where allowed) beats the kernel's exact FMA products, "
+                "which it computes twice")
+    return None
+
+
 @torch.library.custom_op("refseg::match", mutates_args=())
 def _match_op(ref: Tensor, tgt: Tensor, ref_valid: Optional[Tensor], tgt_valid: Optional[Tensor],
               metric: str, k: int, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    chosen = dispatch.choose_backend("match", backend, _tensors(ref, tgt, ref_valid, tgt_valid),
-                                     _limits_reason(ref, tgt, k) if backend != "torch" else None)
+    preferred = reference_preferred(ref.device.type, ref.dtype) if backend == "auto" else None
+    if preferred is not None:
+        dispatch.log_once(f"refseg.kernels.match: using the torch reference: {preferred}", logging.DEBUG)
+        chosen = "torch"
+    else:
+        chosen = dispatch.choose_backend("match", backend, _tensors(ref, tgt, ref_valid, tgt_valid),
+                                         _limits_reason(ref, tgt, k) if backend != "torch" else None)
     if chosen == "triton":
         return launch_match(ref, tgt, ref_valid, tgt_valid, metric == "cosine", k)
     return tuple(match_reference(ref, tgt, metric, ref_valid, tgt_valid, k))
@@ -209,8 +233,9 @@ def match(ref: Tensor, tgt: Tensor, metric: str = "cosine", ref_valid: Optional[
         metric: "cosine" (higher is better) or "euclidean" (lower is better); see the module doc.
         ref_valid / tgt_valid: optional (B, Nr) / (B, Nt) bool masks of real (non-padding) tokens.
         k: number of best target tokens kept per reference token (>= 1), sorted best first.
-        backend: "auto" (Triton kernel when possible, else torch, reason logged once), "triton" (kernel
-            or :class:`~refseg.kernels.dispatch.KernelUnavailableError`), "torch" (reference).
+        backend: "auto" (Triton kernel when possible and faster, else torch, reason logged once: fp32
+            tokens on a GPU take the reference, see :func:`reference_preferred`), "triton" (kernel or
+            :class:`~refseg.kernels.dispatch.KernelUnavailableError`), "torch" (reference).
 
     Returns:
         :class:`MatchResult`. Runs as the custom op ``torch.ops.refseg.match`` so ``torch.compile`` can trace

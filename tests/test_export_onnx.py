@@ -3,8 +3,10 @@
 Models carry deterministic random weights (``refseg.testing.random_checkpoints``). Small fixtures: DINOv2-S/14 at
 224 (full depth) and SAM-B reduced to 2 encoder blocks (one windowed, one global) on a 256² input
 (16² embedding, windows padded 16 -> 28), exported once through ``refseg export`` (fp32) and once
-through the backend's export-on-first-use (fp16). Full size once: DINOv2-B/14 at 518 and the
-12-block SAM-B image encoder at 1024² (fp32, batch 1).
+through the backend's export-on-first-use (fp16). Full size once: DINOv2-B/14 at 518 and the SAM-B
+image encoder at 1024² reduced to 4 blocks (fp32, batch 1). The graphs hold SAM's attention in its
+fused form (the export default), the torch backend runs the CPU's eager default (the bias form), so
+the parity checks compare the two forms too.
 
 Tolerances: fp32 graphs vs torch, max abs diff <= 1e-3 (features, embeddings, mask logits, IoU);
 fp16 encoders vs the fp32 torch model, max abs diff <= 2 % of the reference's max abs value and
@@ -134,6 +136,11 @@ def test_graph_checker_opset_names_and_dynamic_axes(fp32_dir, graph):
     else:
         for flags in dynamic.values():
             assert flags[0] and not any(flags[1:])
+    if graph == "sam_encoder":  # fused attention: plain MatMul -> Softmax, no additive (N, N) bias
+        producers = {out: node for node in model.graph.node for out in node.output}
+        softmaxes = [n for n in model.graph.node if n.op_type == "Softmax"]
+        assert len(softmaxes) == 2  # one windowed block, one global block
+        assert all(producers[n.input[0]].op_type == "MatMul" for n in softmaxes)
 
 
 # ----------------------------------------------------------------------------- fp32 parity
@@ -265,7 +272,7 @@ def test_cache_miss_without_exporter_names_the_command(checkpoints, tmp_path, mo
     # The runtime exports nothing itself: without an exporter a missing cached export is refused with
     # the `refseg export` command that fills the cache folder.
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    config = SegmenterConfig(dinov2="vits14", image_size=SIZE)
+    config = SegmenterConfig(dinov2="vits14", image_size=SIZE, precision="fp32")  # as create_backend resolves it
     with pytest.raises(ManifestError, match=r"write it with `refseg export --dinov2-checkpoint .*"
                                             r"--image-size 224 --max-batch 16 -o .*refseg/exports/"):
         create_exported_backend("onnxruntime", config, CPU, sam_checkpoint=checkpoints[1],
@@ -294,6 +301,7 @@ def test_manifest_records_versions_io_and_checksums(fp32_dir, checkpoints):
     assert manifest["checkpoints"]["sam"]["path"] == str(checkpoints[1].resolve())
     assert len(manifest["checkpoints"]["dinov2"]["sha256"]) == 64
     assert manifest["graphs"]["dinov2"]["outputs"][io.DINOV2_PATCH_TOKENS]["shape"] == ["batch", 256, 384]
+    assert manifest["graphs"]["sam_encoder"]["attention"] == "fused"
     verify_manifest(fp32_dir, precision="fp32", image_size=SIZE, dinov2="vits14",
                     dinov2_checkpoint=checkpoints[0], sam_checkpoint=checkpoints[1])
 
@@ -344,7 +352,7 @@ def test_backend_refuses_mismatched_export(fp32_dir, checkpoints):
 
 
 @pytest.mark.parametrize("changes, message", [({"precision": "bf16"}, "bf16"),
-                                               ({"feature_key": "x_prenorm"}, "x_prenorm")])
+                                               ({"precision": "fp32", "feature_key": "x_prenorm"}, "x_prenorm")])
 def test_backend_refuses_unsupported_requests(fp32_dir, changes, message):
     config = SegmenterConfig(image_size=SIZE, **changes)
     with pytest.raises(ValueError, match=message):
@@ -383,7 +391,9 @@ def test_dinov2_b_full_size_518(tmp_path):
 
 
 def test_sam_b_full_size_encoder_and_decoder(tmp_path):
-    sam = random_sam_model(SAM_SPECS["vit_b"], seed=42)
+    # The 1024 layout (64x64 grid, 14x14 windows padded to 70x70) at depth 4: two windowed and two
+    # global blocks; the other eight blocks repeat these (full depth vs official: test_sam_parity.py).
+    sam = random_sam_model("vit_b", seed=42, depth=4)
     export_graph(SamEncoderExport(sam), tmp_path / "sam_encoder.onnx")
     export_graph(SamDecoderExport(sam), tmp_path / "sam_decoder.onnx")
     providers = ["CPUExecutionProvider"]

@@ -1,8 +1,12 @@
 """Triton batched k-means vs the plain-torch reference, a brute-force check and scikit-learn.
 
 Runs under TRITON_INTERPRET=1 on CPU-only machines (conftest.py). Tolerances: on well-separated blobs
-labels are identical and centres agree to 1e-4; k-means++ initial centres (iters=0) are bit-identical;
-inertia agrees to 1e-5 relative; labels are the nearest returned centre up to 1e-5 relative distance ties.
+labels are identical except at distance near-ties (1e-5 relative) and centres agree to 1e-5 relative +
+1e-3 absolute (pixel-like coordinates of a few hundred: a mean of 90 fp32 points summed in another order,
+as a GPU's blocks or cuBLAS sum them, moves by ~1e-4; a single moved label moves it by > 0.1); k-means++
+initial centres (iters=0) are bit-identical (distances summed coordinate by coordinate without FMA on
+both sides, integer weights); inertia agrees to 1e-5 relative; labels are the nearest returned centre up
+to 1e-5 relative distance ties. TF32 is pinned off: the reference's centre sums are a matmul.
 """
 import sys
 
@@ -18,7 +22,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.fixture(autouse=True)
 def _fresh_log_once():
     dispatch._logged.clear()
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
     yield
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     dispatch._logged.clear()
 
 
@@ -54,6 +61,19 @@ def _brute_force_check(points, counts, centres, labels, inertia):
         torch.testing.assert_close(inertia[p].double(), best.sum(), rtol=1e-5, atol=1e-4)
 
 
+def _labels_agree(points, centres, labels_a, labels_b):
+    """Labels equal, except for points whose (float64) distances to the two centres differ < 1e-5 relative."""
+    differ = labels_a != labels_b
+    if not bool(differ.any()):
+        return
+    p, n = differ.nonzero(as_tuple=True)
+    x = points[p, n].double()
+    d_a = ((x - centres[p, labels_a[p, n]].double()) ** 2).sum(-1)
+    d_b = ((x - centres[p, labels_b[p, n]].double()) ** 2).sum(-1)
+    gap = (d_a - d_b).abs() / torch.maximum(d_a, d_b).clamp_min(1e-12)
+    assert bool((gap <= 1e-5).all()), f"{int(differ.sum())} labels differ beyond distance near-ties"
+
+
 INITS = ["k-means++", "first"]
 
 
@@ -67,9 +87,9 @@ def test_kernel_matches_reference_on_blobs(init, d, k):
     want = kmeans_reference(points, counts, k, iters=50, seed=5, init=init)
     assert got[0].shape == (P, k, d) and got[1].shape == (P, N) and got[2].shape == (P,)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.int64 and got[2].dtype == torch.float32
-    assert torch.equal(got[1], want[1]), "labels differ"
+    _labels_agree(points, want[0], got[1], want[1])
     assert torch.equal(got[0].isnan(), want[0].isnan())
-    torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=0, equal_nan=True)
+    torch.testing.assert_close(got[0], want[0], atol=1e-3, rtol=1e-5, equal_nan=True)
     torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-3)
     for out in (got, want):
         _brute_force_check(points.cpu(), counts.cpu(), *(t.cpu() for t in out))

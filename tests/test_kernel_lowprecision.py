@@ -45,8 +45,13 @@ def kernel_spy(monkeypatch):
 
 
 @pytest.mark.parametrize("precision, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
-def test_backend_tokens_reach_the_kernel_in_low_precision(precision, dtype, kernel_spy):
+def test_backend_tokens_reach_the_kernel_in_low_precision(precision, dtype, kernel_spy, monkeypatch):
     from refseg.config import SegmenterConfig
+    from refseg.models import onednn
+
+    # bf16 on a CPU without oneDNN's bf16 primitive would run fp32 (tests/test_onednn.py); this test is
+    # about the tokens' way to the kernel, so it keeps bf16 on every CPU (F.linear computes it there).
+    monkeypatch.setattr(onednn, "cpu_bf16_or_fp32", lambda: "bf16")
     from refseg.runtime.torch_backend import TorchBackend
     from refseg.testing.random_checkpoints import random_dinov2_model, random_sam_model
 

@@ -3,7 +3,9 @@
 On a machine without a GPU the kernel runs under TRITON_INTERPRET=1 (set in conftest.py), so sizes stay
 small. Tolerances: values agree to 1e-5 (cosine, absolute) / 1e-5 relative + 1e-4 absolute (Euclidean);
 indices agree exactly except where the two candidates' exact (float64) scores lie within 1e-5 relative of
-each other. Exact ties (integer-valued features) must agree exactly, lowest index first.
+each other. Exact ties (integer-valued features) must agree exactly, lowest index first. These bounds hold
+for any accumulation order (a GPU's tiles, cuBLAS's split-K): fp32 rounding of a D <= 1536 dot product is
+~1e-6 relative, ten times below them. The reference is an exact-fp32 oracle, so TF32 is pinned off here.
 """
 import os
 import subprocess
@@ -15,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from refseg.kernels import KernelUnavailableError, MatchResult, match, match_reference, match_triton
-from refseg.kernels import dispatch
+from refseg.kernels import dispatch, similarity
 from refseg.kernels.similarity import launch_match
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -26,7 +28,10 @@ TIE_RTOL = 1e-5
 @pytest.fixture(autouse=True)
 def _fresh_log_once():
     dispatch._logged.clear()
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference must be exact fp32 products
     yield
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     dispatch._logged.clear()
 
 
@@ -210,6 +215,27 @@ def _run_python(code: str, **env):
     full_env.pop("REFSEG_DISABLE_MATCH", None)
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                           env=full_env, timeout=120)
+
+
+def test_auto_rule_fp32_on_gpu_takes_the_reference():
+    assert similarity.reference_preferred("cuda", torch.float32) is not None
+    for dtype in (torch.float16, torch.bfloat16):
+        assert similarity.reference_preferred("cuda", dtype) is None  # tensor cores: the kernel
+    assert similarity.reference_preferred("cpu", torch.float32) is None  # interpreter tests run the kernel
+
+
+def test_auto_follows_the_rule(monkeypatch, caplog):
+    ref, tgt = _inputs(1, 6, 7, 16, torch.float32)
+    if DEVICE == "cpu":  # pretend this device is one where the rule prefers the reference
+        monkeypatch.setattr(similarity, "reference_preferred", lambda device_type, dtype: "a reason")
+    explicit = match(ref, tgt, backend="triton")  # an explicit request still runs the kernel
+    _forbid_kernel(monkeypatch)
+    with caplog.at_level("DEBUG", logger="refseg.kernels.dispatch"):
+        got = match(ref, tgt)
+    assert "using the torch reference" in caplog.text
+    for a, b, c in zip(got, match_reference(ref, tgt), explicit):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=0)
 
 
 def test_import_without_triton():

@@ -21,7 +21,7 @@ from refseg.models import build_sam
 from refseg.models.checkpoints import CheckpointError, load_state_dict
 from refseg.models.sam import (SAM_SPECS, Sam, SamSpec, infer_sam_name, infer_sam_spec, init_random_,
                                random_sam, sam_from_state_dict)
-from refseg.models.sam_image_encoder import decomposed_rel_pos_bias, get_rel_pos
+from refseg.models.sam_attention import ATTENTION_ENV, decomposed_rel_pos_bias, get_rel_pos
 from refseg.models.sam_mask_decoder import select_best_mask
 from refseg.models.sam_transforms import (normalize_pad, postprocess_masks, prepare_images,
                                           resize_boxes, resize_coords, resize_image)
@@ -152,10 +152,13 @@ def test_vit_b_image_encoder_full_depth(vit_b):
     assert max_diff(embedding, predictor.features) <= TOL
 
 
+@pytest.mark.parametrize("form", ["fused", "bias"])
 @pytest.mark.parametrize("name", ["vit_l", "vit_h"])
-def test_reduced_depth_image_encoder(name):
+def test_reduced_depth_image_encoder(name, form, monkeypatch):
     # Widths and heads of L / H, one windowed block then one global block; a 512 input (32² grid,
-    # padded to 42² for the 14² windows) keeps it fast; ViT-B covers the 1024 layout at full depth.
+    # padded to 42² for the 14² windows) keeps it fast; ViT-B covers the 1024 layout at full depth
+    # (in the CPU's default form; tests/test_sam_attention.py checks both forms at 64x64).
+    monkeypatch.setenv(ATTENTION_ENV, form)
     spec = dataclasses.replace(SAM_SPECS[name].with_depth(2), img_size=512)
     ours, official = random_pair(spec, seed=1)
     x = torch.randn(1, 3, 512, 512, generator=torch.Generator().manual_seed(1))
@@ -379,10 +382,8 @@ def test_medsam_format_loads(vit_b, tmp_path):
     assert wrapped.spec.name == "vit_b"
 
 
-def test_row_chunked_global_attention_equals_full_bias(monkeypatch):
-    monkeypatch.setenv("REFSEG_DISABLE_ONEDNN", "1")  # the SDPA path (the oneDNN one: tests/test_onednn.py)
-    from refseg.models.sam_image_encoder import (attention_in_row_chunks, decomposed_rel_pos_bias,
-                                                 decomposed_rel_pos_terms)
+def test_row_chunked_global_attention_equals_full_bias():
+    from refseg.models.sam_attention import attention_in_row_chunks, decomposed_rel_pos_terms
 
     gen = torch.Generator().manual_seed(9)
     q, k, v = (torch.randn(2, 3, 12 * 10, 8, generator=gen) for _ in range(3))
@@ -390,7 +391,7 @@ def test_row_chunked_global_attention_equals_full_bias(monkeypatch):
     full = torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=decomposed_rel_pos_bias(q, rel_pos_h, rel_pos_w, (12, 10), (12, 10)))
     rel_h, rel_w = decomposed_rel_pos_terms(q, rel_pos_h, rel_pos_w, (12, 10), (12, 10))
-    import refseg.models.sam_image_encoder as enc
+    import refseg.models.sam_attention as enc
     old = enc._CHUNK_BIAS_ELEMENTS
     enc._CHUNK_BIAS_ELEMENTS = 2 * 3 * 10 * 12 * 10 * 5  # 5 query rows per chunk: 12 = 5 + 5 + 2
     try:

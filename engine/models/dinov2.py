@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from refseg.models.checkpoints import CheckpointError, CheckpointSource, load_into
-from refseg.models.vit_layers import (LAYER_NORM_EPS, Block, LayerNorm32, LayerScale, PatchEmbed,
-                                      backbone_outputs)
+from refseg.models.norms import LayerNorm32
+from refseg.models.vit_layers import LAYER_NORM_EPS, Block, LayerScale, PatchEmbed, backbone_outputs
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,8 @@ from torch import nn
 
 from refseg.models.checkpoints import CheckpointError, CheckpointSource, load_into
 from refseg.models.onednn import linear
-from refseg.models.vit_layers import LayerNorm32, LayerScale, Mlp, PatchEmbed, backbone_outputs
+from refseg.models.norms import LayerNorm32
+from refseg.models.vit_layers import LayerScale, Mlp, PatchEmbed, backbone_outputs
 
 log = logging.getLogger(__name__)
 

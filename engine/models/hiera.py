@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .onednn import linear
-from .sam_image_encoder import LayerNorm32, window_partition, window_unpartition
+from .norms import LayerNorm32
+from .sam_image_encoder import window_partition, window_unpartition
 from .sam_mask_decoder import MLP
 
 NORM_EPS = 1e-6

@@ -1,28 +1,35 @@
-"""Linear layers and rel-pos attention on the CPU through oneDNN, when this machine runs them faster.
+"""Linear layers on the CPU through oneDNN, chosen by rule from the CPU's features.
 
-``F.linear`` on the CPU goes to the BLAS torch was built with (MKL on x86 wheels), which on some CPUs
-(AMD EPYC among them) runs fp32 GEMMs at about half the speed of oneDNN's own kernels; oneDNN can also
-apply the bias and a GELU in the GEMM's epilogue instead of two more passes over the output. The
-encoders' linear layers call :func:`linear`, which picks oneDNN's ``mkldnn._linear_pointwise`` where
-it pays and falls back to ``F.linear`` (+ ``F.gelu``) everywhere else. SAM's global attention with
-its decomposed relative-position bias (:func:`attention_rel_pos`) runs on the same GEMMs: the scores of
-a few query rows at a time, the two bias terms added in place by broadcasting (the (N, N) bias is
-never formed), softmax, then the value GEMM; SDPA's CPU kernel runs its GEMMs through the BLAS.
+``F.linear`` on the CPU goes to the BLAS torch was built with (MKL on x86 wheels); oneDNN's own GEMM
+kernels can also apply the bias and a GELU in their epilogue instead of two more passes over the output.
+The encoders' linear layers call :func:`linear`, which takes oneDNN's ``mkldnn._linear_pointwise`` where
+:func:`use_onednn` says so and ``F.linear`` (+ ``F.gelu``) everywhere else. (SAM's global attention
+once ran on these GEMMs too, in score blocks; SDPA's CPU kernel with the bias in row chunks measured 3-4x
+faster, so attention stays on SDPA: docs/attention.md.)
 
-The choice is measured, once per process and dtype, on a ViT-sized GEMM (both paths timed, best of
-three each), not assumed from one machine's result; it is logged once. Both paths compute in the
-input dtype with fp32 accumulation, so results agree to float rounding (not bit for bit).
+The choice is a rule, never a timing, so two runs of one job on one machine take the same path and
+give the same numbers whatever the load (:func:`decide`, from :func:`cpu_features`):
 
-Only inference on CPU tensors takes the oneDNN path: autograd (the op has no backward), tracing,
-ONNX export and ``torch.compile`` (whose inductor does its own oneDNN fusion) always see ``F.linear``.
-``REFSEG_DISABLE_ONEDNN=1`` turns both oneDNN paths off.
+* fp32: oneDNN on x86 CPUs with AVX-512 (on a 2-core AMD EPYC with AVX-512 it was 0.75-1.0x the time of
+  ``F.linear`` on ViT GEMMs, never slower beyond noise; docs/attention.md), ``F.linear`` elsewhere;
+* bf16: oneDNN wherever its bf16 inner-product primitive runs here (:func:`primitive_runs`, a
+  functional probe: one small GEMM compared with ``F.linear``, not timed). Where it does not (AVX2-only
+  CPUs), :func:`bf16_supported` is False and the runtime runs fp32 instead, with one warning.
+
+Both paths compute in the input dtype with fp32 accumulation, so they agree to float rounding (not bit
+for bit). Only inference on CPU tensors takes the oneDNN path: autograd (the op has no backward),
+tracing, ONNX export and ``torch.compile`` (whose inductor does its own oneDNN fusion) always see
+``F.linear``. ``REFSEG_DISABLE_ONEDNN=1`` turns the oneDNN path off. The decision is logged once per
+dtype.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import platform
 import threading
-import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,10 +38,23 @@ log = logging.getLogger(__name__)
 
 KILL_SWITCH = "REFSEG_DISABLE_ONEDNN"
 DTYPES = (torch.float32, torch.bfloat16)
-_PROBE_SHAPE = (1024, 768, 3072)  # tokens x in x out of a ViT-B MLP layer (about 4.8 GFLOP)
 
 _choice: dict[torch.dtype, bool] = {}
 _lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    """What the fp32 rule looks at: ``machine`` (``platform.machine()``, e.g. ``x86_64``) and
+    ``capability`` (the vector ISA torch dispatches to: ``AVX512``, ``AVX2``, ``DEFAULT``, ...)."""
+
+    machine: str
+    capability: str
+
+
+def cpu_features() -> CpuFeatures:
+    """This CPU's :class:`CpuFeatures`, as torch detects them (tests replace this function)."""
+    return CpuFeatures(platform.machine().lower(), torch.backends.cpu.get_cpu_capability())
 
 
 def _onednn_op():
@@ -51,29 +71,53 @@ def _reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return F.gelu(y) if act == "gelu" else y
 
 
-def _best_of(fn, repeats: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+@functools.lru_cache(maxsize=None)
+def primitive_runs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's linear primitive runs here in ``dtype`` and agrees with ``F.linear``.
 
-
-def measure(dtype: torch.dtype) -> dict:
-    """Time both paths on the probe GEMM in ``dtype``: ``{"onednn_s", "default_s", "onednn"}``
-    (``onednn`` True when it is at least 10 % faster). Raises RuntimeError when the op fails."""
-    n, k, m = _PROBE_SHAPE
+    One (33, 40) x (40, 24) GEMM + bias + GELU, checked against ``F.linear`` (fp32 tolerance 1e-4,
+    bf16 5e-2); an exception (no such primitive on this CPU, e.g. bf16 without AVX-512) means False.
+    Cached per process; deterministic (nothing is timed).
+    """
+    if _onednn_op() is None or not torch.backends.mkldnn.is_available():
+        return False
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(n, k, generator=gen).to(dtype)
-    w = (torch.randn(m, k, generator=gen) * k ** -0.5).to(dtype)
-    b = torch.randn(m, generator=gen).to(dtype)
-    with torch.inference_mode():
-        for fn in (_onednn, _reference):  # warm-up: first calls build kernels / pack weights
-            fn(x, w, b, "gelu")
-        onednn_s = _best_of(lambda: _onednn(x, w, b, "gelu"))
-        default_s = _best_of(lambda: _reference(x, w, b, "gelu"))
-    return {"onednn_s": onednn_s, "default_s": default_s, "onednn": onednn_s < 0.9 * default_s}
+    x, w, b = (torch.randn(*shape, generator=gen).to(dtype) for shape in ((33, 40), (24, 40), (24,)))
+    try:
+        with torch.inference_mode():
+            got = _onednn(x, w, b, "gelu").float()
+            want = _reference(x.float(), w.float(), b.float(), "gelu")
+    except RuntimeError as exc:
+        log.debug("oneDNN %s linear does not run here: %s", dtype, exc)
+        return False
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    return got.shape == want.shape and bool(torch.allclose(got, want, rtol=tol, atol=tol))
+
+
+def bf16_supported() -> bool:
+    """Whether bf16 runs on this CPU through oneDNN's bf16 primitive (else the runtime keeps fp32)."""
+    return primitive_runs(torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_or_fp32() -> str:
+    """``"bf16"`` where :func:`bf16_supported`, else ``"fp32"`` with one warning per process: what a CPU
+    run asked to compute in bf16 computes in."""
+    if bf16_supported():
+        return "bf16"
+    log.warning("bf16 asked for on a CPU without oneDNN's bf16 primitive (%s): running fp32 instead",
+                cpu_features())
+    return "fp32"
+
+
+def decide(dtype: torch.dtype, features: CpuFeatures | None = None) -> bool:
+    """The rule: whether CPU linear layers in ``dtype`` take oneDNN (see the module doc)."""
+    if dtype not in DTYPES or not primitive_runs(dtype):
+        return False
+    if dtype == torch.bfloat16:
+        return True
+    features = features or cpu_features()
+    return features.machine in ("x86_64", "amd64") and features.capability.startswith("AVX512")
 
 
 def use_onednn(dtype: torch.dtype) -> bool:
@@ -83,23 +127,10 @@ def use_onednn(dtype: torch.dtype) -> bool:
     if dtype not in _choice:
         with _lock:
             if dtype not in _choice:
-                _choice[dtype] = _decide(dtype)
+                _choice[dtype] = decide(dtype)
+                log.info("CPU linear layers (%s): %s (%s; %s=1 turns oneDNN off)", dtype,
+                         "oneDNN" if _choice[dtype] else "F.linear", cpu_features(), KILL_SWITCH)
     return _choice[dtype]
-
-
-def _decide(dtype: torch.dtype) -> bool:
-    if _onednn_op() is None or not torch.backends.mkldnn.is_available():
-        log.info("CPU linear layers (%s): F.linear (this torch has no oneDNN linear)", dtype)
-        return False
-    try:
-        m = measure(dtype)
-    except RuntimeError as exc:
-        log.info("CPU linear layers (%s): F.linear (oneDNN linear failed: %s)", dtype, exc)
-        return False
-    log.info("CPU linear layers (%s): %s (probe GEMM+GELU: oneDNN %.1f ms, F.linear %.1f ms; %s=1 turns "
-             "oneDNN off)", dtype, "oneDNN" if m["onednn"] else "F.linear", m["onednn_s"] * 1e3,
-             m["default_s"] * 1e3, KILL_SWITCH)
-    return m["onednn"]
 
 
 def tracing() -> bool:
@@ -134,42 +165,3 @@ def linear(x: torch.Tensor, layer: torch.nn.Linear, activation: str | None = Non
     if layer.weight.is_contiguous() and _eligible(x, layer.weight):
         return _onednn(x, layer.weight, layer.bias, act)
     return _reference(x, layer.weight, layer.bias, act)
-
-
-# Query rows per score block in attention_rel_pos: ~1M scores (4 MB in fp32) stay in a CPU's caches.
-_SCORE_BLOCK_ELEMENTS = 1 << 20
-
-
-def attention_rel_pos(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor,
-                      rel_w: torch.Tensor) -> torch.Tensor | None:
-    """softmax(q·kᵀ·C^-½ + bias)·v with SAM's decomposed bias, through oneDNN GEMMs; None where not used.
-
-    Args:
-        q, k, v: (B, heads, N, C) fp32, N = q_h·q_w, keys on the same grid as the queries.
-        rel_h, rel_w: (B·heads, q_h, q_w, k_h) and (B·heads, q_h, q_w, k_w), the bias terms
-            (bias[(y, x), (y', x')] = rel_h[y, x, y'] + rel_w[y, x, x']).
-
-    Returns:
-        (B, heads, N, C), equal to SDPA with the full bias up to float rounding; None when the inputs
-        are not fp32 CPU inference tensors or oneDNN is not the faster path here (the caller then runs SDPA).
-    """
-    if q.dtype != torch.float32 or not _eligible(q, k):
-        return None
-    b, heads, n, c = q.shape
-    bh, q_h, q_w, k_h = rel_h.shape
-    k_w = rel_w.shape[-1]
-    rows = max(1, min(q_h, _SCORE_BLOCK_ELEMENTS // (q_w * n)))
-    scaled = q.reshape(bh, n, c) * c ** -0.5
-    keys = k.reshape(bh, n, c).contiguous()  # a strided "weight" sends oneDNN down a very slow path
-    values = v.reshape(bh, n, c)
-    out = torch.empty(bh, n, c, dtype=q.dtype)
-    for i in range(bh):
-        values_t = values[i].t().contiguous()  # (C, N): the "weight" of the value GEMM
-        for y0 in range(0, q_h, rows):
-            y1 = min(y0 + rows, q_h)
-            scores = _onednn(scaled[i, y0 * q_w:y1 * q_w], keys[i], None, "none")  # (rows·q_w, N)
-            grid = scores.view(y1 - y0, q_w, k_h, k_w)
-            grid += rel_h[i, y0:y1, :, :, None]
-            grid += rel_w[i, y0:y1, :, None, :]
-            out[i, y0 * q_w:y1 * q_w] = _onednn(torch.softmax(scores, dim=-1), values_t, None, "none")
-    return out.view(b, heads, n, c)

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from .checkpoints import CheckpointError, CheckpointSource, load_into, unwrap_state_dict
-from .sam_image_encoder import ImageEncoderViT, LayerNorm2d
+from .norms import LayerNorm2d
+from .sam_image_encoder import ImageEncoderViT
 from .sam_mask_decoder import MaskDecoder
 from .sam_prompt_encoder import PromptEncoder
 from .sam_transforms import PIXEL_MEAN, PIXEL_STD

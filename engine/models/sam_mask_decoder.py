@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .sam_image_encoder import LayerNorm2d
+from .norms import LayerNorm2d
 from .sam_transformer import TwoWayTransformer
 
 

@@ -22,7 +22,7 @@ import math
 import torch
 from torch import nn
 
-from .sam_image_encoder import LayerNorm2d
+from .norms import LayerNorm2d
 
 
 class PositionEmbeddingRandom(nn.Module):

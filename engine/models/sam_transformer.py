@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .sam_image_encoder import LayerNorm32, MLPBlock
+from .norms import LayerNorm32
+from .sam_image_encoder import MLPBlock
 
 
 class Attention(nn.Module):

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .norms import LayerNorm32
 from .onednn import linear
 
 LAYER_NORM_EPS = 1e-6
@@ -40,21 +41,6 @@ def backbone_outputs(prenorm: torch.Tensor, normed: torch.Tensor, num_register_t
         "x_prenorm": prenorm,
         "masks": masks,
     }
-
-
-class LayerNorm32(nn.LayerNorm):
-    """``nn.LayerNorm`` that always normalises in float32 and returns the input dtype.
-
-    In fp16 the variance of activations of a few hundred already exceeds the fp16 range (65504);
-    computing the statistics in fp32 avoids that overflow. For fp32 inputs this is exactly
-    ``nn.LayerNorm``. Exports to ONNX as Cast -> LayerNormalization -> Cast.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = None if self.weight is None else self.weight.float()
-        bias = None if self.bias is None else self.bias.float()
-        out = F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
-        return out.to(x.dtype)
 
 
 class PatchEmbed(nn.Module):

@@ -54,16 +54,22 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """The precision to run: ``auto`` becomes bf16 (CUDA with bf16, CPU with native bf16), fp16
-    (older CUDA GPUs) or fp32; explicit choices are kept (with a warning where they are slow)."""
+    """The precision to run: ``auto`` becomes bf16 (CUDA with bf16), fp16 (older CUDA GPUs) or fp32 (CPUs,
+    even with native bf16: bf16 there changes masks against the fp32 reference; docs/attention.md).
+    Explicit choices are kept (with a warning where they are slow), except bf16 on a CPU without
+    oneDNN's bf16 primitive, which runs fp32 (:func:`refseg.models.onednn.cpu_bf16_or_fp32`)."""
     if precision == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+        return "fp32"
     if precision not in DTYPES:
         raise ValueError(f"precision must be auto or one of {sorted(DTYPES)}, got {precision!r}")
     if device.type == "cpu" and precision == "fp16":
         log.warning("fp16 on the CPU is slow and partly unsupported; consider bf16 or fp32")
+    if device.type == "cpu" and precision == "bf16":
+        from refseg.models.onednn import cpu_bf16_or_fp32
+
+        precision = cpu_bf16_or_fp32()
     if device.type == "cpu" and precision == "bf16" and not cpu_has_native_bf16():
         log.warning("bf16 on this CPU is emulated (no AVX512-BF16/AMX): expect it to be slower than fp32")
     return precision
