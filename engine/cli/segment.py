@@ -32,7 +32,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, help="DINOv2 input side S (multiple of 14)")
     p.add_argument("--metric", choices=["cosine", "euclidean"], help="feature matching metric")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "auto"],
-                   help="encoder precision (auto: bf16/fp16 on CUDA, bf16 on CPUs with native bf16, else fp32)")
+                   help="encoder precision (auto: bf16 on CUDA with bf16, else fp16 there; fp32 on CPUs)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile both encoders (CUDA graphs on CUDA; pays off on long runs)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
