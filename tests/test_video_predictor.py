@@ -11,6 +11,7 @@ from PIL import Image
 
 import refseg
 from refseg.io.intensity import DEFAULT_PERCENTILES
+from refseg.io import video_frames
 from refseg.io.video_frames import VideoFrames
 from refseg.models.checkpoints import CheckpointError
 from refseg.models.sam2_memory import sam2_video_from_state_dict
@@ -94,6 +95,17 @@ def test_int16_frames_one_window(predictor):
     assert state.frames._arrays is slices
     assert (state["num_frames"], state["video_height"], state["video_width"]) == (5, 40, 52)
 
+
+def test_window_sample_bounded(monkeypatch):
+    """On a long volume the automatic window is taken over evenly spaced whole frames only (0, 4, 8 of 9
+    here): a bright frame outside the sample does not move it."""
+    monkeypatch.setattr(video_frames, "WINDOW_SAMPLE_VOXELS", 3 * 40 * 52)
+    slices = ct_like(9)
+    slices[2] = slices[2] + np.int16(3000)
+    window = VideoFrames(frames=slices).window
+    lo, hi = np.percentile(np.stack(slices[::4]), DEFAULT_PERCENTILES, method="inverted_cdf")
+    assert (window.lo, window.hi) == (lo, hi) and "3 of 9 frames" in window.source
+    assert hi < np.percentile(np.stack(slices), DEFAULT_PERCENTILES[1], method="inverted_cdf")
 
 def test_streaming_reset_and_outputs(predictor):
     """Outputs at the frames' resolution for several objects; only the feature cache's frames keep

@@ -7,7 +7,8 @@ Two sources, as sam2's ``SAM2VideoPredictor.init_state`` knows them plus in-memo
 * a sequence of arrays (a list, or an (N, H, W[, 3]) array), one frame each, all of one size: (H, W)
   or (H, W, 3) of any dtype. uint8 frames are used as they are; other dtypes (16-bit CT slices, float)
   go through :func:`refseg.io.raster.to_rgb_uint8` with ONE window for every frame, given or the
-  automatic p0.5-p99.5 window of all frames together, so neighbouring slices keep one contrast.
+  automatic p0.5-p99.5 window of all frames together (of evenly spaced frames, at most
+  :data:`WINDOW_SAMPLE_VOXELS` voxels), so neighbouring slices keep one contrast.
 
 Nothing is decoded or converted up front: :meth:`VideoFrames.rgb` produces one frame when asked, so
 a long video never sits in memory as model inputs (sam2 holds every frame resized to the model input
@@ -29,6 +30,9 @@ from refseg.io.raster import read_image, to_rgb_uint8
 log = logging.getLogger(__name__)
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
+WINDOW_SAMPLE_VOXELS = 1 << 24
+"""The automatic window of array frames is taken over at most this many voxels: whole frames, evenly
+spaced (64 slices of 512 x 512), so its percentile pass stays a few hundred MiB on a long volume."""
 
 
 def list_jpeg_frames(folder: str | os.PathLike) -> list[Path]:
@@ -98,8 +102,11 @@ class VideoFrames:
 
     @staticmethod
     def _auto_window(frames: Sequence[np.ndarray]) -> Window:
-        values = np.concatenate([np.asarray(f).ravel() for f in frames])
-        window = auto_window(values, DEFAULT_PERCENTILES, source="frames p0.5-p99.5")
+        count = min(len(frames), max(1, WINDOW_SAMPLE_VOXELS // max(1, int(np.prod(np.shape(frames[0]))))))
+        picks = np.unique(np.linspace(0, len(frames) - 1, count).round().astype(int))
+        values = np.concatenate([np.asarray(frames[i]).ravel() for i in picks])
+        source = f"p0.5-p99.5 of {len(picks)} of {len(frames)} frames"
+        window = auto_window(values, DEFAULT_PERCENTILES, source=source)
         if window is None:
             raise ValueError("VideoFrames: the frames hold no contrast (constant or no finite value)")
         return window
