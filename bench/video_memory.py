@@ -77,11 +77,13 @@ def child(checkpoint: str, slices: int, threads: int) -> dict:
     stages["propagated"] = peak_mib()
     bank = state.banks[0]
     outputs = list(bank.cond.values()) + list(bank.non_cond.values())
-    per_frame = sum(t.numel() * t.element_size() for out in outputs
-                    for t in (out.pred_masks, out.obj_ptr, out.object_score_logits, out.maskmem_features)) / len(outputs)
+    tensors = [t for out in outputs for t in (out.pred_masks, out.obj_ptr, out.object_score_logits,
+                                              out.maskmem_features)]
+    per_frame = sum(t.numel() * t.element_size() for t in tensors) / len(outputs)
     cache = sum(t.numel() * t.element_size() for f in state.features.values() for t in f)
     slice_bytes = sum(f.nbytes for f in frames) / len(frames)
-    return {"sam": predictor.model.spec.name, "slices": slices, "slice_kib": slice_bytes / 1024, "image_size": predictor.image_size, "peak_mib": stages,
+    return {"sam": predictor.model.spec.name, "slices": slices, "slice_kib": slice_bytes / 1024,
+            "image_size": predictor.image_size, "peak_mib": stages,
             "bank_kib_per_frame": per_frame / 1024, "feature_cache_mib": cache / 2 ** 20,
             "seconds_per_frame": seconds / max(1, visited - 2), "threads": threads}
 

@@ -64,6 +64,11 @@ def frame_pixels(rgb: np.ndarray, image_size: int, device: torch.device) -> torc
     return ((x - mean) / std)[None]
 
 
+def _cpu_tensor(values) -> torch.Tensor:
+    """A prompt given as a list, numpy array or tensor (any device) as a CPU tensor."""
+    return values.detach().cpu() if isinstance(values, torch.Tensor) else torch.as_tensor(np.asarray(values))
+
+
 def fill_small_holes(mask_logits: torch.Tensor, max_area: int) -> torch.Tensor:
     """Set background regions (logit <= 0, 8-connected) of at most ``max_area`` pixels to logit 0.1.
     (N, 1, h, w) -> same shape (sam2's ``fill_holes_in_mask_scores``)."""
@@ -184,10 +189,14 @@ class VideoPredictor:
                 part.append(new())
         return s.obj_ids.index(obj_id)
 
-    def _features(self, s: VideoState, frame_idx: int) -> FrameFeatures:
-        """The frame's image features, from the cache of the last few frames or encoded now."""
+    @staticmethod
+    def _check_frame(s: VideoState, frame_idx: int) -> None:
         if not 0 <= frame_idx < s.num_frames:
             raise IndexError(f"frame_idx {frame_idx} is outside the video's {s.num_frames} frames")
+
+    def _features(self, s: VideoState, frame_idx: int) -> FrameFeatures:
+        """The frame's image features, from the cache of the last few frames or encoded now."""
+        self._check_frame(s, frame_idx)
         if frame_idx in s.features:
             s.features.move_to_end(frame_idx)
             return s.features[frame_idx]
@@ -216,20 +225,20 @@ class VideoPredictor:
             (frame_idx, obj_ids, mask logits (objects, 1, H, W) of every object on this frame).
         """
         s = inference_state
+        self._check_frame(s, frame_idx)
         if (points is None) != (labels is None):
             raise ValueError("points and labels must be provided together")
         if points is None and box is None:
             raise ValueError("at least one of points or box must be provided as input")
         if box is not None and not clear_old_points:
             raise ValueError("cannot add a box without clearing old points (a box must come before any point)")
-        points = torch.zeros(0, 2) if points is None else torch.as_tensor(np.asarray(points), dtype=torch.float32)
-        labels = torch.zeros(0, dtype=torch.int32) if labels is None else torch.as_tensor(np.asarray(labels),
-                                                                                             dtype=torch.int32)
+        points = torch.zeros(0, 2) if points is None else _cpu_tensor(points).float()
+        labels = torch.zeros(0, dtype=torch.int32) if labels is None else _cpu_tensor(labels).to(torch.int32)
         points, labels = points.reshape(1, -1, 2), labels.reshape(1, -1)
         if points.shape[1] != labels.shape[1]:
             raise ValueError(f"points (N, 2) and labels (N,) must match, got {points.shape[1]} and {labels.shape[1]}")
         if box is not None:
-            corners = torch.as_tensor(np.asarray(box), dtype=torch.float32).reshape(1, 2, 2)
+            corners = _cpu_tensor(box).float().reshape(1, 2, 2)
             points = torch.cat([corners, points], dim=1)
             labels = torch.cat([torch.tensor([[2, 3]], dtype=torch.int32), labels], dim=1)
         if normalize_coords:
@@ -252,7 +261,8 @@ class VideoPredictor:
         """A mask (H', W') (bool or 0 / 1, any size: resized to the model input) for one object on a
         frame. Returns as :meth:`add_new_points_or_box`."""
         s = inference_state
-        mask = torch.as_tensor(np.asarray(mask)).bool()
+        self._check_frame(s, frame_idx)
+        mask = _cpu_tensor(mask).bool()
         if mask.dim() != 2:
             raise ValueError(f"add_new_mask: mask must be (H, W), got {tuple(mask.shape)}")
         mask = mask[None, None].float().to(self.device)
@@ -356,6 +366,7 @@ class VideoPredictor:
         self.propagate_in_video_preflight(s)
         if start_frame_idx is None:
             start_frame_idx = min(t for bank in s.banks for t in bank.cond)
+        self._check_frame(s, start_frame_idx)
         if max_frame_num_to_track is None:
             max_frame_num_to_track = s.num_frames
         if reverse:

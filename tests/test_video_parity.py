@@ -36,7 +36,6 @@ import torch
 import refseg
 from refseg.io.intensity import Window
 from refseg.models import sam2_memory
-from refseg.models.checkpoints import CheckpointError
 from refseg.testing.random_checkpoints import write_random_checkpoints
 from volume_data import TOTALSEG
 

@@ -157,6 +157,7 @@ def test_bad_input(predictor, checkpoint, tmp_path):
     state = predictor.init_state(frames=ct_like(3))
     with pytest.raises(IndexError, match="outside the video's 3 frames"):
         predictor.add_new_points_or_box(state, 3, 1, points=[[1, 1]], labels=[1])
+    assert state["obj_ids"] == []  # nothing registered by a refused prompt
     with pytest.raises(ValueError, match="without clearing old points"):
         predictor.add_new_points_or_box(state, 0, 1, box=[0, 0, 5, 5], clear_old_points=False)
     with pytest.raises(ValueError, match="together"):
