@@ -22,6 +22,7 @@ _EXPORTS = {
     "SegmentationResult": "refseg.segmenter",
     "SegmenterConfig": "refseg.config",
     "Predictor": "refseg.predictor",
+    "VideoPredictor": "refseg.video_predictor",
     "PRESETS": "refseg.config",
     "engineer_points": "refseg.pipeline.prompts",
     "read_mask": "refseg.io.raster",
