@@ -1,4 +1,4 @@
-"""QuPath-compatible GeoJSON: annotations in (reference masks) and label masks out (polygons).
+"""QuPath-compatible GeoJSON: annotations in (reference masks) and label outlines out (polygons).
 
 Format (what QuPath exports and imports): a ``FeatureCollection`` of ``Feature`` objects whose
 geometry is a ``Polygon`` or ``MultiPolygon`` in **level-0 pixel coordinates** (x to the right, y down,
@@ -6,11 +6,11 @@ origin the top-left corner of the slide's top-left pixel), holes as interior rin
 ``{"objectType": "annotation", "classification": {"name": str, "color": [r, g, b]}}``. Exterior rings
 are counter-clockwise and holes clockwise in (x, y) (RFC 7946 orientation rule).
 
-Pixel (i, j) of a mask is the unit square [j, j + 1) x [i, i + 1) before scaling, so a traced polygon
-covers exactly the foreground pixels; simplification (Douglas-Peucker with topology preserved) then
-smooths the staircase by a tolerance given in level-0 pixels. Label masks are traced by
-:mod:`refseg.io.outlines`; :class:`FeatureWriter` streams its polygons into a file, one feature per
-object. Polygon work uses shapely and rasterio (``pip install 'refseg[slides]'``), imported on first use.
+Out: label masks are traced by the one streaming vectoriser, :class:`refseg.io.outlines.OutlineTracer`
+(exact pixel-edge polygons, one per 4-connected object); :class:`FeatureWriter` is its sink: it simplifies
+each polygon on its own by a tolerance in output pixels, scales it to level-0 pixels and appends it to the
+file, one feature per object. In: :func:`read_annotations` and :func:`rasterize` turn QuPath annotations
+into reference masks. Polygon work uses shapely (``pip install 'refseg[slides]'``), imported on first use.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -125,23 +125,6 @@ def rasterize(annotations: list[Annotation], origin: tuple[float, float], downsa
     return np.asarray(canvas, dtype=np.uint8).copy()
 
 
-def mask_polygons(mask: np.ndarray, value: int, offset: tuple[int, int] = (0, 0)):
-    """The pixels of ``mask == value`` as one shapely geometry (exact pixel outlines, holes kept),
-    shifted by ``offset`` (x, y) pixels; ``None`` when no pixel has the value. 4-connected objects are
-    separate polygons (two pixels meeting at one corner are two polygons)."""
-    from refseg.io.outlines import trace_tile
-
-    hit = np.asarray(mask) == value
-    if not hit.any():
-        return None
-    return _shapely().union_all(trace_tile(hit.view(np.uint8), offset)[0])
-
-
-def union(parts: list):
-    """One geometry covering ``parts`` (tile pieces of a class meet along shared edges and merge)."""
-    return _shapely().union_all([p for p in parts if p is not None])
-
-
 def class_name(value: int, names: dict[int, tuple[str, tuple[int, int, int]]] | None = None
                ) -> tuple[str, tuple[int, int, int]]:
     """QuPath (name, RGB colour) of class ``value``: from ``names``, else ``class N`` in the overlay colour."""
@@ -168,54 +151,6 @@ def feature_id(namespace: str, index: int) -> str:
     b[6], b[8] = (b[6] & 0x0F) | 0x50, (b[8] & 0x3F) | 0x80  # version 5, RFC 4122 variant
     h = b.hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-
-
-def to_features(geometries: dict[int, object], scale: float, simplify: float,
-                names: dict[int, tuple[str, tuple[int, int, int]]], bounds: tuple[int, int],
-                namespace: str = "refseg") -> Iterator[dict]:
-    """GeoJSON features (yielded one at a time), one per connected polygon, from class value ->
-    geometry in mask pixels.
-
-    ``scale`` converts mask pixels to level-0 pixels; ``simplify`` is the tolerance in level-0 pixels
-    (0 = keep the pixel outline); ``names`` gives each class its QuPath name and colour; results are
-    clipped to ``bounds`` (level-0 W, H). Feature ids are UUIDs derived from ``namespace`` and order.
-    """
-    shapely = _shapely()
-    from shapely import affinity
-    from shapely.geometry import box, mapping
-    from shapely.geometry.polygon import orient
-
-    frame = box(0, 0, *bounds)
-    count = 0
-    for value in sorted(geometries):
-        geom = geometries[value]
-        if geom is None or geom.is_empty:
-            continue
-        geom = affinity.scale(geom, xfact=scale, yfact=scale, origin=(0, 0))
-        if simplify > 0:
-            geom = geom.simplify(simplify, preserve_topology=True)
-        geom = geom.intersection(frame)
-        if not geom.is_valid:
-            geom = shapely.make_valid(geom)
-        name, colour = names[value]
-        parts = [g for g in getattr(geom, "geoms", [geom]) if g.geom_type == "Polygon" and not g.is_empty]
-        for polygon in parts:
-            yield {"type": "Feature", "id": feature_id(namespace, count),
-                   "geometry": mapping(orient(polygon, sign=1.0)), "properties": feature_properties(name, colour)}
-            count += 1
-
-
-def write_geojson(path: str | os.PathLike, features: Iterable[dict]) -> int:
-    """Write ``features`` as a FeatureCollection, streamed one feature at a time (atomic, UTF-8);
-    returns the number of features. Features hold plain JSON types (tuples are written as arrays)."""
-    count = 0
-    with atomic_writer(path, "w") as handle:
-        handle.write('{"type": "FeatureCollection", "features": [')
-        for feature in features:
-            handle.write(("\n" if count == 0 else ",\n") + json.dumps(feature, allow_nan=False))
-            count += 1
-        handle.write("\n]}\n")
-    return count
 
 
 class FeatureWriter:
@@ -301,31 +236,3 @@ class FeatureWriter:
             write(f'{separator}{{"type": "Feature", "id": "{feature_id(self.namespace, self.count)}", '
                   f'"geometry": {text}, "properties": {self._class_properties(int(value))}}}')
             self.count += 1
-
-
-def write_tile_outlines(path: str | os.PathLike, tiles: Iterable[tuple[int, int, np.ndarray]], scale: float,
-                        simplify: float, names: dict[int, tuple[str, tuple[int, int, int]]],
-                        bounds: tuple[int, int], namespace: str = "refseg") -> int:
-    """The GeoJSON stage of a slide job, in one call: label tiles -> one outline set per class -> ``path``.
-
-    Args:
-        tiles: (x, y, labels) per tile: labels an (h, w) uint8 label map whose top-left pixel is (x, y) of
-            the processing level; tiles do not overlap.
-        scale: processing-level pixel -> level-0 pixels; ``simplify``: tolerance in level-0 pixels (0 =
-            exact pixel outlines); ``bounds``: level-0 (W, H) the outlines are clipped to.
-        names: class value -> (QuPath class name, RGB colour); other values get "class k" and
-            :func:`refseg.io.writers.class_colour`.
-
-    Returns:
-        The number of features written.
-    """
-    from refseg.io.writers import class_colour
-
-    shapes: dict[int, list] = {}
-    for x, y, labels in tiles:
-        for value in np.unique(labels[labels > 0]):
-            shapes.setdefault(int(value), []).append(mask_polygons(labels, int(value), offset=(x, y)))
-    merged = {v: union(parts) for v, parts in shapes.items()}
-    del shapes
-    named = {v: names.get(v, (f"class {v}", class_colour(v))) for v in merged}
-    return write_geojson(path, to_features(merged, scale, simplify, named, bounds, namespace=namespace))
