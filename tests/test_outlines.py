@@ -335,3 +335,25 @@ def test_corner_contacts_by_gdal_and_by_geos(monkeypatch, limit):
     for _ in range(3):
         mask = ((rng.random((33, 45)) < 0.5) * rng.integers(1, 3, (33, 45))).astype(np.uint8)
         check_exact(traced_features(mask, 10), mask)
+
+
+@pytest.mark.parametrize("tile", [20, 13])
+def test_holes_of_pieces_survive_the_merge_across_seams(monkeypatch, tile):
+    """An object crossing seams whose pieces hold holes of their own (one with an island of another class,
+    one touching the object's outline at a corner) and holes that cross a seam: exact, and the pieces'
+    holes are holes of the merged object, without the union_all fallback."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the shells-then-holes merge fell back to union_all")
+
+    monkeypatch.setattr(shapely, "union_all", refuse)
+    mask = np.zeros((40, 40), np.uint8)
+    mask[5:35, 5:35] = 1
+    mask[8:11, 8:11] = 0          # a hole inside tile (0, 0)
+    mask[18:23, 25:28] = 0        # a hole across the seam y = 20
+    mask[5, 25] = mask[6, 26] = 0  # a notch, and a hole meeting it at one corner
+    mask[26:32, 26:32] = 0        # a hole inside tile (1, 1) ...
+    mask[28:30, 28:30] = 2        # ... holding an island of class 2
+    features = traced_features(mask, tile)
+    check_exact(features, mask)
+    (big,) = (f for f in features if f["properties"]["classification"]["name"] == "class 1")
+    assert len(big["geometry"]["coordinates"]) == 1 + 4  # the exterior and four holes
