@@ -355,7 +355,8 @@ class OutlineTracer:
         rings = np.concatenate([rings, piece_rings[hole]])
         ring_group = np.concatenate([ring_group, group_of[ring_piece[hole]]])
         order = np.argsort(ring_group, kind="stable")
-        out = shapely.polygons(rings[order], indices=ring_group[order])
+        out = np.full(len(groups), None, object)  # a group without rings (not one polygon) stays None: redone
+        shapely.polygons(rings[order], indices=ring_group[order], out=out)
         area = np.bincount(group_of, weights=shapely.area(pieces), minlength=len(groups))
         wrong = np.flatnonzero((shapely.get_type_id(merged) != shapely.GeometryType.POLYGON)
                                | (shapely.area(out) != area))
