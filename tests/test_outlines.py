@@ -357,3 +357,32 @@ def test_holes_of_pieces_survive_the_merge_across_seams(monkeypatch, tile):
     check_exact(features, mask)
     (big,) = (f for f in features if f["properties"]["classification"]["name"] == "class 1")
     assert len(big["geometry"]["coordinates"]) == 1 + 4  # the exterior and four holes
+
+
+def test_simplify_hole_riddled_objects_stays_valid(tmp_path):
+    """Speckled objects (a random-checkpoint mask's kind: one object with hundreds of holes, holes 1 px
+    apart and 1 px from the outline, classes side by side) simplified by 1 px: every polygon valid by
+    GEOS's own check, one feature per object as with --simplify 0, each within the Douglas-Peucker bound of
+    its exact outline (area changed <= tolerance x perimeter, by GEOS overlay), fewer vertices."""
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:150, :170]
+    mask = np.zeros((150, 170), np.uint8)
+    mask[np.hypot(xx - 70, yy - 75) < 60] = 1
+    mask[(np.hypot(xx - 140, yy - 60) < 25)] = 2
+    holes = ndimage.binary_opening(rng.random(mask.shape) < 0.35, np.ones((1, 2))) | (rng.random(mask.shape) < 0.05)
+    mask[holes & (mask > 0)] = 0
+    tifffile.imwrite(tmp_path / "m.tif", mask, tile=(32, 32))
+    exact = run_cli(tmp_path, tmp_path / "m.tif", "--simplify", "0", "--tile", "32")
+    check_exact(exact, mask)
+    assert max(len(f["geometry"]["coordinates"]) for f in exact) > 200  # an object with hundreds of holes
+    simple = run_cli(tmp_path, tmp_path / "m.tif", "--simplify", "1", "--tile", "32")
+    assert len(simple) == len(exact)
+    before = np.array([shapely.geometry.shape(f["geometry"]) for f in exact], object)
+    after = np.array([shapely.geometry.shape(f["geometry"]) for f in simple], object)
+    assert shapely.is_valid(after).all()
+    assert (shapely.area(shapely.symmetric_difference(before, after)) <= 1.0 * shapely.length(before)).all()
+
+    def vertices(features):
+        return sum(len(r) for f in features for r in f["geometry"]["coordinates"])
+
+    assert vertices(simple) < 0.8 * vertices(exact)
