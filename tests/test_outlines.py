@@ -386,3 +386,22 @@ def test_simplify_hole_riddled_objects_stays_valid(tmp_path):
         return sum(len(r) for f in features for r in f["geometry"]["coordinates"])
 
     assert vertices(simple) < 0.8 * vertices(exact)
+
+
+def test_simplify_gives_rings_that_would_cross_their_exact_outline():
+    """A hole in an outward bump of the outline: simplified on their own, the outline cuts the bump off and
+    crosses the hole; both keep their exact rings, the polygon stays valid (GEOS) with its hole."""
+    from refseg.io.geojson import simplify_polygons
+
+    bumped = shapely.Polygon([(0, 0), (20, 0), (20, 20), (10, 20.9), (0, 20)],
+                             [[(8.5, 18.5), (11.5, 18.5), (11.5, 20.5), (8.5, 20.5)]])
+    assert bumped.is_valid
+    rings = shapely.simplify(np.array([bumped.exterior, bumped.interiors[0]], object), 1.0, preserve_topology=False)
+    assert shapely.intersects(*rings)  # the case is real: ring by ring, they cross
+    staircase = shapely.Polygon([(30, 0)] + [(30 + k + dx, k + dy) for k in range(10) for dx, dy in ((1, 0), (1, 1))]
+                                + [(30, 10)])
+    out = simplify_polygons(np.array([bumped, staircase], object), 1.0)
+    assert shapely.is_valid(out).all() and len(out[0].interiors) == 1
+    assert out[0].equals(bumped)  # both rings back to exact
+    assert shapely.get_num_coordinates(out[1]) < shapely.get_num_coordinates(staircase) / 3  # others simplified
+    assert shapely.area(shapely.symmetric_difference(out[1], staircase)) <= staircase.length

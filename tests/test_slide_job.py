@@ -308,6 +308,8 @@ MEMORY_SCRIPT = textwrap.dedent("""
     import numpy as np
     from refseg.jobs.slide import run_slides
     import refseg.runtime.stream  # the runtime (torch) is loaded before the baseline, as in any run
+    from refseg.io.outlines import require_outlines
+    require_outlines()  # ... and the outline libraries (OpenCV, GDAL, GEOS: code, not data)
 
     class Threshold:
         config = SimpleNamespace(batch_size=4, to_dict=lambda: {})
