@@ -15,7 +15,8 @@ input dtype with fp32 accumulation, so results agree to float rounding (not bit 
 
 Only inference on CPU tensors takes the oneDNN path: autograd (the op has no backward), tracing,
 ONNX export and ``torch.compile`` (whose inductor does its own oneDNN fusion) always see ``F.linear``.
-``REFSEG_DISABLE_ONEDNN=1`` turns both oneDNN paths off.
+``REFSEG_DISABLE_ONEDNN=1`` turns both oneDNN paths off, and so does ``REFSEG_ACCELERATOR_PATH=1`` (the
+CPU run of the GPU code path, :mod:`refseg.pipeline.accelerator`).
 """
 from __future__ import annotations
 
@@ -80,6 +81,8 @@ def use_onednn(dtype: torch.dtype) -> bool:
     """Whether CPU linear layers in ``dtype`` take the oneDNN path (decided on first use, then cached)."""
     if os.environ.get(KILL_SWITCH, "") not in ("", "0") or dtype not in DTYPES:
         return False
+    if os.environ.get("REFSEG_ACCELERATOR_PATH", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False  # the accelerator path runs exactly the GPU's code: F.linear, SDPA
     if dtype not in _choice:
         with _lock:
             if dtype not in _choice:
