@@ -267,6 +267,7 @@ class Segmenter:
         stream stages batch n+1 while batch n computes (:func:`refseg.pipeline.inputs.stage_targets`)."""
         stage_targets(targets, self.device)
 
+    @torch.inference_mode()
     def segment_prepared(self, targets: list[PreparedTarget], fallback: bool | None = None
                          ) -> list[SegmentationResult]:
         """Segment one batch of :meth:`prepare_target` outputs with ``config.method``: ONE call per
@@ -274,6 +275,8 @@ class Segmenter:
         (match method), label maps on the device, ONE copy to the host.
 
         ``fallback``: as in :meth:`segment_batch`; this run's setting, the Segmenter's config is unchanged.
+        Runs in inference mode: every tensor of the batch is an inference tensor, so compiled encoders see
+        one kind of input (a plain tensor here and an inference tensor there would recompile them).
         """
         if not targets:
             return []

@@ -32,9 +32,9 @@ MAX_READS_PER_BATCH = 8
 GBMSEG_SMALL = dict(neg_radius=16.0, exclusion_radius=32.0, hard_radius=16.0)
 
 
-def _segmenter(checkpoints, preset):
+def _segmenter(checkpoints, preset, device="cpu"):
     sam, dino = checkpoints
-    seg = Segmenter.from_preset(preset, sam_checkpoint=sam, dinov2_checkpoint=dino, device="cpu", image_size=112,
+    seg = Segmenter.from_preset(preset, sam_checkpoint=sam, dinov2_checkpoint=dino, device=device, image_size=112,
                                 batch_size=8, **(GBMSEG_SMALL if preset == "gbmseg" else {}))
     rng = np.random.default_rng(0)
     mask = np.zeros((128, 160), np.int64)
@@ -119,3 +119,20 @@ def test_device_resizes_equal_the_readers_pil_on_kvasir(kvasir_dir):
         h, w = preprocess_shape(*rgb.shape[:2], 1024)
         sam = pil_resize(device, (h, w), "bilinear")[0].permute(1, 2, 0).to(torch.uint8).numpy()
         np.testing.assert_array_equal(sam, resize_image(rgb, 1024), err_msg=str(path))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_run_matches_the_cpu_path_and_reads_little(checkpoints, seg, targets, monkeypatch):
+    """On a GPU: the same masks as the CPU path up to the GPU's float rounding in the encoders (mean IoU
+    >= 0.95 on random weights, where a rounding change can move a match), and at most 8 host reads."""
+    monkeypatch.delenv(ACCELERATOR_ENV, raising=False)
+    cpu = seg.segment_batch(targets)
+    gpu_seg = _segmenter(checkpoints, "sat", device="cuda")
+    gpu = gpu_seg.segment_batch(targets)
+    ious = [np.logical_and(a.mask, c.mask).sum() / max(np.logical_or(a.mask, c.mask).sum(), 1)
+            for a, c in zip(gpu, cpu)]
+    assert np.mean(ious) >= 0.95, ious
+    prepared = [gpu_seg.prepare_target(t) for t in targets]
+    with HostReadCounter(trace=True) as reads:
+        gpu_seg.segment_prepared(prepared)
+    assert reads.total <= MAX_READS_PER_BATCH, (dict(reads.by_kind), dict(reads.sites))

@@ -68,11 +68,16 @@ def test_decoded_logits_reach_the_original_frame_as_each_model_was_run(sam):
 
     low = torch.randn(1, 1, 256, 256, generator=torch.Generator().manual_seed(0))
 
+    from refseg.runtime.backend import decode_image_by_image
+
     class FakeBackend:
         sam_size = 1024
 
-        def decode(self, embedding, coords, labels, boxes, multimask):
+        def decode(self, embedding, coords, labels, boxes, multimask, mask_input=None):
             return low.expand(coords.shape[0], 1, 256, 256), torch.ones(coords.shape[0], 1)
+
+        def decode_batch(self, *args):
+            return decode_image_by_image(self, *args)
 
     prompts = PromptBatch(torch.tensor([[[30.0, 40.0]]]), torch.tensor([[1]]), torch.tensor([1]))
     config = SegmenterConfig.from_preset("sat").replace(sam=sam)
@@ -117,3 +122,19 @@ def test_clean_masks_batch_equals_each_mask_alone(monkeypatch, accelerator, rule
     out = clean_masks(torch.from_numpy(np.stack(masks)), *rule).numpy()
     for got, m in zip(out, masks):
         np.testing.assert_array_equal(got, _scipy_clean(m, *rule))
+
+
+@pytest.mark.parametrize("rule", [(True, 0.0, False), (False, 0.3, True), (False, 0.0, True)])
+def test_background_padding_leaves_each_mask_as_scipy_cleans_it(rule):
+    """label_maps cleans targets of several sizes in one call, padded at the bottom / right with background."""
+    from refseg.pipeline.postprocess import clean_masks
+
+    rng = np.random.default_rng(4)
+    masks = [rng.random((37, 53)) < 0.45, rng.random((50, 20)) < 0.6]
+    padded = torch.zeros(2, 50, 53, dtype=torch.bool)
+    for i, m in enumerate(masks):
+        padded[i, :m.shape[0], :m.shape[1]] = torch.from_numpy(m)
+    out = clean_masks(padded, *rule).numpy()
+    for got, m in zip(out, masks):
+        np.testing.assert_array_equal(got[:m.shape[0], :m.shape[1]], _scipy_clean(m, *rule))
+        assert not got[m.shape[0]:].any() and not got[:, m.shape[1]:].any()

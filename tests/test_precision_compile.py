@@ -83,8 +83,9 @@ def _counting_backend():
 
     def backend(gm, example_inputs):
         counts["graphs"] += 1
-        counts["batches"].update(int(x.shape[0]) for x in example_inputs
-                                 if isinstance(x, torch.Tensor) and x.dim() == 4)
+        counts["batches"].update(int(x.shape[0]) for x in example_inputs  # (B, 3, S, S) images, not weights
+                                 if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] == 3
+                                 and x.shape[2] == x.shape[3] >= 56)
 
         def run(*args):
             counts["calls"] += 1

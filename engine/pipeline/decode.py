@@ -194,23 +194,24 @@ def decode_target(backend, embedding: torch.Tensor, prompts: PromptBatch, rows: 
 
 def label_maps(decoded: list[DecodedTarget], classes: list[int], config: SegmenterConfig) -> list[torch.Tensor]:
     """Threshold, clean and merge per-class logits into one (H, W) uint8 label map per target, on the
-    logits' device; targets of one size are cleaned together (:func:`~.postprocess.clean_masks`).
+    logits' device: every mask of the batch is cleaned in ONE :func:`~.postprocess.clean_masks` call,
+    targets of other sizes padded at the bottom and right with background (which leaves components,
+    their sizes and order, and the holes that touch no border as they are).
 
     Where classes overlap, the class with the larger logit wins; 0 is background.
     """
-    out: list[Optional[torch.Tensor]] = [None] * len(decoded)
-    by_size: dict[Size, list[int]] = defaultdict(list)
+    if not decoded:
+        return []
+    h = max(int(d.logits.shape[-2]) for d in decoded)
+    w = max(int(d.logits.shape[-1]) for d in decoded)
+    c = len(classes)
+    logits = decoded[0].logits.new_full((len(decoded), c, h, w), float("-inf"))
     for i, d in enumerate(decoded):
-        by_size[tuple(d.logits.shape[-2:])].append(i)
-    for (h, w), members in by_size.items():
-        logits = torch.stack([decoded[i].logits for i in members])  # (n, C, H, W)
-        n, c = logits.shape[:2]
-        masks = clean_masks((logits > 0).view(n * c, h, w), keep_largest=config.keep_largest_contour,
-                            min_component_fraction=config.min_component_fraction,
-                            holes=config.fill_holes).view(n, c, h, w)
-        scored = torch.where(masks, logits, float("-inf"))
-        values = to_device(classes, logits.device, torch.int64)
-        maps = torch.where(masks.any(1), values[scored.argmax(1)], 0).to(torch.uint8)
-        for j, i in enumerate(members):
-            out[i] = maps[j]
-    return out
+        logits[i, :, :d.logits.shape[-2], :d.logits.shape[-1]] = d.logits
+    masks = clean_masks((logits > 0).view(-1, h, w), keep_largest=config.keep_largest_contour,
+                        min_component_fraction=config.min_component_fraction,
+                        holes=config.fill_holes).view(len(decoded), c, h, w)
+    scored = torch.where(masks, logits, float("-inf"))
+    values = to_device(classes, logits.device, torch.int64)
+    maps = torch.where(masks.any(1), values[scored.argmax(1)], 0).to(torch.uint8)
+    return [maps[i, :d.logits.shape[-2], :d.logits.shape[-1]] for i, d in enumerate(decoded)]

@@ -135,7 +135,7 @@ def greedy_leaders(adj: torch.Tensor, valid: torch.Tensor, method: str = "auto")
     adj_f = adj.to(torch.float32)
     decided = ~valid
     check_every = ROUNDS_PER_CHECK if accelerator_path(adj.device) else 1
-    while bool((~decided).any()):
+    while True:
         for _ in range(check_every):
             undecided = ~decided
             # blocked[p, i] = any undecided j < i within r of i (a batched matrix-vector product)
@@ -144,7 +144,8 @@ def greedy_leaders(adj: torch.Tensor, valid: torch.Tensor, method: str = "auto")
             leaders |= new
             covered = (new.to(torch.float32)[:, None, :] @ adj_f)[:, 0] > 0
             decided |= new | covered
-    return leaders
+        if not bool((~decided).any()):
+            return leaders
 
 
 def _walk_leaders(adj: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

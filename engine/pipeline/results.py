@@ -74,6 +74,11 @@ class SegmentationResult:
         }
 
 
+_NUMPY = {torch.bool: np.bool_, torch.uint8: np.uint8, torch.int8: np.int8, torch.int16: np.int16,
+          torch.int32: np.int32, torch.int64: np.int64, torch.float16: np.float16, torch.float32: np.float32,
+          torch.float64: np.float64}
+
+
 def copy_to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
     """Copy tensors of any dtypes and shapes (on one device) to numpy arrays in ONE transfer: their bytes
     are packed into one uint8 buffer on the device, copied once, and viewed back on the host."""
@@ -85,7 +90,7 @@ def copy_to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
     out, start = [], 0
     for t, f in zip(tensors, flat):
         size = f.numel() * f.element_size()
-        dtype = torch.empty(0, dtype=t.dtype).numpy().dtype
+        dtype = _NUMPY[t.dtype]
         out.append(host[start:start + size].view(dtype).reshape(tuple(t.shape)))
         start += size
     return out

@@ -2,10 +2,12 @@
 
 A read is anything whose result the host must wait for: a tensor's value turned into a Python object
 (``.item()``, ``.tolist()``, ``bool()/int()/float()`` of a tensor), a copy to host memory (``.cpu()``,
-``.numpy()``, ``.to("cpu")``), and the ops whose output shape depends on the data (``nonzero``,
+``.numpy()``; ``.to("cpu")`` of a tensor on another device), and the ops whose output shape depends on the data (``nonzero``,
 boolean-mask indexing, ``masked_select``, ``unique``, ``torch.equal``, ``repeat_interleave`` by a
 tensor). They are counted where the program asks for them, whatever device the tensors are on, so a
-CPU run of the accelerator path (``REFSEG_ACCELERATOR_PATH=1``) counts what a CUDA run would wait for.
+CPU run of the accelerator path (``REFSEG_ACCELERATOR_PATH=1``) counts what a CUDA run would wait for;
+a copy is counted once (``.numpy()`` of what ``.cpu()`` returned is the same read). ``.to(device)`` is
+counted only from a non-CPU tensor to the CPU: on the CPU it cannot be told from a move to the device.
 
 Two interposition layers do the counting: a ``TorchFunctionMode`` sees the Python-level calls
 (``tolist``, ``numpy``, ``cpu``, ``to``) that never reach the dispatcher on the CPU, and a
@@ -20,6 +22,7 @@ is one launch on a GPU and is not looked into. Modes are thread-local: reader th
 from __future__ import annotations
 
 import traceback
+import weakref
 from collections import Counter
 
 import torch
@@ -42,19 +45,29 @@ class _Functions(TorchFunctionMode):
     def __init__(self, owner: "HostReadCounter"):
         super().__init__()
         self.owner = owner
+        self.on_host: dict[int, weakref.ref] = {}  # tensors a counted copy put on the host (read once)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
+        source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        copied = False
         if name in _FUNCTION_READS:
-            self.owner._hit(name)
-        elif name == "to":
+            copied = name == "cpu"
+            if source is None or id(source) not in self.on_host:
+                self.owner._hit(name)
+        elif name == "to" and source is not None and source.device.type != "cpu":
             device = kwargs.get("device")
             if device is None and len(args) > 1 and isinstance(args[1], (str, torch.device)):
                 device = args[1]
             if isinstance(device, (str, torch.device)) and _is_cpu(device):
                 self.owner._hit("to(cpu)")
-        return func(*args, **kwargs)
+                copied = True
+        out = func(*args, **kwargs)
+        if copied and isinstance(out, torch.Tensor):
+            key = id(out)
+            self.on_host[key] = weakref.ref(out, lambda _, key=key: self.on_host.pop(key, None))
+        return out
 
 
 class _Dispatch(TorchDispatchMode):
