@@ -27,7 +27,7 @@ from refseg.models.sam_transforms import preprocessing_for
 from refseg.pipeline import methods
 from refseg.pipeline.features import PATCH, dinov2_batch
 from refseg.pipeline.grid import FG, grids_from_config
-from refseg.pipeline.inputs import PreparedTarget, prepare_target, stage_targets
+from refseg.pipeline.inputs import PreparedTarget, prepare_target
 from refseg.pipeline.reference import check_reference, reference_digest
 from refseg.pipeline.results import BATCH_STAGES, SegmentationResult, finish
 from refseg.runtime.select import create_backend
@@ -254,18 +254,14 @@ class Segmenter:
 
     def prepare_target(self, image: np.ndarray, source: str = "image") -> PreparedTarget:
         """Validate one target and prepare it for the encoders (the stream's reader threads run this;
-        :func:`refseg.pipeline.inputs.prepare_target`).
+        :func:`refseg.pipeline.inputs.prepare_target`: on the accelerator path its pixels start moving to
+        the device here, so the copies of the next batches overlap the batch on the models).
 
         Raises:
             ValueError: naming ``source``: not (H, W)/(H, W, C), or smaller than one 14-px patch.
         """
         return prepare_target(image, image_size=self.config.image_size, sam_size=self.sam_size,
                               medsam=self._medsam, device=self.device, window=self.window, source=source)
-
-    def stage(self, targets: list[PreparedTarget]) -> None:
-        """Start copying prepared targets to the device (accelerator path; a no-op on the CPU path): the
-        stream stages batch n+1 while batch n computes (:func:`refseg.pipeline.inputs.stage_targets`)."""
-        stage_targets(targets, self.device)
 
     @torch.inference_mode()
     def segment_prepared(self, targets: list[PreparedTarget], fallback: bool | None = None

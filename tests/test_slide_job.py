@@ -41,6 +41,10 @@ class ThresholdSegmenter:
     def segment_prepared(self, targets):
         return self.segment_batch(targets)
 
+    def stream(self, items, batch_size=None):  # what refseg.runtime.stream.segment_items calls
+        from refseg.runtime.stream import stream_segment
+        return stream_segment(self, items, batch_size=batch_size)
+
 
 OPTIONS = SlideJobOptions(tile_size=256, thumbnail_size=512, preview_size=256)
 

@@ -4,9 +4,10 @@ A target goes through three steps:
 
 1. :func:`prepare_target` (reader threads): RGB uint8 conversion (with the intensity window), the
    too-small check. On the CPU path it also resizes for both encoders with PIL (DINOv2: bicubic to S×S;
-   SAM: bilinear, longer side ``sam_size``). On the accelerator path it only pins the pixels (CUDA).
-2. :func:`stage_targets`: on the accelerator path, the uint8 pixels are copied to the device, once,
-   non-blocking, on a side stream (so the copy of batch n+1 overlaps batch n); an event marks the end.
+   SAM: bilinear, longer side ``sam_size``). On the accelerator path it stages the pixels instead:
+2. :func:`stage_targets`: the uint8 pixels go to the device, once — on CUDA from pinned memory, non-blocking,
+   on a side stream, with an event marking the end. The stream's readers run ahead of the models, so the
+   copies of the next batches overlap the batch being computed.
 3. :func:`dinov2_inputs` / :func:`sam_inputs`: the encoders' float32 inputs, on the device. Accelerator
    path: PIL's resizes computed there bit for bit (:mod:`.resample`), targets of one size together, then
    the normalisations; CPU path: the resized arrays normalised. Both give the same tensors.
@@ -16,6 +17,7 @@ paths; its min-max normalisation then runs on the device.
 """
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Optional
@@ -51,7 +53,6 @@ class PreparedTarget:
     sam: Optional[np.ndarray]
     sam_input_size: tuple[int, int]
     pixels: Optional[torch.Tensor] = None
-    _host: Optional[torch.Tensor] = field(default=None, repr=False)  # pinned copy of rgb (CUDA)
     _ready: object = field(default=None, repr=False)  # CUDA event: the copy to the device has ended
 
     @property
@@ -86,8 +87,7 @@ def prepare_target(image: np.ndarray, *, image_size: int, sam_size: int, medsam:
         sam, input_size = None, preprocess_shape(rgb.shape[0], rgb.shape[1], sam_size)
     if accelerator_path(device):
         target = PreparedTarget(rgb, None, sam, input_size)
-        if torch.device(device).type == "cuda":
-            target._host = torch.from_numpy(rgb).pin_memory()
+        stage_targets([target], device)
         return target
     if not medsam:
         sam = np.require(resize_image(rgb, sam_size), requirements="CW")
@@ -95,6 +95,15 @@ def prepare_target(image: np.ndarray, *, image_size: int, sam_size: int, medsam:
 
 
 _side_streams: dict[torch.device, object] = {}
+_side_lock = threading.Lock()
+
+
+def _side_stream(device: torch.device):
+    """The copy stream of ``device`` (one per device, shared by the reader threads)."""
+    with _side_lock:
+        if device not in _side_streams:
+            _side_streams[device] = torch.cuda.Stream(device)
+        return _side_streams[device]
 
 
 def stage_targets(targets: list[PreparedTarget], device: torch.device) -> None:
@@ -111,12 +120,12 @@ def stage_targets(targets: list[PreparedTarget], device: torch.device) -> None:
         for t in targets:
             t.pixels = torch.from_numpy(t.rgb) if t.pixels is None else t.pixels
         return
-    stream = _side_streams.setdefault(device, torch.cuda.Stream(device))
+    stream = _side_stream(device)
     with torch.cuda.stream(stream):
         for t in targets:
             if t.pixels is None:
-                host = t._host if t._host is not None else torch.from_numpy(t.rgb).pin_memory()
-                t.pixels = host.to(device, non_blocking=True)
+                # pinned: a truly asynchronous copy; the caching host allocator keeps the buffer until it ran
+                t.pixels = torch.from_numpy(t.rgb).pin_memory().to(device, non_blocking=True)
                 t._ready = torch.cuda.Event()
                 t._ready.record(stream)
 

@@ -7,12 +7,16 @@ and yields one :class:`StreamOutput` per item, in input order. A failing item (u
 small, a model error that a retry one by one isolates) yields an output with ``error`` set; the stream
 goes on. Errors raised while loading or validating name the item's key.
 
-Pipeline: reader threads (decode + validate; on the CPU path also both resizes, on CUDA pinning)
--> a bounded window of items read ahead -> batches; batch n+1 is staged (its uint8 pixels copied to
-the device on a side stream) before batch n runs, so the copy overlaps the compute -> resizes and
-normalisation, DINOv2 and SAM encoders, matching and prompt engineering on the device -> one decoder
-call for all prompt sets of the batch -> label maps on the device -> one copy to the host -> the
-consumer (the folder runner hands outputs to a bounded :class:`refseg.runtime.writer.BackgroundWriter`).
+Pipeline: reader threads (decode + validate; on the CPU path both resizes; on the accelerator path the
+uint8 pixels are pinned and copied to the device on a side stream) -> a bounded window of items read
+ahead, so the copies of batches n+1, n+2 overlap batch n -> resizes and normalisation, DINOv2 and SAM
+encoders, matching and prompt engineering on the device -> one decoder call for all prompt sets of the
+batch -> label maps on the device -> one copy to the host -> the consumer (the folder runner hands
+outputs to a bounded :class:`refseg.runtime.writer.BackgroundWriter`).
+
+A segmenter for this module offers ``config`` (``batch_size``), ``prepare_target(image, source)`` and
+``segment_prepared(targets, fallback=None)``; :func:`segment_items` calls its ``stream`` method
+(:meth:`refseg.Segmenter.stream` runs :func:`stream_segment`, a remote segmenter its own).
 
     items = (StreamItem(key=str(p), load=functools.partial(read_image, p)) for p in paths)
     for out in stream_segment(segmenter, items):
@@ -108,7 +112,8 @@ class _Batcher:
 
     def _run(self, good: list[_Loaded]) -> None:
         try:
-            results = self.segmenter.segment_prepared([b.target for b in good], fallback=self.fallback)
+            extra = {} if self.fallback is None else {"fallback": self.fallback}
+            results = self.segmenter.segment_prepared([b.target for b in good], **extra)
         except Exception as exc:
             if is_out_of_memory(exc) and len(good) > 1:
                 self._halve(len(good), exc)
@@ -153,12 +158,11 @@ def stream_segment(segmenter, items: Iterable[StreamItem], batch_size: int | Non
     """Segment ``items`` with ``segmenter`` (reference already set), yielding outputs in input order.
 
     Reader threads decode each item (``item.load``) and prepare it for the encoders
-    (``segmenter.prepare_target``: RGB conversion, the too-small check, the CPU path's resizes); at
-    most ``(prefetch + 1) * batch_size`` items are read ahead, so memory does not grow with the number
-    of items. Before a batch runs, the next one (when its items are read) is staged
-    (``segmenter.stage``: its pixels start moving to the device), so the copy overlaps the compute.
-    Batches go through ``segmenter.segment_prepared`` (one call per encoder, one decoder call). A CUDA
-    out-of-memory halves the batch size for the rest of the stream (logged once).
+    (``segmenter.prepare_target``: RGB conversion, the too-small check, the CPU path's resizes or the
+    accelerator path's copy to the device); at most ``(prefetch + 1) * batch_size`` items are read
+    ahead, so memory does not grow with the number of items. Batches go through
+    ``segmenter.segment_prepared`` (one call per encoder, one decoder call). A CUDA out-of-memory halves
+    the batch size for the rest of the stream (logged once).
 
     Args:
         segmenter: a :class:`refseg.Segmenter` whose reference is set.
@@ -181,22 +185,15 @@ def stream_segment(segmenter, items: Iterable[StreamItem], batch_size: int | Non
                 return
             window.append(pool.submit(_load, segmenter, item))
 
-    def take() -> list[_Loaded]:
-        batch = [window.popleft().result() for _ in range(min(batcher.step, len(window)))]
-        fill()  # the readers work on the next batches while this one is on the models
-        segmenter.stage([b.target for b in batch if b.out.error is None])
-        return batch
-
     try:
         fill()
-        batch = take() if window else []
-        while batch:
-            ready = all(f.done() for f in list(window)[:batcher.step])
-            upcoming = take() if window and ready else None  # staged now: its copy overlaps this batch
+        while window:
+            batch = [window.popleft().result() for _ in range(min(batcher.step, len(window)))]
+            fill()  # the readers work on (and copy) the next batches while this one is on the models
             batcher.run(batch)
             for b in batch:
                 yield b.out
-            batch = upcoming if upcoming is not None else (take() if window else [])
+            del batch
     finally:
         for future in window:
             future.cancel()
