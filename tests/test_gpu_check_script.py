@@ -18,7 +18,7 @@ def test_gpu_check_dry_run(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "TMPDIR": str(tmp_path)}
     env.pop("TRITON_INTERPRET", None)
     res = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run", "--out", str(ignored)],
-                         capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+                         capture_output=True, text=True, env=env, timeout=1200, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert not ignored.exists()  # $OUT wins over --out
     files = [p for p in out.rglob("*") if p.is_file()]

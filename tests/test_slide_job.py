@@ -161,6 +161,10 @@ MEMORY_SCRIPT = textwrap.dedent("""
         def segment_prepared(self, targets):
             return self.segment_batch(targets)
 
+        def stream(self, items, batch_size=None):
+            from refseg.runtime.stream import stream_segment
+            return stream_segment(self, items, batch_size=batch_size)
+
     def status(key):  # kB; VmHWM is this process's peak (ru_maxrss would include the forking parent's)
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))

@@ -45,6 +45,7 @@ class Plan:
     precisions: tuple[str, ...] = ("bf16", "fp32")
     batches: tuple[int, ...] = (1, 16)
     stream_images: int = 64     # per throughput pass (batch 16: 4 batches)
+    passes: int = 2             # throughput passes (the best is reported)
     latency_images: int = 24    # batch-1 calls timed
     baseline_images: int = 2
     sam_depth: int | None = None  # tiny models for --dry-run
@@ -55,7 +56,7 @@ class Plan:
     @classmethod
     def dry_run(cls) -> "Plan":
         return cls(dinov2="vits14", image_size=112, target_hw=(96, 128), precisions=("fp32",), batches=(1, 2),
-                   stream_images=4, latency_images=2, baseline_images=1, sam_depth=2, sam_side=256,
+                   stream_images=2, passes=1, latency_images=1, baseline_images=1, sam_depth=2, sam_side=256,
                    match_shape=(2, 64, 64, 32), kmeans_shape=(4, 100, 8))
 
 
@@ -182,16 +183,16 @@ def _peak_mib(device: torch.device) -> float | None:
 
 
 def pipeline_row(seg, images: list[np.ndarray], batch: int, plan: Plan, compiled: bool) -> dict:
-    """Throughput of a stream of ``plan.stream_images`` targets in batches of ``batch`` (best of two
-    passes after a warm-up batch), batch-1 latency (batch 1 only), peak memory, stage ms per image."""
+    """Throughput of a stream of ``plan.stream_images`` targets in batches of ``batch`` (best of
+    ``plan.passes`` after a warm-up batch), batch-1 latency (batch 1 only), peak memory, stage ms per image."""
     from refseg.runtime.stream import StreamItem
 
     device = seg.device
-    items = [StreamItem(f"t{i}", lambda i=i: images[i % len(images)]) for i in range(plan.stream_images)]
+    items = [StreamItem(f"t{i}", lambda i=i: images[i % len(images)]) for i in range(max(batch, plan.stream_images))]
     list(seg.stream(items[:batch], batch_size=batch))  # warm-up: kernels, allocator, graphs
     _peak_reset(device)
     rates, stages = [], []
-    for _ in range(2):
+    for _ in range(plan.passes):
         _sync(device)
         start = time.perf_counter()
         outs = list(seg.stream(items, batch_size=batch))
