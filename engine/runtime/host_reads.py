@@ -10,9 +10,11 @@ a copy is counted once (``.numpy()`` of what ``.cpu()`` returned is the same rea
 counted only from a non-CPU tensor to the CPU: on the CPU it cannot be told from a move to the device.
 
 Two interposition layers do the counting: a ``TorchFunctionMode`` sees the Python-level calls
-(``tolist``, ``numpy``, ``cpu``, ``to``) that never reach the dispatcher on the CPU, and a
-``TorchDispatchMode`` sees the aten ops (``_local_scalar_dense`` behind ``item``/``bool``/``int``, the
-data-dependent ops). Work inside a custom op (the Triton kernels ``refseg::match`` / ``refseg::kmeans``)
+(``item``, ``bool()``/``int()``/``float()``/``__index__``, ``tolist``, ``numpy``, ``cpu``, ``to``) — counted
+there because some never reach the dispatcher on the CPU and, under ``torch.inference_mode``, the
+``_local_scalar_dense`` behind ``item`` is not shown to dispatch modes — and a ``TorchDispatchMode``
+sees the data-dependent aten ops (``nonzero``, boolean-mask ``index``, ``masked_select``, ``unique``,
+``equal``, ``repeat_interleave`` by a tensor). Work inside a custom op (the Triton kernels ``refseg::match`` / ``refseg::kmeans``)
 is one launch on a GPU and is not looked into. Modes are thread-local: reader threads are not counted.
 
     with HostReadCounter() as reads:
@@ -29,9 +31,9 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-_FUNCTION_READS = {"tolist", "numpy", "cpu"}
+_FUNCTION_READS = {"tolist", "numpy", "cpu", "item", "__bool__", "__int__", "__float__", "__index__"}
 _DISPATCH_READS = {
-    "aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::equal",
+    "aten::nonzero", "aten::masked_select", "aten::equal",
     "aten::_unique", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive",
     "aten::unique_dim_consecutive", "aten::argwhere",
 }
