@@ -1,6 +1,6 @@
 """Host reads and stage times of one ``segment_prepared`` batch (random weights, Kvasir pairs or synthetic).
 
-    python bench/bench_host_reads.py --batches 2,8                   # tiny models, synthetic 96x128 targets
+    python bench/bench_host_reads.py --batches 2,8                   # tiny models, blocky 96x128 targets
     python bench/bench_host_reads.py --models base --batches 2 --kvasir ../shared/data/kvasir_seg5
     REFSEG_ACCELERATOR_PATH=1 TRITON_INTERPRET=1 python bench/bench_host_reads.py   # the GPU's code path
 
@@ -8,7 +8,8 @@ Counts with :class:`refseg.runtime.host_reads.HostReadCounter` (the reads a CUDA
 bool / int / float, tolist, cpu, numpy, nonzero, boolean-mask indexing, unique, equal) and prints one JSON
 line per batch size: reads in total and by kind (``--trace``: by source line), per-stage seconds per
 image, and the mask areas (to compare runs). ``tiny`` = DINOv2-S @112 + SAM ViT-B (2 blocks, 256 px
-input) with a two-class reference; ``base`` = DINOv2-B @518 + SAM-B with the Kvasir reference.
+input), a 128x160 two-class reference and 96x128 targets of random 8-px blocks (tests/test_stream.py's
+images); ``base`` = DINOv2-B @518 + SAM-B on 768x1024 synthetic targets, or the Kvasir pairs.
 """
 from __future__ import annotations
 
@@ -25,6 +26,12 @@ import torch
 from refseg.benchmark.headline import Plan, reference_mask, synthetic_images, write_models
 from refseg.runtime.host_reads import HostReadCounter
 from refseg.segmenter import Segmenter
+
+
+def _blocks(rng, h: int, w: int) -> np.ndarray:
+    """(h, w, 3) uint8 of random 8x8 blocks."""
+    base = rng.integers(0, 255, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+    return np.kron(base, np.ones((8, 8, 1), np.uint8))[:h, :w].copy()
 
 
 def main() -> None:
@@ -44,11 +51,16 @@ def main() -> None:
         paths = list_images(args.kvasir / "images")
         reference, mask = read_image(paths[0]), read_mask(args.kvasir / "masks" / paths[0].name)
         targets = [read_image(p) for p in paths[1:]]
+    elif args.models == "tiny":
+        reference = _blocks(np.random.default_rng(0), 128, 160)
+        mask = np.zeros((128, 160), np.int64)
+        mask[20:90, 20:70] = 1
+        mask[40:120, 90:150] = 2  # two classes: prompt sets of different lengths per target
+        rng = np.random.default_rng(1)
+        targets = [_blocks(rng, 96, 128) for _ in range(8)]
     else:
         images = synthetic_images(plan, 5, seed=1)
-        reference, targets = images[0], images[1:]
-        mask = reference_mask(plan).astype(np.int64)
-        mask[mask.shape[0] // 2:] *= 2  # two classes (top and bottom half of the box)
+        reference, targets, mask = images[0], images[1:], reference_mask(plan)
     with tempfile.TemporaryDirectory() as tmp:
         sam, dino = write_models(plan, Path(tmp))
         seg = Segmenter.from_preset(args.preset, sam_checkpoint=sam, dinov2_checkpoint=dino, device="cpu",

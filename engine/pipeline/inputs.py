@@ -151,7 +151,7 @@ def _by_size(targets: list[PreparedTarget]) -> dict[tuple[int, int], list[int]]:
 
 
 def dinov2_inputs(targets: list[PreparedTarget], backend, config: SegmenterConfig) -> torch.Tensor:
-    """(B, 3, S, S) float32 ImageNet-normalised DINOv2 inputs on ``backend.device`` (S = ``config.image_size``)."""
+    """(B, 3, S, S) float32 ImageNet-normalised DINOv2 inputs on ``backend.device``, S = ``config.image_size``."""
     device, image_size = torch.device(backend.device), config.image_size
     if not accelerator_path(device):
         resized = torch.from_numpy(np.stack([t.dinov2 for t in targets])).permute(0, 3, 1, 2)
@@ -160,7 +160,8 @@ def dinov2_inputs(targets: list[PreparedTarget], backend, config: SegmenterConfi
     out = torch.empty(len(targets), 3, image_size, image_size, device=device)
     for members in _by_size(targets).values():
         batch = torch.stack([pixels[i] for i in members])
-        out[to_device(members, device)] = normalize_dinov2(pil_resize(batch, (image_size, image_size), "bicubic"))
+        resized = pil_resize(batch, (image_size, image_size), "bicubic")
+        out[to_device(members, device)] = normalize_dinov2(resized)
     return out
 
 
@@ -168,8 +169,9 @@ def sam_inputs(targets: list[PreparedTarget], backend, config: SegmenterConfig) 
     """(B, 3, side, side) float32 SAM inputs on ``backend.device`` (side = ``backend.sam_size``):
     (x − mean) / std and zero padding (SAM), or MedSAM's min-max scaling of its stretched square."""
     device, sam_size = torch.device(backend.device), backend.sam_size
-    if preprocessing_for(config.sam) == "medsam":  # min-max to [0, 1] over the whole image, in float64 as its script
-        values = torch.stack([torch.from_numpy(t.sam) for t in targets]).to(device).permute(0, 3, 1, 2).double()
+    if preprocessing_for(config.sam) == "medsam":  # min-max to [0, 1] of the whole image, float64 as its script
+        values = to_device(torch.stack([torch.from_numpy(t.sam) for t in targets]), device)
+        values = values.permute(0, 3, 1, 2).double()
         lo = values.amin((1, 2, 3), keepdim=True)
         hi = values.amax((1, 2, 3), keepdim=True)
         return ((values - lo) / (hi - lo).clamp(min=1e-8)).float()
