@@ -60,6 +60,32 @@ def _input_scale(original_sizes: list[Size], input_sizes: list[Size], device) ->
     return to_device(scale, device, torch.float64)
 
 
+def decode_image_by_image(backend, embeddings: torch.Tensor, image_index: torch.Tensor,
+                          coords: torch.Tensor, labels: torch.Tensor, point_mask: Optional[torch.Tensor] = None,
+                          boxes: Optional[torch.Tensor] = None, multimask: bool = False,
+                          mask_input: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``decode_batch`` of :class:`refseg.runtime.backend.Backend` as one ``backend.decode`` call per image,
+    each image's sets cut to their own width (the largest ``point_mask`` count among them): the very call
+    the image alone makes. Reads the grouping to the host (for backends and devices where that costs
+    nothing: the exported graphs, the CPU path). ``mask_input`` is passed only when given."""
+    index = image_index.cpu()
+    widths = (point_mask.sum(1) if point_mask is not None
+              else torch.full((len(index),), coords.shape[1], dtype=torch.int64)).cpu()
+    low_res, iou, order = [], [], []
+    for t in index.unique_consecutive().tolist():
+        rows = (index == t).nonzero().flatten()
+        width = int(widths[rows].max())
+        rows_d = rows.to(coords.device)
+        extra = {} if mask_input is None else {"mask_input": mask_input[rows_d]}
+        low, score = backend.decode(embeddings[t], coords[rows_d, :width], labels[rows_d, :width],
+                                    None if boxes is None else boxes[rows_d], multimask, **extra)
+        low_res.append(low)
+        iou.append(score)
+        order.append(rows)
+    back = torch.cat(order).argsort().to(low_res[0].device)
+    return torch.cat(low_res)[back], torch.cat(iou)[back]
+
+
 def decode_sets(backend, embeddings: torch.Tensor, image_index: torch.Tensor, points: torch.Tensor,
                 labels: torch.Tensor, input_sizes: list[Size], original_sizes: list[Size], multimask: bool,
                 boxes: Optional[torch.Tensor] = None, own_width: Optional[torch.Tensor] = None,

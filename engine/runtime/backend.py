@@ -7,7 +7,8 @@ order, labels 1 positive / 0 negative / −1 padding.
 
 Backends without a batched decoder graph (the exported ones, and the torch backend on the CPU path,
 where one call per image is as fast and keeps every image's masks independent of its batch) decode
-image by image with :func:`decode_image_by_image`, each image's sets trimmed to their own width.
+image by image with :func:`refseg.pipeline.decode.decode_image_by_image`, each image's sets trimmed to
+their own width.
 """
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from typing import Optional, Protocol, runtime_checkable
 import torch
 
 from refseg.config import SegmenterConfig
+from refseg.pipeline.decode import decode_image_by_image
+
+__all__ = ["Backend", "decode_image_by_image"]
 
 
 @runtime_checkable
@@ -57,29 +61,3 @@ class Backend(Protocol):
         """P prompt sets of several images: embeddings (T, 256, 64, 64), image_index (P,) int64, the
         rest as :meth:`decode`; point_mask (P, N) bool, False = padding beyond a set's own width that
         attention ignores (None: every column counts)."""
-
-
-def decode_image_by_image(backend: Backend, embeddings: torch.Tensor, image_index: torch.Tensor,
-                          coords: torch.Tensor, labels: torch.Tensor, point_mask: Optional[torch.Tensor] = None,
-                          boxes: Optional[torch.Tensor] = None, multimask: bool = False,
-                          mask_input: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """:meth:`Backend.decode_batch` as one ``backend.decode`` call per image, each image's sets cut to
-    their own width (the largest ``point_mask`` count among them): the very call the image alone makes.
-    Reads the grouping to the host (for backends and devices where that costs nothing)."""
-    index = image_index.cpu()
-    widths = (point_mask.sum(1) if point_mask is not None
-              else torch.full((len(index),), coords.shape[1], dtype=torch.int64)).cpu()
-    low_res, iou, order = [], [], []
-    for t in index.unique_consecutive().tolist():
-        rows = (index == t).nonzero().flatten()
-        width = int(widths[rows].max())
-        rows_d = rows.to(coords.device)
-        low, score = backend.decode(
-            embeddings[t], coords[rows_d, :width], labels[rows_d, :width],
-            None if boxes is None else boxes[rows_d], multimask,
-            None if mask_input is None else mask_input[rows_d])
-        low_res.append(low)
-        iou.append(score)
-        order.append(rows)
-    back = torch.cat(order).argsort().to(low_res[0].device)
-    return torch.cat(low_res)[back], torch.cat(iou)[back]
