@@ -113,7 +113,7 @@ def test_device_resizes_equal_the_readers_pil_on_kvasir(kvasir_dir):
 
     for path in list_images(kvasir_dir / "images"):
         rgb = read_image(path)
-        device = torch.from_numpy(np.ascontiguousarray(rgb))[None]
+        device = torch.from_numpy(np.array(rgb))[None]  # a writable copy
         dino = pil_resize(device, (518, 518), "bicubic")[0].permute(1, 2, 0).to(torch.uint8).numpy()
         np.testing.assert_array_equal(dino, resize_rgb(rgb, 518), err_msg=str(path))
         h, w = preprocess_shape(*rgb.shape[:2], 1024)
