@@ -53,6 +53,10 @@ class ThresholdSegmenter:
     def segment_prepared(self, targets):
         return self.segment_batch(targets)
 
+    def stream(self, items, batch_size=None):  # what the jobs' LocalRunner calls
+        from refseg.runtime.stream import stream_segment
+        return stream_segment(self, items, batch_size=batch_size)
+
 
 class SpeckleSegmenter(ThresholdSegmenter):
     """Classes 1 and 2 as speckle on the tissue, from each pixel's grey-level noise smoothed by a 3 x 3
@@ -322,6 +326,10 @@ MEMORY_SCRIPT = textwrap.dedent("""
 
         def segment_prepared(self, targets):
             return self.segment_batch(targets)
+
+        def stream(self, items, batch_size=None):
+            from refseg.runtime.stream import stream_segment
+            return stream_segment(self, items, batch_size=batch_size)
 
     def status(key):  # kB; VmHWM is this process's peak (ru_maxrss would include the forking parent's)
         with open("/proc/self/status") as f:

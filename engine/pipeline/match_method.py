@@ -1,0 +1,67 @@
+"""The ``match`` method (GBMSeg / sat, docs/algorithm.md §1–§2) in the method-family interface.
+
+DINOv2 tokens of the batch (one encoder call) -> NN (or Hungarian) matching against the pooled reference
+patches with the cycle check (:mod:`.matching`) -> physical-space prompts: radius grouping, exclusion,
+k-means thinning (:mod:`.prompts`) -> one SAM encoder call -> ONE decoder call for every prompt set of
+the batch (:func:`.decode.decode_batch`). Every step runs on the backend's device; on the accelerator
+path the prompts stay there, padded, until the Segmenter's one copy to the host.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from refseg.config import SegmenterConfig
+from refseg.pipeline.accelerator import accelerator_path
+from refseg.pipeline.decode import decode_batch
+from refseg.pipeline.inputs import PreparedTarget, dinov2_inputs, sam_inputs
+from refseg.pipeline.matching import match_candidates
+from refseg.pipeline.methods import ReferenceSet, TargetOutput
+from refseg.pipeline.prompts import prompts_from_candidates
+
+
+@dataclass
+class MatchState:
+    """Pooled reference patches: ``tokens`` (Nr, D) (n-shot: references concatenated), ``labels``
+    (C, Nr) int8 grid labels {1 FG, 0 BG, −1 ignored} per class, ``classes`` the C class values."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    classes: list[int]
+
+
+def prepare(refs: ReferenceSet, backend, config: SegmenterConfig) -> MatchState:
+    """Concatenate the references' patch tokens; labels as the Segmenter pooled them."""
+    tokens = torch.cat(refs.tokens)
+    return MatchState(tokens, refs.labels.to(tokens.device), list(refs.classes))
+
+
+def segment_chunk(state: MatchState, targets: list[PreparedTarget], backend, config: SegmenterConfig, timer
+                  ) -> list[TargetOutput]:
+    """The match method on a chunk of targets: both encoders and the decoder once each for the chunk.
+
+    Returns one :class:`TargetOutput` per target whose prompts are device tensors: per class the
+    padded (M, 2) float32 points, (M,) int64 labels (−1 = padding) and (4,) box (NaN = none).
+    """
+    c = len(state.classes)
+    sizes = [t.size for t in targets]
+    with timer("dinov2"):
+        tokens = backend.encode_dinov2(dinov2_inputs(targets, backend, config))
+    with timer("matching"):
+        cand = match_candidates(state.tokens, state.labels, tokens, config)
+    with timer("prompts"):
+        prompts = prompts_from_candidates(cand, config, sizes, device=tokens.device)
+    with timer("sam_encoder"):
+        embeddings = backend.encode_sam(sam_inputs(targets, backend, config))
+    with timer("decoder"):
+        decoded = decode_batch(backend, embeddings, prompts, c, [t.sam_input_size for t in targets], sizes, config)
+    outputs = []
+    for i, target_decoded in enumerate(decoded):
+        out = TargetOutput(target_decoded, check_positives=accelerator_path(tokens.device))
+        for j, value in enumerate(state.classes):
+            row = i * c + j
+            out.points[value], out.labels[value] = prompts.points[row], prompts.labels[row]
+            out.boxes[value] = None if prompts.boxes is None else prompts.boxes[row]
+        outputs.append(out)
+    return outputs
