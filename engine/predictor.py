@@ -35,6 +35,7 @@ from refseg.models.sam import SAM_SPECS, infer_sam_spec, sam_from_state_dict
 from refseg.models.sam import get_spec as sam_get_spec
 from refseg.models.sam2 import SAM2_SPECS, Sam2, get_spec
 from refseg.models.sam2_state_dict import infer_sam2_name, sam2_from_state_dict
+from refseg.runtime.torch_backend import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,8 @@ class Predictor:
     Args:
         sam_checkpoint: an official SAM (``sam_vit_*.pth``), MedSAM (``medsam_vit_b.pth``), SAM 2 / 2.1
             (``sam2*_hiera_*.pt``) or MedSAM2 (``MedSAM2_*.pt``) file.
-        device: where the model runs (``"cpu"``, ``"cuda"``, ...); default CPU.
+        device: where the model runs: ``"auto"`` (CUDA when available, else CPU; the default), ``"cpu"``,
+            ``"cuda"``, ...
         sam: model name, to say what the weights cannot (``"medsam"``, ``"medsam2"``); None infers it.
         mask_threshold: logit above which a pixel is in the mask (0.0).
         dynamic_multimask: SAM 2 only: with ``multimask_output=False``, fall back to the best multimask
@@ -58,7 +60,7 @@ class Predictor:
         CheckpointError: a missing, unreadable or non-SAM checkpoint, or weights that do not fit.
     """
 
-    def __init__(self, sam_checkpoint: str | os.PathLike, device: str | torch.device | None = None, *,
+    def __init__(self, sam_checkpoint: str | os.PathLike, device: str | torch.device = "auto", *,
                  sam: str | None = None, mask_threshold: float = 0.0, dynamic_multimask: bool = True,
                  image_size: int | None = None) -> None:
         if image_size is not None and (image_size <= 0 or image_size % 32):
@@ -66,7 +68,7 @@ class Predictor:
         if sam is not None and sam not in SAM_SPECS and sam not in SAM2_SPECS:
             raise ValueError(f"Predictor: unknown model {sam!r}; choose one of "
                              f"{', '.join([*SAM_SPECS, *SAM2_SPECS])}")
-        self.device = torch.device(device if device is not None else "cpu")
+        self.device = resolve_device(device)
         path = Path(sam_checkpoint)
         state = load_state_dict(path)
         family = checkpoint_family(state)

@@ -50,6 +50,7 @@ from refseg.models.sam2_memory_bank import FrameOutput, MemoryBank
 from refseg.models.sam2_state_dict import infer_sam2_name
 from refseg.models.sam2_transforms import PIXEL_MEAN, PIXEL_STD, transform_coords
 from refseg.pipeline.postprocess import label_components
+from refseg.runtime.torch_backend import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ class VideoPredictor:
 
     Args:
         sam_checkpoint: official ``sam2*_hiera_*.pt`` or MedSAM2 file (every key is loaded, strictly).
-        device: where the model runs (default CPU).
+        device: where the model runs: ``"auto"`` (CUDA when available, else CPU; the default), ``"cpu"``, ...
         sam: model name when the file name and weights cannot tell (``"medsam2"``); None infers it.
         image_size: square model input side, a multiple of 32 (default the model's; the official
             ``image_size`` setting).
@@ -132,7 +133,7 @@ class VideoPredictor:
         feature_cache_frames: how many frames' image features stay cached (>= 1).
     """
 
-    def __init__(self, sam_checkpoint: str | os.PathLike, device: str | torch.device | None = None, *,
+    def __init__(self, sam_checkpoint: str | os.PathLike, device: str | torch.device = "auto", *,
                  sam: str | None = None, image_size: int | None = None, apply_postprocessing: bool = True,
                  fill_hole_area: int | None = None, feature_cache_frames: int = 2) -> None:
         if image_size is not None and (image_size <= 0 or image_size % 32):
@@ -150,7 +151,7 @@ class VideoPredictor:
             spec = dataclasses.replace(spec, image_size=image_size)
         model = sam2_video_from_state_dict(state, spec, source=str(path))
         del state
-        self.device = torch.device(device if device is not None else "cpu")
+        self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.image_size = model.image_size
         self.dynamic_multimask = apply_postprocessing

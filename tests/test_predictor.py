@@ -170,7 +170,8 @@ def test_errors(files, sam_pair, tmp_path):
         refseg.Predictor(tmp_path / "absent.pth", sam="vit_z")  # refused before the file is read
     with pytest.raises(ValueError, match="input is 1024 only"):
         refseg.Predictor(sam_path, image_size=512)
-    predictor = refseg.Predictor(sam_path)
+    predictor = refseg.Predictor(sam_path)  # device "auto": CUDA when there is one, as the Segmenter's
+    assert predictor.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(RuntimeError, match="set_image"):
         predictor.predict(point_coords=np.array([[1.0, 1.0]]), point_labels=np.array([1]))
     with pytest.raises(ValueError, match="image_format"):
