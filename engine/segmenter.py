@@ -25,7 +25,8 @@ from refseg.config import SegmenterConfig
 from refseg.io.intensity import Window, auto_window, needs_window
 from refseg.models.sam_transforms import preprocessing_for
 from refseg.pipeline import methods
-from refseg.pipeline.features import PATCH, dinov2_batch
+from refseg.pipeline.feature_norm import encode_for_matching
+from refseg.pipeline.features import dinov2_batch
 from refseg.pipeline.grid import FG, grids_from_config
 from refseg.pipeline.inputs import PreparedTarget, prepare_target
 from refseg.pipeline.reference import check_reference, reference_digest
@@ -136,9 +137,10 @@ class Segmenter:
         empty = [c for c, g in grids.items() if not bool((g == FG).any())]
         if empty:
             raise ValueError(
-                f"{source}: class(es) {empty} cover no whole {PATCH}x{PATCH} patch at image_size "
+                f"{source}: class(es) {empty} cover no whole {self.config.patch_size}x{self.config.patch_size} "
+                f"patch at image_size "
                 f"{self.config.image_size}; use a larger image_size or grid_rule='fraction'/'any'")
-        tokens = self.backend.encode_dinov2(dinov2_batch([rgb], self.config.image_size))[0]
+        tokens = encode_for_matching(self.backend, dinov2_batch([rgb], self.config.image_size), self.config)[0]
         self._ref_tokens.append(tokens)
         self._ref_grids.append({c: g.to(tokens.device) for c, g in grids.items()})
         self.reference_digests.append(reference_digest(rgb, mask))
@@ -259,7 +261,8 @@ class Segmenter:
         Raises:
             ValueError: naming ``source``: not (H, W)/(H, W, C), or smaller than one 14-px patch.
         """
-        return prepare_target(image, image_size=self.config.image_size, sam_size=self.sam_size,
+        return prepare_target(image, image_size=self.config.image_size, patch_size=self.config.patch_size,
+                              sam_size=self.sam_size,
                               medsam=self._medsam, device=self.device, window=self.window, source=source)
 
     @torch.inference_mode()
