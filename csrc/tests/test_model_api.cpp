@@ -55,7 +55,7 @@ static void offline_checks(const fs::path& scratch) {
   CHECK(load(scratch, &m) == REFSEG_ERR_ARTIFACT && says("image_size: expected an integer"));
   write(scratch / "manifest.json", "{\"format\": 1, \"image_size\": 100}");
   CHECK(load(scratch, &m) == REFSEG_ERR_ARTIFACT && says("multiple of the patch size 14"));  // no patch_size: 14
-  write(scratch / "manifest.json", "{\"format\": 1, \"image_size\": 112, \"patch_size\": 16, \"encoder\": \"dinov3\"}");
+  write(scratch / "manifest.json", "{\"format\": 1, \"image_size\": 120, \"patch_size\": 16, \"encoder\": \"dinov3\"}");
   CHECK(load(scratch, &m) == REFSEG_ERR_ARTIFACT && says("multiple of the patch size 16"));
   // neither kind of export; a "device" key below the top level is not the export's device
   write(scratch / "manifest.json", "{\"format\": 1, \"image_size\": 112, \"graphs\": {\"x\": {\"device\": \"cpu\"}}}");
