@@ -74,13 +74,19 @@ def pair(kvasir_dir, tmp_path_factory):
     return images[0], kvasir_dir / "masks" / images[0].name, inputs
 
 
+def segment(pair, folder, sam, out, *extra: str) -> int:
+    """`refseg segment` of the pair's input folder into ``out`` with the DINOv3 hub folder; the exit code."""
+    reference, mask, inputs = pair
+    return main(["segment", "-r", str(reference), "-m", str(mask), "-i", str(inputs), "-o", str(out),
+                 "--sam-checkpoint", str(sam), "--dinov3-checkpoint", str(folder), "--device", "cpu", *extra])
+
+
 def test_segment_folder_with_a_hub_folder(hf_model, pair, tiny_checkpoints, tmp_path):
     folder, _ = hf_model
-    reference, mask, inputs = pair
+    inputs = pair[2]
     out = tmp_path / "out"
-    code = main(["segment", "-r", str(reference), "-m", str(mask), "-i", str(inputs), "-o", str(out),
-                 "--sam-checkpoint", str(tiny_checkpoints[0]), "--dinov3-checkpoint", str(folder),
-                 "--device", "cpu", "--image-size", str(SIZE), "--batch-size", "2", "--save-prompts"])
+    code = segment(pair, folder, tiny_checkpoints[0], out, "--image-size", str(SIZE), "--batch-size", "2",
+                   "--save-prompts")
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["succeeded"] == 2 and not summary["failed"]
@@ -95,13 +101,9 @@ def test_segment_folder_with_a_hub_folder(hf_model, pair, tiny_checkpoints, tmp_
 
 
 def test_image_size_not_a_multiple_of_16_is_refused_before_loading(hf_model, pair, tiny_checkpoints, tmp_path):
-    folder, _ = hf_model
-    reference, mask, inputs = pair
     out = tmp_path / "out"
-    code = main(["segment", "-r", str(reference), "-m", str(mask), "-i", str(inputs), "-o", str(out),
-                 "--sam-checkpoint", str(tiny_checkpoints[0]), "--dinov3-checkpoint", str(folder),
-                 "--device", "cpu", "--image-size", "126"])
-    assert code == 2 and not out.exists()
+    assert segment(pair, hf_model[0], tiny_checkpoints[0], out, "--image-size", "126") == 2
+    assert not out.exists()
 
 
 def test_reference_tokens_are_transformers_tokens_with_the_positional_subspace_projected_out(
@@ -157,13 +159,10 @@ def test_exported_encoder_through_onnxruntime_matches_transformers(exported, hf_
 
 
 def test_segment_folder_through_the_exported_backend(exported, hf_model, pair, tiny_checkpoints, tmp_path):
-    reference, mask, inputs = pair
     out = tmp_path / "out"
-    code = main(["segment", "-r", str(reference), "-m", str(mask), "-i", str(inputs), "-o", str(out),
-                 "--sam-checkpoint", str(tiny_checkpoints[0]), "--dinov3-checkpoint", str(hf_model[0]),
-                 "--device", "cpu", "--image-size", str(SIZE), "--backend", "onnxruntime",
-                 "--engine-dir", str(exported), "--precision", "fp32"])
+    code = segment(pair, hf_model[0], tiny_checkpoints[0], out, "--image-size", str(SIZE), "--backend",
+                   "onnxruntime", "--engine-dir", str(exported), "--precision", "fp32")
     assert code == 0
-    for src in sorted(inputs.iterdir()):
+    for src in sorted(pair[2].iterdir()):
         written = np.asarray(Image.open(out / f"{src.stem}.png"))
         assert written.shape == np.asarray(Image.open(src)).shape[:2]

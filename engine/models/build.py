@@ -111,20 +111,32 @@ def _is_dinov3(state: dict) -> bool:
     return "rope_embed.periods" in state or "storage_tokens" in state or is_hf_layout(state)
 
 
-def _dinov3_state(path: Path) -> tuple[dict, str]:
-    """(official-key state dict, inferred model name) of a DINOv3 file or Hugging Face folder."""
+def _hf_folder(path: Path) -> Path | None:
+    """The Hugging Face folder ``path`` is, or whose ``model.safetensors`` it is; None for a single file."""
     if path.is_dir():
-        return load_hf_folder(path)
-    if path.suffix == ".safetensors" and (path.parent / CONFIG_NAME).is_file():
-        return load_hf_folder(path.parent)  # the model.safetensors of a hub folder
-    state = load_state_dict(path)
+        return path
+    return path.parent if path.suffix == ".safetensors" and (path.parent / CONFIG_NAME).is_file() else None
+
+
+def _official_dinov3_name(state: dict, path: Path) -> str:
+    """The model name of official-key DINOv3 weights read from ``path``; refuses hub weights without their
+    ``config.json`` and other families (naming the file)."""
     if is_hf_layout(state):
         raise CheckpointError(f"{path}: Hugging Face DINOv3 weights need their {CONFIG_NAME}: pass the folder "
                               f"that holds both")
     family = checkpoint_family(state)
     if family != "DINOv3":
         raise CheckpointError(f"{path}: this is a {family} checkpoint, not a DINOv3 one")
-    return state, infer_dinov3_name(state, str(path))
+    return infer_dinov3_name(state, str(path))
+
+
+def _dinov3_state(path: Path) -> tuple[dict, str]:
+    """(official-key state dict, inferred model name) of a DINOv3 file or Hugging Face folder."""
+    folder = _hf_folder(path)
+    if folder is not None:
+        return load_hf_folder(folder)
+    state = load_state_dict(path)
+    return state, _official_dinov3_name(state, path)
 
 
 def build_dinov3(name: str | None = None, checkpoint: PathLike | None = None) -> nn.Module:
@@ -271,20 +283,12 @@ def peek_dinov3_name(path: PathLike) -> str:
         CheckpointError: not a DINOv3 checkpoint (the message names the file and what it is).
     """
     path = Path(path)
-    folder = path if path.is_dir() else (path.parent if path.suffix == ".safetensors"
-                                         and (path.parent / CONFIG_NAME).is_file() else None)
+    folder = _hf_folder(path)
     if folder is not None:
         from .dinov3_hf import read_config, spec_from_config
 
         return spec_from_config(read_config(folder), str(folder)).name
-    state = _peek_state_dict(path)
-    if is_hf_layout(state):
-        raise CheckpointError(f"{path}: Hugging Face DINOv3 weights need their {CONFIG_NAME}: pass the folder "
-                              f"that holds both")
-    family = checkpoint_family(state)
-    if family != "DINOv3":
-        raise CheckpointError(f"{path}: this is a {family} checkpoint, not a DINOv3 one")
-    return infer_dinov3_name(state, str(path))
+    return _official_dinov3_name(_peek_state_dict(path), path)
 
 
 def check_model_names(encoder_model: str | None, sam: str | None, encoder_checkpoint: PathLike,
