@@ -56,8 +56,8 @@ class SegmenterSpec:
 
     ``threads``: torch intra-op threads of the process that builds it (0 = leave torch's default);
     ``window``: :meth:`refseg.Segmenter.set_window` (``None`` = the reference's own window).
-    ``names_given``: the encoder (``--dinov2`` / ``--dinov3``) and ``--sam`` names typed by the user, checked
-    against the checkpoint files by :meth:`check`. ``dinov3_checkpoint``: a DINOv3 file or Hugging Face folder.
+    ``names_given``: the ``--dinov2``, ``--dinov3`` and ``--sam`` names typed by the user, checked against the
+    checkpoint files by :meth:`check` (the encoder's by ``config.encoder``). ``dinov3_checkpoint``: a DINOv3 file or Hugging Face folder.
     """
 
     config: Any  # SegmenterConfig
@@ -69,17 +69,16 @@ class SegmenterSpec:
     compile: bool = False
     threads: int = 0
     window: Any = None  # refseg.io.intensity.Window
-    names_given: tuple[str | None, str | None] = (None, None)
+    names_given: tuple[str | None, str | None, str | None] = (None, None, None)
     dinov3_checkpoint: str | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, config, window=None) -> "SegmenterSpec":
         """The spec of ``refseg segment`` for ``config`` (the job may have changed it, e.g. volumes
         decode with ``fallback=False``)."""
-        encoder_name = args.dinov3 if config.encoder == "dinov3" else args.dinov2
         return cls(config, sam_checkpoint=args.sam_checkpoint, dinov2_checkpoint=args.dinov2_checkpoint,
                    device=args.device, backend=args.backend, engine_dir=args.engine_dir,
-                   compile=bool(args.compile), window=window, names_given=(encoder_name, args.sam),
+                   compile=bool(args.compile), window=window, names_given=(args.dinov2, args.dinov3, args.sam),
                    dinov3_checkpoint=args.dinov3_checkpoint)
 
     @property
@@ -99,7 +98,8 @@ class SegmenterSpec:
             return
         encoder_path, sam_path = resolve_model_checkpoints(self.config.encoder_model, self.config.sam, explicit,
                                                            self.sam_checkpoint, encoder=self.config.encoder)
-        name, sam = self.names_given
+        dinov2, dinov3, sam = self.names_given
+        name = dinov3 if self.config.encoder == "dinov3" else dinov2
         check_model_names(name if explicit else None, sam if self.sam_checkpoint else None, encoder_path,
                           sam_path, encoder=self.config.encoder)
 
