@@ -8,6 +8,8 @@ Presets (see docs/algorithm.md):
 * ``sat`` — our default (§2): DINOv2 ViT-B/14 at 518, cosine matching, radii 0.125 × the target's
   longer side for positives, negatives and the exclusion zone, no hard negatives, k-means thinning,
   ``multimask_output=True``.
+* ``sat-v3`` — ``sat`` matching with DINOv3 ViT-B/16 at 512 (518 rounded to a multiple of 16), its
+  positional component projected out (``feature_debias="auto"``; docs/dinov3.md).
 
 Radii representation: ``radius_unit`` says how ``pos_radius``, ``neg_radius``, ``exclusion_radius``
 and ``hard_radius`` are read. ``"pixel"``: absolute distances in pixels of the target image (what the
@@ -19,6 +21,7 @@ Usage::
 
     cfg = SegmenterConfig.from_preset("sat", dinov2="vitl14")
     cfg = cfg.override_from_strings(["metric=euclidean", "kmeans_k=0"])
+    cfg = cfg.with_encoder("dinov3", "vitl16")   # DINOv3-L/16, S rounded to a multiple of 16
 """
 from __future__ import annotations
 
@@ -28,14 +31,23 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
-PATCH_SIZE = 14
-
+# The matching encoder's patch side in pixels: the one place grids, reference pooling, prompts, the exporters
+# and (through refseg_params / the export manifest) the C++ core read it from (SegmenterConfig.patch_size).
+# tests/test_config.py checks it against every model spec of each family.
+ENCODER_PATCH_SIZE = {"dinov2": 14, "dinov3": 16}
 DINOV2_MODELS = ("vits14", "vitb14", "vitl14", "vitg14",
                  "vits14_reg", "vitb14_reg", "vitl14_reg", "vitg14_reg")
+DINOV3_MODELS = ("vits16", "vits16plus", "vitb16", "vitl16", "vitl16_sat493m", "vith16plus")
+# "center" (feature_norm.center_positions) is not offered: it would make a target's mask depend on the
+# images that share its batch (docs/dinov3.md).
+FEATURE_DEBIAS = ("auto", "none", "project")
 SAM_MODELS = ("vit_b", "vit_l", "vit_h", "medsam")
 FEATURE_KEYS = ("x_norm_patchtokens", "x_prenorm")
 _CHOICES = {
+    "encoder": tuple(ENCODER_PATCH_SIZE),
     "dinov2": DINOV2_MODELS,
+    "dinov3": DINOV3_MODELS,
+    "feature_debias": FEATURE_DEBIAS,
     "sam": SAM_MODELS,
     "feature_key": FEATURE_KEYS,
     "metric": ("euclidean", "cosine"),
@@ -55,10 +67,14 @@ _FALSE = ("0", "false", "no", "off")
 class SegmenterConfig:
     """Every setting of the refseg pipeline (immutable; derive variants with :meth:`replace`).
 
-    Encoders: ``dinov2`` (official hub name), ``sam`` (``vit_b``/``vit_l``/``vit_h``), ``image_size``
-    S of the square DINOv2 input (multiple of 14; grid S/14 per side), ``feature_key`` (which DINOv2
-    output dict entry is matched).
-    Grid: ``grid_rule`` — ``all`` (cell FG only if all 14×14 pixels are FG, BG only if all are BG,
+    Encoders: ``encoder`` — the matching encoder, ``dinov2`` (model ``dinov2``, official hub name) or
+    ``dinov3`` (model ``dinov3``: ``vits16`` ... ``vith16plus``); ``sam`` (``vit_b``/``vit_l``/``vit_h``),
+    ``image_size`` S of the square matching-encoder input (a multiple of :attr:`patch_size`, 14 for DINOv2
+    and 16 for DINOv3; grid S/patch per side), ``feature_key`` (which ``forward_features`` entry is matched).
+    ``feature_debias`` removes the positional component of the tokens before they are matched
+    (:mod:`refseg.pipeline.feature_norm`): ``project`` (INSID3's projection, rank ``debias_rank``), ``none``,
+    or ``auto`` = ``project`` for DINOv3, ``none`` for DINOv2 (docs/dinov3.md).
+    Grid: ``grid_rule`` — ``all`` (cell FG only if all patch × patch pixels are FG, BG only if all are BG,
     mixed cells ignored), ``any`` (FG if any pixel is FG, else BG), ``fraction`` (FG if the FG share
     ≥ ``grid_fraction``, BG if the BG share ≥ ``grid_fraction``, else ignored);
     ``gbmseg_skip_last`` ignores the last grid row and column like the release's scan.
@@ -95,10 +111,14 @@ class SegmenterConfig:
 
     name: str = "sat"
     # encoders
+    encoder: str = "dinov2"
     dinov2: str = "vitb14"
+    dinov3: str = "vitb16"
     sam: str = "vit_b"
     image_size: int = 518
     feature_key: str = "x_norm_patchtokens"
+    feature_debias: str = "auto"
+    debias_rank: int = 20
     # mask -> patch grid
     grid_rule: str = "all"
     grid_fraction: float = 0.95
@@ -160,9 +180,14 @@ class SegmenterConfig:
             value = getattr(self, key)
             if value not in allowed:
                 raise ValueError(f"SegmenterConfig.{key}={value!r} is not one of {', '.join(allowed)}")
-        if self.image_size <= 0 or self.image_size % PATCH_SIZE:
-            raise ValueError(f"SegmenterConfig.image_size={self.image_size} must be a positive "
-                             f"multiple of the DINOv2 patch size {PATCH_SIZE} (e.g. 518 or 560)")
+        patch = self.patch_size
+        if self.image_size <= 0 or self.image_size % patch:
+            near = max(patch, round(self.image_size / patch) * patch)
+            raise ValueError(f"SegmenterConfig.image_size={self.image_size} must be a positive multiple of the "
+                             f"{self.encoder.replace('dino', 'DINO')} patch size {patch} (e.g. {near}; with_encoder() "
+                             "rounds it)")
+        if self.debias_rank < 1:
+            raise ValueError(f"SegmenterConfig.debias_rank={self.debias_rank} must be >= 1")
         if not 0.5 <= self.grid_fraction <= 1.0:
             raise ValueError(f"SegmenterConfig.grid_fraction={self.grid_fraction} must lie in "
                              "[0.5, 1] (FG needs at least half of a cell's pixels)")
@@ -227,6 +252,19 @@ class SegmenterConfig:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         return PRESETS[name].replace(**overrides)
 
+    def with_encoder(self, encoder: str, model: str | None = None) -> "SegmenterConfig":
+        """A copy matching with ``encoder`` (``dinov2`` / ``dinov3``; ``model`` its model name, else the
+        config's), ``image_size`` rounded to the nearest multiple of that encoder's patch size (518 -> 512
+        for DINOv3, 512 -> 518 back), every other field kept."""
+        if encoder not in ENCODER_PATCH_SIZE:
+            raise ValueError(f"unknown encoder {encoder!r}; choose one of {', '.join(ENCODER_PATCH_SIZE)}")
+        patch = ENCODER_PATCH_SIZE[encoder]
+        changes: dict[str, Any] = {"encoder": encoder,
+                                   "image_size": max(patch, round(self.image_size / patch) * patch)}
+        if model is not None:
+            changes[encoder] = model
+        return self.replace(**changes)
+
     def replace(self, **changes: Any) -> "SegmenterConfig":
         """A copy with ``changes`` applied (validated again); unknown keys raise ValueError."""
         unknown = set(changes) - {f.name for f in fields(self)}
@@ -262,9 +300,27 @@ class SegmenterConfig:
 
     # -- derived quantities -------------------------------------------------------------------------
     @property
+    def patch_size(self) -> int:
+        """Patch side in pixels of the matching encoder (14 DINOv2, 16 DINOv3): grids, reference pooling,
+        cell centres and the exports all read it here."""
+        return ENCODER_PATCH_SIZE[self.encoder]
+
+    @property
     def grid_size(self) -> int:
-        """Patches per side of the DINOv2 grid, S / 14."""
-        return self.image_size // PATCH_SIZE
+        """Patches per side of the encoder's grid, S / :attr:`patch_size`."""
+        return self.image_size // self.patch_size
+
+    @property
+    def encoder_model(self) -> str:
+        """Model name of the matching encoder (``dinov2`` or ``dinov3`` field, as ``encoder`` selects)."""
+        return self.dinov3 if self.encoder == "dinov3" else self.dinov2
+
+    @property
+    def debias(self) -> str:
+        """``feature_debias`` resolved: ``auto`` is ``project`` for DINOv3 and ``none`` for DINOv2."""
+        if self.feature_debias == "auto":
+            return "project" if self.encoder == "dinov3" else "none"
+        return self.feature_debias
 
     def radius_px(self, key: str, image_size: tuple[int, int]) -> float:
         """Radius field ``key`` (e.g. ``"neg_radius"``) in pixels of an (H, W) target image."""
@@ -326,6 +382,8 @@ def _parse_value(text: str, tp: Any) -> Any:
 
 PRESETS: dict[str, SegmenterConfig] = {
     "sat": SegmenterConfig(),
+    # sat's matching on DINOv3 ViT-B/16 at 512 (518 rounded to a multiple of 16), positional part projected out
+    "sat-v3": SegmenterConfig(name="sat-v3").with_encoder("dinov3", "vitb16"),
     "gbmseg": SegmenterConfig(
         name="gbmseg", dinov2="vitg14", sam="vit_l", image_size=560,
         grid_rule="all", gbmseg_skip_last=True,

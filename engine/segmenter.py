@@ -2,6 +2,8 @@
 
     seg = Segmenter.from_preset("sat", sam_checkpoint="sam_vit_b_01ec64.pth",
                                 dinov2_checkpoint="dinov2_vitb14_pretrain.pth")
+    # or DINOv3 (file or Hugging Face folder; the sat-v3 preset, or any preset at S rounded to 16):
+    # Segmenter.from_preset("sat-v3", dinov3_checkpoint="dinov3-vitb16-pretrain-lvd1689m/", ...)
     seg.set_reference(ref_image, ref_mask)       # encodes the reference once
     result = seg.segment(target_image)           # SegmentationResult
     results = seg.segment_batch([img1, img2])    # both encoders batched
@@ -25,7 +27,8 @@ from refseg.config import SegmenterConfig
 from refseg.io.intensity import Window, auto_window, needs_window
 from refseg.models.sam_transforms import preprocessing_for
 from refseg.pipeline import methods
-from refseg.pipeline.features import PATCH, dinov2_batch
+from refseg.pipeline.feature_norm import encode_for_matching
+from refseg.pipeline.features import dinov2_batch
 from refseg.pipeline.grid import FG, grids_from_config
 from refseg.pipeline.inputs import PreparedTarget, prepare_target
 from refseg.pipeline.reference import check_reference, reference_digest
@@ -40,12 +43,15 @@ log = logging.getLogger(__name__)
 
 
 class Segmenter:
-    """One-shot reference-guided segmentation (DINOv2 matching -> prompts -> SAM).
+    """One-shot reference-guided segmentation (DINOv2 / DINOv3 matching -> prompts -> SAM).
 
     Args:
         config: the configuration (see :class:`refseg.SegmenterConfig` and its presets).
         sam_checkpoint, dinov2_checkpoint: official checkpoint files; ``None`` looks them up by
             their official names (``$REFSEG_CHECKPOINT_DIR``, ``~/.cache/refseg``, download).
+        dinov3_checkpoint: an official DINOv3 ``.pth`` or a Hugging Face folder; selects DINOv3 as the
+            matching encoder (``config.encoder="dinov3"`` looks its files up instead; gated weights are
+            never downloaded).
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ...
         backend: ``"torch"``, ``"onnxruntime"``, ``"tensorrt"`` or ``"auto"`` (TensorRT -> ONNX
             Runtime -> torch, each step down logged with its reason).
@@ -57,7 +63,7 @@ class Segmenter:
     def __init__(self, config: SegmenterConfig, sam_checkpoint: str | os.PathLike | None = None,
                  dinov2_checkpoint: str | os.PathLike | None = None, device: str = "auto",
                  backend: str = "torch", engine_dir: str | os.PathLike | None = None,
-                 compile: bool = False):
+                 compile: bool = False, dinov3_checkpoint: str | os.PathLike | None = None):
         if device == "auto" and config.device is not None:
             device = config.device  # an explicit device argument wins over the config's
         from refseg.export.cache_fill import fill_export_folder  # the runtime never imports export
@@ -65,7 +71,7 @@ class Segmenter:
         self.backend = create_backend(backend, config, sam_checkpoint=sam_checkpoint,
                                       dinov2_checkpoint=dinov2_checkpoint, device=device,
                                       engine_dir=engine_dir, compile=compile,
-                                      exporter=fill_export_folder)
+                                      exporter=fill_export_folder, dinov3_checkpoint=dinov3_checkpoint)
         self.config = self.backend.config  # model names as actually loaded
         self.device = self.backend.device
         self.sam_size = self.backend.sam_size  # SAM's square input side
@@ -83,11 +89,11 @@ class Segmenter:
     @classmethod
     def from_preset(cls, name: str = "sat", sam_checkpoint=None, dinov2_checkpoint=None,
                     device: str = "auto", backend: str = "torch", engine_dir=None,
-                    compile: bool = False, **overrides) -> "Segmenter":
-        """Build from a named preset (``sat``, ``gbmseg``) with field overrides."""
+                    compile: bool = False, dinov3_checkpoint=None, **overrides) -> "Segmenter":
+        """Build from a named preset (``sat``, ``sat-v3``, ``gbmseg``, ...) with field overrides."""
         return cls(SegmenterConfig.from_preset(name, **overrides), sam_checkpoint=sam_checkpoint,
                    dinov2_checkpoint=dinov2_checkpoint, device=device, backend=backend,
-                   engine_dir=engine_dir, compile=compile)
+                   engine_dir=engine_dir, compile=compile, dinov3_checkpoint=dinov3_checkpoint)
 
     # ------------------------------------------------------------------ reference
     @property
@@ -136,9 +142,10 @@ class Segmenter:
         empty = [c for c, g in grids.items() if not bool((g == FG).any())]
         if empty:
             raise ValueError(
-                f"{source}: class(es) {empty} cover no whole {PATCH}x{PATCH} patch at image_size "
+                f"{source}: class(es) {empty} cover no whole {self.config.patch_size}x{self.config.patch_size} "
+                f"patch at image_size "
                 f"{self.config.image_size}; use a larger image_size or grid_rule='fraction'/'any'")
-        tokens = self.backend.encode_dinov2(dinov2_batch([rgb], self.config.image_size))[0]
+        tokens = encode_for_matching(self.backend, dinov2_batch([rgb], self.config.image_size), self.config)[0]
         self._ref_tokens.append(tokens)
         self._ref_grids.append({c: g.to(tokens.device) for c, g in grids.items()})
         self.reference_digests.append(reference_digest(rgb, mask))
@@ -229,7 +236,7 @@ class Segmenter:
         mask instead of one forced point (what volume runs want), True = the opposite.
 
         Raises:
-            ValueError: ``images[i]: ...``, e.g. an image smaller than one 14-px patch or not
+            ValueError: ``images[i]: ...``, e.g. an image smaller than one encoder patch or not
                 2-D/3-D (the first failing image; the others are not returned).
         """
         from refseg.runtime.stream import StreamItem
@@ -257,9 +264,10 @@ class Segmenter:
         the device here, so the copies of the next batches overlap the batch on the models).
 
         Raises:
-            ValueError: naming ``source``: not (H, W)/(H, W, C), or smaller than one 14-px patch.
+            ValueError: naming ``source``: not (H, W)/(H, W, C), or smaller than one encoder patch.
         """
-        return prepare_target(image, image_size=self.config.image_size, sam_size=self.sam_size,
+        return prepare_target(image, image_size=self.config.image_size, patch_size=self.config.patch_size,
+                              sam_size=self.sam_size,
                               medsam=self._medsam, device=self.device, window=self.window, source=source)
 
     @torch.inference_mode()

@@ -13,14 +13,15 @@ from refseg.config import SegmenterConfig
 
 
 def fill_export_folder(folder: str | os.PathLike, config: SegmenterConfig,
-                       dinov2_checkpoint: str | os.PathLike, sam_checkpoint: str | os.PathLike,
+                       encoder_checkpoint: str | os.PathLike, sam_checkpoint: str | os.PathLike,
                        max_batch: int) -> dict:
-    """Export ``config``'s DINOv2 and SAM from the given checkpoints into ``folder``; return the manifest.
+    """Export ``config``'s matching encoder (``config.encoder``: DINOv2 or DINOv3) and SAM from the given
+    checkpoints into ``folder``; return the manifest.
 
     Args:
         folder: an empty folder (the runtime's temporary sibling of its cache entry).
-        config: ``precision`` (fp32 / fp16) and ``image_size`` (DINOv2 input side, pixels) of the graphs.
-        dinov2_checkpoint, sam_checkpoint: the resolved checkpoint files (their sizes decide the models).
+        config: ``encoder``, ``precision`` (fp32 / fp16) and ``image_size`` (encoder input side, pixels).
+        encoder_checkpoint, sam_checkpoint: the resolved checkpoints (their sizes decide the models).
         max_batch: largest encoder batch recorded for the TensorRT profiles.
 
     Raises:
@@ -31,5 +32,6 @@ def fill_export_folder(folder: str | os.PathLike, config: SegmenterConfig,
     require("onnx", "onnx", "exporting models for the onnxruntime/tensorrt backends")
     from refseg.export.onnx_export import export_models
 
-    return export_models(folder, dinov2_checkpoint, sam_checkpoint, precision=config.precision,
-                         image_size=config.image_size, max_batch=max_batch)
+    encoder = {f"{config.encoder}_checkpoint": encoder_checkpoint}
+    return export_models(folder, sam_checkpoint=sam_checkpoint, precision=config.precision,
+                         image_size=config.image_size, max_batch=max_batch, encoder=config.encoder, **encoder)

@@ -3,6 +3,8 @@
     refseg export --dinov2-checkpoint dinov2_vitb14_pretrain.pth \\
                   --sam-checkpoint sam_vit_b_01ec64.pth -o exports/b_b --precision fp16 \\
                   --format onnx,tensorrt
+    refseg export --dinov3-checkpoint dinov3-vitb16-pretrain-lvd1689m/ --sam-checkpoint sam_vit_b_01ec64.pth \\
+                  -o exports/v3_b          # DINOv3 graph at 512 (the manifest records encoder + patch size)
 
 Exit codes: 0 written; 2 bad arguments, unusable checkpoints, or TensorRT requested where it
 cannot run (the ONNX graphs are written first and stay valid).
@@ -32,20 +34,27 @@ def _formats(text: str) -> tuple[str, ...]:
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``export`` on the ``refseg`` command's subparsers."""
     p = subparsers.add_parser(
-        "export", help="export DINOv2 + SAM to ONNX (and TensorRT engines)",
-        description="Export DINOv2, the SAM image encoder and the SAM prompt decoder to ONNX "
+        "export", help="export DINOv2 or DINOv3 + SAM to ONNX (and TensorRT engines)",
+        description="Export DINOv2 (or DINOv3), the SAM image encoder and the SAM prompt decoder to ONNX "
                     "(opset >= 17, dynamic batch / prompt sets / points) with a manifest; "
                     "optionally build TensorRT engines into the engine cache.")
-    p.add_argument("--dinov2-checkpoint", help="official DINOv2 checkpoint (default: --dinov2's file)")
+    enc = p.add_mutually_exclusive_group()
+    enc.add_argument("--dinov2-checkpoint", help="official DINOv2 checkpoint (default: --dinov2's file)")
+    enc.add_argument("--dinov3-checkpoint", help="DINOv3 encoder instead: an official .pth or a Hugging Face "
+                     "folder (config.json + model.safetensors); model inferred from it")
     p.add_argument("--sam-checkpoint", help="official SAM checkpoint (default: --sam's file)")
-    p.add_argument("--dinov2", help="DINOv2 model name when no checkpoint is given (vitb14 ...)")
+    names = p.add_mutually_exclusive_group()
+    names.add_argument("--dinov2", help="DINOv2 model name when no checkpoint is given (vitb14 ...)")
+    names.add_argument("--dinov3", help="DINOv3 model name (vitb16 ...): its gated file or folder is looked up in "
+                       "$REFSEG_CHECKPOINT_DIR / ~/.cache/refseg, never downloaded")
     p.add_argument("--sam", help="SAM model name when no checkpoint is given (vit_b ...)")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
                    help="encoder precision baked into the graphs (LayerNorm/Softmax stay fp32)")
     p.add_argument("--format", type=_formats, default=("onnx",), dest="formats",
                    help="onnx (default), onnx,tensorrt, or aoti (AOTInductor packages for the C++ core)")
-    p.add_argument("--image-size", type=int, default=518, help="DINOv2 input side (multiple of 14)")
+    p.add_argument("--image-size", type=int, help="encoder input side: a multiple of its patch size (default 518 "
+                   "for DINOv2, 512 for DINOv3)")
     p.add_argument("--max-batch", type=int, default=16, help="largest encoder batch (TensorRT profiles)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
     p.add_argument("-d", "--device", default="cpu",
@@ -59,7 +68,21 @@ def run_export(args: argparse.Namespace) -> int:
     """Handler of ``refseg export``; returns the exit code."""
     from refseg.optional import MissingDependencyError, require
 
+    dinov3 = args.dinov3_checkpoint is not None or args.dinov3 is not None
+    if args.dinov3_checkpoint is not None and args.dinov2 is not None:
+        log.error("--dinov2 names a DINOv2 model, --dinov3-checkpoint a DINOv3 one: give one encoder")
+        return 2
+    if args.dinov2_checkpoint is not None and args.dinov3 is not None:
+        log.error("--dinov3 names a DINOv3 model, --dinov2-checkpoint a DINOv2 one: give one encoder")
+        return 2
+    if args.image_size is None:
+        from refseg.config import SegmenterConfig
+
+        args.image_size = SegmenterConfig().with_encoder("dinov3" if dinov3 else "dinov2").image_size
     if "aoti" in args.formats:  # AOTInductor packages for the C++ core
+        if dinov3:
+            log.error("--format aoti exports DINOv2 only; export DINOv3 with --format onnx")
+            return 2
         from refseg.export.aoti import run_from_args
         return run_from_args(args)
     try:
@@ -69,13 +92,18 @@ def run_export(args: argparse.Namespace) -> int:
         return 2
     from refseg.export.onnx_export import export_models
 
-    if args.image_size <= 0 or args.image_size % 14:
-        log.error("--image-size %d is not a positive multiple of 14 (e.g. 518, 560)", args.image_size)
+    from refseg.config import ENCODER_PATCH_SIZE
+
+    patch = ENCODER_PATCH_SIZE["dinov3" if dinov3 else "dinov2"]
+    if args.image_size <= 0 or args.image_size % patch:
+        log.error("--image-size %d is not a positive multiple of the %s patch size %d (e.g. %s)", args.image_size,
+                  "DINOv3" if dinov3 else "DINOv2", patch, "512, 448" if dinov3 else "518, 560")
         return 2
     manifest = export_models(args.output, args.dinov2_checkpoint, args.sam_checkpoint,
                              dinov2=args.dinov2, sam=args.sam, precision=args.precision,
                              image_size=args.image_size, max_batch=args.max_batch, opset=args.opset,
-                             device=args.device)
+                             device=args.device, encoder="dinov3" if dinov3 else "dinov2",
+                             dinov3_checkpoint=args.dinov3_checkpoint, dinov3=args.dinov3)
     for key, graph in manifest["graphs"].items():
         sys.stdout.write(f"{key}: {', '.join(graph['files'])} ({graph['precision']})\n")
     if "tensorrt" in args.formats:
@@ -95,7 +123,8 @@ def _build_engines(args: argparse.Namespace, manifest: dict) -> int:
         log.error("--format tensorrt needs a CUDA GPU; the ONNX graphs in %s are written", args.output)
         return 2
     device = torch.device(args.device if args.device.startswith("cuda") else "cuda:0")
-    config = SegmenterConfig(precision=manifest["precision"], image_size=manifest["image_size"])
+    encoder = manifest.get("encoder", "dinov2")
+    config = SegmenterConfig(precision=manifest["precision"], image_size=manifest["image_size"], encoder=encoder)
     try:
         backend = TensorRTBackend(Path(args.output), config, device, manifest)
     except (ImportError, RuntimeError, ValueError) as exc:

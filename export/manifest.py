@@ -1,7 +1,8 @@
 """``DIR/manifest.json``: what an export folder holds, written by the exporters.
 
 The manifest records the versions that produced the graphs (refseg, torch, onnx, opset), the
-models and their source checkpoints (path, size, sha256), the precision and DINOv2 input side,
+matching encoder (``encoder``: ``dinov2`` / ``dinov3``) and its ``patch_size``, the models and their source
+checkpoints (path, size, sha256; a Hugging Face folder by its files), the precision and encoder input side,
 every graph's file and input/output names, dtypes and shapes (strings are dynamic dimensions),
 and the sha256 of every file in the folder. It is written last, so a folder whose export was
 interrupted has none.
@@ -18,6 +19,7 @@ import os
 import time
 from pathlib import Path
 
+from refseg.config import ENCODER_PATCH_SIZE
 from refseg.io.writers import atomic_writer
 from refseg.models.checkpoints import file_identity, sha256_file
 from refseg.optional import versions
@@ -27,21 +29,26 @@ log = logging.getLogger(__name__)
 
 
 def checkpoint_record(path: str | os.PathLike | None) -> dict | None:
-    """``{"path", "file", "size", "mtime_ns", "sha256"}`` of a checkpoint file (None for None)."""
+    """``{"path", "file", "size", "mtime_ns", "sha256"}`` of a checkpoint file or Hugging Face folder
+    (:func:`refseg.models.checkpoints.file_identity`; None for None)."""
     return file_identity(path, with_sha256=True)
 
 
 def build_manifest(folder: str | os.PathLike, graphs: dict[str, dict], *, precision: str,
                    image_size: int, models: dict[str, str], checkpoints: dict[str, dict | None],
-                   opset: int, max_batch: int) -> dict:
+                   opset: int, max_batch: int, encoder: str = "dinov2") -> dict:
     """Assemble the manifest of ``folder``; checksums every file in it except the manifest.
 
     Args:
         graphs: {"dinov2" | "sam_encoder" | "sam_decoder": record from
-            :func:`refseg.export.onnx_export.export_graph`}.
-        models: {"dinov2": spec name, "sam": spec name}.
-        checkpoints: {"dinov2": :func:`checkpoint_record` or None, "sam": ...}.
+            :func:`refseg.export.onnx_export.export_graph`}; ``dinov2`` is the matching encoder's graph
+            whichever encoder it holds.
+        models: {encoder: spec name, "sam": spec name}.
+        checkpoints: {encoder: :func:`checkpoint_record` or None, "sam": ...}.
+        encoder: ``dinov2`` or ``dinov3``; recorded with its patch size (``refseg.config.ENCODER_PATCH_SIZE``).
     """
+    if encoder not in ENCODER_PATCH_SIZE:
+        raise ValueError(f"unknown encoder {encoder!r}; choose one of {', '.join(ENCODER_PATCH_SIZE)}")
     folder = Path(folder)
     files = {p.name: {"size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns, "sha256": sha256_file(p)}
              for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
@@ -55,6 +62,8 @@ def build_manifest(folder: str | os.PathLike, graphs: dict[str, dict], *, precis
         "versions": versions(("refseg", "torch", "onnx", "onnxruntime")),  # what shapes the graphs
         "opset": opset,
         "precision": precision,
+        "encoder": encoder,
+        "patch_size": ENCODER_PATCH_SIZE[encoder],
         "image_size": image_size,
         "max_batch": max_batch,
         "models": dict(models),

@@ -1,4 +1,4 @@
-"""Export DINOv2, the SAM image encoder and the SAM prompt decoder to ONNX.
+"""Export the matching encoder (DINOv2 or DINOv3), the SAM image encoder and the SAM prompt decoder to ONNX.
 
 Usage::
 
@@ -6,7 +6,9 @@ Usage::
                              sam_checkpoint="sam_vit_b_01ec64.pth", precision="fp16")
 
 writes ``dinov2.onnx``, ``sam_encoder.onnx``, ``sam_decoder.onnx`` (plus ``<name>.onnx.data``
-for graphs over ~1.8 GB, e.g. DINOv2-g and SAM-H) and ``manifest.json``.
+for graphs over ~1.8 GB, e.g. DINOv2-g and SAM-H) and ``manifest.json``. With ``dinov3_checkpoint`` (a
+``.pth`` or a Hugging Face folder) the encoder graph is DINOv3's (:mod:`refseg.export.dinov3_onnx`, same file
+and tensor names), and the manifest records ``encoder: dinov3`` and ``patch_size: 16``.
 
 Graphs are traced with the TorchScript-based ``torch.onnx.export`` (``dynamo=False``: the
 dynamo exporter needs ``onnxscript``, not a refseg dependency) at opset >= 17, so LayerNorm is a
@@ -147,8 +149,9 @@ def export_models(out_dir: str | os.PathLike, dinov2_checkpoint: str | os.PathLi
                   sam: str | None = None, precision: str = "fp32", image_size: int = 518,
                   max_batch: int = 16, opset: int = DEFAULT_OPSET,
                   device: str | torch.device = "cpu", dinov2_model: nn.Module | None = None,
-                  sam_model: nn.Module | None = None) -> dict:
-    """Export the three graphs of one (DINOv2, SAM) pair into ``out_dir`` with its manifest.
+                  sam_model: nn.Module | None = None, encoder: str | None = None,
+                  dinov3_checkpoint: str | os.PathLike | None = None, dinov3: str | None = None) -> dict:
+    """Export the three graphs of one (matching encoder, SAM) pair into ``out_dir`` with its manifest.
 
     Args:
         out_dir: output folder (created). An existing manifest is removed first, so a folder
@@ -157,10 +160,15 @@ def export_models(out_dir: str | os.PathLike, dinov2_checkpoint: str | os.PathLi
             files of ``dinov2`` / ``sam`` (see :func:`refseg.models.build_dinov2`).
         dinov2, sam: model names (inferred from the checkpoints when None).
         precision: ``fp32`` or ``fp16`` (encoders; the decoder stays fp32).
-        image_size: DINOv2 input side S (multiple of 14); fixed in the graph.
+        image_size: encoder input side S (a multiple of its patch size: 14 DINOv2, 16 DINOv3); fixed in
+            the graph.
         max_batch: largest encoder batch the export is meant for (recorded; TensorRT profiles).
         dinov2_model, sam_model: already built modules to export instead of loading checkpoints
-            (tests); their checkpoints are recorded as None.
+            (tests; ``dinov2_model`` may be a DINOv3 module); their checkpoints are recorded as None.
+        encoder: ``dinov2`` or ``dinov3``; None: ``dinov3`` when ``dinov3_checkpoint`` / ``dinov3`` is given or
+            ``dinov2_model`` is a DINOv3 module, else ``dinov2``.
+        dinov3_checkpoint, dinov3: the DINOv3 ``.pth`` or Hugging Face folder / model name (gated weights:
+            looked up, never downloaded; see :func:`refseg.models.build_dinov3`).
 
     Returns:
         The manifest dict (also written to ``out_dir/manifest.json``).
@@ -168,18 +176,30 @@ def export_models(out_dir: str | os.PathLike, dinov2_checkpoint: str | os.PathLi
     Raises:
         ValueError: bad precision/opset/image size/max_batch; CheckpointError for unusable files.
     """
+    from refseg.config import ENCODER_PATCH_SIZE
+    from refseg.models.build import build_dinov2, build_dinov3, build_sam
+    from refseg.models.dinov2 import DINOV2_SPECS
+    from refseg.models.dinov3 import DINOV3_SPECS, Dinov3VisionTransformer
+    from refseg.models.sam import SAM_SPECS
+
+    if encoder is None:
+        encoder = "dinov3" if (dinov3_checkpoint is not None or dinov3 is not None
+                               or isinstance(dinov2_model, Dinov3VisionTransformer)) else "dinov2"
+    if encoder not in ENCODER_PATCH_SIZE:
+        raise ValueError(f"unknown encoder {encoder!r}; choose one of {', '.join(ENCODER_PATCH_SIZE)}")
+    if encoder == "dinov3" and (dinov2_checkpoint is not None or dinov2 is not None):
+        raise ValueError("a DINOv2 checkpoint / name was given for a DINOv3 export: the encoder is one of them")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS} for export, got {precision!r}")
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-    if image_size <= 0 or image_size % 14:
-        raise ValueError(f"image_size {image_size} is not a positive multiple of the DINOv2 patch "
-                         "size 14 (e.g. 518, 560)")
-    from refseg.models.build import build_dinov2, build_sam
-    from refseg.models.dinov2 import DINOV2_SPECS
-    from refseg.models.sam import SAM_SPECS
+    patch = ENCODER_PATCH_SIZE[encoder]
+    if image_size <= 0 or image_size % patch:
+        raise ValueError(f"image_size {image_size} is not a positive multiple of the {encoder} patch "
+                         f"size {patch} (e.g. {'518, 560' if patch == 14 else '512, 448'})")
 
-    for kind, name, specs in (("DINOv2", dinov2, DINOV2_SPECS), ("SAM", sam, SAM_SPECS)):
+    for kind, name, specs in (("DINOv2", dinov2, DINOV2_SPECS), ("DINOv3", dinov3, DINOV3_SPECS),
+                              ("SAM", sam, SAM_SPECS)):
         if name is not None and name not in specs:
             raise ValueError(f"unsupported {kind} model {name!r} for export; choose one of "
                              f"{', '.join(specs)}")
@@ -188,19 +208,28 @@ def export_models(out_dir: str | os.PathLike, dinov2_checkpoint: str | os.PathLi
     (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
 
     checkpoints = {}
+    encoder_checkpoint = dinov3_checkpoint if encoder == "dinov3" else dinov2_checkpoint
     if dinov2_model is None:
-        dinov2_model = build_dinov2(dinov2, dinov2_checkpoint)
-        dinov2_checkpoint = dinov2_checkpoint or _official_path(dinov2_model.spec.checkpoint)
+        dinov2_model = (build_dinov3(dinov3, dinov3_checkpoint) if encoder == "dinov3"
+                        else build_dinov2(dinov2, dinov2_checkpoint))
+        encoder_checkpoint = encoder_checkpoint or _official_path(dinov2_model.spec.checkpoint)
+    if dinov2_model.patch_size != patch:
+        raise ValueError(f"the {encoder} model has {dinov2_model.patch_size}-px patches, not {patch}")
     if sam_model is None:
         sam_model = build_sam(sam, sam_checkpoint)
         sam_checkpoint = sam_checkpoint or _official_path(sam_model.spec.checkpoint)
-    checkpoints["dinov2"] = checkpoint_record(dinov2_checkpoint)
+    checkpoints[encoder] = checkpoint_record(encoder_checkpoint)
     checkpoints["sam"] = checkpoint_record(sam_checkpoint)
     dinov2_model = dinov2_model.float().eval()
     sam_model = sam_model.float().eval()
+    if encoder == "dinov3":
+        from refseg.export.dinov3_onnx import Dinov3Export  # imports this module: not at the top
+
+        encoder_graph = Dinov3Export(dinov2_model, image_size)
+    else:
+        encoder_graph = Dinov2Export(dinov2_model, image_size)
     graphs = {
-        "dinov2": export_graph(Dinov2Export(dinov2_model, image_size),
-                               out_dir / GRAPH_FILES["dinov2"], precision, opset, device),
+        "dinov2": export_graph(encoder_graph, out_dir / GRAPH_FILES["dinov2"], precision, opset, device),
         "sam_encoder": export_graph(SamEncoderExport(sam_model), out_dir / GRAPH_FILES["sam_encoder"],
                                     precision, opset, device),
         "sam_decoder": export_graph(SamDecoderExport(sam_model, "all"),
@@ -209,10 +238,10 @@ def export_models(out_dir: str | os.PathLike, dinov2_checkpoint: str | os.PathLi
     graphs["sam_decoder"]["mask_outputs"] = "all"
     graphs["sam_encoder"]["attention"] = attention_form(torch.device(device), traced=True)
     manifest = build_manifest(out_dir, graphs, precision=precision, image_size=image_size,
-                              models={"dinov2": dinov2_model.spec.name, "sam": sam_model.spec.name},
-                              checkpoints=checkpoints, opset=opset, max_batch=max_batch)
+                              models={encoder: dinov2_model.spec.name, "sam": sam_model.spec.name},
+                              checkpoints=checkpoints, opset=opset, max_batch=max_batch, encoder=encoder)
     write_manifest(out_dir, manifest)
-    log.info("export written to %s (%s, DINOv2 %s @%d, SAM %s)", out_dir, precision,
+    log.info("export written to %s (%s, %s %s @%d, SAM %s)", out_dir, precision, encoder,
              dinov2_model.spec.name, image_size, sam_model.spec.name)
     return manifest
 

@@ -1,6 +1,7 @@
 """Fast checks of the benchmark suite (no model is run here).
 
-- FLOP formulas against the figures of docs/performance.md (within 2 %).
+- FLOP formulas against the figures of docs/performance.md (within 2 %); DINOv3's against torch's
+  FlopCounterMode on a random ViT-S/16 and S+/16 (exact; the one tiny model run of this file).
 - The research-style baseline's matching + prompt stage (bench/baseline.py, Python loops) gives the
   same prompt sets as refseg's on the same tokens, for the gbmseg preset (compared as sets of
   (x, y, label); the walk order is the same by construction, the output order may differ).
@@ -54,6 +55,26 @@ def test_decoder_matching_and_pipeline_flops_match_performance_md():
     gl = F.pipeline_flops("vitg14", 560, "vit_l", prompt_sets=1, points_per_set=60)
     assert gl["total"] / 1e12 == pytest.approx(7.26, rel=REL)  # "GBMSeg-like: 7.26 TFLOP"
     assert F.dinov2_flops("vitb14", 518, batch=16) == pytest.approx(16 * F.dinov2_flops("vitb14", 518))
+
+
+@pytest.mark.parametrize("name", ["vits16", "vits16plus"])
+def test_dinov3_flops_match_torch_flop_counter(name):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from refseg.models.dinov3 import DINOV3_SPECS, dinov3_from_state_dict
+    from refseg.testing.random_checkpoints import random_dinov3_state_dict
+
+    model = dinov3_from_state_dict(random_dinov3_state_dict(name)).eval()
+    batch, height, width = 2, 64, 96
+    with FlopCounterMode(display=False) as counter:  # grad mode on: plain F.linear (no oneDNN op)
+        model.forward_features(torch.randn(batch, 3, height, width))
+    # the counter sees the convolution and the linear layers, not the CPU attention kernel: add
+    # Q·Kᵀ and P·V (2 products x 2 FLOPs per MAC x N² x D per image and block)
+    spec = DINOV3_SPECS[name]
+    tokens = (height // 16) * (width // 16) + 1 + spec.num_register_tokens
+    attention = 4 * batch * spec.depth * tokens * tokens * spec.embed_dim
+    assert F.dinov3_flops(name, (height, width), batch) == counter.get_total_flops() + attention
+    assert F.dinov3_flops(name, 64) == F.dinov3_flops(name, (64, 64))
 
 
 def test_gpu_peaks_by_name():

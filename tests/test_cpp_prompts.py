@@ -110,12 +110,15 @@ def test_match_post_processing(monkeypatch, metric, quirk, fallback):
     assert native.match_nn(res, labels, config) is not None
 
 
+@pytest.mark.parametrize("patch", [14, 16])
 @pytest.mark.parametrize("rule,fraction,skip", [("all", 0.95, False), ("any", 0.95, True), ("fraction", 0.6, False)])
-def test_grid_labels(monkeypatch, rule, fraction, skip):
+def test_grid_labels(monkeypatch, rule, fraction, skip, patch):
     gen = torch.Generator().manual_seed(11)
-    blobs = torch.nn.functional.interpolate(torch.rand(2, 3, 1, 6, 6, generator=gen).flatten(0, 1), size=(84, 84))
-    mask = (blobs[:, 0] > 0.5).reshape(2, 3, 84, 84)
-    a, b = both(monkeypatch, lambda: binary_to_grid(mask, rule=rule, fraction=fraction, skip_last=skip))
+    side = 6 * patch
+    blobs = torch.nn.functional.interpolate(torch.rand(2, 3, 1, 6, 6, generator=gen).flatten(0, 1), size=(side, side))
+    mask = (blobs[:, 0] > 0.5).reshape(2, 3, side, side)
+    a, b = both(monkeypatch, lambda: binary_to_grid(mask, patch_size=patch, rule=rule, fraction=fraction,
+                                                    skip_last=skip))
     assert a.dtype == b.dtype == torch.int8 and a.shape == (2, 3, 6, 6) and torch.equal(a, b)
     assert set(b.unique().tolist()) >= {0, 1}
 
@@ -175,7 +178,9 @@ def test_bad_input_raises():
         _C.engineer_padded(np.zeros((1, 2, 2)), np.ones((1, 2), bool), np.zeros((1, 2, 2)), np.ones((1, 2), bool),
                            np.zeros((1, 3), np.int64), _C.PromptParams())
     with pytest.raises(ValueError, match="grid rule"):
-        _C.grid_labels(np.zeros((1, 14, 14), np.uint8), "most", 0.9, False)
+        _C.grid_labels(np.zeros((1, 14, 14), np.uint8), "most", 0.9, False, 14)
+    with pytest.raises(ValueError, match="multiple of the patch size 16"):
+        _C.grid_labels(np.zeros((1, 14, 14), np.uint8), "all", 0.9, False, 16)
     with pytest.raises(ValueError, match=r"fwd / far\[0\] is not a target patch index"):
         _C.match_nn(np.array([[5]]), np.array([[0]]), np.zeros((1, 1)), np.array([[0, 0]]), np.ones((1, 1), np.int8),
                     True, True, False, True, False)

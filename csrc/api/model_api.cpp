@@ -61,7 +61,8 @@ refseg_status on_context(refseg_context* ctx, const char* where, F&& body) {
   return s;
 }
 
-ImageView view(const refseg_image* im, const std::string& name, bool mask) {
+// `patch`: the model's encoder patch side (an image must hold one patch)
+ImageView view(const refseg_image* im, const std::string& name, bool mask, int patch) {
   require(im != nullptr, name + " must not be NULL");
   require(im->data != nullptr, name + "->data must not be NULL");
   require(im->width > 0 && im->height > 0,
@@ -74,8 +75,9 @@ ImageView view(const refseg_image* im, const std::string& name, bool mask) {
   require(im->stride >= static_cast<int64_t>(im->width) * im->channels,
           name + ": stride " + std::to_string(im->stride) + " < width * channels = " +
               std::to_string(static_cast<int64_t>(im->width) * im->channels));
-  require(std::min(im->width, im->height) >= kPatchSize,
-          name + ": " + std::to_string(im->width) + "x" + std::to_string(im->height) + " is smaller than one 14x14 patch");
+  require(std::min(im->width, im->height) >= patch,
+          name + ": " + std::to_string(im->width) + "x" + std::to_string(im->height) + " is smaller than one " +
+              std::to_string(patch) + "x" + std::to_string(patch) + " patch");
   return {im->data, im->width, im->height, im->channels, im->stride};
 }
 
@@ -101,6 +103,7 @@ refseg_status refseg_model_load(const char* artifact_dir, const refseg_params* p
 #ifdef REFSEG_HAVE_AOTI
     translated([&] { model->model = std::make_unique<Model>(artifact_dir, opt); });
     model->params.image_size = model->model->image_size();
+    model->params.prompts.patch_size = model->model->patch_size();
 #else
     (void)opt;
     throw ApiError(REFSEG_ERR_UNSUPPORTED, kNoLibTorch);
@@ -160,7 +163,8 @@ void refseg_context_set_progress(refseg_context* context, refseg_progress_callba
 refseg_status refseg_context_set_reference(refseg_context* context, const refseg_image* image,
                                            const refseg_image* mask) {
   return on_context(context, "refseg_context_set_reference", [&] {
-    const ImageView im = view(image, "image", false), mk = view(mask, "mask", true);
+    const int patch = context->model->params.prompts.patch_size;
+    const ImageView im = view(image, "image", false, patch), mk = view(mask, "mask", true, patch);
     require(im.width == mk.width && im.height == mk.height,
             "mask size " + std::to_string(mk.width) + "x" + std::to_string(mk.height) + " differs from the image's " +
                 std::to_string(im.width) + "x" + std::to_string(im.height));
@@ -213,7 +217,7 @@ refseg_status refseg_context_segment_batch(refseg_context* context, const refseg
     std::vector<ImageView> views;
     for (int32_t i = 0; i < count; ++i) {
       const std::string name = count == 1 ? std::string("target") : "targets[" + std::to_string(i) + "]";
-      views.push_back(view(&targets[i], name, false));
+      views.push_back(view(&targets[i], name, false, context->model->params.prompts.patch_size));
       require(out_labels[i] != nullptr, (count == 1 ? std::string("out_labels") : "out_labels[" + std::to_string(i) + "]") +
                                             " must not be NULL");
       require(out_strides[i] >= targets[i].width, (count == 1 ? std::string("out_stride ") : "out_strides[" +

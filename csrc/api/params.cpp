@@ -27,6 +27,7 @@ PromptOptions to_options(const refseg_prompt_params& p) {
 }
 
 void check_grid(const refseg_prompt_params& p) {
+  require(p.patch_size >= 0 && p.patch_size <= 1024, "params: patch_size must lie in [0, 1024] (0 = the export's)");
   require(p.grid_rule >= REFSEG_GRID_ALL && p.grid_rule <= REFSEG_GRID_FRACTION, "params: unknown grid_rule " +
                                                                                       std::to_string(p.grid_rule));
   require(p.grid_fraction >= 0.5 && p.grid_fraction <= 1.0, "params: grid_fraction must lie in [0.5, 1]");
@@ -48,10 +49,14 @@ PipelineOptions options_of(const refseg_params& p) {
   check_grid(p.prompts);
   require(p.min_component_fraction >= 0 && p.min_component_fraction <= 1,
           "params: min_component_fraction must lie in [0, 1]");
-  require(p.image_size >= 0 && p.image_size % kPatchSize == 0, "params: image_size must be 0 or a multiple of 14");
+  require(p.image_size >= 0, "params: image_size must be >= 0 (0 = the export's)");
+  require(p.image_size == 0 || p.prompts.patch_size == 0 || p.image_size % p.prompts.patch_size == 0,
+          "params: image_size " + std::to_string(p.image_size) + " is not a multiple of prompts.patch_size " +
+              std::to_string(p.prompts.patch_size));
   require(p.num_threads >= 0, "params: num_threads must be >= 0");
   require(p.max_parallel_runs >= 0 && p.max_parallel_runs <= 1024, "params: max_parallel_runs must lie in [0, 1024]");
   require(p.cuda_device >= -1, "params: cuda_device must be >= 0, or -1 for $REFSEG_CUDA_DEVICE / 0");
+  o.expect_patch_size = p.prompts.patch_size;
   o.grid_rule = static_cast<GridRule>(p.prompts.grid_rule);
   o.grid_fraction = p.prompts.grid_fraction;
   o.skip_last = p.prompts.gbmseg_skip_last != 0;

@@ -13,6 +13,7 @@ constexpr const char* kNames[] = {"sat", "gbmseg"};
 // Sets the fields preset `name` decides; false for a name the C++ pipeline does not run.
 inline bool apply(const char* name, refseg_params* p) {
   if (std::strcmp(name, "sat") == 0) {
+    p->prompts.patch_size = 14;
     p->prompts.grid_rule = REFSEG_GRID_ALL;
     p->prompts.grid_fraction = 0.95;
     p->prompts.gbmseg_skip_last = 0;
@@ -38,6 +39,7 @@ inline bool apply(const char* name, refseg_params* p) {
     return true;
   }
   if (std::strcmp(name, "gbmseg") == 0) {
+    p->prompts.patch_size = 14;
     p->prompts.grid_rule = REFSEG_GRID_ALL;
     p->prompts.grid_fraction = 0.95;
     p->prompts.gbmseg_skip_last = 1;

@@ -58,10 +58,13 @@ refseg_status refseg_grid_labels(const uint8_t* mask, int32_t side, int64_t stri
                                  const refseg_prompt_params* params, int8_t* out_labels) {
   return guarded("refseg_grid_labels", [&] {
     require(mask && params && out_labels, "mask, params and out_labels must not be NULL");
-    require(side > 0 && side % kPatchSize == 0, "side " + std::to_string(side) + " is not a positive multiple of 14");
-    require(stride >= side, "stride " + std::to_string(stride) + " is smaller than the side " + std::to_string(side));
     check_grid(*params);
-    const auto labels = binary_to_grid(mask, side, stride, static_cast<GridRule>(params->grid_rule),
+    const int patch = params->patch_size;
+    require(patch > 0, "params->patch_size must be positive (the encoder's patch side: 14 DINOv2, 16 DINOv3)");
+    require(side > 0 && side % patch == 0,
+            "side " + std::to_string(side) + " is not a positive multiple of the patch size " + std::to_string(patch));
+    require(stride >= side, "stride " + std::to_string(stride) + " is smaller than the side " + std::to_string(side));
+    const auto labels = binary_to_grid(mask, side, stride, patch, static_cast<GridRule>(params->grid_rule),
                                        params->grid_fraction, params->gbmseg_skip_last != 0);
     std::copy(labels.begin(), labels.end(), out_labels);
   });

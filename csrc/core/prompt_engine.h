@@ -17,7 +17,9 @@
 
 namespace refseg {
 
-constexpr int kPatchSize = 14;
+// Patch side of exports whose manifest predates the "patch_size" field (DINOv2); everything else takes the
+// patch size as a parameter (refseg_prompt_params.patch_size, the manifest's "patch_size").
+constexpr int kDefaultPatchSize = 14;
 constexpr int8_t kFG = 1, kBG = 0, kIgnore = -1;
 
 struct Point {
@@ -28,12 +30,12 @@ using PointList = std::vector<Point>;
 enum class GridRule { All, Any, Fraction };
 
 // (S, S) mask (non-zero = FG, row-major, row stride `stride` bytes) -> (G, G) labels {1, 0, -1},
-// G = S / 14, cell i = row * G + col.
-std::vector<int8_t> binary_to_grid(const uint8_t* mask, int side, int64_t stride, GridRule rule,
+// G = S / patch (the encoder's patch side: 14 DINOv2, 16 DINOv3), cell i = row * G + col.
+std::vector<int8_t> binary_to_grid(const uint8_t* mask, int side, int64_t stride, int patch, GridRule rule,
                                    double fraction, bool skip_last);
 
 // Flat patch index (-1 allowed: row -1, column G - 1) -> (x, y) target pixel of the cell centre,
-// (14 col + 7) * W / S rounded half to even.
+// (P col + P / 2) * W / S rounded half to even, P = S / G the patch side.
 Point cell_to_pixel(int64_t index, int grid_size, int image_size, int height, int width);
 
 // Option values come from refseg_params (csrc/api/params.cpp, presets generated from refseg.config): the

@@ -59,8 +59,10 @@
 
 /* Bumped on every incompatible change of this header (structs, signatures, semantics).
  * 2: model / context split (refseg_engine_* removed), class label maps, n-shot, batches, log callback,
- *    refseg_last_error(void), new params fields, prompt-engine entry points of refseg._C. */
-#define REFSEG_API_VERSION 2
+ *    refseg_last_error(void), new params fields, prompt-engine entry points of refseg._C.
+ * 3: refseg_prompt_params.patch_size (the matching encoder's patch side: 14 DINOv2, 16 DINOv3; exports record
+ *    it in their manifest). */
+#define REFSEG_API_VERSION 3
 
 #ifdef __cplusplus
 extern "C" {
@@ -107,13 +109,16 @@ typedef struct refseg_point {
 } refseg_point;
 
 typedef enum refseg_grid_rule {
-  REFSEG_GRID_ALL = 0,      /* FG when all 14x14 pixels are FG, BG when none is, else ignored */
+  REFSEG_GRID_ALL = 0,      /* FG when all patch_size x patch_size pixels are FG, BG when none is, else ignored */
   REFSEG_GRID_ANY = 1,      /* FG when any pixel is FG, else BG */
   REFSEG_GRID_FRACTION = 2  /* FG / BG when its share is >= grid_fraction, else ignored */
 } refseg_grid_rule;
 
 /* Knobs of the prompt engine; field meanings as in refseg's SegmenterConfig of the same names. */
 typedef struct refseg_prompt_params {
+  int32_t patch_size;        /* the matching encoder's patch side in pixels (14 DINOv2, 16 DINOv3): grid cells are
+                                patch_size x patch_size pixels of the S x S mask. refseg_model_load: the export's
+                                (manifest "patch_size", 14 for older exports) when 0, else it must equal it */
   int32_t grid_rule;         /* a refseg_grid_rule (an int so any value can be checked safely) */
   double grid_fraction;
   int gbmseg_skip_last;      /* bool: ignore the last grid row and column */
@@ -147,7 +152,7 @@ typedef struct refseg_params {
   double min_component_fraction;  /* drop components smaller than this share of the largest; 0 = off */
   int fill_holes;                 /* bool */
   /* -- the runtime */
-  int image_size;                 /* DINOv2 side S the export must have; 0 = take the export's */
+  int image_size;                 /* encoder input side S the export must have; 0 = take the export's */
   int num_threads;                /* LibTorch intra-op threads (process-wide); 0 = LibTorch's default */
   int max_parallel_runs;          /* contexts whose model stages may run at the same moment (AOTInductor
                                      runners sharing the weights); 0 = 4 */
@@ -184,9 +189,9 @@ REFSEG_API refseg_status refseg_model_load(const char* artifact_dir, const refse
                                            refseg_model** out_model);
 /* Release the model (NULL is a no-op). Every context of it must have been freed. */
 REFSEG_API void refseg_model_free(refseg_model* model);
-/* The params the model was loaded with (image_size: the export's S). */
+/* The params the model was loaded with (image_size: the export's S; prompts.patch_size: its encoder's patch). */
 REFSEG_API refseg_status refseg_model_params(const refseg_model* model, refseg_params* out);
-/* DINOv2 input side S of the export (0 for NULL). */
+/* Matching-encoder input side S of the export (0 for NULL). */
 REFSEG_API int32_t refseg_model_image_size(const refseg_model* model);
 /* "aoti-cpu" or "tensorrt" ("" for NULL). */
 REFSEG_API const char* refseg_model_backend(const refseg_model* model);
@@ -203,7 +208,7 @@ REFSEG_API void refseg_context_set_progress(refseg_context* context, refseg_prog
 
 /* Add one reference shot: `image` and its `mask` (same size; mask channels = 1). Mask values are classes:
  * 0 = background, every other value v = class v (a 0/255 mask is one class, 255). Every class of the mask must
- * cover at least one whole 14x14 patch at the model's S (grid rule), or the call fails. Repeated calls add
+ * cover at least one whole patch (patch_size x patch_size pixels) at the model's S (grid rule), or the call fails. Repeated calls add
  * shots (n-shot: reference patches are pooled; a class absent from a shot is background there);
  * refseg_context_clear_references forgets them. */
 REFSEG_API refseg_status refseg_context_set_reference(refseg_context* context, const refseg_image* image,
@@ -230,8 +235,8 @@ REFSEG_API refseg_status refseg_context_segment_batch(refseg_context* context, c
  * The stages of refseg's Python pipeline that run in C++ (also behind refseg._C). Reentrant. */
 
 /* Reference mask already resized to side x side (non-zero = FG, `stride` bytes per row) -> grid
- * labels out_labels[(side/14)^2] (1 FG, 0 BG, -1 ignored), cell i = row * (side/14) + col.
- * side must be a positive multiple of 14. */
+ * labels out_labels[G^2] (1 FG, 0 BG, -1 ignored), G = side / params->patch_size, cell i = row * G + col.
+ * params->patch_size must be positive and divide side. */
 REFSEG_API refseg_status refseg_grid_labels(const uint8_t* mask, int32_t side, int64_t stride,
                                             const refseg_prompt_params* params, int8_t* out_labels);
 

@@ -33,14 +33,21 @@ Manifest read_manifest(const std::string& dir) {
       throw json::Error("manifest format " + (format ? format->text : std::string("missing")) +
                             ", this refseg reads format " + std::to_string(kManifestFormat) + "; export again",
                         0);
+    const json::Value* patch = root.find("patch_size");
+    const int64_t p = patch ? patch->as_int("patch_size") : kDefaultPatchSize;  // older exports: DINOv2's 14
+    if (p <= 0 || p > 1024) throw json::Error("patch_size " + std::to_string(p) + " is not in [1, 1024]", 0);
+    m.patch_size = static_cast<int>(p);
+    const json::Value* encoder = root.find("encoder");
+    m.encoder = encoder ? encoder->as_string("encoder") : "dinov2";
     const json::Value* size = root.find("image_size");
     if (!size) throw json::Error("no image_size", 0);
     const int64_t s = size->as_int("image_size");
-    if (s <= 0 || s % kPatchSize || s > 1 << 16)
-      throw json::Error("image_size " + std::to_string(s) + " is not a positive multiple of 14", 0);
+    if (s <= 0 || s % p || s > 1 << 16)
+      throw json::Error("image_size " + std::to_string(s) + " is not a positive multiple of the patch size " +
+                            std::to_string(p), 0);
     m.image_size = static_cast<int>(s);
     if (const json::Value* models = root.find("models")) {
-      if (const json::Value* d = models->find("dinov2")) m.dinov2_model = d->as_string("models.dinov2");
+      if (const json::Value* d = models->find(m.encoder)) m.dinov2_model = d->as_string("models." + m.encoder);
       if (const json::Value* d = models->find("sam")) m.sam_model = d->as_string("models.sam");
     }
     if (const json::Value* graphs = root.find("graphs")) {

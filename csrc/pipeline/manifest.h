@@ -14,14 +14,16 @@ struct Manifest {
   std::string path;          // the manifest file, for messages
   std::string kind;          // "aoti" (AOTInductor packages) or "onnx" (graphs for TensorRT engines)
   std::string device;        // aoti: the device the packages were compiled for ("cpu", "cuda")
-  int image_size = 0;        // DINOv2 input side S
-  std::string dinov2_model;  // models.dinov2 / models.sam ("" when absent)
+  int image_size = 0;        // matching-encoder input side S
+  int patch_size = 0;        // its patch side ("patch_size"; kDefaultPatchSize when absent: older DINOv2 exports)
+  std::string encoder;       // "dinov2" or "dinov3" ("encoder"; "dinov2" when absent)
+  std::string dinov2_model;  // models.dinov2 (or models.dinov3) / models.sam ("" when absent)
   std::string sam_model;
   std::map<std::string, std::vector<std::string>> graph_files;  // graphs.<name>.files
 };
 
 // Reads DIR/manifest.json; throws ArtifactError naming the file and the problem (no manifest, bad JSON,
-// another format version, missing or mistyped keys, an export of neither kind, S not a multiple of 14).
+// another format version, missing or mistyped keys, an export of neither kind, S not a multiple of the patch size).
 Manifest read_manifest(const std::string& dir);
 
 }  // namespace refseg

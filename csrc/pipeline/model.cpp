@@ -24,6 +24,16 @@ Model::Model(const std::string& artifact_dir, const PipelineOptions& options) : 
     throw ArtifactError(artifact_dir + ": exported for image_size " + std::to_string(side) + ", params ask for " +
                         std::to_string(options.expect_image_size));
   m.options.expect_image_size = side;
+  const int patch = m.manifest.patch_size;
+  if (options.expect_patch_size && options.expect_patch_size != patch)
+    throw ArtifactError(artifact_dir + ": its encoder (" + m.manifest.encoder + ") has " + std::to_string(patch) +
+                        "-px patches, params ask for " + std::to_string(options.expect_patch_size) +
+                        " (prompts.patch_size: 0 takes the export's)");
+  m.options.expect_patch_size = patch;
+  if (m.manifest.encoder != "dinov2")
+    log(LogLevel::Warn, "model " + artifact_dir + ": encoder " + m.manifest.encoder + " matched without "
+                           "feature_debias (the C++ pipeline has no positional projection; refseg's Python "
+                           "pipeline applies it for DINOv3)");
   if (m.manifest.kind == "onnx") {
 #ifdef REFSEG_HAVE_TENSORRT
     m.backend = load_tensorrt(artifact_dir, options.cuda_device, side);
@@ -40,14 +50,16 @@ Model::Model(const std::string& artifact_dir, const PipelineOptions& options) : 
   }
   m.backend_name = m.backend->name();
   if (options.num_threads > 0) at::set_num_threads(options.num_threads);
-  log(LogLevel::Info, "model " + artifact_dir + ": " + m.backend_name + ", DINOv2 " + m.manifest.dinov2_model +
-                          " at S=" + std::to_string(side) + ", SAM " + m.manifest.sam_model);
+  log(LogLevel::Info, "model " + artifact_dir + ": " + m.backend_name + ", " + m.manifest.encoder + " " +
+                          m.manifest.dinov2_model + " at S=" + std::to_string(side) + " (patch " +
+                          std::to_string(patch) + "), SAM " + m.manifest.sam_model);
 }
 
 Model::~Model() = default;
 
 const PipelineOptions& Model::options() const { return impl_->options; }
 int Model::image_size() const { return impl_->manifest.image_size; }
+int Model::patch_size() const { return impl_->manifest.patch_size; }
 const std::string& Model::backend_name() const { return impl_->backend_name; }
 const Backend& Model::backend() const { return *impl_->backend; }
 

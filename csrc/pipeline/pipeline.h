@@ -29,6 +29,7 @@ struct PipelineOptions {
   CleanOptions clean;
   int num_threads = 0;         // 0: LibTorch's default
   int expect_image_size = 0;   // 0: take the export's
+  int expect_patch_size = 0;   // 0: take the export's (the Model sets both to the export's values)
   int max_parallel_runs = 1;   // AOTInductor runners per package (weights shared)
   int cuda_device = 0;         // TensorRT engines: the CUDA device they run on
 };
@@ -70,6 +71,7 @@ class Model {
 
   const PipelineOptions& options() const;
   int image_size() const;
+  int patch_size() const;  // the export's encoder patch side (manifest "patch_size", 14 for older exports)
   const std::string& backend_name() const;  // "aoti-cpu" / "tensorrt"
   const Backend& backend() const;
 

@@ -144,7 +144,7 @@ struct Session::Impl {
 
   // prompts.prompts_from_candidates: one prompt set per class
   std::vector<PromptSet> prompts(const Candidates& cand, int height, int width) {
-    const int g = side / kPatchSize, nt = cand.nt;
+    const int g = side / model.patch_size(), nt = cand.nt;
     std::vector<PromptSet> sets;
     for (int c = 0; c < cand.classes; ++c) {
       const size_t at = static_cast<size_t>(c) * nt;
@@ -248,14 +248,17 @@ void Session::add_reference(const ImageView& image, const ImageView& mask, const
       for (int x = 0; x < mask.width; ++x)
         bin[static_cast<size_t>(y) * mask.width + x] = mask.data[y * mask.stride + x * mask.channels] == c ? 255 : 0;
     const auto resized = resize_like_pil(bin.data(), mask.width, mask.height, 1, mask.width, S, S, Filter::Bicubic);
-    auto grid = binary_to_grid(resized.data(), S, S, s.opt.grid_rule, s.opt.grid_fraction, s.opt.skip_last);
+    auto grid = binary_to_grid(resized.data(), S, S, s.model.patch_size(), s.opt.grid_rule, s.opt.grid_fraction,
+                               s.opt.skip_last);
     if (std::none_of(grid.begin(), grid.end(), [](int8_t v) { return v == kFG; })) empty.push_back(c);
     shot.grids.emplace(static_cast<uint8_t>(c), std::move(grid));
   }
   if (!empty.empty()) {
     std::string list;
     for (int c : empty) list += (list.empty() ? "" : ", ") + std::to_string(c);
-    throw std::invalid_argument("reference mask: class(es) [" + list + "] cover no whole 14x14 patch at image_size " +
+    const std::string p = std::to_string(s.model.patch_size());
+    throw std::invalid_argument("reference mask: class(es) [" + list + "] cover no whole " + p + "x" + p +
+                                " patch at image_size " +
                                 std::to_string(S) + " (use a larger export or grid rule any / fraction)");
   }
   if (progress && !progress("reference", 0.0f)) throw Cancelled("cancelled by the progress callback");

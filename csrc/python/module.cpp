@@ -42,15 +42,19 @@ int32_t grid_rule(const std::string& rule) {
   throw std::invalid_argument("grid rule '" + rule + "' is not one of all, any, fraction");
 }
 
-py::array_t<int8_t> grid_labels(Arr<uint8_t> mask, const std::string& rule, double fraction, bool skip_last) {
+py::array_t<int8_t> grid_labels(Arr<uint8_t> mask, const std::string& rule, double fraction, bool skip_last,
+                                int patch_size) {
   need_dims(mask, 3, "mask");
   const py::ssize_t k = mask.shape(0), s = mask.shape(1);
-  if (mask.shape(2) != s || s % 14 || s == 0) throw std::invalid_argument("mask must be (K, S, S) with S a multiple of 14");
+  if (patch_size <= 0 || mask.shape(2) != s || s % patch_size || s == 0)
+    throw std::invalid_argument("mask must be (K, S, S) with S a multiple of the patch size " +
+                                std::to_string(patch_size));
   refseg_prompt_params p = refseg_default_prompt_params();
+  p.patch_size = patch_size;
   p.grid_rule = grid_rule(rule);
   p.grid_fraction = fraction;
   p.gbmseg_skip_last = skip_last;
-  const py::ssize_t g = s / 14;
+  const py::ssize_t g = s / patch_size;
   py::array_t<int8_t> out({k, g, g});
   for (py::ssize_t i = 0; i < k; ++i)
     check(refseg_grid_labels(mask.data() + i * s * s, static_cast<int32_t>(s), s, &p, out.mutable_data() + i * g * g));
@@ -198,7 +202,8 @@ py::array_t<bool> clean_mask(Arr<uint8_t> mask, bool keep_largest, double min_co
 py::dict params_dict(const refseg_params& p) {
   py::dict d;
   const refseg_prompt_params& q = p.prompts;
-  d["grid_rule"] = q.grid_rule, d["grid_fraction"] = q.grid_fraction, d["gbmseg_skip_last"] = q.gbmseg_skip_last;
+  d["patch_size"] = q.patch_size, d["grid_rule"] = q.grid_rule, d["grid_fraction"] = q.grid_fraction;
+  d["gbmseg_skip_last"] = q.gbmseg_skip_last;
   d["gbmseg_offimage_quirk"] = q.gbmseg_offimage_quirk, d["radius_in_pixels"] = q.radius_in_pixels;
   d["pos_radius"] = q.pos_radius, d["neg_radius"] = q.neg_radius, d["exclusion_radius"] = q.exclusion_radius;
   d["hard_radius"] = q.hard_radius, d["kmeans_k"] = q.kmeans_k, d["kmeans_iters"] = q.kmeans_iters;
@@ -237,7 +242,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("fallback", &refseg_prompt_params::fallback)
       .def_readwrite("use_box", &refseg_prompt_params::use_box);
   m.def("grid_labels", &grid_labels, "(K, S, S) uint8 masks -> (K, G, G) int8 labels (refseg_grid_labels)",
-        py::arg("mask"), py::arg("rule"), py::arg("fraction"), py::arg("skip_last"));
+        py::arg("mask"), py::arg("rule"), py::arg("fraction"), py::arg("skip_last"), py::arg("patch_size"));
   m.def("match_nn", &match_nn, "nearest-neighbour match indices -> candidate masks (B, C, Nt) (refseg_match_candidates)",
         py::arg("fwd"), py::arg("far"), py::arg("fwd_val"), py::arg("bwd"), py::arg("labels"), py::arg("cosine"),
         py::arg("cycle_check"), py::arg("hard_negatives"), py::arg("fallback"), py::arg("offimage_quirk"));

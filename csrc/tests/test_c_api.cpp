@@ -15,7 +15,7 @@ int main() {
   CHECK(refseg_api_version() == REFSEG_API_VERSION);
   CHECK(std::string(refseg_status_string(REFSEG_ERR_INVALID_ARGUMENT)) == "REFSEG_ERR_INVALID_ARGUMENT");
   const refseg_prompt_params params = refseg_default_prompt_params();
-  CHECK(params.kmeans_k == 16 && params.pos_radius == 0.125 && params.fallback == 1);
+  CHECK(params.kmeans_k == 16 && params.pos_radius == 0.125 && params.fallback == 1 && params.patch_size == 14);
 
   // ---- refseg_grid_labels
   std::vector<uint8_t> mask(28 * 28, 255);
@@ -24,7 +24,7 @@ int main() {
   CHECK(error_mentions("NULL"));
   CHECK(refseg_grid_labels(mask.data(), 28, 28, nullptr, labels.data()) == REFSEG_ERR_INVALID_ARGUMENT);
   CHECK(refseg_grid_labels(mask.data(), 0, 28, &params, labels.data()) == REFSEG_ERR_INVALID_ARGUMENT);
-  CHECK(error_mentions("multiple of 14"));
+  CHECK(error_mentions("multiple of the patch size 14"));
   CHECK(refseg_grid_labels(mask.data(), 27, 28, &params, labels.data()) == REFSEG_ERR_INVALID_ARGUMENT);
   CHECK(refseg_grid_labels(mask.data(), 28, 10, &params, labels.data()) == REFSEG_ERR_INVALID_ARGUMENT);
   CHECK(error_mentions("stride"));
@@ -41,6 +41,20 @@ int main() {
   CHECK(refseg_grid_labels(mask.data(), 28, 28, &params, labels.data()) == REFSEG_OK);
   CHECK(labels[0] == -1 && labels[1] == 1 && labels[2] == 1 && labels[3] == 1);
   CHECK(std::string(refseg_last_error()).find("refseg_grid_labels") == 0);  // last failure stays
+  // DINOv3's 16-px patches: a 32 x 32 mask is a 2 x 2 grid; 28 is no multiple of 16; patch_size 0 is refused
+  refseg_prompt_params p16 = params;
+  p16.patch_size = 16;
+  std::vector<uint8_t> mask32(32 * 32, 0);
+  for (int y = 0; y < 16; ++y)
+    for (int x = 16; x < 32; ++x) mask32[y * 32 + x] = 255;  // cell 1 (row 0, column 1) all FG
+  mask32[31 * 32 + 31] = 255;                                  // one FG pixel in cell 3 -> ignored under "all"
+  CHECK(refseg_grid_labels(mask32.data(), 32, 32, &p16, labels.data()) == REFSEG_OK);
+  CHECK(labels[0] == 0 && labels[1] == 1 && labels[2] == 0 && labels[3] == -1);
+  CHECK(refseg_grid_labels(mask.data(), 28, 28, &p16, labels.data()) == REFSEG_ERR_INVALID_ARGUMENT);
+  CHECK(error_mentions("multiple of the patch size 16"));
+  p16.patch_size = 0;
+  CHECK(refseg_grid_labels(mask32.data(), 32, 32, &p16, labels.data()) == REFSEG_ERR_INVALID_ARGUMENT);
+  CHECK(error_mentions("patch_size"));
 
   // ---- refseg_engineer_prompts
   const refseg_point pos[3] = {{10, 10}, {12, 10}, {50, 50}};

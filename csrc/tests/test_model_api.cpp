@@ -54,7 +54,9 @@ static void offline_checks(const fs::path& scratch) {
   write(scratch / "manifest.json", "{\"format\": 1, \"image_size\": \"112\"}");
   CHECK(load(scratch, &m) == REFSEG_ERR_ARTIFACT && says("image_size: expected an integer"));
   write(scratch / "manifest.json", "{\"format\": 1, \"image_size\": 100}");
-  CHECK(load(scratch, &m) == REFSEG_ERR_ARTIFACT && says("multiple of 14"));
+  CHECK(load(scratch, &m) == REFSEG_ERR_ARTIFACT && says("multiple of the patch size 14"));  // no patch_size: 14
+  write(scratch / "manifest.json", "{\"format\": 1, \"image_size\": 120, \"patch_size\": 16, \"encoder\": \"dinov3\"}");
+  CHECK(load(scratch, &m) == REFSEG_ERR_ARTIFACT && says("multiple of the patch size 16"));
   // neither kind of export; a "device" key below the top level is not the export's device
   write(scratch / "manifest.json", "{\"format\": 1, \"image_size\": 112, \"graphs\": {\"x\": {\"device\": \"cpu\"}}}");
   CHECK(load(scratch, &m) == REFSEG_ERR_ARTIFACT && says("not an AOTInductor export"));
@@ -78,6 +80,15 @@ static void offline_checks(const fs::path& scratch) {
   refseg_params p = refseg_default_params();
   p.image_size = 224;  // mismatched with the export's 112
   CHECK(load(scratch, &m, &p) == REFSEG_ERR_ARTIFACT && says("224"));
+  // a DINOv3 export (16-px patches, S = 128) against the sat params' 14 -> refused before any package loads
+  const std::string size112 = "\"image_size\": 112";
+  std::string v3 = std::string(kAoti).replace(std::string(kAoti).find(size112), size112.size(),
+                                              "\"image_size\": 128, \"patch_size\": 16, \"encoder\": \"dinov3\"");
+  write(scratch / "manifest.json", v3);
+  CHECK(load(scratch, &m) == REFSEG_ERR_ARTIFACT && says("16-px patches") && says("14"));
+  p = refseg_default_params();
+  p.prompts.patch_size = 0;  // the export's: gets as far as the (corrupt) packages
+  CHECK(load(scratch, &m, &p) == REFSEG_ERR_ARTIFACT && says("cannot load"));
   write(scratch / "manifest.json", std::string(kAoti).replace(std::string(kAoti).find("\"cpu\""), 5, "\"cuda\""));
   CHECK(load(scratch, &m) == REFSEG_ERR_ARTIFACT && says("cuda"));
 #endif
@@ -140,6 +151,7 @@ static void live_checks(const char* export_dir) {
   refseg_params got;
   CHECK(refseg_model_params(model, &got) == REFSEG_OK && got.image_size == refseg_model_image_size(model));
   CHECK(got.image_size > 0 && got.image_size % 14 == 0 && got.max_parallel_runs == 2 && got.multimask_output == 1);
+  CHECK(got.prompts.patch_size == 14);  // the DINOv2 export's (its manifest's patch_size)
   CHECK(std::strcmp(refseg_model_backend(model), "aoti-cpu") == 0);
 
   refseg_context* ctx = nullptr;

@@ -1,5 +1,6 @@
 """Write the C++ prompt-engine fixtures with the torch path (REFSEG_DISABLE_NATIVE=1): random
-candidate sets on pixel lattices and off them, under several configs, plus grid-labelling cases.
+candidate sets on pixel lattices and off them, under several configs, plus grid-labelling cases at the
+DINOv2 (14) and DINOv3 (16) patch sizes.
 
     python csrc/tests/write_fixtures.py OUT_FILE
 """
@@ -58,15 +59,15 @@ def main(out_path: str) -> None:
             lines.append(f"{int(use_hard)} " + fmt_points(hard.tolist() if use_hard else []))
             lines.append(f"{n} " + " ".join(f"{x!r} {y!r} {lab}" for (x, y), lab in zip(pts, labels)))
             lines.append(" ".join(repr(v) for v in box))
-    for rule_id, (rule, fraction, skip) in enumerate([("all", 0.95, False), ("any", 0.95, True),
-                                                      ("fraction", 0.7, False)]):
-        side = 56
-        coarse = torch.rand(1, 1, 5, 5, generator=gen)
-        mask = torch.nn.functional.interpolate(coarse, size=(side, side), mode="bilinear")[0, 0] > 0.5
-        labels = binary_to_grid(mask, rule=rule, fraction=fraction, skip_last=skip)
-        bits = "".join("1" if v else "0" for v in mask.flatten().tolist())
-        lines.append(f"grid {side} {rule_id} {fraction!r} {int(skip)} {bits}")
-        lines.append(" ".join(str(v) for v in labels.flatten().tolist()))
+    for patch, side in ((14, 56), (16, 64)):
+        for rule_id, (rule, fraction, skip) in enumerate([("all", 0.95, False), ("any", 0.95, True),
+                                                          ("fraction", 0.7, False)]):
+            coarse = torch.rand(1, 1, 5, 5, generator=gen)
+            mask = torch.nn.functional.interpolate(coarse, size=(side, side), mode="bilinear")[0, 0] > 0.5
+            labels = binary_to_grid(mask, patch_size=patch, rule=rule, fraction=fraction, skip_last=skip)
+            bits = "".join("1" if v else "0" for v in mask.flatten().tolist())
+            lines.append(f"grid {side} {patch} {rule_id} {fraction!r} {int(skip)} {bits}")
+            lines.append(" ".join(str(v) for v in labels.flatten().tolist()))
     with open(out_path, "w", encoding="utf-8") as handle:
         handle.write("\n".join(lines) + "\n")
 

@@ -5,7 +5,7 @@ defaults for Python and C++.
     python csrc/tools/gen_presets.py --check    # exit 1 when the header differs from what it would write
 
 Only presets the C++ pipeline runs are written: method "match" with the nearest-neighbour matcher, the
-x_norm_patchtokens features of the export and SAM's own pre-processing (not MedSAM). tests/test_cpp_defaults.py
+x_norm_patchtokens features of the export, SAM's own pre-processing (not MedSAM) and no feature debias. tests/test_cpp_defaults.py
 checks the header is current and compares refseg_default_params() / refseg_preset_params() with the presets.
 """
 from __future__ import annotations
@@ -21,9 +21,10 @@ GRID_RULES = {"all": "REFSEG_GRID_ALL", "any": "REFSEG_GRID_ANY", "fraction": "R
 
 
 def runs_in_cpp(config: SegmenterConfig) -> bool:
-    """True for the presets the C++ pipeline implements."""
+    """True for the presets the C++ pipeline implements (it has no positional projection: ``feature_debias``
+    resolving to ``none``, i.e. DINOv2 presets)."""
     return (config.method == "match" and config.matcher == "nn" and config.feature_key == "x_norm_patchtokens"
-            and config.sam != "medsam")
+            and config.sam != "medsam" and config.debias == "none")
 
 
 def c_fields(config: SegmenterConfig) -> list[tuple[str, str]]:
@@ -35,6 +36,7 @@ def c_fields(config: SegmenterConfig) -> list[tuple[str, str]]:
         return repr(float(value))
 
     return [
+        ("prompts.patch_size", str(config.patch_size)),
         ("prompts.grid_rule", GRID_RULES[config.grid_rule]),
         ("prompts.grid_fraction", f(config.grid_fraction)),
         ("prompts.gbmseg_skip_last", b(config.gbmseg_skip_last)),

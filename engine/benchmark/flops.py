@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 from refseg.models.dinov2 import DINOV2_SPECS
+from refseg.models.dinov3 import DINOV3_SPECS
 from refseg.models.sam import SAM_SPECS
 
 SAM_DECODER_DIM = 256       # transformer width of the prompt encoder / mask decoder
@@ -44,20 +45,37 @@ def vit_block_macs(tokens: int, dim: int, ffn_macs_per_token: int, attn_tokens: 
     return projections + attention + tokens * ffn_macs_per_token
 
 
+def plain_vit_flops(patches: int, extra_tokens: int, dim: int, depth: int, ffn_macs_per_token: int,
+                    patch_size: int, batch: int = 1) -> float:
+    """FLOPs of a plain ViT (DINOv2, DINOv3): patch embedding of ``patches`` patches, then ``depth`` global
+    blocks on the patches plus ``extra_tokens`` (cls, registers). DINOv3's rotary position terms are
+    element-wise (not counted)."""
+    macs = patches * dim * 3 * patch_size ** 2
+    macs += depth * vit_block_macs(patches + extra_tokens, dim, ffn_macs_per_token)
+    return 2.0 * macs * batch
+
+
 def dinov2_flops(name: str = "vitb14", image_size: int = 518, batch: int = 1) -> float:
     """FLOPs of ``forward_features`` of DINOv2 ``name`` on ``batch`` images of ``image_size``²."""
     spec = DINOV2_SPECS[name]
     grid = image_size // spec.patch_size
-    tokens = grid * grid + 1 + spec.num_register_tokens
     d = spec.embed_dim
     if spec.ffn == "swiglu":
         hidden = _swiglu_hidden(d, spec.mlp_ratio)
         ffn = 3 * d * hidden  # w12: D -> 2h, w3: h -> D
     else:
         ffn = 2 * d * int(d * spec.mlp_ratio)
-    patch = grid * grid * d * 3 * spec.patch_size ** 2
-    macs = patch + spec.depth * vit_block_macs(tokens, d, ffn)
-    return 2.0 * macs * batch
+    return plain_vit_flops(grid * grid, 1 + spec.num_register_tokens, d, spec.depth, ffn, spec.patch_size, batch)
+
+
+def dinov3_flops(name: str = "vitb16", image_size: int | tuple[int, int] = 512, batch: int = 1) -> float:
+    """FLOPs of ``forward_features`` of DINOv3 ``name`` on ``batch`` images of ``image_size``² (or (H, W))."""
+    spec = DINOV3_SPECS[name]
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    patches = (height // spec.patch_size) * (width // spec.patch_size)
+    d, hidden = spec.embed_dim, spec.ffn_hidden
+    ffn = (3 if spec.ffn == "swiglu" else 2) * d * hidden  # w1, w2: D -> h, w3: h -> D | fc1, fc2
+    return plain_vit_flops(patches, 1 + spec.num_register_tokens, d, spec.depth, ffn, spec.patch_size, batch)
 
 
 def sam_encoder_flops(name: str = "vit_b", batch: int = 1) -> float:

@@ -18,18 +18,24 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-i", "--input", required=True, help="image, folder of images, volume, folder of volumes, "
                    "slide or folder of slides")
     p.add_argument("-o", "--output", required=True, help="output folder (a single volume: OUT.nii.gz)")
-    p.add_argument("--preset", default="sat", help="configuration preset: sat, gbmseg, protosam, topk, "
+    p.add_argument("--preset", default="sat", help="configuration preset: sat, sat-v3, gbmseg, protosam, topk, "
                    "matcher, persam (`refseg presets` lists their stages and models)")
     p.add_argument("--sam", help="SAM model name (vit_b, vit_l, vit_h, medsam); default: preset's")
     p.add_argument("--dinov2", help="DINOv2 model name (vits14 ... vitg14_reg); default: preset's")
+    p.add_argument("--dinov3", help="DINOv3 model name (vits16 ... vith16plus): match with DINOv3 (gated weights, "
+                   "looked up in $REFSEG_CHECKPOINT_DIR / ~/.cache/refseg, never downloaded)")
     p.add_argument("--sam-checkpoint", help="SAM checkpoint file (official format)")
     p.add_argument("--dinov2-checkpoint", help="DINOv2 checkpoint file (official format)")
+    p.add_argument("--dinov3-checkpoint", help="DINOv3 checkpoint: an official .pth or a Hugging Face folder "
+                   "(config.json + model.safetensors); matches with DINOv3, model inferred from it, the preset's "
+                   "image side rounded to a multiple of 16 unless --image-size")
     p.add_argument("-d", "--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--backend", default="torch", help="torch (default), onnxruntime, tensorrt, auto")
     p.add_argument("--engine-dir", help="folder written by `refseg export` (exported backends)")
     p.add_argument("--batch-size", type=int, help="items (images, slices, tiles) per model call; default: the "
                    "preset's, 1 for slides on a CPU")
-    p.add_argument("--image-size", type=int, help="DINOv2 input side S (multiple of 14)")
+    p.add_argument("--image-size", type=int, help="matching-encoder input side S (a multiple of 14 for DINOv2, "
+                   "16 for DINOv3)")
     p.add_argument("--metric", choices=["cosine", "euclidean"], help="feature matching metric")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "auto"],
                    help="encoder precision (auto: bf16 on CUDA with bf16, else fp16 there; fp32 on CPUs)")

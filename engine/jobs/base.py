@@ -85,7 +85,8 @@ class ItemPass:
 # a job run from Python (:func:`refseg.jobs.folder.run_folder`, ...) starts from these.
 JOB_ARGUMENTS: dict[str, Any] = {
     "reference": None, "reference_mask": None, "input": None, "output": None, "preset": "sat", "sam": None,
-    "dinov2": None, "sam_checkpoint": None, "dinov2_checkpoint": None, "device": "auto", "backend": "torch",
+    "dinov2": None, "sam_checkpoint": None, "dinov2_checkpoint": None, "dinov3": None, "dinov3_checkpoint": None,
+    "device": "auto", "backend": "torch",
     "engine_dir": None, "batch_size": None, "image_size": None, "metric": None, "precision": None,
     "compile": False, "overrides": [], "save_prompts": False, "overlay": False, "resume": False, "force": False,
     "progress": "auto", "ray": None, "ray_workers": None, "gpus_per_worker": None,
@@ -176,7 +177,8 @@ class Job(abc.ABC):
         for path, error in self.early_failures:
             self.summary.add_failure(path, error)
         settings = run_settings(self.spec.config, self.reference_digests(), args.sam_checkpoint,
-                                args.dinov2_checkpoint, args.backend, self.mode_settings())
+                                args.dinov2_checkpoint, args.backend, self.mode_settings(),
+                                dinov3_checkpoint=args.dinov3_checkpoint)
         store = ResumeStore(self.files.run_config, settings)
         done = {id(u) for u in self.units if args.resume and self.unit_done(u)}
         self.reuse = store.reuse(args.resume, args.force, outputs_exist=bool(done))

@@ -36,22 +36,25 @@ def _checkpoint(path) -> str | None:
 
 
 def run_settings(config, reference_digests: Sequence[str], sam_checkpoint=None, dinov2_checkpoint=None,
-                 backend: str = "torch", mode: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                 backend: str = "torch", mode: Mapping[str, Any] | None = None,
+                 dinov3_checkpoint=None) -> dict[str, Any]:
     """What decides the masks of a run (the fingerprinted part of ``run_config.json``).
 
     Args:
         config: the :class:`refseg.SegmenterConfig` as the job will use it.
         reference_digests: :func:`refseg.segmenter.reference_digest` of each reference, in order (volumes:
             of the reference volume and its labels).
-        sam_checkpoint, dinov2_checkpoint: files given explicitly (name and size are recorded).
+        sam_checkpoint, dinov2_checkpoint, dinov3_checkpoint: files (DINOv3: or Hugging Face folders) given
+            explicitly (name and size are recorded; ``dinov3`` only when given).
         backend: the backend name requested.
         mode: the job's own settings (window, labels, slices, tile size ...).
     """
     values = {k: v for k, v in config.to_dict().items() if k not in NOT_IN_FINGERPRINT}
+    checkpoints = {"sam": _checkpoint(sam_checkpoint), "dinov2": _checkpoint(dinov2_checkpoint)}
+    if dinov3_checkpoint is not None:
+        checkpoints["dinov3"] = _checkpoint(dinov3_checkpoint)
     return writers.jsonable({"config": values, "references": list(reference_digests), "backend": backend,
-                             "checkpoints": {"sam": _checkpoint(sam_checkpoint),
-                                             "dinov2": _checkpoint(dinov2_checkpoint)},
-                             "mode": dict(mode or {})})
+                             "checkpoints": checkpoints, "mode": dict(mode or {})})
 
 
 def fingerprint(settings: Mapping[str, Any]) -> str:

@@ -1,8 +1,9 @@
 """How a job builds its Segmenter: one picklable spec from the command line, used in-process and on Ray actors.
 
 :class:`SegmenterSpec` holds plain values (configuration, checkpoint files, device, backend, export folder,
-``--compile``, intensity window, torch threads); :meth:`SegmenterSpec.check` locates both checkpoints and
-checks the model names given with ``--dinov2`` / ``--sam`` without loading any model, and
+``--compile``, intensity window, torch threads); :meth:`SegmenterSpec.check` locates both checkpoints (the
+matching encoder's, DINOv2 or DINOv3, and SAM's) and checks the model names given with ``--dinov2`` /
+``--dinov3`` / ``--sam`` without loading any model, and
 :meth:`SegmenterSpec.build` loads the models. :class:`LocalRunner` is the in-process side of the job's
 segmentation switch (:class:`refseg.jobs.ray_pool.RayPool` the Ray side): both take reference shots,
 stream items and report the models they loaded.
@@ -24,15 +25,28 @@ Shot = tuple[np.ndarray, np.ndarray, str]
 
 
 def config_from_args(args: argparse.Namespace):
-    """The :class:`refseg.SegmenterConfig` of ``refseg segment``: ``--preset``, the explicit model / size
-    options, then every ``--set KEY=VALUE``."""
+    """The :class:`refseg.SegmenterConfig` of ``refseg segment``: ``--preset``; the matching encoder chosen by
+    ``--dinov3`` / ``--dinov3-checkpoint`` (DINOv3) or ``--dinov2`` / ``--dinov2-checkpoint`` (DINOv2), the
+    preset's input side rounded to its patch (:meth:`~refseg.SegmenterConfig.with_encoder`); the explicit
+    model / size options; then every ``--set KEY=VALUE``.
+
+    Raises:
+        ValueError: options naming both encoders.
+    """
     from refseg.config import SegmenterConfig
 
+    v3 = [f for f, v in (("--dinov3", args.dinov3), ("--dinov3-checkpoint", args.dinov3_checkpoint)) if v]
+    v2 = [f for f, v in (("--dinov2", args.dinov2), ("--dinov2-checkpoint", args.dinov2_checkpoint)) if v]
+    if v3 and v2:
+        raise ValueError(f"{' '.join(v2)} and {' '.join(v3)} name two matching encoders: give DINOv2 or DINOv3")
+    config = SegmenterConfig.from_preset(args.preset)
+    if v3 or v2:
+        config = config.with_encoder("dinov3" if v3 else "dinov2")
     explicit = {k: v for k, v in {
-        "sam": args.sam, "dinov2": args.dinov2, "batch_size": args.batch_size,
+        "sam": args.sam, "dinov2": args.dinov2, "dinov3": args.dinov3, "batch_size": args.batch_size,
         "image_size": args.image_size, "metric": args.metric, "precision": args.precision,
     }.items() if v is not None}
-    config = SegmenterConfig.from_preset(args.preset, **explicit)
+    config = config.replace(**explicit)
     return config.override_from_strings(args.overrides) if args.overrides else config
 
 
@@ -42,8 +56,8 @@ class SegmenterSpec:
 
     ``threads``: torch intra-op threads of the process that builds it (0 = leave torch's default);
     ``window``: :meth:`refseg.Segmenter.set_window` (``None`` = the reference's own window).
-    ``names_given``: the ``--dinov2`` / ``--sam`` names typed by the user, checked against the
-    checkpoint files by :meth:`check`.
+    ``names_given``: the ``--dinov2``, ``--dinov3`` and ``--sam`` names typed by the user, checked against the
+    checkpoint files by :meth:`check` (the encoder's by ``config.encoder``). ``dinov3_checkpoint``: a DINOv3 file or Hugging Face folder.
     """
 
     config: Any  # SegmenterConfig
@@ -55,7 +69,8 @@ class SegmenterSpec:
     compile: bool = False
     threads: int = 0
     window: Any = None  # refseg.io.intensity.Window
-    names_given: tuple[str | None, str | None] = (None, None)
+    names_given: tuple[str | None, str | None, str | None] = (None, None, None)
+    dinov3_checkpoint: str | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, config, window=None) -> "SegmenterSpec":
@@ -63,21 +78,30 @@ class SegmenterSpec:
         decode with ``fallback=False``)."""
         return cls(config, sam_checkpoint=args.sam_checkpoint, dinov2_checkpoint=args.dinov2_checkpoint,
                    device=args.device, backend=args.backend, engine_dir=args.engine_dir,
-                   compile=bool(args.compile), window=window, names_given=(args.dinov2, args.sam))
+                   compile=bool(args.compile), window=window, names_given=(args.dinov2, args.dinov3, args.sam),
+                   dinov3_checkpoint=args.dinov3_checkpoint)
+
+    @property
+    def encoder_checkpoint(self) -> str | None:
+        """The matching encoder's explicit checkpoint (``config.encoder``'s)."""
+        return self.dinov3_checkpoint if self.config.encoder == "dinov3" else self.dinov2_checkpoint
 
     def check(self) -> None:
-        """Locate both checkpoints (every missing one in one message) and refuse ``--dinov2`` / ``--sam``
-        names that contradict them; no model is loaded. Exported backends with an ``--engine-dir`` and no
+        """Locate both checkpoints (every missing one in one message; DINOv3's gated weights are looked up,
+        never downloaded) and refuse ``--dinov2`` / ``--dinov3`` / ``--sam`` names that contradict them (or a
+        checkpoint of another family); no model is loaded. Exported backends with an ``--engine-dir`` and no
         checkpoint need no file."""
         from refseg.models.build import check_model_names, resolve_model_checkpoints
 
-        if self.engine_dir is not None and not (self.dinov2_checkpoint or self.sam_checkpoint):
+        explicit = self.encoder_checkpoint
+        if self.engine_dir is not None and not (explicit or self.sam_checkpoint):
             return
-        dinov2_path, sam_path = resolve_model_checkpoints(self.config.dinov2, self.config.sam,
-                                                          self.dinov2_checkpoint, self.sam_checkpoint)
-        dinov2, sam = self.names_given
-        check_model_names(dinov2 if self.dinov2_checkpoint else None, sam if self.sam_checkpoint else None,
-                          dinov2_path, sam_path)
+        encoder_path, sam_path = resolve_model_checkpoints(self.config.encoder_model, self.config.sam, explicit,
+                                                           self.sam_checkpoint, encoder=self.config.encoder)
+        dinov2, dinov3, sam = self.names_given
+        name = dinov3 if self.config.encoder == "dinov3" else dinov2
+        check_model_names(name if explicit else None, sam if self.sam_checkpoint else None, encoder_path,
+                          sam_path, encoder=self.config.encoder)
 
     def build(self):
         """Load the models: a :class:`refseg.Segmenter` with this spec's window (no reference yet)."""
@@ -89,14 +113,17 @@ class SegmenterSpec:
             torch.set_num_threads(self.threads)
         segmenter = Segmenter(self.config, sam_checkpoint=self.sam_checkpoint,
                               dinov2_checkpoint=self.dinov2_checkpoint, device=self.device,
-                              backend=self.backend, engine_dir=self.engine_dir, compile=self.compile)
+                              backend=self.backend, engine_dir=self.engine_dir, compile=self.compile,
+                              dinov3_checkpoint=self.dinov3_checkpoint)
         return segmenter.set_window(self.window)
 
 
 def loaded_models(segmenter) -> dict[str, Any]:
-    """The models a Segmenter actually runs: DINOv2 and SAM names as loaded, backend and device."""
+    """The models a Segmenter actually runs: the matching encoder (DINOv2 or DINOv3) and SAM names as loaded,
+    backend and device."""
     config = segmenter.config
-    return {"dinov2": getattr(config, "dinov2", None), "sam": getattr(config, "sam", None),
+    encoder = getattr(config, "encoder", "dinov2")
+    return {encoder: getattr(config, encoder, None), "sam": getattr(config, "sam", None),
             "backend": getattr(getattr(segmenter, "backend", None), "name", None),
             "device": str(getattr(segmenter, "device", "cpu"))}
 

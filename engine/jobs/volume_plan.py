@@ -21,7 +21,7 @@ slices holding c, or those of ``reference_slices`` holding c):
   the output unchanged and not segmented.
 
 All labels are segmented together: one SAM encode per target slice, one prompt set per label. A reference
-slice contributes every requested label it holds (a label covering no whole 14 px patch of that slice is
+slice contributes every requested label it holds (a label covering no whole encoder patch of that slice is
 left out of it). Intensities of reference and target slices go through one :class:`Window`.
 
 Empty slices: a label whose prompt set has no positive point after the cycle check gets no mask on that
@@ -40,7 +40,6 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from refseg.config import PATCH_SIZE
 from refseg.io.intensity import DEFAULT_PERCENTILES, Window, auto_window
 from refseg.io.masks import as_label_map
 from refseg.io.volume import Volume, read_volume, reorientation, slice_view
@@ -152,8 +151,8 @@ def _covering(mask: np.ndarray, classes: list[int], config) -> list[int]:
     if not classes:
         return []
     stack = np.stack([resize_binary_mask(mask == c, config.image_size) for c in classes])
-    grids = binary_to_grid(torch.from_numpy(stack), rule=config.grid_rule, fraction=config.grid_fraction,
-                           skip_last=config.gbmseg_skip_last)
+    grids = binary_to_grid(torch.from_numpy(stack), patch_size=config.patch_size, rule=config.grid_rule,
+                           fraction=config.grid_fraction, skip_last=config.gbmseg_skip_last)
     return [c for c, grid in zip(classes, grids) if bool((grid == FG).any())]
 
 
@@ -217,7 +216,7 @@ def plan_volume(target: Volume | np.ndarray, reference_labels: Volume | np.ndarr
                 usable[c].append(s)
         small = [c for c in labels if not usable[c]]
         if small:
-            raise ValueError(f"{label_volume.path}: label(s) {small} cover no whole {PATCH_SIZE}-px patch on any "
+            raise ValueError(f"{label_volume.path}: label(s) {small} cover no whole {config.patch_size}-px patch on any "
                              f"reference slice at image_size {config.image_size}; use a larger --image-size or "
                              f"--set grid_rule=fraction")
         holds = {c: np.asarray(v) for c, v in usable.items()}

@@ -111,20 +111,32 @@ def _is_dinov3(state: dict) -> bool:
     return "rope_embed.periods" in state or "storage_tokens" in state or is_hf_layout(state)
 
 
-def _dinov3_state(path: Path) -> tuple[dict, str]:
-    """(official-key state dict, inferred model name) of a DINOv3 file or Hugging Face folder."""
+def _hf_folder(path: Path) -> Path | None:
+    """The Hugging Face folder ``path`` is, or whose ``model.safetensors`` it is; None for a single file."""
     if path.is_dir():
-        return load_hf_folder(path)
-    if path.suffix == ".safetensors" and (path.parent / CONFIG_NAME).is_file():
-        return load_hf_folder(path.parent)  # the model.safetensors of a hub folder
-    state = load_state_dict(path)
+        return path
+    return path.parent if path.suffix == ".safetensors" and (path.parent / CONFIG_NAME).is_file() else None
+
+
+def _official_dinov3_name(state: dict, path: Path) -> str:
+    """The model name of official-key DINOv3 weights read from ``path``; refuses hub weights without their
+    ``config.json`` and other families (naming the file)."""
     if is_hf_layout(state):
         raise CheckpointError(f"{path}: Hugging Face DINOv3 weights need their {CONFIG_NAME}: pass the folder "
                               f"that holds both")
     family = checkpoint_family(state)
     if family != "DINOv3":
         raise CheckpointError(f"{path}: this is a {family} checkpoint, not a DINOv3 one")
-    return state, infer_dinov3_name(state, str(path))
+    return infer_dinov3_name(state, str(path))
+
+
+def _dinov3_state(path: Path) -> tuple[dict, str]:
+    """(official-key state dict, inferred model name) of a DINOv3 file or Hugging Face folder."""
+    folder = _hf_folder(path)
+    if folder is not None:
+        return load_hf_folder(folder)
+    state = load_state_dict(path)
+    return state, _official_dinov3_name(state, path)
 
 
 def build_dinov3(name: str | None = None, checkpoint: PathLike | None = None) -> nn.Module:
@@ -193,23 +205,32 @@ def _layout(spec) -> tuple:
     return tuple(sorted(fields.items()))
 
 
-def resolve_model_checkpoints(dinov2: str | None = None, sam: str | None = None,
-                              dinov2_checkpoint: PathLike | None = None, sam_checkpoint: PathLike | None = None,
-                              download: bool = True) -> tuple[Path, Path]:
-    """Locate both checkpoint files before either is read; every problem is reported in one error.
+ENCODERS = {"dinov2": ("DINOv2", DINOV2_SPECS, DEFAULT_DINOV2), "dinov3": ("DINOv3", DINOV3_SPECS, DEFAULT_DINOV3)}
+"""The matching encoders: config name -> (display name, specs, default model)."""
 
-    ``dinov2`` / ``sam`` are model names (default ``vitb14`` / ``vit_b``) whose official file is looked up
-    (``$REFSEG_CHECKPOINT_DIR``, ``~/.cache/refseg``) when no explicit file is given. Nothing is
-    downloaded while an explicit file is missing; then missing official files are downloaded (``download``).
+
+def resolve_model_checkpoints(encoder_model: str | None = None, sam: str | None = None,
+                              encoder_checkpoint: PathLike | None = None, sam_checkpoint: PathLike | None = None,
+                              download: bool = True, encoder: str = "dinov2") -> tuple[Path, Path]:
+    """Locate both checkpoints (the matching encoder's and SAM's) before either is read; every problem is
+    reported in one error.
+
+    ``encoder_model`` / ``sam`` are model names (default ``vitb14`` or ``vitb16`` / ``vit_b``) whose official
+    file is looked up (``$REFSEG_CHECKPOINT_DIR``, ``~/.cache/refseg``; for DINOv3 also its Hugging Face folder)
+    when no explicit file is given. Nothing is downloaded while an explicit file or a gated one (DINOv3: never
+    downloaded) is missing; then missing official files are downloaded (``download``).
 
     Returns:
-        (dinov2 file, sam file).
+        (encoder file or folder, sam file).
 
     Raises:
-        CheckpointError: listing every missing file and where to put it. ValueError: unknown name.
+        CheckpointError: listing every missing file and where to put it. ValueError: unknown name or encoder.
     """
+    if encoder not in ENCODERS:
+        raise ValueError(f"unknown encoder {encoder!r}; choose one of {', '.join(ENCODERS)}")
+    kind, specs, default = ENCODERS[encoder]
     requests = []
-    for kind, specs, default, name, explicit in (("DINOv2", DINOV2_SPECS, DEFAULT_DINOV2, dinov2, dinov2_checkpoint),
+    for kind, specs, default, name, explicit in ((kind, specs, default, encoder_model, encoder_checkpoint),
                                                  ("SAM", SAM_SPECS, DEFAULT_SAM, sam, sam_checkpoint)):
         name = name or default
         if name not in specs:
@@ -223,8 +244,10 @@ def resolve_model_checkpoints(dinov2: str | None = None, sam: str | None = None,
         except CheckpointError as exc:
             found.append(None)
             problems.append(f"{kind}: {exc}")
-    explicit_missing = any(p is None and explicit is not None for p, (_, _, explicit) in zip(found, requests))
-    if problems and (explicit_missing or not download):
+    # a missing explicit or gated file cannot be fixed by downloading the others: report before any download
+    hopeless = any(p is None and (explicit is not None or source.url is None)
+                   for p, (_, source, explicit) in zip(found, requests))
+    if problems and (hopeless or not download):
         raise CheckpointError(f"{len(problems)} checkpoint(s) missing:\n  " + "\n  ".join(problems))
     problems = []
     for i, (kind, source, explicit) in enumerate(requests):  # pass 2: download the official files
@@ -252,23 +275,46 @@ def _peek_state_dict(path: Path) -> dict:
     return load_state_dict(path)
 
 
-def check_model_names(dinov2: str | None, sam: str | None, dinov2_checkpoint: PathLike,
-                      sam_checkpoint: PathLike) -> None:
-    """Refuse model names given explicitly (``--dinov2`` / ``--sam``) that contradict the architecture
-    of the checkpoint file. ``medsam`` fits any SAM ViT-B-layout file (MedSAM is a ViT-B fine-tune).
+def peek_dinov3_name(path: PathLike) -> str:
+    """The DINOv3 model a file or Hugging Face folder holds, read from its ``config.json`` or its keys and
+    shapes (memory-mapped where the format allows), without building the model.
+
+    Raises:
+        CheckpointError: not a DINOv3 checkpoint (the message names the file and what it is).
+    """
+    path = Path(path)
+    folder = _hf_folder(path)
+    if folder is not None:
+        from .dinov3_hf import read_config, spec_from_config
+
+        return spec_from_config(read_config(folder), str(folder)).name
+    return _official_dinov3_name(_peek_state_dict(path), path)
+
+
+def check_model_names(encoder_model: str | None, sam: str | None, encoder_checkpoint: PathLike,
+                      sam_checkpoint: PathLike, encoder: str = "dinov2") -> None:
+    """Refuse model names given explicitly (``--dinov2`` / ``--dinov3`` / ``--sam``) that contradict the
+    architecture of the checkpoint (a DINOv3 checkpoint also refuses being anything else). ``medsam`` fits
+    any SAM ViT-B-layout file (MedSAM is a ViT-B fine-tune).
 
     Raises:
         CheckpointError: naming the file, its architecture and the name asked for.
     """
     problems = []
-    if dinov2 is not None:
-        state = _peek_state_dict(Path(dinov2_checkpoint))
-        if "image_encoder.pos_embed" in state:
-            problems.append(f"{dinov2_checkpoint} is a SAM checkpoint, not DINOv2 {dinov2!r}")
+    if encoder == "dinov3":
+        found = peek_dinov3_name(encoder_checkpoint)  # also refuses a file of another family
+        if encoder_model is not None and found != encoder_model:
+            problems.append(f"--dinov3 {encoder_model} contradicts {encoder_checkpoint}, which holds DINOv3 {found}")
+    elif encoder_model is not None:
+        state = _peek_state_dict(Path(encoder_checkpoint))
+        family = checkpoint_family(state)
+        if family != "DINOv2":
+            problems.append(f"{encoder_checkpoint} is a {family} checkpoint, not DINOv2 {encoder_model!r}")
         else:
-            found = infer_dinov2_name(state, os.fspath(dinov2_checkpoint))
-            if found != dinov2:
-                problems.append(f"--dinov2 {dinov2} contradicts {dinov2_checkpoint}, which holds DINOv2 {found}")
+            found = infer_dinov2_name(state, os.fspath(encoder_checkpoint))
+            if found != encoder_model:
+                problems.append(f"--dinov2 {encoder_model} contradicts {encoder_checkpoint}, which holds DINOv2 "
+                                f"{found}")
     if sam is not None:
         state = _peek_state_dict(Path(sam_checkpoint))
         if "image_encoder.pos_embed" not in state:

@@ -135,17 +135,31 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def checkpoint_files(path: Path) -> list[Path]:
+    """The files a checkpoint consists of: the file itself, or for a Hugging Face folder (DINOv3) its
+    ``config.json``, ``*.safetensors`` and ``*.safetensors.index.json`` in name order (README and the like
+    do not count)."""
+    if not path.is_dir():
+        return [path]
+    return sorted(p for p in path.iterdir() if p.is_file() and (p.name == "config.json" or p.name.endswith(
+        (".safetensors", ".safetensors.index.json"))))
+
+
 def file_identity(path: str | os.PathLike | None, with_sha256: bool = False) -> dict | None:
-    """``{"path", "file", "size", "mtime_ns"}`` (plus ``"sha256"`` when asked) of a checkpoint file, or
-    ``None`` for ``None``: how export cache keys, export manifests and run fingerprints name a checkpoint
-    (each keeps the fields it needs)."""
+    """``{"path", "file", "size", "mtime_ns"}`` (plus ``"sha256"`` when asked) of a checkpoint file or
+    Hugging Face folder, or ``None`` for ``None``: how export cache keys, export manifests and run fingerprints
+    name a checkpoint (each keeps the fields it needs). A folder's size is its files' total, its mtime their
+    latest, its sha256 that of the lines ``<name> <sha256>`` of :func:`checkpoint_files`."""
     if path is None:
         return None
     path = Path(path).expanduser().resolve()
-    stat = path.stat()
-    record = {"path": str(path), "file": path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    files = checkpoint_files(path)
+    stats = [f.stat() for f in files]
+    record = {"path": str(path), "file": path.name, "size": sum(st.st_size for st in stats),
+              "mtime_ns": max((st.st_mtime_ns for st in stats), default=path.stat().st_mtime_ns)}
     if with_sha256:
-        record["sha256"] = sha256_file(path)
+        record["sha256"] = (sha256_file(path) if not path.is_dir() else hashlib.sha256("".join(
+            f"{f.name} {sha256_file(f)}\n" for f in files).encode()).hexdigest())
     return record
 
 

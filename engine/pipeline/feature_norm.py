@@ -15,16 +15,26 @@ place, whatever they show. Two training-free remedies, both on the tokens (B, N,
   (``x_b(p) - mean_b x_b(p)``). An additive component shared by all images at a position cancels
   exactly; it needs several images on one grid (with only two, each becomes the negative of the other).
 
-``"none"`` leaves the tokens as they are (DINOv2's presets). Matching code calls :func:`debias`.
+``"none"`` leaves the tokens as they are (DINOv2's presets). The pipeline offers ``"project"`` and ``"none"``
+through ``SegmenterConfig.feature_debias`` (``"auto"``: project for DINOv3, none for DINOv2): every method
+encodes references and targets with :func:`encode_for_matching`, which applies the projection with the basis
+of :func:`matching_basis` (computed once per backend, input side, rank and feature key, then cached, on the
+backend's device). ``"center"`` stays a library function: in the pipeline it would make a target's mask
+depend on the other images of its batch.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import threading
+import weakref
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from refseg.pipeline.features import IMAGENET_MEAN, IMAGENET_STD
+
+if TYPE_CHECKING:
+    from refseg.config import SegmenterConfig
 
 DEBIAS_MODES = ("none", "center", "project")
 DEFAULT_RANK = 20  # INSID3's rank for patch-to-patch correspondence (ViT-B); see the module docstring
@@ -132,3 +142,44 @@ def debias(tokens: torch.Tensor, mode: str, basis: torch.Tensor | None = None) -
             raise ValueError("debias: mode 'project' needs the positional basis (basis_from_encoder)")
         return project_out(tokens, basis)
     raise ValueError(f"debias: mode must be one of {DEBIAS_MODES}, got {mode!r}")
+
+
+_bases: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()  # backend -> {key: (D, k)}
+_bases_lock = threading.Lock()
+
+
+def matching_basis(backend, config: "SegmenterConfig") -> torch.Tensor | None:
+    """The positional basis (D, ``config.debias_rank``) float32 of ``backend``'s encoder at
+    ``config.image_size``, on the backend's device, or None when ``config.debias`` is not ``"project"``.
+
+    Computed once per (backend, S, rank, feature key) from :func:`blank_image` through
+    ``backend.encode_dinov2`` (the tokens the matcher uses) and cached for the backend's lifetime; the
+    first reference encoding computes it, so no batch of targets pays for it (on a GPU its SVD is the
+    only host synchronisation, once).
+    """
+    if config.debias != "project":
+        return None
+    key = (config.image_size, config.debias_rank, config.feature_key)
+    with _bases_lock:
+        cached = _bases.setdefault(backend, {})
+        if key not in cached:
+            blank = blank_image(config.image_size, config.image_size).to(backend.device)
+            with torch.inference_mode():
+                cached[key] = positional_basis(backend.encode_dinov2(blank), config.debias_rank)
+        return cached[key]
+
+
+def encode_for_matching(backend, images: torch.Tensor, config: "SegmenterConfig") -> torch.Tensor:
+    """Encode images for matching: ``backend.encode_dinov2`` then ``config.debias``.
+
+    Args:
+        backend: a :class:`refseg.runtime.backend.Backend` (its matching encoder, DINOv2 or DINOv3).
+        images: (B, 3, S, S) ImageNet-normalised float32, S = ``config.image_size``.
+
+    Returns:
+        (B, G², D) patch tokens: the encoder's as they are (``"none"``: float32, or fp16 / bf16 when the
+        encoders run in it), or projected and L2-normalised float32 (``"project"``), on the backend's device.
+    """
+    tokens = backend.encode_dinov2(images)
+    basis = matching_basis(backend, config)
+    return tokens if basis is None else project_out(tokens, basis)

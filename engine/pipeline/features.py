@@ -1,8 +1,10 @@
-"""Stage 1: image -> DINOv2 patch tokens on the 14-px grid.
+"""Stage 1: image -> the matching encoder's input (DINOv2 or DINOv3, S×S).
 
 Images are resized to S×S with PIL's bicubic filter (PIL's default, as the GBMSeg release did) and
-normalised with the ImageNet mean/std. Reference encodings are computed once by the Segmenter and
-reused for every target.
+normalised with the ImageNet mean/std (both DINO families use it). The patch size, and so the grid S/P,
+is the encoder's: :attr:`refseg.SegmenterConfig.patch_size`. Reference encodings are computed once by the
+Segmenter and reused for every target; :func:`refseg.pipeline.feature_norm.encode_for_matching` encodes and
+removes the positional component where the configuration asks for it.
 """
 from __future__ import annotations
 
@@ -14,14 +16,6 @@ from refseg.pipeline.accelerator import to_device
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-PATCH = 14
-
-
-def check_grid_size(size: int) -> int:
-    """Return the number of patches per side for an S×S DINOv2 input, or raise ValueError."""
-    if size <= 0 or size % PATCH:
-        raise ValueError(f"DINOv2 input side must be a positive multiple of {PATCH}, got {size}")
-    return size // PATCH
 
 
 def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
@@ -30,8 +24,10 @@ def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def dinov2_batch(images: list[np.ndarray], size: int) -> torch.Tensor:
-    """Stack RGB uint8 images (H, W, 3) into a normalised (B, 3, size, size) float32 tensor."""
-    check_grid_size(size)
+    """Stack RGB uint8 images (H, W, 3) into a normalised (B, 3, size, size) float32 tensor (the matching
+    encoder's input, DINOv2 or DINOv3; ``size`` is checked against the patch size by the config)."""
+    if size <= 0:
+        raise ValueError(f"encoder input side must be positive, got {size}")
     return normalize_resized(np.stack([resize_rgb(im, size) for im in images]))
 
 

@@ -1,4 +1,4 @@
-"""Stage 2: reference mask -> labels on the DINOv2 patch grid (1 = FG, 0 = BG, -1 = ignored).
+"""Stage 2: reference mask -> labels on the encoder's patch grid (1 = FG, 0 = BG, -1 = ignored).
 
 The mask is resized to S×S first. The GBMSeg release resized it with PIL's default filter (bicubic for
 8-bit images since Pillow 7) and then thresholded "non-zero", so a bicubic resize of a 0/255 mask
@@ -6,8 +6,10 @@ followed by ``> 0`` is the default here; ``resample="nearest"`` is available. La
 into one binary 0/255 mask per class value before resizing (interpolating label values would invent
 classes), giving one grid per class.
 
-Grid cells are 14×14 pixels of the S×S mask, indexed row-major like DINOv2's patch tokens: cell
-``i = row · G + col`` with G = S/14 has its centre at (x, y) = (14·col + 7, 14·row + 7) in S space.
+Grid cells are P×P pixels of the S×S mask, P the matching encoder's patch size
+(:attr:`refseg.SegmenterConfig.patch_size`: 14 for DINOv2, 16 for DINOv3), indexed row-major like the
+encoder's patch tokens: cell ``i = row · G + col`` with G = S/P has its centre at
+(x, y) = (P·col + P/2, P·row + P/2) in S space.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..config import PATCH_SIZE, SegmenterConfig
+from ..config import SegmenterConfig
 from . import native
 
 log = logging.getLogger(__name__)
@@ -59,11 +61,11 @@ def resize_binary_mask(mask: np.ndarray, image_size: int, resample: str = "bicub
     return np.asarray(img) > 0
 
 
-def binary_to_grid(mask: torch.Tensor, *, rule: str = "all", fraction: float = 0.95,
+def binary_to_grid(mask: torch.Tensor, *, patch_size: int, rule: str = "all", fraction: float = 0.95,
                    skip_last: bool = False) -> torch.Tensor:
-    """Reduce (..., S, S) boolean masks to (..., G, G) int8 cell labels, G = S/14 (vectorised).
+    """Reduce (..., S, S) boolean masks to (..., G, G) int8 cell labels, G = S / ``patch_size`` (vectorised).
 
-    Rules: ``all`` — FG when all 196 pixels are FG, BG when none is, else ignored (-1);
+    Rules: ``all`` — FG when all P² pixels of a cell are FG, BG when none is, else ignored (-1);
     ``any`` — FG when any pixel is FG, else BG; ``fraction`` — FG when the FG share is
     ≥ ``fraction``, BG when the BG share is ≥ ``fraction``, else ignored.
     ``skip_last`` marks the last grid row and column ignored (GBMSeg release quirk: its scan stopped
@@ -71,18 +73,18 @@ def binary_to_grid(mask: torch.Tensor, *, rule: str = "all", fraction: float = 0
     """
     if rule not in _RULES:
         raise ValueError(f"grid rule {rule!r} is not one of {', '.join(_RULES)}")
-    s = mask.shape[-1]
-    if mask.shape[-2] != s or s % PATCH_SIZE:
-        raise ValueError(f"mask must be (..., S, S) with S a multiple of {PATCH_SIZE}, got {tuple(mask.shape)}")
+    s, p = mask.shape[-1], int(patch_size)
+    if p < 1 or mask.shape[-2] != s or s % p:
+        raise ValueError(f"mask must be (..., S, S) with S a multiple of the patch size {p}, got {tuple(mask.shape)}")
     if rule == "fraction" and not 0.5 <= fraction <= 1.0:
         raise ValueError(f"grid fraction must lie in [0.5, 1], got {fraction}")
-    fast = native.grid_labels(mask, rule, fraction, skip_last)
+    fast = native.grid_labels(mask, rule, fraction, skip_last, p)
     if fast is not None:  # the C++ prompt engine (refseg._C) on the CPU: identical results
         return fast
-    g = s // PATCH_SIZE
-    cells = mask.reshape(*mask.shape[:-2], g, PATCH_SIZE, g, PATCH_SIZE)
+    g = s // p
+    cells = mask.reshape(*mask.shape[:-2], g, p, g, p)
     count = cells.to(torch.int32).sum(dim=(-1, -3))  # (..., G, G) FG pixels per cell
-    full = PATCH_SIZE * PATCH_SIZE
+    full = p * p
     if rule == "all":
         fg, bg = count == full, count == 0
     elif rule == "any":
@@ -103,19 +105,19 @@ def binary_to_grid(mask: torch.Tensor, *, rule: str = "all", fraction: float = 0
     return labels
 
 
-def mask_to_grid(mask, image_size: int, *, rule: str = "all", fraction: float = 0.95,
+def mask_to_grid(mask, image_size: int, *, patch_size: int, rule: str = "all", fraction: float = 0.95,
                  skip_last: bool = False, resample: str = "bicubic") -> torch.Tensor:
-    """Binary reference mask (H, W) (non-zero = FG) -> (G, G) int8 labels {1, 0, -1}, G = S/14.
+    """Binary reference mask (H, W) (non-zero = FG) -> (G, G) int8 labels {1, 0, -1}, G = S / ``patch_size``.
 
     ``mask`` may be a numpy array, torch tensor or PIL image, (H, W) or (H, W, C) with equal
     channels. It is resized to ``image_size``² with PIL (``resample``) and thresholded ``> 0``.
     """
     arr = _as_label_array(mask)
     resized = torch.from_numpy(resize_binary_mask(arr, image_size, resample))
-    return binary_to_grid(resized, rule=rule, fraction=fraction, skip_last=skip_last)
+    return binary_to_grid(resized, patch_size=patch_size, rule=rule, fraction=fraction, skip_last=skip_last)
 
 
-def label_mask_to_grids(mask, image_size: int, *, classes: Sequence[int] | None = None,
+def label_mask_to_grids(mask, image_size: int, *, patch_size: int, classes: Sequence[int] | None = None,
                         background: int = 0, rule: str = "all", fraction: float = 0.95,
                         skip_last: bool = False, resample: str = "bicubic"
                         ) -> tuple[list[int], torch.Tensor]:
@@ -140,7 +142,8 @@ def label_mask_to_grids(mask, image_size: int, *, classes: Sequence[int] | None 
                          f"{background}); pass classes= explicitly")
     # one PIL resize per class (host side, once per reference), then one vectorised reduction
     stack = np.stack([resize_binary_mask(arr == c, image_size, resample) for c in classes])
-    grids = binary_to_grid(torch.from_numpy(stack), rule=rule, fraction=fraction, skip_last=skip_last)
+    grids = binary_to_grid(torch.from_numpy(stack), patch_size=patch_size, rule=rule, fraction=fraction,
+                           skip_last=skip_last)
     for c, grid in zip(classes, grids):
         if not (grid == FG).any():
             log.warning("class %d has no foreground cell under grid rule %r at S=%d", c, rule, image_size)
@@ -149,17 +152,19 @@ def label_mask_to_grids(mask, image_size: int, *, classes: Sequence[int] | None 
 
 def grids_from_config(mask, config: SegmenterConfig, classes: Sequence[int] | None = None,
                       background: int = 0) -> tuple[list[int], torch.Tensor]:
-    """:func:`label_mask_to_grids` with S, rule, fraction and the skip-last quirk taken from ``config``.
+    """:func:`label_mask_to_grids` with S, the patch size, rule, fraction and the skip-last quirk from ``config``.
 
     A binary 0/255 mask gives ``([255], (1, G, G))``; pass ``classes=[c]`` to pick one value.
     """
-    return label_mask_to_grids(mask, config.image_size, classes=classes, background=background,
+    return label_mask_to_grids(mask, config.image_size, patch_size=config.patch_size, classes=classes,
+                               background=background,
                                rule=config.grid_rule, fraction=config.grid_fraction,
                                skip_last=config.gbmseg_skip_last)
 
 
-def cell_centres(indices: torch.Tensor, grid_size: int) -> torch.Tensor:
-    """Flat patch indices (...,) -> (..., 2) float64 (x, y) centres in S space: (14·col+7, 14·row+7).
+def cell_centres(indices: torch.Tensor, grid_size: int, patch_size: int) -> torch.Tensor:
+    """Flat patch indices (...,) -> (..., 2) float64 (x, y) centres in S space: (P·col + P/2, P·row + P/2),
+    P = ``patch_size`` ((14·col+7, 14·row+7) for DINOv2, (16·col+8, 16·row+8) for DINOv3).
 
     Index -1 maps to row -1, column G-1 (Python negative indexing in the release) — the origin of the
     off-image point (553, -7) at S = 560.
@@ -167,17 +172,19 @@ def cell_centres(indices: torch.Tensor, grid_size: int) -> torch.Tensor:
     idx = indices.to(torch.int64)
     row = torch.div(idx, grid_size, rounding_mode="floor")
     col = idx - row * grid_size
-    return torch.stack([col, row], dim=-1).to(torch.float64) * PATCH_SIZE + PATCH_SIZE / 2
+    return torch.stack([col, row], dim=-1).to(torch.float64) * patch_size + patch_size / 2
 
 
 def cells_to_pixels(indices: torch.Tensor, grid_size: int, image_size: int, target_size) -> torch.Tensor:
     """Flat patch indices (P, N) or (N,) -> (..., 2) int64 (x, y) pixel coordinates of the target.
 
-    ``target_size``: (H, W) for all, or a (P, 2) tensor of per-row (H, W). Centre (x, y) in S space
-    scaled as ``x · W / S`` and ``y · H / S`` in float64 and rounded half-to-even like Python's
-    ``round`` (as the release).
+    ``target_size``: (H, W) for all, or a (P, 2) tensor of per-row (H, W). The patch size is S / G.
+    Centre (x, y) in S space scaled as ``x · W / S`` and ``y · H / S`` in float64 and rounded
+    half-to-even like Python's ``round`` (as the release).
     """
-    centres = cell_centres(indices, grid_size)
+    if grid_size < 1 or image_size % grid_size:
+        raise ValueError(f"image_size {image_size} is not a multiple of the grid size {grid_size}")
+    centres = cell_centres(indices, grid_size, image_size // grid_size)
     hw = torch.as_tensor(target_size, dtype=torch.float64, device=centres.device)
     wh = hw.flip(-1)
     if wh.dim() == 2:

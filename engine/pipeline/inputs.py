@@ -31,7 +31,7 @@ from refseg.io.raster import to_rgb_uint8
 from refseg.models.sam_transforms import (medsam_resize, normalize_pad, preprocess_shape, preprocessing_for,
                                           resize_image)
 from refseg.pipeline.accelerator import accelerator_path, to_device
-from refseg.pipeline.features import PATCH, normalize_dinov2, resize_rgb
+from refseg.pipeline.features import normalize_dinov2, resize_rgb
 from refseg.pipeline.resample import pil_resize
 
 
@@ -61,25 +61,26 @@ class PreparedTarget:
         return int(self.rgb.shape[0]), int(self.rgb.shape[1])
 
 
-def prepare_target(image: np.ndarray, *, image_size: int, sam_size: int, medsam: bool, device: torch.device,
-                   window: Optional[Window] = None, source: str = "image") -> PreparedTarget:
+def prepare_target(image: np.ndarray, *, image_size: int, patch_size: int, sam_size: int, medsam: bool,
+                   device: torch.device, window: Optional[Window] = None, source: str = "image") -> PreparedTarget:
     """Validate one target and prepare it for the encoders (the work of the stream's reader threads).
 
     Args:
         image: (H, W) or (H, W, C) array of any dtype (:func:`refseg.io.raster.to_rgb_uint8`).
-        image_size: DINOv2 input side S; sam_size: SAM's input side; medsam: MedSAM's pre-processing.
+        image_size: matching-encoder input side S; patch_size: its patch side (an image must hold one patch);
+            sam_size: SAM's input side; medsam: MedSAM's pre-processing.
         device: the models' device (decides the path, :func:`.accelerator.accelerator_path`).
 
     Raises:
-        ValueError: naming ``source``: not (H, W)/(H, W, C), or smaller than one 14-px patch.
+        ValueError: naming ``source``: not (H, W)/(H, W, C), or smaller than one patch.
     """
     try:
         rgb = to_rgb_uint8(np.asarray(image), window)
     except ValueError as exc:
         raise ValueError(f"{source}: {exc}") from None
-    if min(rgb.shape[:2]) < PATCH:
+    if min(rgb.shape[:2]) < patch_size:
         raise ValueError(f"{source}: {rgb.shape[1]}x{rgb.shape[0]} (W x H) is smaller than one "
-                         f"{PATCH}x{PATCH} patch")
+                         f"{patch_size}x{patch_size} patch")
     rgb = np.require(rgb, requirements="CW")  # torch.from_numpy needs writable C arrays
     if medsam:
         sam, input_size = np.require(medsam_resize(rgb, sam_size), requirements="CW"), (sam_size, sam_size)

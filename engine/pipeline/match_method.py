@@ -15,6 +15,7 @@ import torch
 from refseg.config import SegmenterConfig
 from refseg.pipeline.accelerator import accelerator_path
 from refseg.pipeline.decode import decode_batch
+from refseg.pipeline.feature_norm import encode_for_matching
 from refseg.pipeline.inputs import PreparedTarget, dinov2_inputs, sam_inputs
 from refseg.pipeline.matching import match_candidates
 from refseg.pipeline.methods import ReferenceSet, TargetOutput
@@ -47,7 +48,7 @@ def segment_chunk(state: MatchState, targets: list[PreparedTarget], backend, con
     c = len(state.classes)
     sizes = [t.size for t in targets]
     with timer("dinov2"):
-        tokens = backend.encode_dinov2(dinov2_inputs(targets, backend, config))
+        tokens = encode_for_matching(backend, dinov2_inputs(targets, backend, config), config)
     with timer("matching"):
         cand = match_candidates(state.tokens, state.labels, tokens, config)
     with timer("prompts"):

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from refseg.config import SegmenterConfig
+from refseg.pipeline.feature_norm import encode_for_matching
 from refseg.pipeline.grid import FG, cells_to_pixels
 from refseg.pipeline.matching import hungarian_solver
 from refseg.pipeline.methods import ReferenceSet, TargetOutput, decode_target_sets, patch_tokens
@@ -165,7 +166,7 @@ def segment_chunk(state: MatcherState, targets: list[PreparedTarget], backend, c
 
     g, b, c = config.grid_size, len(targets), len(state.classes)
     with timer("dinov2"):
-        tokens = backend.encode_dinov2(dinov2_inputs(targets, backend, config))
+        tokens = encode_for_matching(backend, dinov2_inputs(targets, backend, config), config)
         tgt = F.normalize(patch_tokens(tokens, g).float(), dim=-1)
     with timer("matching"):
         matched = []  # per (target, class): matched target cells after the halving

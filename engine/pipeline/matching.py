@@ -215,7 +215,7 @@ def candidates_to_points(cand: Candidates, grid_size: int, image_size: int,
 
     Args:
         cand: :class:`Candidates` with (B, C, Nt) masks, Nt = grid_size².
-        grid_size: G = S / 14. image_size: S.
+        grid_size: G = S / P (P the encoder's patch size, so P = S / G). image_size: S.
         target_sizes: (H, W) shared by all targets, or B pairs (H, W).
 
     Returns:

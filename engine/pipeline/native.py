@@ -53,15 +53,17 @@ def _np(t: torch.Tensor, dtype) -> np.ndarray:
     return np.ascontiguousarray(t.detach().numpy(), dtype=dtype)
 
 
-def grid_labels(mask: torch.Tensor, rule: str, fraction: float, skip_last: bool) -> Optional[torch.Tensor]:
-    """:func:`refseg.pipeline.grid.binary_to_grid` of (..., S, S) bool masks -> (..., G, G) int8, or None."""
+def grid_labels(mask: torch.Tensor, rule: str, fraction: float, skip_last: bool,
+                patch_size: int) -> Optional[torch.Tensor]:
+    """:func:`refseg.pipeline.grid.binary_to_grid` of (..., S, S) bool masks -> (..., G, G) int8, G = S /
+    ``patch_size``, or None."""
     c = module()
     if c is None or not _cpu(mask) or mask.numel() == 0:
         return None
     s = mask.shape[-1]
     flat = _np(mask.reshape(-1, s, s), np.uint8)
-    out = c.grid_labels(flat, rule, float(fraction), bool(skip_last))
-    return torch.from_numpy(out).reshape(*mask.shape[:-2], s // 14, s // 14)
+    out = c.grid_labels(flat, rule, float(fraction), bool(skip_last), int(patch_size))
+    return torch.from_numpy(out).reshape(*mask.shape[:-2], s // patch_size, s // patch_size)
 
 
 def match_nn(res, labels: torch.Tensor, config: SegmenterConfig) -> Optional[tuple]:

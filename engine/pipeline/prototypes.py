@@ -1,6 +1,6 @@
 """ProtoSAM (docs/algorithm.md §3): prototypes on DINOv2 tokens -> coarse mask -> component prompts.
 
-1. The reference mask of each class is nearest-resized to the G×G token grid (G = S / 14).
+1. The reference mask of each class is nearest-resized to the G×G token grid (G = S / P, P the encoder's patch size).
 2. Local prototypes: 2×2 average-pooled reference features where the 2×2 average of the grid mask
    is ≥ ``proto_threshold`` (FG), and likewise where the background share is ≥ it (BG); plus one
    global masked-average FG prototype. All L2-normalised; n references pool their prototypes.
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from refseg.config import SegmenterConfig
+from refseg.pipeline.feature_norm import encode_for_matching
 from refseg.pipeline.grid import resize_binary_mask
 from refseg.pipeline.inputs import PreparedTarget, dinov2_inputs, sam_inputs
 from refseg.pipeline.methods import ReferenceSet, TargetOutput, decode_target_sets, patch_tokens
@@ -201,7 +202,7 @@ def target_sets(probs: list[torch.Tensor], config: SegmenterConfig, original_siz
             i = int(prob.argmax())
             y, x = divmod(i, s)
             peak = centroid = torch.tensor([[float(x), float(y)]])
-            half = 7.0
+            half = config.patch_size / 2  # a box of one patch around it
             box = torch.tensor([[max(0.0, x - half), max(0.0, y - half), min(s, x + half + 1), min(s, y + half + 1)]])
         for k in range(peak.shape[0]):
             pts.append(to_target_pixels(torch.stack([peak[k], centroid[k]]), s, original_size))
@@ -224,7 +225,7 @@ def segment_chunk(state: ProtoState, targets: list[PreparedTarget], backend, con
                   ) -> list[TargetOutput]:
     """ProtoSAM on a chunk of targets (see :mod:`refseg.pipeline.methods`)."""
     with timer("dinov2"):
-        tokens = backend.encode_dinov2(dinov2_inputs(targets, backend, config))
+        tokens = encode_for_matching(backend, dinov2_inputs(targets, backend, config), config)
         tokens = patch_tokens(tokens, config.grid_size)
     with timer("prompts"):
         probs = probabilities(state, tokens, config).cpu()

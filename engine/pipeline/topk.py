@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from refseg.config import SegmenterConfig
 from refseg.pipeline.decode import decode_batch
+from refseg.pipeline.feature_norm import encode_for_matching
 from refseg.pipeline.features import dinov2_batch
 from refseg.pipeline.inputs import PreparedTarget, sam_inputs
 from refseg.pipeline.grid import FG, cells_to_pixels
@@ -144,7 +145,7 @@ def segment_chunk(state: TopKState, targets: list[PreparedTarget], backend, conf
     g, b, c = config.grid_size, len(rgbs), len(state.classes)
     views_in = rgbs + ([np.ascontiguousarray(im[:, ::-1]) for im in rgbs] if config.topk_flip else [])
     with timer("dinov2"):
-        tokens = patch_tokens(backend.encode_dinov2(dinov2_batch(views_in, config.image_size)), g)
+        tokens = patch_tokens(encode_for_matching(backend, dinov2_batch(views_in, config.image_size), config), g)
     with timer("prompts"):
         views = [view_probabilities(state, tokens[:b], config)]
         if config.topk_flip:

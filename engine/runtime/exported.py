@@ -6,10 +6,10 @@ frame, (x, y) order): ``decode_batch`` runs the decoder graph image by image.
 
 Where the graphs come from (``engine_dir``):
 
-* given: a folder written by ``refseg export``; its manifest must match the request (models,
-  precision, DINOv2 input side, and the checkpoints when given) and its checksums, else
+* given: a folder written by ``refseg export``; its manifest must match the request (matching encoder
+  and models, precision, encoder input side, and the checkpoints when given) and its checksums, else
   :class:`refseg.runtime.manifest_reader.ManifestError` (a ValueError) says what differs;
-* None: ``~/.cache/refseg/exports/<dinov2>-<sam>-<S>-<precision>-<key>/``, the key hashing each
+* None: ``~/.cache/refseg/exports/<encoder model>-<sam>-<S>-<precision>-<key>/``, the key hashing each
   checkpoint's resolved path, size and modification time plus the export settings. When that
   folder has no valid manifest and an ``exporter`` is given (the Segmenter passes
   :func:`refseg.export.cache_fill.fill_export_folder`), the models are exported there on first use
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 EXPORTED_BACKENDS = ("onnxruntime", "tensorrt")
 EXPORT_LAYOUT = 1  # bump when the exported graphs change meaning
 # Writes a complete export (graphs + manifest) into an empty folder:
-# exporter(folder, config, dinov2_checkpoint, sam_checkpoint, max_batch).
+# exporter(folder, config, encoder_checkpoint, sam_checkpoint, max_batch), the encoder config.encoder's.
 Exporter = Callable[[Path, SegmenterConfig, Path, Path, int], object]
 
 
@@ -81,7 +81,8 @@ class ExportedBackend(abc.ABC):
             raise ValueError(f"{what}: images must be (B, 3, {side}, {side}), got {tuple(images.shape)}")
 
     def encode_dinov2(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) ImageNet-normalised float -> patch tokens (B, (S/14)², D) float32."""
+        """(B, 3, S, S) ImageNet-normalised float -> patch tokens (B, (S/P)², D) float32 of the export's
+        matching encoder (DINOv2 or DINOv3, P its patch size)."""
         self._check(images, self.image_size, f"{self.name} encode_dinov2")
         return self._run("dinov2", {io.DINOV2_INPUT: images}, (io.DINOV2_PATCH_TOKENS,))[0]
 
@@ -305,27 +306,22 @@ def graph_digest(manifest: dict, record: dict) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def default_export_dir(config: SegmenterConfig, dinov2_checkpoint: Path, sam_checkpoint: Path,
+def default_export_dir(config: SegmenterConfig, encoder_checkpoint: Path, sam_checkpoint: Path,
                        max_batch: int) -> Path:
-    """``~/.cache/refseg/exports/<dinov2>-<sam>-<S>-<precision>-<key>`` (see module docstring)."""
+    """``~/.cache/refseg/exports/<encoder model>-<sam>-<S>-<precision>-<key>`` (see module docstring)."""
     from refseg.models.checkpoints import cache_dir, file_identity
 
-    key = json.dumps({"layout": EXPORT_LAYOUT, "dinov2": file_identity(dinov2_checkpoint),
-                      "sam": file_identity(sam_checkpoint), "image_size": config.image_size,
-                      "precision": config.precision, "max_batch": max_batch}, sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return cache_dir() / "exports" / (f"{config.dinov2}-{config.sam}-{config.image_size}-"
+    fields = {"layout": EXPORT_LAYOUT, config.encoder: file_identity(encoder_checkpoint),
+              "sam": file_identity(sam_checkpoint), "image_size": config.image_size,
+              "precision": config.precision, "max_batch": max_batch}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / "exports" / (f"{config.encoder_model}-{config.sam}-{config.image_size}-"
                                       f"{config.precision}-{digest}")
 
 
-def _resolve_checkpoints(config, dinov2_checkpoint, sam_checkpoint) -> tuple[Path, Path]:
-    from refseg.models.checkpoints import resolve_checkpoint
-    from refseg.models.dinov2 import DINOV2_SPECS
-    from refseg.models.sam import SAM_SPECS
-
-    dinov2 = resolve_checkpoint(DINOV2_SPECS[config.dinov2].checkpoint, dinov2_checkpoint)
-    sam = resolve_checkpoint(SAM_SPECS[config.sam].checkpoint, sam_checkpoint)
-    return Path(dinov2), Path(sam)
+def _checkpoint_request(config: SegmenterConfig, path) -> dict:
+    """``verify_manifest``'s keyword for the encoder checkpoint ``path``."""
+    return {f"{config.encoder}_checkpoint": path}
 
 
 def _export_into(final: Path, config, dinov2_checkpoint, sam_checkpoint, max_batch: int,
@@ -334,15 +330,16 @@ def _export_into(final: Path, config, dinov2_checkpoint, sam_checkpoint, max_bat
     from refseg.runtime.manifest_reader import ManifestError, verify_manifest
 
     final.parent.mkdir(parents=True, exist_ok=True)
-    log.warning("no usable export in %s: exporting DINOv2 %s and SAM %s (%s) now; this takes "
-                "minutes once", final, config.dinov2, config.sam, config.precision)
+    log.warning("no usable export in %s: exporting %s %s and SAM %s (%s) now; this takes "
+                "minutes once", final, config.encoder, config.encoder_model, config.sam, config.precision)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         exporter(tmp, config, dinov2_checkpoint, sam_checkpoint, max_batch)
         if final.exists():
             try:  # another process may have finished the same export meanwhile: keep that one
                 verify_manifest(final, precision=config.precision, image_size=config.image_size, full_check=True,
-                                dinov2_checkpoint=dinov2_checkpoint, sam_checkpoint=sam_checkpoint)
+                                encoder=config.encoder, sam_checkpoint=sam_checkpoint,
+                                **_checkpoint_request(config, dinov2_checkpoint))
                 return
             except ManifestError:
                 shutil.rmtree(final)
@@ -354,14 +351,15 @@ def _export_into(final: Path, config, dinov2_checkpoint, sam_checkpoint, max_bat
 
 def create_exported_backend(name: str, config: SegmenterConfig, device: torch.device,
                             sam_checkpoint=None, dinov2_checkpoint=None, engine_dir=None,
-                            exporter: Exporter | None = None, **options):
+                            exporter: Exporter | None = None, dinov3_checkpoint=None, **options):
     """Create the ``onnxruntime`` or ``tensorrt`` backend for ``config`` (see module docstring).
 
     Args:
         name: ``onnxruntime`` or ``tensorrt``.
-        config: models, ``precision`` (fp32 / fp16) and ``image_size`` to run.
+        config: matching encoder and models, ``precision`` (fp32 / fp16) and ``image_size`` to run.
         device: torch device (TensorRT: CUDA only).
-        sam_checkpoint, dinov2_checkpoint: checkpoint files; None uses the official files.
+        sam_checkpoint, dinov2_checkpoint, dinov3_checkpoint: checkpoint files (DINOv3: or a Hugging Face
+            folder; either encoder checkpoint selects its encoder); None uses the official files.
         engine_dir: export folder, or None for the cached export.
         exporter: fills the cache folder on first use when ``engine_dir`` is None (see
             :data:`Exporter`); None: a missing cached export is a ManifestError naming the command.
@@ -373,14 +371,17 @@ def create_exported_backend(name: str, config: SegmenterConfig, device: torch.de
         RuntimeError: the runtime cannot use the device.
     """
     from refseg.runtime.manifest_reader import ManifestError, verify_manifest
+    from refseg.runtime.select import select_encoder
 
+    config = select_encoder(config, dinov2_checkpoint, dinov3_checkpoint)
+    encoder_checkpoint = dinov3_checkpoint if config.encoder == "dinov3" else dinov2_checkpoint
     if name not in EXPORTED_BACKENDS:
         raise ValueError(f"unknown exported backend {name!r}; choose one of {EXPORTED_BACKENDS}")
     if config.precision not in ("fp32", "fp16"):
         raise ValueError(f"precision {config.precision!r} is not available in exported graphs "
                          "(fp32 or fp16)")
     if config.feature_key != "x_norm_patchtokens":
-        raise ValueError(f"exported DINOv2 graphs return x_norm_patchtokens, not {config.feature_key!r}")
+        raise ValueError(f"exported encoder graphs return x_norm_patchtokens, not {config.feature_key!r}")
     device = torch.device(device)
     if name == "tensorrt":
         require("tensorrt", "gpu", "the tensorrt backend")
@@ -391,35 +392,38 @@ def create_exported_backend(name: str, config: SegmenterConfig, device: torch.de
     max_batch = max(16, config.batch_size)
     if engine_dir is not None:
         engine_dir = Path(engine_dir)
-        names = {"dinov2": None if dinov2_checkpoint else config.dinov2,
+        names = {config.encoder: None if encoder_checkpoint else config.encoder_model,
                  "sam": None if sam_checkpoint else config.sam}
         manifest = verify_manifest(engine_dir, precision=config.precision, image_size=config.image_size,
-                                   dinov2_checkpoint=dinov2_checkpoint, sam_checkpoint=sam_checkpoint,
-                                   **names)
+                                   encoder=config.encoder, sam_checkpoint=sam_checkpoint,
+                                   **_checkpoint_request(config, encoder_checkpoint), **names)
     else:
-        dinov2_path, sam_path = _resolve_checkpoints(config, dinov2_checkpoint, sam_checkpoint)
-        engine_dir = default_export_dir(config, dinov2_path, sam_path, max_batch)
-        request = dict(precision=config.precision, image_size=config.image_size,
-                       dinov2_checkpoint=dinov2_path, sam_checkpoint=sam_path)
+        from refseg.models.build import resolve_model_checkpoints
+
+        encoder_path, sam_path = resolve_model_checkpoints(config.encoder_model, config.sam, encoder_checkpoint,
+                                                           sam_checkpoint, encoder=config.encoder)
+        engine_dir = default_export_dir(config, encoder_path, sam_path, max_batch)
+        request = dict(precision=config.precision, image_size=config.image_size, encoder=config.encoder,
+                       sam_checkpoint=sam_path, **_checkpoint_request(config, encoder_path))
         try:
             manifest = verify_manifest(engine_dir, **request)
         except ManifestError as exc:
             if exporter is None:
                 raise ManifestError(
                     f"no usable cached export in {engine_dir} ({exc}); write it with `refseg export "
-                    f"--dinov2-checkpoint {dinov2_path} --sam-checkpoint {sam_path} --precision "
+                    f"--{config.encoder}-checkpoint {encoder_path} --sam-checkpoint {sam_path} --precision "
                     f"{config.precision} --image-size {config.image_size} --max-batch {max_batch} "
                     f"-o {engine_dir}`, or pass engine_dir") from exc
             require("onnx", "onnx", "exporting models for the onnxruntime/tensorrt backends")
             if (engine_dir / io.MANIFEST_NAME).exists():
                 log.warning("cached export unusable (%s)", exc)
-            _export_into(engine_dir, config, dinov2_path, sam_path, max_batch, exporter)
+            _export_into(engine_dir, config, encoder_path, sam_path, max_batch, exporter)
             manifest = verify_manifest(engine_dir, **request)
     if config.sam == "medsam" and manifest["models"].get("sam") != "medsam":
         # MedSAM's pre-processing is chosen from the model name; an export of another SAM cannot stand in.
         raise ValueError(f"{engine_dir}: the export holds SAM {manifest['models'].get('sam')!r}, not MedSAM; "
                          f"export from the MedSAM checkpoint (a file named medsam*.pth) to run MedSAM")
-    for key in ("dinov2", "sam"):  # the config names the models actually exported
+    for key in (config.encoder, "sam"):  # the config names the models actually exported
         exported = manifest["models"].get(key)
         if exported != getattr(config, key):
             try:

@@ -3,8 +3,13 @@
 :mod:`refseg.export` writes the folder (graphs named by :mod:`refseg.runtime.io_names`, the
 manifest last); this module only reads. :func:`verify_manifest` refuses (``ManifestError``, a
 ``ValueError``) a folder without a manifest, a manifest of another format, one that does not match
-the request (models, precision, image size, checkpoints) or whose files are missing or differ from
+the request (encoder, models, precision, image size, checkpoints) or whose files are missing or differ from
 their recorded size / checksum.
+
+The matching encoder's graph is ``graphs.dinov2`` (``dinov2.onnx``) whichever encoder it holds: the manifest's
+``encoder`` (``"dinov2"`` / ``"dinov3"``) and ``patch_size`` say which, ``models.<encoder>`` its model and
+``checkpoints.<encoder>`` its source. Manifests written before DINOv3 have neither key: :func:`encoder_of`
+reads them as DINOv2 with 14-px patches.
 """
 from __future__ import annotations
 
@@ -13,7 +18,8 @@ import logging
 import os
 from pathlib import Path
 
-from refseg.models.checkpoints import sha256_file
+from refseg.config import ENCODER_PATCH_SIZE
+from refseg.models.checkpoints import file_identity, sha256_file
 from refseg.runtime.io_names import FORMAT_VERSION, GRAPH_FILES, MANIFEST_NAME
 
 log = logging.getLogger(__name__)
@@ -24,12 +30,14 @@ class ManifestError(ValueError):
 
 
 def _same_checkpoint(recorded: dict, path: str | os.PathLike) -> bool:
-    path = Path(path).expanduser().resolve()
-    stat = path.stat()
-    if stat.st_size != recorded.get("size"):
+    """True when ``path`` (a file, or a Hugging Face folder) is the checkpoint ``recorded`` describes."""
+    identity = file_identity(path)
+    if identity["size"] != recorded.get("size"):
         return False
-    if str(path) == recorded.get("path") and stat.st_mtime_ns == recorded.get("mtime_ns"):
+    if identity["path"] == recorded.get("path") and identity["mtime_ns"] == recorded.get("mtime_ns"):
         return True  # same file untouched since the export: skip hashing gigabytes
+    if Path(path).is_dir():
+        return file_identity(path, with_sha256=True)["sha256"] == recorded.get("sha256")
     return sha256_file(path) == recorded.get("sha256")
 
 
@@ -57,13 +65,23 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     return manifest
 
 
+def encoder_of(manifest: dict) -> tuple[str, int]:
+    """(encoder, patch size) of an export: ``("dinov2", 14)`` for manifests that predate the fields."""
+    encoder = manifest.get("encoder", "dinov2")
+    return encoder, int(manifest.get("patch_size", ENCODER_PATCH_SIZE.get(encoder, 14)))
+
+
 def verify_manifest(folder: str | os.PathLike, *, precision: str | None = None,
                     image_size: int | None = None, dinov2: str | None = None,
                     sam: str | None = None, dinov2_checkpoint: str | os.PathLike | None = None,
                     sam_checkpoint: str | os.PathLike | None = None,
                     graphs: tuple[str, ...] = tuple(GRAPH_FILES), check_files: bool = True,
-                    full_check: bool = False) -> dict:
+                    full_check: bool = False, encoder: str | None = None, dinov3: str | None = None,
+                    dinov3_checkpoint: str | os.PathLike | None = None) -> dict:
     """Read the manifest of ``folder`` and check it against the request; return it.
+
+    ``encoder`` (``dinov2`` / ``dinov3``) must be the export's, with that encoder's patch size; ``dinov2`` /
+    ``dinov3`` name its model, ``dinov2_checkpoint`` / ``dinov3_checkpoint`` its source (file or folder).
 
     Every argument left None is not checked. Checkpoints match when they are the recorded file
     (same path, size and modification time) or have the recorded sha256. Export files are checked by
@@ -77,19 +95,23 @@ def verify_manifest(folder: str | os.PathLike, *, precision: str | None = None,
     folder = Path(folder)
     manifest = read_manifest(folder)
     problems = []
-    for key, want, have in (("precision", precision, manifest["precision"]),
+    exported_encoder, patch = encoder_of(manifest)
+    for key, want, have in (("encoder", encoder, exported_encoder),
+                            ("patch_size", None if encoder is None else ENCODER_PATCH_SIZE.get(encoder), patch),
+                            ("precision", precision, manifest["precision"]),
                             ("image_size", image_size, manifest["image_size"]),
                             ("dinov2 model", dinov2, manifest["models"].get("dinov2")),
+                            ("dinov3 model", dinov3, manifest["models"].get("dinov3")),
                             ("sam model", sam, manifest["models"].get("sam"))):
         if want is not None and want != have:
             problems.append(f"{key}: requested {want!r}, exported {have!r}")
-    for key, path in (("dinov2", dinov2_checkpoint), ("sam", sam_checkpoint)):
+    for key, path in (("dinov2", dinov2_checkpoint), ("dinov3", dinov3_checkpoint), ("sam", sam_checkpoint)):
         if path is None:
             continue
         recorded = (manifest.get("checkpoints") or {}).get(key)
         if recorded is None:
             problems.append(f"{key} checkpoint: requested {path}, the export records none")
-        elif not Path(path).expanduser().is_file():
+        elif not Path(path).expanduser().exists():
             problems.append(f"{key} checkpoint: {path} does not exist")
         elif not _same_checkpoint(recorded, path):
             problems.append(f"{key} checkpoint: {path} is not the exported {recorded.get('path')} "

@@ -17,43 +17,76 @@ log = logging.getLogger(__name__)
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
 
 
-def load_models(config: SegmenterConfig, sam_checkpoint=None, dinov2_checkpoint=None):
-    """Build DINOv2 and SAM for ``config``; explicit checkpoints decide the model size.
-
-    Returns:
-        (dinov2 module, sam module, config) where config's ``dinov2``/``sam`` names are those of
-        the checkpoints actually loaded (a ``medsam*`` file is MedSAM; ``sam="medsam"`` keeps MedSAM
-        for any ViT-B-layout file).
+def select_encoder(config: SegmenterConfig, dinov2_checkpoint=None, dinov3_checkpoint=None) -> SegmenterConfig:
+    """An explicit checkpoint decides the matching encoder: a DINOv3 checkpoint (file or Hugging Face folder)
+    selects ``encoder="dinov3"``, a DINOv2 one ``"dinov2"``, the input side rounded to the encoder's patch
+    (:meth:`SegmenterConfig.with_encoder`, logged); no checkpoint keeps the config's.
 
     Raises:
-        CheckpointError: every missing file in one message (nothing is loaded then), or a file that
-            does not fit the model.
+        ValueError: both checkpoints given.
     """
-    from refseg.models import DINOV2_SPECS, SAM_SPECS, build_dinov2, build_sam
+    if dinov2_checkpoint is not None and dinov3_checkpoint is not None:
+        raise ValueError(f"both a DINOv2 ({dinov2_checkpoint}) and a DINOv3 ({dinov3_checkpoint}) checkpoint were "
+                         "given: the matching encoder is one of them")
+    want = "dinov3" if dinov3_checkpoint is not None else "dinov2" if dinov2_checkpoint is not None else None
+    if want is None or want == config.encoder:
+        return config
+    switched = config.with_encoder(want)
+    log.info("matching encoder %s (from the %s checkpoint); image_size %d -> %d", want, want, config.image_size,
+             switched.image_size)
+    return switched
+
+
+def load_models(config: SegmenterConfig, sam_checkpoint=None, dinov2_checkpoint=None, dinov3_checkpoint=None):
+    """Build the matching encoder (DINOv2 or DINOv3, ``config.encoder``) and SAM for ``config``; explicit
+    checkpoints decide the model size (and the encoder: :func:`select_encoder`).
+
+    Returns:
+        (encoder module, sam module, config) where config's ``encoder`` / ``dinov2`` or ``dinov3`` / ``sam``
+        names are those of the checkpoints actually loaded (a ``medsam*`` file is MedSAM; ``sam="medsam"``
+        keeps MedSAM for any ViT-B-layout file).
+
+    Raises:
+        CheckpointError: every missing file in one message (nothing is loaded then; DINOv3 weights are gated
+            and never downloaded), or a file that does not fit the model.
+    """
+    from refseg.models import DINOV2_SPECS, DINOV3_SPECS, SAM_SPECS, build_dinov2, build_dinov3, build_sam
     from refseg.models.build import resolve_model_checkpoints
 
+    config = select_encoder(config, dinov2_checkpoint, dinov3_checkpoint)
+    explicit = dinov3_checkpoint if config.encoder == "dinov3" else dinov2_checkpoint
     # Both files are located first: every missing one is reported in one message, before any load.
-    dinov2_path, sam_path = resolve_model_checkpoints(config.dinov2, config.sam, dinov2_checkpoint,
-                                                      sam_checkpoint)
-    dinov2 = build_dinov2(None if dinov2_checkpoint else config.dinov2, dinov2_path)
+    encoder_path, sam_path = resolve_model_checkpoints(config.encoder_model, config.sam, explicit, sam_checkpoint,
+                                                       encoder=config.encoder)
+    if config.encoder == "dinov3":
+        encoder, specs = build_dinov3(None if explicit else config.dinov3, encoder_path), DINOV3_SPECS
+    else:
+        encoder, specs = build_dinov2(None if explicit else config.dinov2, encoder_path), DINOV2_SPECS
+    if encoder.patch_size != config.patch_size:
+        raise ValueError(f"{encoder_path}: {config.encoder} model with {encoder.patch_size}-px patches; refseg reads "
+                         f"{config.patch_size}-px patches for {config.encoder}")
     # "medsam" is a ViT-B fine-tune: the name (and so MedSAM's pre-processing) is kept for any ViT-B file.
     sam_name = None if sam_checkpoint and config.sam != "medsam" else config.sam
     sam = build_sam(sam_name, sam_path)
     changes = {}
     # Reduced-depth test models have no official name: the config keeps the one it has.
-    if dinov2.spec.name != config.dinov2 and dinov2.spec.name in DINOV2_SPECS:
-        log.debug("DINOv2 %s from %s (config named %s)", dinov2.spec.name, dinov2_checkpoint, config.dinov2)
-        changes["dinov2"] = dinov2.spec.name
+    if encoder.spec.name != config.encoder_model and encoder.spec.name in specs:
+        log.debug("%s %s from %s (config named %s)", config.encoder, encoder.spec.name, explicit,
+                  config.encoder_model)
+        changes[config.encoder] = encoder.spec.name
     if sam.spec.name != config.sam and sam.spec.name in SAM_SPECS:
         log.debug("SAM %s from %s (config named %s)", sam.spec.name, sam_checkpoint, config.sam)
         changes["sam"] = sam.spec.name
-    return dinov2, sam, config.replace(**changes) if changes else config
+    return encoder, sam, config.replace(**changes) if changes else config
 
 
 def create_backend(name: str, config: SegmenterConfig, sam_checkpoint=None, dinov2_checkpoint=None,
                    device: str = "auto", engine_dir: str | os.PathLike | None = None,
-                   compile: bool = False, exporter=None):
+                   compile: bool = False, exporter=None, dinov3_checkpoint=None):
     """Create the runtime backend ``name`` for ``config`` on ``device``.
+
+    The matching encoder is ``config.encoder``'s, or the one an explicit ``dinov2_checkpoint`` /
+    ``dinov3_checkpoint`` (file or Hugging Face folder) holds (:func:`select_encoder`).
 
     ``compile`` applies to the torch backend (``torch.compile`` of both encoders); the exported
     backends are compiled graphs already and ignore it. ``exporter`` fills the exported backends'
@@ -67,13 +100,14 @@ def create_backend(name: str, config: SegmenterConfig, sam_checkpoint=None, dino
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     dev = resolve_device(device)
+    config = select_encoder(config, dinov2_checkpoint, dinov3_checkpoint)
     if config.precision == "auto":  # resolved once for this device; the config says what ran
         config = config.replace(precision=resolve_precision("auto", dev))
     candidates = ["tensorrt", "onnxruntime", "torch"] if name == "auto" else [name]
     for candidate in candidates:
         if candidate == "torch":
-            dinov2, sam, config = load_models(config, sam_checkpoint, dinov2_checkpoint)
-            backend = TorchBackend(dinov2, sam, dev, config.precision, config.feature_key,
+            encoder, sam, config = load_models(config, sam_checkpoint, dinov2_checkpoint, dinov3_checkpoint)
+            backend = TorchBackend(encoder, sam, dev, config.precision, config.feature_key,
                                    compile=compile)
             backend.config = config
             backend.fixed_batch = config.batch_size  # compiled encoders: one shape, one graph
@@ -82,7 +116,7 @@ def create_backend(name: str, config: SegmenterConfig, sam_checkpoint=None, dino
             from refseg.runtime.exported import create_exported_backend
             return create_exported_backend(candidate, config, dev, sam_checkpoint=sam_checkpoint,
                                            dinov2_checkpoint=dinov2_checkpoint, engine_dir=engine_dir,
-                                           exporter=exporter)
+                                           exporter=exporter, dinov3_checkpoint=dinov3_checkpoint)
         except (ImportError, RuntimeError, ValueError, OSError) as exc:
             if name != "auto":
                 raise ValueError(f"backend {candidate!r} is not usable: {exc}") from exc
