@@ -28,8 +28,12 @@ def config_from_args(args: argparse.Namespace):
     options, then every ``--set KEY=VALUE``."""
     from refseg.config import SegmenterConfig
 
+    from refseg.models.sam2 import SAM2_SPECS
+
+    # a SAM 2 name is the --propagate model (refseg.jobs.propagate_worker), not the per-slice pipeline's SAM
+    sam = None if args.sam in SAM2_SPECS else args.sam
     explicit = {k: v for k, v in {
-        "sam": args.sam, "dinov2": args.dinov2, "batch_size": args.batch_size,
+        "sam": sam, "dinov2": args.dinov2, "batch_size": args.batch_size,
         "image_size": args.image_size, "metric": args.metric, "precision": args.precision,
     }.items() if v is not None}
     config = SegmenterConfig.from_preset(args.preset, **explicit)
@@ -96,7 +100,8 @@ class SegmenterSpec:
 def loaded_models(segmenter) -> dict[str, Any]:
     """The models a Segmenter actually runs: DINOv2 and SAM names as loaded, backend and device."""
     config = segmenter.config
-    return {"dinov2": getattr(config, "dinov2", None), "sam": getattr(config, "sam", None),
+    sam = getattr(segmenter, "sam_name", None) or getattr(config, "sam", None)  # --propagate: the SAM 2 model
+    return {"dinov2": getattr(config, "dinov2", None), "sam": sam,
             "backend": getattr(getattr(segmenter, "backend", None), "name", None),
             "device": str(getattr(segmenter, "device", "cpu"))}
 

@@ -198,8 +198,8 @@ def resolve_model_checkpoints(dinov2: str | None = None, sam: str | None = None,
                               download: bool = True) -> tuple[Path, Path]:
     """Locate both checkpoint files before either is read; every problem is reported in one error.
 
-    ``dinov2`` / ``sam`` are model names (default ``vitb14`` / ``vit_b``) whose official file is looked up
-    (``$REFSEG_CHECKPOINT_DIR``, ``~/.cache/refseg``) when no explicit file is given. Nothing is
+    ``dinov2`` / ``sam`` are model names (default ``vitb14`` / ``vit_b``; ``sam`` may be a SAM 2 name) whose
+    official file is looked up (``$REFSEG_CHECKPOINT_DIR``, ``~/.cache/refseg``) when no explicit file is given. Nothing is
     downloaded while an explicit file is missing; then missing official files are downloaded (``download``).
 
     Returns:
@@ -209,8 +209,9 @@ def resolve_model_checkpoints(dinov2: str | None = None, sam: str | None = None,
         CheckpointError: listing every missing file and where to put it. ValueError: unknown name.
     """
     requests = []
+    sam_specs = SAM2_SPECS if sam in SAM2_SPECS else SAM_SPECS  # a SAM 2 name: its official file
     for kind, specs, default, name, explicit in (("DINOv2", DINOV2_SPECS, DEFAULT_DINOV2, dinov2, dinov2_checkpoint),
-                                                 ("SAM", SAM_SPECS, DEFAULT_SAM, sam, sam_checkpoint)):
+                                                 ("SAM", sam_specs, DEFAULT_SAM, sam, sam_checkpoint)):
         name = name or default
         if name not in specs:
             raise ValueError(f"unknown {kind} model {name!r}; choose one of {', '.join(specs)}")
@@ -250,6 +251,28 @@ def _peek_state_dict(path: Path) -> dict:
         except Exception:  # legacy (non-zip) format: mmap is not possible
             pass
     return load_state_dict(path)
+
+
+def sam2_checkpoint_name(path: PathLike, name: str | None = None) -> str:
+    """The SAM 2 model name of the checkpoint ``path`` (read without its weights where the format allows).
+
+    Raises:
+        CheckpointError: the file is not a SAM 2 / 2.1 / MedSAM2 checkpoint (naming the SAM 2 models), or
+            ``name`` contradicts it (``medsam2`` fits any SAM 2.1 tiny file).
+    """
+    from .sam2_state_dict import infer_sam2_name
+
+    state = _peek_state_dict(Path(path))
+    family = checkpoint_family(state)
+    if family != "SAM 2":
+        raise CheckpointError(f"{path} is a {family} checkpoint; SAM 2 memory needs a SAM 2 / 2.1 / MedSAM2 "
+                              f"checkpoint: {', '.join(SAM2_SPECS)}")
+    found = infer_sam2_name(state, os.fspath(path))
+    fits = name in (None, found) or (name == "medsam2" and found == "sam2.1_hiera_t")
+    if not fits:
+        raise CheckpointError(f"--sam {name} contradicts {path}, which holds {found}; drop the name to use the "
+                              f"checkpoint's model, or give the checkpoint of the model named")
+    return name or found
 
 
 def check_model_names(dinov2: str | None, sam: str | None, dinov2_checkpoint: PathLike,
