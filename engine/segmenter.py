@@ -112,6 +112,28 @@ class SegmentationResult:
         }
 
 
+@dataclass
+class ClassPrompts:
+    """The match method's prompts for one class on one image, without decoding (:meth:`Segmenter.match_prompts`).
+
+    Attributes:
+        points: (N, 2) float32 (x, y) pixels of the image; labels: (N,) int64, 1 positive / 0 negative.
+        box: (4,) float32 (x0, y0, x1, y1) pixels, or None.
+        matches: cycle-consistent positive matches: reference foreground patches whose nearest target patch
+            matches back into the foreground (before the physical-space stage thins them to points).
+    """
+
+    points: np.ndarray
+    labels: np.ndarray
+    box: np.ndarray | None
+    matches: int
+
+    @property
+    def positives(self) -> int:
+        """Positive points."""
+        return int((np.asarray(self.labels) == 1).sum())
+
+
 def check_reference(image: np.ndarray, mask: np.ndarray, source: str = "reference",
                     window: Window | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Validate a reference pair before any model work (``window``: see :func:`refseg.io.to_rgb_uint8`).
@@ -166,12 +188,14 @@ class Segmenter:
         engine_dir: folder written by ``refseg export`` for the exported backends; ``None`` uses
             (and on first use fills) the export cache under ``~/.cache/refseg/exports``.
         compile: ``torch.compile`` both encoders (torch backend; CUDA graphs on CUDA).
+        with_sam: False loads DINOv2 alone (torch backend): the Segmenter matches and prompts
+            (:meth:`match_prompts`) but cannot decode; ``refseg segment --propagate`` decodes with SAM 2.
     """
 
     def __init__(self, config: SegmenterConfig, sam_checkpoint: str | os.PathLike | None = None,
                  dinov2_checkpoint: str | os.PathLike | None = None, device: str = "auto",
                  backend: str = "torch", engine_dir: str | os.PathLike | None = None,
-                 compile: bool = False):
+                 compile: bool = False, with_sam: bool = True):
         if device == "auto" and config.device is not None:
             device = config.device  # an explicit device argument wins over the config's
         from refseg.export.cache_fill import fill_export_folder  # the runtime never imports export
@@ -179,7 +203,7 @@ class Segmenter:
         self.backend = create_backend(backend, config, sam_checkpoint=sam_checkpoint,
                                       dinov2_checkpoint=dinov2_checkpoint, device=device,
                                       engine_dir=engine_dir, compile=compile,
-                                      exporter=fill_export_folder)
+                                      exporter=fill_export_folder, with_sam=with_sam)
         self.config = self.backend.config  # model names as actually loaded
         self.device = self.backend.device
         self.sam_size = getattr(self.backend, "sam_size", 1024)  # SAM's square input side
@@ -376,7 +400,51 @@ class Segmenter:
         prompt engineering on the device, ONE decoder call for every prompt set of the batch."""
         if not targets:
             return []
+        if self.backend.sam is None:
+            raise RuntimeError("this Segmenter was built with_sam=False: it matches and prompts (match_prompts) "
+                               "but holds no SAM to decode")
         return self._segment_chunk(targets)
+
+    @torch.inference_mode()
+    def match_prompts(self, images: list[np.ndarray]) -> list[dict[int, ClassPrompts]]:
+        """The match method's prompts for each image, without decoding: ONE DINOv2 call for the images,
+        matching with the cycle check against the reference(s), the physical-space stage, exactly as
+        :meth:`segment_batch` makes them (the configuration's ``fallback`` included).
+
+        Args:
+            images: (H, W) or (H, W, C) arrays (as :meth:`segment`).
+
+        Returns:
+            Per image, class value -> :class:`ClassPrompts` (points in the image's (x, y) pixels, and the
+            class's number of cycle-consistent positive matches: a confidence that needs no decoder).
+
+        Raises:
+            ValueError: ``config.method`` is not ``match`` (the other methods make their prompts from
+                decoded or prototype masks), or an image smaller than one patch.
+        """
+        cfg, classes = self.config, self.classes
+        if cfg.method != "match":
+            raise ValueError(f"match_prompts: method {cfg.method!r} has no matching prompts (use method 'match')")
+        targets = [self.prepare_target(image, f"images[{i}]") for i, image in enumerate(images)]
+        if not targets:
+            return []
+        rgbs = [t.rgb for t in targets]
+        ref_tokens, ref_labels = self._reference()
+        tokens = self.backend.encode_dinov2(self._to_device(normalize_resized(np.stack([t.dinov2 for t in targets]))))
+        cand = match_candidates(ref_tokens, ref_labels, tokens, cfg)
+        prompts = prompts_from_candidates(cand, cfg, [r.shape[:2] for r in rgbs], device=tokens.device)
+        matches = cand.positives.sum(-1).cpu()  # (B, C)
+        out = []
+        for i in range(len(rgbs)):
+            found = {}
+            for j, c in enumerate(classes):
+                row = i * len(classes) + j
+                points, labels = prompts.prompt(row)
+                box = None if prompts.boxes is None else prompts.boxes[row].cpu().numpy()
+                found[c] = ClassPrompts(points, labels, None if box is None or np.isnan(box).any() else box,
+                                        int(matches[i, j]))
+            out.append(found)
+        return out
 
     def _to_device(self, array: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Host array -> device tensor; pinned memory and a non-blocking copy on CUDA."""

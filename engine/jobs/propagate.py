@@ -42,6 +42,7 @@ import torch
 
 from refseg.io.intensity import Window
 from refseg.models.sam2_memory import NO_OBJ_SCORE
+from refseg.segmenter import ClassPrompts
 
 log = logging.getLogger(__name__)
 
@@ -57,27 +58,9 @@ EXTENT_MARGIN = 0.1
 """The extent found by the probes is widened by this share of its length (at least the probe step)."""
 
 
-@dataclass
-class ClassPrompts:
-    """The matching pipeline's prompts for one class on one image (no decode).
-
-    points: (N, 2) float32 (x, y) pixels of the image; labels: (N,) int64, 1 positive / 0 negative;
-    box: (4,) float32 (x0, y0, x1, y1) pixels or None; matches: cycle-consistent positive matches (the
-    reference foreground patches whose nearest target patch matches back into the foreground).
-    """
-
-    points: np.ndarray
-    labels: np.ndarray
-    box: np.ndarray | None
-    matches: int
-
-    @property
-    def positives(self) -> int:
-        return int((np.asarray(self.labels) == 1).sum())
-
-
 class PromptSource(Protocol):
-    """What the propagation needs from the matching pipeline (a :class:`refseg.Segmenter`)."""
+    """What the propagation needs from the matching pipeline: a :class:`refseg.Segmenter` (built
+    ``with_sam=False``) with its references set."""
 
     config: object
 
@@ -433,13 +416,16 @@ def propagate_volume(predictor, source: PromptSource, task: PropagationTask, vol
     if anchors:
         device = torch.device(predictor.device)
         state = predictor.init_state(frames=frames, offload_state_to_cpu=device.type != "cpu")
-        for c, prompted in anchors.items():
-            for t, prompt in prompted:
-                if isinstance(prompt, ClassPrompts):
-                    predictor.add_new_points_or_box(state, t, c, points=prompt.points, labels=prompt.labels,
-                                                    box=prompt.box)
-                else:
-                    predictor.add_new_mask(state, t, c, prompt)
+        # slice by slice, every label's prompt on it, then its memories: one encoder pass per anchor slice
+        for t in sorted({t for prompted in anchors.values() for t, _ in prompted}):
+            for c, prompted in anchors.items():
+                for _, prompt in (p for p in prompted if p[0] == t):
+                    if isinstance(prompt, np.ndarray):  # same-volume mode: a labelled slice's mask
+                        predictor.add_new_mask(state, t, c, prompt)
+                    else:
+                        predictor.add_new_points_or_box(state, t, c, points=prompt.points, labels=prompt.labels,
+                                                        box=prompt.box)
+            predictor.propagate_in_video_preflight(state)
         first = {c: tracks[c].anchors[0] for c in anchors}
         lo = {c: tracks[c].extent[0] for c in anchors}
         hi = {c: tracks[c].extent[1] for c in anchors}

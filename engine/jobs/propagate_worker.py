@@ -39,8 +39,7 @@ class PropagationSpec(SegmenterSpec):
         """Locate DINOv2 and the SAM 2 checkpoint (every missing one in one message), refuse a checkpoint
         that is not SAM 2 (naming the SAM 2 models) and a ``--dinov2`` name that contradicts its file; no
         model is loaded."""
-        from refseg.jobs.checks import sam2_checkpoint_name
-        from refseg.models.build import check_model_names, resolve_model_checkpoints
+        from refseg.models.build import check_model_names, resolve_model_checkpoints, sam2_checkpoint_name
 
         dinov2_path, sam_path = resolve_model_checkpoints(self.config.dinov2, self.sam2, self.dinov2_checkpoint,
                                                           self.sam_checkpoint)
@@ -58,7 +57,7 @@ class PropagationSpec(SegmenterSpec):
 
         if self.threads:
             torch.set_num_threads(self.threads)
-        matcher = Segmenter.for_matching(self.config, dinov2_checkpoint=self.dinov2_checkpoint, device=self.device)
+        matcher = Segmenter(self.config, dinov2_checkpoint=self.dinov2_checkpoint, device=self.device, with_sam=False)
         _, sam_path = resolve_model_checkpoints(self.config.dinov2, self.sam2, self.dinov2_checkpoint,
                                                 self.sam_checkpoint)
         predictor = VideoPredictor(sam_path, device=matcher.device, sam=self.sam2,

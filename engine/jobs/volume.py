@@ -380,6 +380,7 @@ class VolumeJob(Job):
         import dataclasses
 
         from refseg.io.volume import put_slice_view
+        from refseg.jobs.propagate import matching_reference_slices
 
         unit, plan = self._planned.pop(out.item.meta[0])
         if out.error is not None:
@@ -390,7 +391,8 @@ class VolumeJob(Job):
         for t, image in found.slices.items():
             put_slice_view(run.out, plan.axis, t, image)
         run.segmented = list(plan.targets)
-        result = dataclasses.replace(run.result(), seconds=found.seconds)
+        references = matching_reference_slices(plan if plan.same_volume else self.reference_plan)
+        result = dataclasses.replace(run.result(), seconds=found.seconds, reference_slices=[tuple(references)])
         self._write(unit, plan, result, {"propagation": {
             "sam": self.summary.models["sam"], "anchors": self.settings.anchors,
             "max_area_ratio": self.settings.max_area_ratio, "probed_slices": found.probed,

@@ -17,8 +17,9 @@ log = logging.getLogger(__name__)
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
 
 
-def load_models(config: SegmenterConfig, sam_checkpoint=None, dinov2_checkpoint=None):
-    """Build DINOv2 and SAM for ``config``; explicit checkpoints decide the model size.
+def load_models(config: SegmenterConfig, sam_checkpoint=None, dinov2_checkpoint=None, with_sam: bool = True):
+    """Build DINOv2 and SAM for ``config``; explicit checkpoints decide the model size. ``with_sam=False``:
+    DINOv2 alone (the SAM module returned is None).
 
     Returns:
         (dinov2 module, sam module, config) where config's ``dinov2``/``sam`` names are those of
@@ -32,6 +33,10 @@ def load_models(config: SegmenterConfig, sam_checkpoint=None, dinov2_checkpoint=
     from refseg.models import DINOV2_SPECS, SAM_SPECS, build_dinov2, build_sam
     from refseg.models.build import resolve_model_checkpoints
 
+    if not with_sam:
+        dinov2 = build_dinov2(None if dinov2_checkpoint else config.dinov2, dinov2_checkpoint)
+        named = dinov2.spec.name != config.dinov2 and dinov2.spec.name in DINOV2_SPECS
+        return dinov2, None, config.replace(dinov2=dinov2.spec.name) if named else config
     # Both files are located first: every missing one is reported in one message, before any load.
     dinov2_path, sam_path = resolve_model_checkpoints(config.dinov2, config.sam, dinov2_checkpoint,
                                                       sam_checkpoint)
@@ -52,8 +57,9 @@ def load_models(config: SegmenterConfig, sam_checkpoint=None, dinov2_checkpoint=
 
 def create_backend(name: str, config: SegmenterConfig, sam_checkpoint=None, dinov2_checkpoint=None,
                    device: str = "auto", engine_dir: str | os.PathLike | None = None,
-                   compile: bool = False, exporter=None):
-    """Create the runtime backend ``name`` for ``config`` on ``device``.
+                   compile: bool = False, exporter=None, with_sam: bool = True):
+    """Create the runtime backend ``name`` for ``config`` on ``device`` (``with_sam=False``: the torch
+    backend with DINOv2 alone, for matching without decoding).
 
     ``compile`` applies to the torch backend (``torch.compile`` of both encoders); the exported
     backends are compiled graphs already and ignore it. ``exporter`` fills the exported backends'
@@ -66,13 +72,15 @@ def create_backend(name: str, config: SegmenterConfig, sam_checkpoint=None, dino
     """
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if not with_sam and name != "torch":
+        raise ValueError(f"backend {name!r}: a matching-only backend (no SAM) is torch only")
     dev = resolve_device(device)
     if config.precision == "auto":  # resolved once for this device; the config says what ran
         config = config.replace(precision=resolve_precision("auto", dev))
     candidates = ["tensorrt", "onnxruntime", "torch"] if name == "auto" else [name]
     for candidate in candidates:
         if candidate == "torch":
-            dinov2, sam, config = load_models(config, sam_checkpoint, dinov2_checkpoint)
+            dinov2, sam, config = load_models(config, sam_checkpoint, dinov2_checkpoint, with_sam)
             backend = TorchBackend(dinov2, sam, dev, config.precision, config.feature_key,
                                    compile=compile)
             backend.config = config
