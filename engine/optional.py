@@ -14,15 +14,16 @@ class MissingDependencyError(ImportError):
     """An optional package needed for the requested feature is not installed."""
 
 
-def require(module: str, extra: str, purpose: str) -> ModuleType:
-    """Import ``module`` or raise :class:`MissingDependencyError` naming ``pip install refseg[extra]``."""
+def require(module: str, extra: str, purpose: str, package: str | None = None) -> ModuleType:
+    """Import ``module`` or raise :class:`MissingDependencyError` naming ``pip install refseg[extra]`` (and the
+    PyPI ``package`` that provides it, by default the module's top-level name)."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:
         top = module.split(".")[0]
         raise MissingDependencyError(
             f"{purpose} needs the optional package '{top}', which is not installed: "
-            f"pip install 'refseg[{extra}]' (or pip install {top})") from exc
+            f"pip install 'refseg[{extra}]' (or pip install {package or top})") from exc
 
 
 def available(module: str) -> bool:

@@ -119,9 +119,14 @@ class AotiPackages:
     methods (``encode_dinov2``, ``encode_sam``, ``decode``): used to check an export against the C++
     core, which runs the same files (tests/test_cpp_pipeline.py, bench/bench_cpp.py).
 
+    Implements :class:`refseg.runtime.backend.Backend` (``decode_batch``: the decoder package image by image).
+
     Args:
-        folder: the export folder. like: the backend whose ``config`` and ``device`` to report.
+        folder: the export folder. like: the backend whose ``config``, ``device``, ``precision`` and
+            ``sam_size`` to report.
     """
+
+    name = "aoti"
 
     def __init__(self, folder: str | os.PathLike, like) -> None:
         folder = Path(folder)
@@ -130,6 +135,7 @@ class AotiPackages:
                                                       for k in ("dinov2", "sam_encoder", "sam_decoder"))
         self._pack = pack_prompts
         self.config, self.device = like.config, like.device
+        self.precision, self.sam_size = like.precision, like.sam_size
 
     @staticmethod
     def _run(package, *inputs: torch.Tensor):
@@ -152,6 +158,12 @@ class AotiPackages:
         c, lab = self._pack(coords, labels, boxes)
         masks, iou = self._run(self._decoder, embedding[None], c, lab, torch.zeros(1, 1, 256, 256), torch.zeros(1))
         return (masks[:, 1:], iou[:, 1:]) if multimask else (masks[:, :1], iou[:, :1])
+
+    def decode_batch(self, *args, **kwargs):
+        """Sets of several images, one decoder-package call per image."""
+        from refseg.pipeline.decode import decode_image_by_image
+
+        return decode_image_by_image(self, *args, **kwargs)
 
 
 def run_from_args(args) -> int:

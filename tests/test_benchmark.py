@@ -365,3 +365,18 @@ def test_per_image_and_streaming_rows_agree_and_report_spread(tmp_path, small_ch
     assert stream["agreement"]["identical"] == 2  # streaming gives the per-image masks exactly
     entry = compute_ratios(rows.rows)["streaming_vs_per_image"]["sat-small/synthetic torch-fp32"]
     assert entry["b2"]["ratio"] == pytest.approx(stream["images_per_s"] / per_image["images_per_s"])
+
+
+def test_exported_rows_are_skipped_before_export_without_their_provider(monkeypatch):
+    """On a GPU host whose ONNX Runtime has no CUDA provider (and no TensorRT), the exported variants are
+    refused with the reason by the plan itself, before any export could start."""
+    ort = pytest.importorskip("onnxruntime")
+    from refseg.benchmark import variants
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    reason = variants.exported_unavailable("onnxruntime", torch.device("cuda"))
+    assert reason and "CUDAExecutionProvider" in reason
+    run, skipped = variants.plan_variants(torch.device("cuda"), quick=False)
+    reasons = {s["variant"]: s["reason"] for s in skipped}
+    assert "CUDAExecutionProvider" in reasons["onnxruntime"] and "onnxruntime" not in {v.name for v in run}
+    assert variants.exported_unavailable("onnxruntime", torch.device("cpu")) is None  # the CPU provider is fine there

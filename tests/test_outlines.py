@@ -335,3 +335,73 @@ def test_corner_contacts_by_gdal_and_by_geos(monkeypatch, limit):
     for _ in range(3):
         mask = ((rng.random((33, 45)) < 0.5) * rng.integers(1, 3, (33, 45))).astype(np.uint8)
         check_exact(traced_features(mask, 10), mask)
+
+
+@pytest.mark.parametrize("tile", [20, 13])
+def test_holes_of_pieces_survive_the_merge_across_seams(monkeypatch, tile):
+    """An object crossing seams whose pieces hold holes of their own (one with an island of another class,
+    one touching the object's outline at a corner) and holes that cross a seam: exact, and the pieces'
+    holes are holes of the merged object, without the union_all fallback."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the shells-then-holes merge fell back to union_all")
+
+    monkeypatch.setattr(shapely, "union_all", refuse)
+    mask = np.zeros((40, 40), np.uint8)
+    mask[5:35, 5:35] = 1
+    mask[8:11, 8:11] = 0          # a hole inside tile (0, 0)
+    mask[18:23, 25:28] = 0        # a hole across the seam y = 20
+    mask[5, 25] = mask[6, 26] = 0  # a notch, and a hole meeting it at one corner
+    mask[26:32, 26:32] = 0        # a hole inside tile (1, 1) ...
+    mask[28:30, 28:30] = 2        # ... holding an island of class 2
+    features = traced_features(mask, tile)
+    check_exact(features, mask)
+    (big,) = (f for f in features if f["properties"]["classification"]["name"] == "class 1")
+    assert len(big["geometry"]["coordinates"]) == 1 + 4  # the exterior and four holes
+
+
+def test_simplify_hole_riddled_objects_stays_valid(tmp_path):
+    """Speckled objects (a random-checkpoint mask's kind: one object with hundreds of holes, holes 1 px
+    apart and 1 px from the outline, classes side by side) simplified by 1 px: every polygon valid by
+    GEOS's own check, one feature per object as with --simplify 0, each within the Douglas-Peucker bound of
+    its exact outline (area changed <= tolerance x perimeter, by GEOS overlay), fewer vertices."""
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:150, :170]
+    mask = np.zeros((150, 170), np.uint8)
+    mask[np.hypot(xx - 70, yy - 75) < 60] = 1
+    mask[(np.hypot(xx - 140, yy - 60) < 25)] = 2
+    holes = ndimage.binary_opening(rng.random(mask.shape) < 0.35, np.ones((1, 2))) | (rng.random(mask.shape) < 0.05)
+    mask[holes & (mask > 0)] = 0
+    tifffile.imwrite(tmp_path / "m.tif", mask, tile=(32, 32))
+    exact = run_cli(tmp_path, tmp_path / "m.tif", "--simplify", "0", "--tile", "32")
+    check_exact(exact, mask)
+    assert max(len(f["geometry"]["coordinates"]) for f in exact) > 200  # an object with hundreds of holes
+    simple = run_cli(tmp_path, tmp_path / "m.tif", "--simplify", "1", "--tile", "32")
+    assert len(simple) == len(exact)
+    before = np.array([shapely.geometry.shape(f["geometry"]) for f in exact], object)
+    after = np.array([shapely.geometry.shape(f["geometry"]) for f in simple], object)
+    assert shapely.is_valid(after).all()
+    assert (shapely.area(shapely.symmetric_difference(before, after)) <= 1.0 * shapely.length(before)).all()
+
+    def vertices(features):
+        return sum(len(r) for f in features for r in f["geometry"]["coordinates"])
+
+    assert vertices(simple) < 0.8 * vertices(exact)
+
+
+def test_simplify_gives_rings_that_would_cross_their_exact_outline():
+    """A hole in an outward bump of the outline: simplified on their own, the outline cuts the bump off and
+    crosses the hole; both keep their exact rings, the polygon stays valid (GEOS) with its hole."""
+    from refseg.io.geojson import simplify_polygons
+
+    bumped = shapely.Polygon([(0, 0), (20, 0), (20, 20), (10, 20.9), (0, 20)],
+                             [[(8.5, 18.5), (11.5, 18.5), (11.5, 20.5), (8.5, 20.5)]])
+    assert bumped.is_valid
+    rings = shapely.simplify(np.array([bumped.exterior, bumped.interiors[0]], object), 1.0, preserve_topology=False)
+    assert shapely.intersects(*rings)  # the case is real: ring by ring, they cross
+    staircase = shapely.Polygon([(30, 0)] + [(30 + k + dx, k + dy) for k in range(10) for dx, dy in ((1, 0), (1, 1))]
+                                + [(30, 10)])
+    out = simplify_polygons(np.array([bumped, staircase], object), 1.0)
+    assert shapely.is_valid(out).all() and len(out[0].interiors) == 1
+    assert out[0].equals(bumped)  # both rings back to exact
+    assert shapely.get_num_coordinates(out[1]) < shapely.get_num_coordinates(staircase) / 3  # others simplified
+    assert shapely.area(shapely.symmetric_difference(out[1], staircase)) <= staircase.length

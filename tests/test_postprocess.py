@@ -68,11 +68,16 @@ def test_decoded_logits_reach_the_original_frame_as_each_model_was_run(sam):
 
     low = torch.randn(1, 1, 256, 256, generator=torch.Generator().manual_seed(0))
 
+    from refseg.runtime.backend import decode_image_by_image
+
     class FakeBackend:
         sam_size = 1024
 
-        def decode(self, embedding, coords, labels, boxes, multimask):
+        def decode(self, embedding, coords, labels, boxes, multimask, mask_input=None):
             return low.expand(coords.shape[0], 1, 256, 256), torch.ones(coords.shape[0], 1)
+
+        def decode_batch(self, *args):
+            return decode_image_by_image(self, *args)
 
     prompts = PromptBatch(torch.tensor([[[30.0, 40.0]]]), torch.tensor([[1]]), torch.tensor([1]))
     config = SegmenterConfig.from_preset("sat").replace(sam=sam)
@@ -84,3 +89,52 @@ def test_decoded_logits_reach_the_original_frame_as_each_model_was_run(sam):
         big = F.interpolate(low, (1024, 1024), mode="bilinear", align_corners=False)[..., :731, :1024]
         expected = F.interpolate(big, hw, mode="bilinear", align_corners=False)
     torch.testing.assert_close(out, expected[0], rtol=0, atol=0)
+
+
+def _scipy_clean(m, keep_largest, fraction, holes):
+    """The post-processing rules stated with scipy.ndimage, one mask at a time."""
+    labels, k = ndi.label(m, structure=np.ones((3, 3)))
+    if k and (keep_largest or fraction > 0):
+        sizes = np.bincount(labels.ravel(), minlength=k + 1)[1:]
+        if keep_largest:
+            m = labels == 1 + int(np.argmax(sizes))
+            holes = True
+        else:
+            m = np.isin(labels, 1 + np.flatnonzero(sizes >= fraction * sizes.max()))
+    return ndi.binary_fill_holes(m) if holes else m
+
+
+@pytest.mark.parametrize("accelerator", [False, True])
+@pytest.mark.parametrize("rule", [(True, 0.0, False), (False, 0.3, False), (False, 0.3, True), (False, 0.0, True)])
+def test_clean_masks_batch_equals_each_mask_alone(monkeypatch, accelerator, rule):
+    """A batch of masks (empty, full, noisy, blobs) cleaned at once == scipy on each mask alone."""
+    if accelerator:
+        monkeypatch.setenv("REFSEG_ACCELERATOR_PATH", "1")
+    from refseg.pipeline.postprocess import clean_masks
+
+    rng = np.random.default_rng(2)
+    masks = [np.zeros((33, 47), bool), np.ones((33, 47), bool)]
+    masks += [rng.random((33, 47)) < p for p in (0.3, 0.5, 0.6)]
+    blobs = np.zeros((33, 47), bool)
+    blobs[3:20, 3:20] = blobs[25:30, 30:40] = True
+    blobs[8:12, 8:12] = False
+    masks.append(blobs)
+    out = clean_masks(torch.from_numpy(np.stack(masks)), *rule).numpy()
+    for got, m in zip(out, masks):
+        np.testing.assert_array_equal(got, _scipy_clean(m, *rule))
+
+
+@pytest.mark.parametrize("rule", [(True, 0.0, False), (False, 0.3, True), (False, 0.0, True)])
+def test_background_padding_leaves_each_mask_as_scipy_cleans_it(rule):
+    """label_maps cleans targets of several sizes in one call, padded at the bottom / right with background."""
+    from refseg.pipeline.postprocess import clean_masks
+
+    rng = np.random.default_rng(4)
+    masks = [rng.random((37, 53)) < 0.45, rng.random((50, 20)) < 0.6]
+    padded = torch.zeros(2, 50, 53, dtype=torch.bool)
+    for i, m in enumerate(masks):
+        padded[i, :m.shape[0], :m.shape[1]] = torch.from_numpy(m)
+    out = clean_masks(padded, *rule).numpy()
+    for got, m in zip(out, masks):
+        np.testing.assert_array_equal(got[:m.shape[0], :m.shape[1]], _scipy_clean(m, *rule))
+        assert not got[m.shape[0]:].any() and not got[:, m.shape[1]:].any()

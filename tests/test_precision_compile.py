@@ -54,8 +54,9 @@ def tiny(tmp_path_factory, small_checkpoints):
 
 def _segmenter(tiny, **kwargs):
     sam, dino, ref, mask, _ = tiny
+    kwargs.setdefault("batch_size", 2)
     seg = Segmenter.from_preset("sat", sam_checkpoint=sam, dinov2_checkpoint=dino, device="cpu",
-                                image_size=56, batch_size=2, **kwargs)
+                                image_size=56, **kwargs)
     return seg.set_reference(ref, mask)
 
 
@@ -78,3 +79,50 @@ def test_bf16_encoders_on_the_cpu(tiny):
     results = seg.segment_batch(tiny[4])
     assert [r.mask.shape for r in results] == [t.shape[:2] for t in tiny[4]]
     assert all(np.isfinite(r.scores[1]) for r in results)
+
+
+def _counting_backend():
+    """A torch.compile backend that runs each captured graph eagerly and counts graphs and calls."""
+    counts = {"graphs": 0, "calls": 0, "batches": set()}
+
+    def backend(gm, example_inputs):
+        counts["graphs"] += 1
+        counts["batches"].update(int(x.shape[0]) for x in example_inputs  # (B, 3, S, S) images, not weights
+                                 if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] == 3
+                                 and x.shape[2] == x.shape[3] >= 56)
+
+        def run(*args):
+            counts["calls"] += 1
+            return gm.forward(*args)
+
+        return run
+
+    return backend, counts
+
+
+def test_bench_compiled_rows_run_the_compiled_encoders(tiny):
+    """apply_to_segmenter must compile what TorchBackend calls (it used to compile references the backend
+    never called, so the compiled end-to-end rows measured eager code)."""
+    from refseg.benchmark.variants import VARIANTS, apply_to_segmenter
+
+    seg = _segmenter(tiny)
+    backend, counts = _counting_backend()
+    apply_to_segmenter(seg, VARIANTS["torch-compile-fp32"], compile_backend=backend)
+    seg.segment_batch(tiny[4])
+    # CPU path: each encoder runs image by image -> at least 2 images x 2 encoders compiled calls
+    assert counts["graphs"] >= 2 and counts["calls"] >= 4, counts
+
+
+def test_compiled_encoders_keep_fixed_batch_shapes(tiny, monkeypatch):
+    """On the accelerator path a compiled backend pads encoder calls to a power of two (at most the
+    configured batch): an odd-sized last batch reuses the full batch's graphs (CUDA graphs are per shape)."""
+    monkeypatch.setenv("REFSEG_ACCELERATOR_PATH", "1")
+    seg = _segmenter(tiny, batch_size=4)
+    backend, counts = _counting_backend()
+    seg.backend.compile(mode=None, backend=backend)
+    images = tiny[4] + tiny[4]
+    full = seg.segment_batch(images)  # one batch of 4
+    graphs = counts["graphs"]
+    last = seg.segment_batch(images[:3])  # a batch of 3: padded to 4, no new graph
+    assert counts["graphs"] == graphs and counts["batches"] == {4}, counts
+    np.testing.assert_array_equal(full[0].mask, last[0].mask)

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from refseg.config import SegmenterConfig
 from refseg.models.sam_transforms import preprocess_shape
 from refseg.pipeline import matcher, methods, persam, prototypes, topk
+from refseg.pipeline.inputs import prepare_target
 from refseg.pipeline.prompt_sets import PromptSets
+from refseg.runtime.backend import decode_image_by_image
 
 RED, BLUE = (230, 20, 20), (20, 20, 230)
 
@@ -23,10 +25,13 @@ class ColourBackend:
     (3 channels, the rest zero); decode: +10 inside discs of 40 px (1024 frame) around positives,
     or inside the box when one is given, −10 elsewhere; IoU = 1 − 0.1·mask index."""
 
-    device = torch.device("cpu")
+    name, precision, sam_size, device = "colour", "fp32", 1024, torch.device("cpu")
 
     def __init__(self):
         self.calls = []
+
+    def decode_batch(self, *args):
+        return decode_image_by_image(self, *args)
 
     def encode_dinov2(self, images):
         pooled = F.avg_pool2d(images.float(), 14)
@@ -64,6 +69,11 @@ def canvas(h, w, blobs):
     for x0, y0, x1, y1 in blobs:
         img[y0:y1, x0:x1] = RED
     return img
+
+
+def prepared(image, config):
+    """A target as the Segmenter's readers prepare it (CPU path)."""
+    return prepare_target(image, image_size=config.image_size, sam_size=1024, medsam=False, device="cpu")
 
 
 def reference(config, backend, blobs=((28, 28, 84, 84),), size=112):
@@ -140,7 +150,7 @@ def test_protosam_two_components_one_decoder_call():
     backend = ColourBackend()
     state = prototypes.prepare(reference(cfg, backend), backend, cfg)
     target = canvas(224, 224, [(14, 14, 70, 70), (140, 140, 210, 210)])
-    [out] = prototypes.segment_chunk(state, [target], backend, cfg, timer())
+    [out] = prototypes.segment_chunk(state, [prepared(target, cfg)], backend, cfg, timer())
     assert len(backend.calls) == 1                                   # all components, one call
     call = backend.calls[0]
     assert call["coords"].shape == (2, 2, 2) and call["labels"].tolist() == [[1, 1], [1, 1]]
@@ -181,12 +191,13 @@ def test_topk_flip_views_and_one_call_per_target():
     backend = ColourBackend()
     state = topk.prepare(reference(cfg, backend), backend, cfg)
     target = canvas(112, 112, [(0, 0, 56, 112)])   # left half red: the flip must be undone
-    [out] = topk.segment_chunk(state, [target], backend, cfg, timer())
+    [out] = topk.segment_chunk(state, [prepared(target, cfg)], backend, cfg, timer())
     assert len(backend.calls) == 1
     pts, labels = out.points[1], out.labels[1]
     assert labels.tolist() == [1, 1, 1, 0, 0]
     assert (pts[labels == 1, 0] < 56).all() and (pts[labels == 0, 0] >= 56).all()
-    sim = topk.segment_chunk(state, [target], backend, cfg.replace(topk_confidence="similarity"), timer())[0]
+    sim = topk.segment_chunk(state, [prepared(target, cfg)], backend, cfg.replace(topk_confidence="similarity"),
+                             timer())[0]
     assert (sim.points[1][sim.labels[1] == 1, 0] < 56).all()
 
 
@@ -236,7 +247,7 @@ def test_matcher_subsets_decoded_in_one_call_and_merged():
     backend = ColourBackend()
     state = matcher.prepare(reference(cfg, backend), backend, cfg)
     target = canvas(112, 112, [(56, 56, 112, 112)])
-    [out] = matcher.segment_chunk(state, [target], backend, cfg, timer())
+    [out] = matcher.segment_chunk(state, [prepared(target, cfg)], backend, cfg, timer())
     assert len(backend.calls) == 1
     call = backend.calls[0]
     assert call["coords"].shape[0] == 6 and call["boxes"] is None    # 3 + 3 subsets, positives only
@@ -288,7 +299,7 @@ def test_persam_segment_chunk_prompts_per_class():
     backend = ColourBackend()
     state = persam.prepare(reference(cfg, backend, size=112), backend, cfg)
     target = canvas(112, 112, [(60, 60, 100, 100)])
-    [out] = persam.segment_chunk(state, [target], backend, cfg, timer())
+    [out] = persam.segment_chunk(state, [prepared(target, cfg)], backend, cfg, timer())
     assert len(backend.calls) == 3 and out.labels[1].tolist() == [1, 0]
     (px, py), (nx, ny) = out.points[1]
     assert 60 <= px < 100 and 60 <= py < 100 and not (60 <= nx < 100 and 60 <= ny < 100)

@@ -24,7 +24,7 @@ from refseg.io.intensity import Window
 from refseg.io.volume import reorientation, slice_view
 from refseg.jobs.propagate import (OVERSIZE_RUN, PropagationSettings, PropagationTask, SliceComposer, choose_anchors,
                                    probe_slices, propagate_volume, slice_stack)
-from refseg.segmenter import ClassPrompts
+from refseg.pipeline.match_method import ClassPrompts
 from refseg.testing.random_checkpoints import write_random_checkpoints
 from volume_data import TOTALSEG
 

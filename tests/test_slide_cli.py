@@ -161,11 +161,33 @@ def test_more_bad_input_before_any_model(data, tmp_path, monkeypatch, caplog):
     caplog.clear()
     assert main(["segment", "-r", str(slide), "-m", str(annotation), "-i", str(slide), "-o", str(a_file), *common]) == 2
     assert f"{a_file}: the output path is an existing file" in caplog.text
-    caplog.clear()
-    monkeypatch.setitem(sys.modules, "shapely", None)  # the slides extra missing: one line, exit 2, no model
-    assert _bad(data, "-i", str(slide)) == 2
+
+
+@pytest.mark.parametrize("missing", ["cv2", "rasterio.features", "shapely", "shapely 2.0"])
+def test_missing_outline_dependency_is_refused_before_any_model(data, tmp_path, monkeypatch, caplog, missing):
+    """The GeoJSON outlines need OpenCV, rasterio and shapely >= 2.1: one line naming the extra, exit 2,
+    before the references are read or a model loads."""
+    import sys
+
+    import shapely
+
+    import refseg.jobs.slide
+    import refseg.segmenter
+
+    root, slides, slide, annotation, common = data
+    monkeypatch.setattr(refseg.segmenter.Segmenter, "__init__", lambda *a, **k: pytest.fail("models loaded"))
+    monkeypatch.setattr(refseg.jobs.slide, "load_references", lambda *a: pytest.fail("references read"))
+    if missing == "shapely 2.0":
+        monkeypatch.delattr(shapely, "orient_polygons")
+    else:
+        for name in (missing, missing.split(".")[0]):
+            monkeypatch.setitem(sys.modules, name, None)  # import -> ImportError
+    out = tmp_path / "out"
+    assert main(["segment", "-r", str(slide), "-m", str(annotation), "-i", str(slide), "-o", str(out), *common]) == 2
     assert "pip install 'refseg[slides]'" in caplog.text
+    assert "shapely >= 2.1" in caplog.text if missing == "shapely 2.0" else f"'{missing.split('.')[0]}'" in caplog.text
     assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 1
+    assert not out.exists()  # nothing written
 
 
 def test_resume_checks_the_settings_of_finished_slides(data, monkeypatch, caplog):

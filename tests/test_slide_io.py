@@ -139,29 +139,34 @@ def test_pyramid_round_trip(tmp_path):
 
 
 def test_geojson_polygons_with_holes_round_trip(tmp_path):
+    """Label outlines as the slide job writes them (tracer tiles of 40 px: the ring crosses a seam, scale 4,
+    QuPath names), read back as annotations and rasterised (PIL: an independent polygon fill)."""
+    from refseg.io.outlines import OutlineTracer
+
     mask = np.zeros((60, 80), np.uint8)
     mask[10:40, 10:50] = 1
     mask[20:30, 20:30] = 0  # a hole
     mask[45:55, 60:75] = 2
-    geoms = {v: geojson.union([geojson.mask_polygons(mask[:, :40], v), geojson.mask_polygons(mask[:, 40:], v,
-                                                                                            offset=(40, 0))])
-             for v in (1, 2)}
-    features = list(geojson.to_features(geoms, scale=4.0, simplify=0.0, bounds=(320, 240),
-                                   names={1: ("Glomerulus", (255, 0, 0)), 2: ("Tumor", (0, 0, 255))}))
-    geojson.write_geojson(tmp_path / "a.geojson", features)
+    names = {1: ("Glomerulus", (255, 0, 0)), 2: ("Tumor", (0, 0, 255))}
+    with geojson.FeatureWriter(tmp_path / "a.geojson", names=names, scale=4.0, bounds=(320, 240)) as writer:
+        tracer = OutlineTracer(80, 60, 40, writer.write)
+        for row, col in ((1, 1), (0, 1), (1, 0), (0, 0)):  # any order: joined in row-major order
+            tracer.add_tile(row, col, mask[row * 40:(row + 1) * 40, col * 40:(col + 1) * 40])
+        assert tracer.close() == 2
     data = json.loads((tmp_path / "a.geojson").read_text())
     assert data["type"] == "FeatureCollection" and len(data["features"]) == 2
-    first = data["features"][0]
+    first, = (f for f in data["features"] if f["properties"]["classification"]["name"] == "Glomerulus")
     assert first["properties"]["objectType"] == "annotation"
     assert first["properties"]["classification"] == {"name": "Glomerulus", "color": [255, 0, 0]}
     poly = shapely.geometry.shape(first["geometry"])
     assert poly.is_valid and len(poly.interiors) == 1 and poly.area == (30 * 40 - 100) * 16
     assert poly.exterior.is_ccw and not poly.interiors[0].is_ccw
+    assert poly.equals(shapely.box(40, 40, 200, 160).difference(shapely.box(80, 80, 120, 120)))
     annotations = geojson.read_annotations(tmp_path / "a.geojson")
     values = geojson.class_values(annotations)
-    assert values == {"Glomerulus": 1, "Tumor": 2}
+    assert values == {"Tumor": 1, "Glomerulus": 2}  # in order of first appearance in the file
     back = geojson.rasterize(annotations, origin=(0, 0), downsample=4.0, size=(80, 60), values=values)
-    assert (back != mask).mean() < 0.03  # PIL's polygon fill differs on the outline only
+    assert (back != np.array([0, 2, 1], np.uint8)[mask]).mean() < 0.03  # PIL's polygon fill differs on the outline only
     (tmp_path / "bad.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": []}))
     with pytest.raises(ValueError, match="no Polygon"):
         geojson.read_annotations(tmp_path / "bad.geojson")

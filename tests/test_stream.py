@@ -127,7 +127,7 @@ def test_bad_items_are_named_and_never_break_the_batch(seg, targets):
              StreamItem("good1.png", lambda: targets[1])]
     sizes = []
     original = seg.segment_prepared
-    seg.segment_prepared = lambda batch: sizes.append(len(batch)) or original(batch)
+    seg.segment_prepared = lambda batch, **kw: sizes.append(len(batch)) or original(batch, **kw)
     try:
         outs = list(stream_segment(seg, items, batch_size=4))
     finally:

@@ -115,6 +115,10 @@ class FakeSegmenter:
     def segment_prepared(self, targets):
         return self.segment_batch(targets)
 
+    def stream(self, items, batch_size=None):  # what the jobs' LocalRunner calls
+        from refseg.runtime.stream import stream_segment
+        return stream_segment(self, items, batch_size=batch_size)
+
 
 def test_run_plan_empty_rule_failures_and_geometry():
     vol = np.full((20, 20, 12), -1000, np.int16)

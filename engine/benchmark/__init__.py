@@ -6,6 +6,7 @@
 - :mod:`.variants`: torch eager / bf16 / fp16 / compile / CUDA graphs, official modules, ONNX Runtime, TensorRT.
 - :mod:`.model_rows`, :mod:`.pipeline_rows`, :mod:`.prompt_stage`: the rows.
 - :mod:`.suite`: :func:`run_suite`; :mod:`.report`: :func:`write_report` (JSON, Markdown, PNG).
+- :mod:`.headline`: the GPU check's rows (``bench/gpu_check.sh``): headline table, baseline, kernels.
 """
 from .flops import dinov2_flops, pipeline_flops, sam_decoder_flops, sam_encoder_flops
 from .report import write_report

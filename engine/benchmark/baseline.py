@@ -18,6 +18,12 @@ model is built):
 - one ``SamPredictor`` per target: ``set_image`` then one ``predict`` with all points,
   ``multimask_output=False``.
 
+Where the official packages (and torchvision, which ``SamPredictor`` needs) are not installed — a bare
+GPU host — ``models="auto"`` runs the same flow on refseg's own fp32 modules (same architectures and
+checkpoints; refseg's attention goes through SDPA, so this stand-in is if anything faster than the
+official code, and ratios against it understate refseg's gain); :attr:`ResearchBaseline.models` says
+which ran.
+
 Deliberate deviations (each keeps the baseline comparable with refseg, none makes it faster): the
 target goes to SAM at its original size in RGB order (the release passed a BGR array to a predictor
 expecting RGB); candidate patches are walked in ascending patch index (the release walked Python
@@ -268,6 +274,16 @@ class BaselineResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def official_packages_missing() -> str | None:
+    """Why the official-package baseline cannot run here (a missing package), or None."""
+    import importlib.util
+
+    for module in ("segment_anything", "dinov2", "torchvision"):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed"
+    return None
+
+
 class ResearchBaseline:
     """The release's per-target flow on the official models.
 
@@ -276,29 +292,45 @@ class ResearchBaseline:
             any model sizes); ``config.dinov2`` / ``config.sam`` name the models of the files.
         sam_checkpoint, dinov2_checkpoint: official-format checkpoint files (the same as refseg's).
         device: torch device (everything fp32).
+        models: ``official``, ``refseg`` (the same flow on refseg's fp32 eager modules) or ``auto``
+            (official when installed); :attr:`models` is the one used.
     """
 
-    def __init__(self, config, sam_checkpoint, dinov2_checkpoint, device: torch.device | str = "cpu"):
+    def __init__(self, config, sam_checkpoint, dinov2_checkpoint, device: torch.device | str = "cpu",
+                 models: str = "auto"):
         check_config(config)
-        SamPredictor = require("segment_anything", "bench", "the research baseline").SamPredictor
-
+        if models == "auto":
+            models = "refseg" if official_packages_missing() else "official"
+            if models == "refseg":
+                log.warning("research baseline on refseg's fp32 modules: %s", official_packages_missing())
+        self.models = models
         self.config = config
         self.device = torch.device(device)
-        self.dinov2 = load_official_dinov2(config.dinov2, dinov2_checkpoint, self.device)
-        self.sam = load_official_sam(config.sam, sam_checkpoint, self.device)
-        self._predictor_cls = SamPredictor
+        if models == "official":
+            self.dinov2 = load_official_dinov2(config.dinov2, dinov2_checkpoint, self.device)
+            self.sam = load_official_sam(config.sam, sam_checkpoint, self.device)
+            self._predictor_cls = require("segment_anything", "bench", "the research baseline").SamPredictor
+        else:
+            from refseg.models import build_dinov2, build_sam
+
+            self.dinov2 = build_dinov2(None, dinov2_checkpoint).to(self.device).eval()
+            self.sam = build_sam(None, sam_checkpoint).to(self.device).eval()
+            self._predictor_cls = _ModulePredictor
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     def _to_tensor(self, image: np.ndarray) -> torch.Tensor:
-        T = require("torchvision.transforms", "bench", "the research baseline")
-
         size = self.config.image_size
         pil = Image.fromarray(image).resize((size, size))
-        transform = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-        return transform(pil)[:3]
+        if self.models == "official":
+            T = require("torchvision.transforms", "bench", "the research baseline")
+            transform = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+            return transform(pil)[:3]
+        arr = np.asarray(pil, dtype=np.float32)[..., :3] / 255.0  # ToTensor + Normalize, in numpy
+        arr = (arr - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
     @torch.no_grad()
     def encode_pair(self, reference: np.ndarray, target: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -337,3 +369,31 @@ class ResearchBaseline:
         times["decoder"] = time.perf_counter() - t
         times["total"] = sum(times.values())
         return BaselineResult(mask, points, labels, times)
+
+
+class _ModulePredictor:
+    """``SamPredictor``'s ``set_image`` / ``predict`` (single mask) on refseg's SAM module, fp32 eager."""
+
+    def __init__(self, sam):
+        self.sam = sam
+
+    @torch.no_grad()
+    def set_image(self, image: np.ndarray) -> None:
+        from refseg.models.sam_transforms import prepare_images
+
+        device = next(self.sam.parameters()).device
+        self.prepared = prepare_images([image], self.sam.img_size, device)
+        self.embedding = self.sam.encode_image(self.prepared.pixels)
+
+    @torch.no_grad()
+    def predict(self, point_coords: np.ndarray, point_labels: np.ndarray, multimask_output: bool = False):
+        from refseg.models.sam_transforms import postprocess_masks, resize_coords
+
+        size = self.prepared.original_sizes[0]
+        coords = resize_coords(point_coords, size, self.sam.img_size, self.prepared.input_sizes[0])
+        dev = self.embedding.device
+        low, iou = self.sam.decode(self.embedding, torch.as_tensor(coords, dtype=torch.float32, device=dev)[None],
+                                   torch.as_tensor(point_labels, device=dev).long()[None],
+                                   multimask_output=multimask_output)
+        masks = postprocess_masks(low, self.prepared.input_sizes[0], size, self.sam.img_size) > 0
+        return masks[0].cpu().numpy(), iou[0].cpu().numpy(), low[0].cpu().numpy()

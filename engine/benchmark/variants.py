@@ -68,9 +68,18 @@ VARIANTS = {v.name: v for v in _ALL}
 
 
 def exported_unavailable(kind: str, device: torch.device) -> str | None:
-    """Why the exported backend ``kind`` cannot run here, or None when it may (the import is tried)."""
+    """Why the exported backend ``kind`` cannot run here, or None when it may: decided before anything is
+    exported (imports tried; on a GPU, ONNX Runtime must offer its CUDA provider, else its rows would
+    measure the CPU provider after minutes of export)."""
     if kind == "tensorrt" and device.type != "cuda":
         return "TensorRT needs a CUDA GPU"
+    if kind == "onnxruntime" and device.type == "cuda":
+        try:
+            providers = importlib.import_module("onnxruntime").get_available_providers()
+        except ImportError:
+            providers = []
+        if "CUDAExecutionProvider" not in providers:
+            return f"ONNX Runtime has no CUDAExecutionProvider here (providers: {', '.join(providers) or 'none'})"
     try:
         importlib.import_module("refseg.runtime.exported")
     except ImportError as exc:
@@ -219,13 +228,15 @@ def exported_backend(ctx, variant: Variant, dinov2: str, image_size: int, sam: s
     return backend, export_s
 
 
-def apply_to_segmenter(segmenter, variant: Variant) -> None:
+def apply_to_segmenter(segmenter, variant: Variant, compile_backend=None) -> None:
     """Compile a torch-backed Segmenter's encoders in place when ``variant`` asks for it.
 
+    Goes through :meth:`refseg.runtime.torch_backend.TorchBackend.compile`, which re-wraps the very
+    callables the backend calls (compiling ``backend.dinov2.forward_features`` or
+    ``backend.sam.image_encoder`` from outside would leave the backend on its eager references).
+    ``compile_backend``: torch.compile backend (default inductor; tests pass a counting one).
     Precision is set through the config (``precision=``) when the Segmenter is built.
     """
     if variant.kind != "torch" or not variant.compile_mode:
         return
-    backend = segmenter.backend
-    backend.dinov2.forward_features = torch.compile(backend.dinov2.forward_features, mode=variant.compile_mode)
-    backend.sam.image_encoder = torch.compile(backend.sam.image_encoder, mode=variant.compile_mode)
+    segmenter.backend.compile(mode=variant.compile_mode, backend=compile_backend)

@@ -330,19 +330,41 @@ class OutlineTracer:
 
     @staticmethod
     def _merge(groups: list[list]) -> np.ndarray:
-        """One polygon per group of edge-sharing pieces, exact. GEOS's buffer(0) of the pieces is their
-        union and 2-3x faster than union_all on these inputs; any result that is not one polygon of the
-        pieces' total area (integer areas: exact) is redone with union_all."""
+        """One polygon per group of edge-sharing pieces, exact.
+
+        A piece's holes never reach its tile's border (background touching the border is outside the piece
+        in that tile), so they lie off every seam and stay holes of the object as they are: only the pieces'
+        shells are merged, by GEOS's buffer(0) (their union; 2-3x faster than union_all on these inputs),
+        and the pieces' holes are put back. GEOS is slow on polygons with many holes (a speckled object of
+        69 pieces and 663 holes: 1.3 s with its holes, 0.04 s without). Any result that is not one polygon
+        of the pieces' total area (integer areas: exact) is redone with union_all."""
         shapely = _shapely()
-        pieces = np.array([shapely.MultiPolygon(g) for g in groups], object)
-        merged = shapely.buffer(pieces, 0.0)
-        wrong = np.flatnonzero((shapely.get_type_id(merged) != shapely.GeometryType.POLYGON)
-                               | (shapely.area(merged) != shapely.area(pieces)))
-        for k in wrong:
-            merged[k] = shapely.union_all(groups[k])
+        sizes = [len(g) for g in groups]
+        pieces = np.empty(sum(sizes), object)
+        pieces[:] = [p for g in groups for p in g]
+        group_of = np.repeat(np.arange(len(groups)), sizes)
+        shells = shapely.polygons(shapely.get_exterior_ring(pieces))
+        merged = shapely.buffer(shapely.multipolygons(shells, indices=group_of), 0.0)
         # the seams leave collinear vertices, which Douglas-Peucker at tolerance 0 drops (that cannot change
-        # the shape, so the fast variant is safe)
-        return shapely.simplify(merged, 0.0, preserve_topology=False)
+        # the shape, so the fast variant is safe); the pieces' holes have none (outlines_trace drops them)
+        merged = shapely.simplify(merged, 0.0, preserve_topology=False)
+        rings, ring_group = shapely.get_rings(merged, return_index=True)  # each result's exterior first
+        piece_rings, ring_piece = shapely.get_rings(pieces, return_index=True)
+        hole = np.ones(len(piece_rings), bool)
+        hole[np.unique(ring_piece, return_index=True)[1]] = False  # each piece's first ring is its shell
+        rings = np.concatenate([rings, piece_rings[hole]])
+        ring_group = np.concatenate([ring_group, group_of[ring_piece[hole]]])
+        order = np.argsort(ring_group, kind="stable")
+        out = np.full(len(groups), None, object)  # a group without rings (not one polygon) stays None: redone
+        shapely.polygons(rings[order], indices=ring_group[order], out=out)
+        area = np.bincount(group_of, weights=shapely.area(pieces), minlength=len(groups))
+        wrong = np.flatnonzero((shapely.get_type_id(merged) != shapely.GeometryType.POLYGON)
+                               | (shapely.area(out) != area))
+        if len(wrong):
+            redone = np.empty(len(wrong), object)
+            redone[:] = [shapely.union_all(groups[k]) for k in wrong]
+            out[wrong] = shapely.simplify(redone, 0.0, preserve_topology=False)
+        return out
 
     def _finish_group(self, root: int) -> tuple[int, list, int]:
         """Remove a final group; returns (its first piece id, its pieces' polygons, its class)."""

@@ -67,7 +67,7 @@ def _features():
 
 
 def _cv2():
-    return require("cv2", extra="slides", purpose="Tracing label outlines")
+    return require("cv2", extra="slides", purpose="Tracing label outlines", package="opencv-python-headless")
 
 
 def require_tracers() -> None:

@@ -224,8 +224,9 @@ class Job(abc.ABC):
         self.summary.models = self.runner.models
         progress = Progress(0, self.args.progress, unit=f"{ITEM_WORDS[self.mode]}s")
         self.summary.start()
+        passes = self.passes(todo)
         try:
-            for item_pass in self.passes(todo):
+            for item_pass in passes:
                 progress.grow(item_pass.count)
                 for out in self.runner.stream(item_pass.items, self.batch_size()):
                     count = self.item_count(out)
@@ -234,6 +235,7 @@ class Job(abc.ABC):
                     self.consume(out)
                     progress.update(count)
         finally:
+            passes.close()  # a mode's clean-up (e.g. an unfinished GeoJSON temporary) runs now, not at GC
             progress.close()
             self.runner.close()
 

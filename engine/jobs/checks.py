@@ -116,14 +116,17 @@ def check_propagation(args: argparse.Namespace, config) -> str | None:
 
 def require_extras(mode: str, args: argparse.Namespace, dicom: bool = False) -> None:
     """Import every optional package the run will need, before any model loads: nibabel (and pydicom for
-    DICOM series) for volumes, tifffile and shapely for slides (the GeoJSON outlines), ray for ``--ray``."""
+    DICOM series) for volumes, tifffile for slides and what their GeoJSON outlines need (OpenCV, rasterio,
+    shapely >= 2.1: :func:`refseg.io.outlines.require_outlines`), ray for ``--ray``."""
     if mode == "volume":
         require("nibabel", "io", "Volumes (NIfTI)")
         if dicom:
             require("pydicom", "io", "DICOM series")
     if mode == "slide":
         require("tifffile", "slides", "Whole-slide outputs (pyramidal OME-TIFF)")
-        require("shapely", "slides", "Whole-slide outputs (GeoJSON outlines)")
+        from refseg.io.outlines import require_outlines
+
+        require_outlines()
     if args.ray is not None:
         from refseg.jobs.ray_pool import require_ray
 

@@ -42,7 +42,7 @@ import torch
 
 from refseg.io.intensity import Window
 from refseg.models.sam2_memory import NO_OBJ_SCORE
-from refseg.segmenter import ClassPrompts
+from refseg.pipeline.match_method import ClassPrompts
 
 log = logging.getLogger(__name__)
 

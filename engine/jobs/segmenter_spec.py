@@ -116,7 +116,7 @@ def set_shots(segmenter, shots: Sequence[Shot]) -> None:
 
 
 class LocalRunner:
-    """The in-process segmentation of a job: one Segmenter, :func:`refseg.runtime.stream.stream_segment`.
+    """The in-process segmentation of a job: one Segmenter and its :meth:`refseg.Segmenter.stream`.
 
     Built from a ``spec`` (the models load here) or around a ``segmenter`` that is already built."""
 
@@ -136,9 +136,7 @@ class LocalRunner:
         set_shots(self.segmenter, shots)
 
     def stream(self, items: Iterable, batch_size: int | None = None) -> Iterator:
-        from refseg.runtime.stream import stream_segment
-
-        return stream_segment(self.segmenter, items, batch_size=batch_size)
+        return self.segmenter.stream(items, batch_size=batch_size)
 
     def close(self) -> None:
         pass

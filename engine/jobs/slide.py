@@ -11,19 +11,28 @@ Per slide (see :mod:`refseg.runtime.tiling` for the grid, the tissue rule and th
    leaves the stream, so a killed run keeps every finished tile and ``--resume`` computes only the others
    (on a CPU device the stream runs one tile per model call unless ``--batch-size`` is given: a batch of
    16 tiles would hold minutes of work in memory);
-4. stitch the stored cores into ``<stem>.ome.tif`` (tiled pyramidal OME-TIFF labels), trace them into
-   ``<stem>.geojson`` (QuPath features, level-0 pixels; one call, :func:`refseg.io.geojson.write_tile_outlines`)
-   and draw ``<stem>_overlay.png`` (preview);
-5. record the slide's tiles (total / background / resumed / segmented / failed) and stage times under
-   ``slides`` in the job's ``summary.json``.
+4. while the tiles finish, their cores go to the streaming vectoriser
+   (:class:`refseg.io.outlines.OutlineTracer`, grid cells = the cores, which tile the view without overlap),
+   whose final objects a :class:`refseg.io.geojson.FeatureWriter` appends to ``<stem>.geojson`` (QuPath
+   features, level-0 pixels) at once: the outlines cost is paid inside the progress line, tile by tile, and
+   no pass over all tiles is left for the end. Cells are joined in row-major order whatever the finishing
+   order, so a resumed run writes the same file byte for byte as an uninterrupted one;
+5. stitch the stored cores into ``<stem>.ome.tif`` (tiled pyramidal OME-TIFF labels), close the GeoJSON
+   (renamed onto its name only now: a killed run leaves a temporary file, removed by the next run) and draw
+   ``<stem>_overlay.png`` (preview);
+6. record the slide's tiles (total / background / resumed / segmented / failed) and stage times under
+   ``slides`` in the job's ``summary.json`` (``segment_s`` without the outlines work done between tiles,
+   which is ``geojson_s``).
 
-Memory is bounded by the tiles in flight and a few output tiles, never by the slide. The tile store is
+Memory is bounded by the tiles in flight, a few output tiles and the objects waiting on open tile seams,
+never by the slide. The tile store is
 removed once every output is written and no tile failed (kept with ``--keep-tiles`` or when tiles failed,
 so that ``--resume`` retries only those); it is reused only when the job's settings match
 (:mod:`refseg.jobs.resume`) and the slide file is the one it was made from.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import shutil
@@ -221,9 +230,10 @@ class SlideJob(Job):
         for unit in units:
             try:
                 with open_slide(unit.path, self.option("slide_reader")) as reader:
-                    self.current = _SlideRun(self, unit, reader)
-                    yield self.current.item_pass()
-                    record = self.current.finish()
+                    self.current = run = _SlideRun(self, unit, reader)
+                    with run:  # leaving early (an error, a kill) discards the unfinished GeoJSON
+                        yield run.item_pass()
+                        record = run.finish()
             except (ValueError, OSError) as exc:
                 self.summary.add_failure(unit.path, exc)
                 continue
@@ -239,7 +249,9 @@ class SlideJob(Job):
 
 
 class _SlideRun:
-    """One slide of a :class:`SlideJob`: grid, tissue, tile store, items, then the stitched outputs."""
+    """One slide of a :class:`SlideJob`: grid, tissue, tile store, items traced into the GeoJSON as they
+    finish, then the stitched outputs. A context manager: the GeoJSON is discarded unless :meth:`finish`
+    completed it."""
 
     def __init__(self, job: SlideJob, unit: Unit, reader):
         from refseg.io.slide import SlideView
@@ -272,6 +284,9 @@ class _SlideRun:
         self.todo = [(r, c) for r, c in self.cells if not (job.reuse and self.store.done(r, c))]
         self.failed: list[dict[str, str]] = []
         self.segmented = 0
+        self.times["geojson_s"] = 0.0
+        self.outline_error: BaseException | None = None
+        self._outputs = contextlib.ExitStack()  # the GeoJSON writer and the tracer, open while tiles finish
         self.record.update(tiles_total=len(grid), tiles_background=len(grid) - len(self.cells),
                            tiles_tissue=len(self.cells), tiles_resumed=len(self.cells) - len(self.todo))
         log.info("%s: %dx%d px at level %d (x%.3g), %d tiles, %d background skipped, %d already done, %d to run",
@@ -285,11 +300,58 @@ class _SlideRun:
                                      args.level, args.mpp, *box)
         return functools.partial(self.view.read, *box)
 
+    def __enter__(self) -> "_SlideRun":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return self._outputs.__exit__(*exc)
+
+    def start_outlines(self) -> None:
+        """Open ``<stem>.geojson`` (a temporary file until :meth:`finish`) and the outline tracer over the
+        grid's cores, and give it every cell that will not come out of the stream: background cells (empty)
+        and cells stored by an earlier run (read when their turn comes)."""
+        from refseg.io.geojson import FeatureWriter
+        from refseg.io.outlines import OutlineTracer
+
+        job, view, grid = self.job, self.view, self.grid
+        simplify = view.downsample if job.args.simplify is None else job.args.simplify
+        writer = self._outputs.enter_context(FeatureWriter(
+            self.outputs.geojson, names=job.class_names, scale=view.downsample, simplify=simplify,
+            bounds=self.reader.dimensions, namespace=str(self.unit.path.resolve())))
+        self.tracer = self._outputs.enter_context(OutlineTracer(grid.width, grid.height, grid.core, writer.write))
+        coming = set(self.todo)
+        for row in range(grid.rows):
+            for col in range(grid.cols):
+                if (row, col) not in coming:
+                    self.trace(row, col, self.stored(row, col) if self.keep[row, col] else None)
+        if len(self.cells) > len(self.todo):  # those before the first tile to run are traced now
+            log.info("%s: %d stored tiles given to the outlines (%.2f s)", self.unit.path.name,
+                     len(self.cells) - len(self.todo), self.times["geojson_s"])
+
+    def stored(self, row: int, col: int):
+        """The loader of a stored core: the tracer reads it when the cell's turn comes (no memory before)."""
+        return functools.partial(self.store.load, row, col)
+
+    def trace(self, row: int, col: int, labels) -> None:
+        """Give cell (row, col) to the outline tracer (``None``: no objects), timed as ``geojson_s``. An
+        error here fails the slide at :meth:`finish` (its tiles are kept for ``--resume``), not the job."""
+        if self.outline_error is not None:
+            return
+        t0 = time.perf_counter()
+        try:
+            self.tracer.add_tile(row, col, labels)
+        except Exception as exc:
+            self.outline_error = exc
+            log.error("%s: outlines stopped at tile (%d, %d): %s: %s", self.unit.path.name, row, col,
+                      type(exc).__name__, exc)
+        self.times["geojson_s"] += time.perf_counter() - t0
+
     def item_pass(self) -> ItemPass:
         from refseg.runtime.stream import StreamItem
 
         grid, name = self.grid, self.unit.path.name
-        self.t0 = time.perf_counter()
+        self.start_outlines()
+        self.t0, self.traced_before = time.perf_counter(), self.times["geojson_s"]
         items = (StreamItem(key=f"{name}@(x={grid.read_box(r, c)[0]},y={grid.read_box(r, c)[1]})",
                             load=self._loader(grid.read_box(r, c)), meta=(r, c)) for r, c in self.todo)
         return ItemPass(items, len(self.todo))
@@ -299,39 +361,36 @@ class _SlideRun:
         m, k = self.grid.margin, self.grid.core
         if out.error is not None:
             self.failed.append({"tile": out.item.key, "error": f"{type(out.error).__name__}: {out.error}"})
+            self.trace(row, col, None)
             return
         try:  # written now: a kill after this tile keeps it
             self.store.save(row, col, np.ascontiguousarray(out.result.mask[m:m + k, m:m + k], np.uint8))
             self.segmented += 1
         except Exception as exc:
             self.failed.append({"tile": out.item.key, "error": f"{type(exc).__name__}: {exc}"})
+            self.trace(row, col, None)
+            return
+        self.trace(row, col, self.stored(row, col))  # read back only when due: out-of-order tiles cost no memory
 
     def finish(self) -> dict[str, Any]:
-        from refseg.io import geojson
-
         grid, view, store, outputs, times = self.grid, self.view, self.store, self.outputs, self.times
-        times["segment_s"] = time.perf_counter() - self.t0
+        times["segment_s"] = time.perf_counter() - self.t0 - (times["geojson_s"] - self.traced_before)
         for failure in self.failed:
             log.error("%s: %s", failure["tile"], failure["error"])
+        if self.outline_error is not None:
+            raise ValueError(f"{outputs.geojson}: outlines failed ({type(self.outline_error).__name__}: "
+                             f"{self.outline_error}); the tiles are kept for --resume") from self.outline_error
+        t0 = time.perf_counter()
+        features = self.tracer.close()  # every cell was given: every object is written
+        self._outputs.close()  # the GeoJSON is complete: renamed onto its name
+        times["geojson_s"] += time.perf_counter() - t0
+        log.info("%s: %d outline features, %.2f s of outlines for %.2f s of segmentation", self.unit.path.name,
+                 features, times["geojson_s"], times["segment_s"])
         t0 = time.perf_counter()
         levels = pyramid.write_label_pyramid(
             outputs.mask, lambda r, c: store.load(r, c) if self.keep[r, c] else None, grid.width, grid.height,
             grid.core, outputs.tiles / "pyramid", pixel_size_um=view.mpp)
         times["stitch_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-
-        def cores():
-            for row, col in self.cells:
-                core = store.load(row, col)
-                if core is not None:
-                    x, y, w, h = grid.core_box(row, col)
-                    yield x, y, core[:h, :w]
-
-        simplify = view.downsample if self.job.args.simplify is None else self.job.args.simplify
-        features = geojson.write_tile_outlines(outputs.geojson, cores(), view.downsample, simplify,
-                                               self.job.class_names, self.reader.dimensions,
-                                               namespace=str(self.unit.path.resolve()))
-        times["geojson_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         thumb, _ = view.thumbnail(self.job.option("preview_size"))
         labels, _ = pyramid.read_label_level(outputs.mask, max_pixels=4 * thumb.shape[0] * thumb.shape[1])

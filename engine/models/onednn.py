@@ -19,8 +19,8 @@ give the same numbers whatever the load (:func:`decide`, from :func:`cpu_feature
 Both paths compute in the input dtype with fp32 accumulation, so they agree to float rounding (not bit
 for bit). Only inference on CPU tensors takes the oneDNN path: autograd (the op has no backward),
 tracing, ONNX export and ``torch.compile`` (whose inductor does its own oneDNN fusion) always see
-``F.linear``. ``REFSEG_DISABLE_ONEDNN=1`` turns the oneDNN path off. The decision is logged once per
-dtype.
+``F.linear``. ``REFSEG_DISABLE_ONEDNN=1`` turns the oneDNN path off, and so does ``REFSEG_ACCELERATOR_PATH=1`` (the CPU
+run of the GPU code path, :mod:`refseg.pipeline.accelerator`). The decision is logged once per dtype.
 """
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .code_path import forced as accelerator_forced
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +126,8 @@ def use_onednn(dtype: torch.dtype) -> bool:
     """Whether CPU linear layers in ``dtype`` take the oneDNN path (decided on first use, then cached)."""
     if os.environ.get(KILL_SWITCH, "") not in ("", "0") or dtype not in DTYPES:
         return False
+    if accelerator_forced():
+        return False  # the accelerator path runs exactly the GPU's code: F.linear, SDPA
     if dtype not in _choice:
         with _lock:
             if dtype not in _choice:

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .code_path import accelerator_path
 from .onednn import linear, tracing
 
 ATTENTION_ENV = "REFSEG_SAM_ATTENTION"
@@ -43,8 +44,8 @@ CPU_FORM = "bias"
 def attention_form(device: torch.device, traced: bool | None = None) -> str:
     """The attention form for tensors on ``device``: ``"fused"`` or ``"bias"``.
 
-    ``$REFSEG_SAM_ATTENTION`` wins when set; otherwise ``fused`` on every accelerator and whenever the
-    model is being traced or compiled (``traced``, default :func:`~refseg.models.onednn.tracing`:
+    ``$REFSEG_SAM_ATTENTION`` wins when set; otherwise ``fused`` on every accelerator (and on the CPU's run
+    of the accelerator path, :mod:`refseg.models.code_path`) and whenever the model is being traced or compiled (``traced``, default :func:`~refseg.models.onednn.tracing`:
     exports must show plain attention), and :data:`CPU_FORM` on the CPU in eager mode, whatever the
     dtype. A fixed rule, never a per-process timing, so results do not depend on machine load.
 
@@ -56,7 +57,7 @@ def attention_form(device: torch.device, traced: bool | None = None) -> str:
         if chosen not in ATTENTION_FORMS:
             raise ValueError(f"{ATTENTION_ENV}={chosen!r}: must be one of {', '.join(ATTENTION_FORMS)}")
         return chosen
-    if device.type != "cpu" or (tracing() if traced is None else traced):
+    if accelerator_path(device) or (tracing() if traced is None else traced):
         return "fused"
     return CPU_FORM
 

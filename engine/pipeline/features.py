@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from refseg.pipeline.accelerator import to_device
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PATCH = 14
@@ -36,8 +38,12 @@ def dinov2_batch(images: list[np.ndarray], size: int) -> torch.Tensor:
 def normalize_resized(resized: np.ndarray) -> torch.Tensor:
     """(B, S, S, 3) uint8 already resized by :func:`resize_rgb` -> (B, 3, S, S) float32, ImageNet
     mean/std normalised (what :func:`dinov2_batch` returns)."""
-    arr = resized.astype(np.float32) / 255.0
-    mean = np.asarray(IMAGENET_MEAN, np.float32)
-    std = np.asarray(IMAGENET_STD, np.float32)
-    arr = (arr - mean) / std
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2)))
+    return normalize_dinov2(torch.from_numpy(np.ascontiguousarray(resized)).permute(0, 3, 1, 2).float())
+
+
+def normalize_dinov2(pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, S, S) float32 RGB values 0..255 -> ImageNet-normalised float32 ``(x / 255 − mean) / std``,
+    on the pixels' device (the one normalisation of both paths)."""
+    mean = to_device(IMAGENET_MEAN, pixels.device, torch.float32).view(1, 3, 1, 1)
+    std = to_device(IMAGENET_STD, pixels.device, torch.float32).view(1, 3, 1, 1)
+    return ((pixels / 255.0 - mean) / std).contiguous()

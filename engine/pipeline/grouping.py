@@ -11,11 +11,28 @@ represented by the member with the largest score (ties, up to 1e-9 relative: ear
 iff no earlier leader lies within r of it, and every point joins the earliest leader within r. Only
 the leaders are found sequentially (:func:`greedy_leaders`: vectorised steps or rounds, all sets in
 parallel); membership and representatives are then computed in one pass.
+
+On the accelerator path (:mod:`.accelerator`) nothing here reads a tensor to the host except the
+leader search's convergence test, once every :data:`ROUNDS_PER_CHECK` rounds: widths stay the padded
+input widths instead of being cut to the largest group count.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from .accelerator import accelerator_path
+
+ROUNDS_PER_CHECK = 8
+"""Leader rounds between two convergence reads on the accelerator path."""
+
+
+def trimmed_width(counts: torch.Tensor, full: int) -> int:
+    """Width to cut padded sets to: the largest of ``counts`` on the CPU path (a host read, free
+    there); ``full`` on the accelerator path (no read: tensors keep their padded width)."""
+    if accelerator_path(counts.device):
+        return full
+    return int(counts.max()) if counts.numel() else 0
 
 
 def pairwise_sq_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -80,27 +97,25 @@ def deduplicate(points: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 def greedy_leaders(adj: torch.Tensor, valid: torch.Tensor, method: str = "auto") -> torch.Tensor:
     """(P, N) bool leaders of the greedy walk for adjacency ``adj`` (P, N, N) (``adj[p, i, j]``: j is
     within the radius of i; symmetric, reflexive on valid points). Point i leads iff no earlier point
-    within r leads. Two exact solvers, all sets at once:
+    within r leads. Three exact solvers, all sets at once:
 
     * ``"steps"``: one O(P·N) step per group — the first uncovered point leads and covers its
-      neighbours. Cheap when groups are few (large radius).
+      neighbours. Cheap when groups are few (large radius); one host read per group.
     * ``"rounds"``: an undecided point none of whose earlier neighbours is still undecided must lead
       (a leading neighbour would already have covered it); then the new leaders' neighbours are
-      covered. One O(P·N²) matrix-vector round decides many points; wins when groups are many.
-
+      covered. One O(P·N²) matrix-vector round decides many points. Rounds run in blocks of
+      :data:`ROUNDS_PER_CHECK` between convergence reads on the accelerator path (a round after
+      convergence changes nothing), one read per round on the CPU.
     * ``"walk"``: the definition itself, on the host: per set, jump to the first uncovered point and
       cover its neighbours (NumPy, one O(N) step per group, no per-step launches). The fastest on the
-      CPU, where tensors already live on the host; ``"auto"`` picks it for CPU tensors.
+      CPU, where tensors already live on the host.
 
-    Otherwise ``"auto"`` estimates the group count from the mean neighbourhood size and picks one.
+    ``"auto"`` picks ``"walk"`` on the CPU path and ``"rounds"`` on the accelerator path.
     """
-    if method == "walk" or (method == "auto" and adj.device.type == "cpu"):
-        return _walk_leaders(adj, valid)
     if method == "auto":
-        rows = adj[:, :64]  # neighbourhood size sampled on the first rows (the walk's start)
-        degree = rows.sum((-1, -2)).to(torch.float64) / valid[:, :64].sum(-1).clamp(min=1)
-        est_groups = (valid.sum(-1) / degree.clamp(min=1)).max().item()
-        method = "steps" if est_groups <= 96 else "rounds"
+        method = "rounds" if accelerator_path(adj.device) else "walk"
+    if method == "walk":
+        return _walk_leaders(adj, valid)
     leaders = torch.zeros_like(valid)
     if method == "steps":
         p_idx = torch.arange(adj.shape[0], device=adj.device)
@@ -119,16 +134,18 @@ def greedy_leaders(adj: torch.Tensor, valid: torch.Tensor, method: str = "auto")
     earlier = (adj & torch.ones(n, n, dtype=torch.bool, device=adj.device).tril(-1)).to(torch.float32)
     adj_f = adj.to(torch.float32)
     decided = ~valid
+    check_every = ROUNDS_PER_CHECK if accelerator_path(adj.device) else 1
     while True:
-        undecided = ~decided
-        if not bool(undecided.any()):
+        for _ in range(check_every):
+            undecided = ~decided
+            # blocked[p, i] = any undecided j < i within r of i (a batched matrix-vector product)
+            blocked = (earlier @ undecided.to(torch.float32)[..., None])[..., 0] > 0
+            new = undecided & ~blocked
+            leaders |= new
+            covered = (new.to(torch.float32)[:, None, :] @ adj_f)[:, 0] > 0
+            decided |= new | covered
+        if not bool((~decided).any()):
             return leaders
-        # blocked[p, i] = any undecided j < i within r of i (a batched matrix-vector product)
-        blocked = (earlier @ undecided.to(torch.float32)[..., None])[..., 0] > 0
-        new = undecided & ~blocked
-        leaders |= new
-        covered = (new.to(torch.float32)[:, None, :] @ adj_f)[:, 0] > 0
-        decided |= new | covered
 
 
 def _walk_leaders(adj: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -155,7 +172,8 @@ def group_by_radius(points: torch.Tensor, valid: torch.Tensor, radius: torch.Ten
     Args:
         points: (P, N, 2) (x, y) pixels.
         valid: (P, N) bool.
-        radius: float or (P,) tensor, pixels (inclusive). 0 merges exact duplicates only.
+        radius: float or (P,) tensor, pixels (inclusive). 0 merges exact duplicates only (a float 0
+            takes a cheaper O(N log N) path).
         score: (P, N) representative score (larger wins; ties go to the earliest member); None =
             earliest member. Unused when every radius is 0 (groups are exact duplicates).
         sq_dist: optional precomputed ``pairwise_sq_dist(points, points)``.
@@ -172,10 +190,12 @@ def group_by_radius(points: torch.Tensor, valid: torch.Tensor, radius: torch.Ten
     r = torch.as_tensor(radius, dtype=torch.float64, device=device).reshape(-1)
     r2 = (r * r).expand(pn)
     idx = torch.arange(n, device=device).expand(pn, n)
-    if not bool((r2 > 0).any()):  # r = 0: groups are exact duplicates, all with the same score
+    if not isinstance(radius, torch.Tensor) and radius <= 0:
+        # r = 0: groups are exact duplicates, all with the same score. (A tensor radius takes the general
+        # path, which gives the same result for r = 0, so that the choice needs no host read.)
         keep = deduplicate(points, valid)
         order = torch.sort(torch.where(keep, idx, idx + n), dim=1, stable=True).indices
-        order = order[:, :int(keep.sum(-1).max())]
+        order = order[:, :trimmed_width(keep.sum(-1), n)]
         return torch.where(keep.gather(1, order), order, torch.full_like(order, -1))
     if score is None:
         score = torch.zeros(pn, n, dtype=torch.float64, device=device)
@@ -189,7 +209,7 @@ def group_by_radius(points: torch.Tensor, valid: torch.Tensor, radius: torch.Ten
     adj &= valid[:, :, None] & valid[:, None, :]
     leaders = greedy_leaders(adj, valid, method)
     # group of j = earliest leader i with adj[i, j], searched over the K leader rows only
-    width = int(leaders.sum(-1).max())
+    width = trimmed_width(leaders.sum(-1), n)
     lead_idx = torch.sort(torch.where(leaders, idx, idx + n), dim=1, stable=True).indices[:, :width]
     lead_ok = leaders.gather(1, lead_idx)  # (P, K) real leaders, in walk order
     rows = adj.gather(1, lead_idx[..., None].expand(-1, -1, n)) & lead_ok[..., None]  # (P, K, N)

@@ -33,12 +33,12 @@ import torch
 import torch.nn.functional as F
 
 from refseg.config import SegmenterConfig
-from refseg.models.sam_transforms import prepare_images
-from refseg.pipeline.features import dinov2_batch
 from refseg.pipeline.grid import FG, cells_to_pixels
 from refseg.pipeline.matching import hungarian_solver
 from refseg.pipeline.methods import ReferenceSet, TargetOutput, decode_target_sets, patch_tokens
-from refseg.pipeline.prompt_sets import DecodedSets, PromptSets
+from refseg.pipeline.decode import DecodedSets
+from refseg.pipeline.inputs import PreparedTarget, dinov2_inputs, sam_inputs
+from refseg.pipeline.prompt_sets import PromptSets
 
 log = logging.getLogger(__name__)
 _WARNED = set()
@@ -158,14 +158,14 @@ def prepare(refs: ReferenceSet, backend, config: SegmenterConfig) -> MatcherStat
     return MatcherState(list(refs.classes), tokens, (refs.labels == FG).to(tokens.device))
 
 
-def segment_chunk(state: MatcherState, rgbs: list[np.ndarray], backend, config: SegmenterConfig, timer
+def segment_chunk(state: MatcherState, targets: list[PreparedTarget], backend, config: SegmenterConfig, timer
                   ) -> list[TargetOutput]:
-    """Matcher on a chunk of (H, W, 3) uint8 targets (see the module docstring)."""
+    """Matcher on a chunk of targets (see the module docstring)."""
     from refseg.kernels import kmeans
 
-    g, b, c = config.grid_size, len(rgbs), len(state.classes)
+    g, b, c = config.grid_size, len(targets), len(state.classes)
     with timer("dinov2"):
-        tokens = backend.encode_dinov2(dinov2_batch(rgbs, config.image_size))
+        tokens = backend.encode_dinov2(dinov2_inputs(targets, backend, config))
         tgt = F.normalize(patch_tokens(tokens, g).float(), dim=-1)
     with timer("matching"):
         matched = []  # per (target, class): matched target cells after the halving
@@ -176,7 +176,7 @@ def segment_chunk(state: MatcherState, rgbs: list[np.ndarray], backend, config: 
     with timer("prompts"):
         n = max(len(m) for m in matched)
         pts = torch.zeros(b * c, n, 2)
-        sizes = torch.as_tensor([im.shape[:2] for im in rgbs], dtype=torch.int64)
+        sizes = torch.as_tensor([t.size for t in targets], dtype=torch.int64)
         for p, m in enumerate(matched):
             pts[p, :len(m)] = cells_to_pixels(m, g, config.image_size, tuple(sizes[p // c].tolist())).float()
         counts = torch.as_tensor([len(m) for m in matched], dtype=torch.int64)
@@ -196,12 +196,11 @@ def segment_chunk(state: MatcherState, rgbs: list[np.ndarray], backend, config: 
             target_sets.append(PromptSets.from_lists(points, [torch.ones(len(q), dtype=torch.int64)
                                                               for q in points], owner) if points else None)
     with timer("sam_encoder"):
-        prepared = prepare_images(rgbs)
-        embeddings = backend.encode_sam(prepared.pixels)
+        embeddings = backend.encode_sam(sam_inputs(targets, backend, config))
     outputs = []
     for i in range(b):
         def keep(sets: PromptSets, decoded: DecodedSets, i=i) -> torch.Tensor:
-            grid = masks_on_grid(decoded.low_res, prepared.input_sizes[i], g).cpu()
+            grid = masks_on_grid(decoded.low_res, targets[i].sam_input_size, g).cpu()
             chosen = torch.zeros(len(sets), dtype=torch.bool)
             for j in range(c):
                 rows = (sets.owner == j).nonzero().flatten()
@@ -217,7 +216,6 @@ def segment_chunk(state: MatcherState, rgbs: list[np.ndarray], backend, config: 
                 chosen[rows] = select_masks(purity, coverage, emd, config)
             return chosen
 
-        outputs.append(decode_target_sets(backend, embeddings[i], target_sets[i], state.classes,
-                                          prepared.input_sizes[i], tuple(rgbs[i].shape[:2]),
-                                          config.multimask_output, timer, keep=keep))
+        outputs.append(decode_target_sets(backend, config, embeddings[i], target_sets[i], state.classes,
+                                          targets[i].sam_input_size, targets[i].size, timer, keep=keep))
     return outputs

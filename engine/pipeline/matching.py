@@ -29,6 +29,7 @@ import torch
 
 from ..config import SegmenterConfig
 from . import native
+from .accelerator import accelerator_path, to_device
 from .grid import BG, FG, cells_to_pixels
 from .grouping import compact
 
@@ -104,14 +105,15 @@ def match_candidates(ref_tokens: torch.Tensor, ref_labels: torch.Tensor, tgt_tok
     labels = _labels_2d(ref_labels, nr).to(tgt_tokens.device)
     c = labels.shape[0]
     fg, bg = labels == FG, labels == BG  # (C, Nr)
-    if not bool(fg.any(-1).all()):
+    accel = accelerator_path(tgt_tokens.device)
+    if not accel and not bool(fg.any(-1).all()):  # (the Segmenter refuses such references up front)
         log.warning("%d class(es) have no foreground reference patch: no positive candidates",
                     int((~fg.any(-1)).sum()))
     if config.matcher == "hungarian":
         return _hungarian_candidates(ref, tgt_tokens, labels, config)
 
     res = _similarity_seam()(ref, tgt_tokens, metric=config.metric, k=1)
-    fast = native.match_nn(res, labels, config)
+    fast = None if accel else native.match_nn(res, labels, config)
     if fast is not None:  # the C++ prompt engine (refseg._C) on the CPU: identical results
         return Candidates(*fast)
     fwd, far, bwd = res.fwd_idx[..., 0], res.far_idx, res.bwd_idx  # (B, Nr), (B, Nr), (B, Nt)
@@ -140,15 +142,15 @@ def match_candidates(ref_tokens: torch.Tensor, ref_labels: torch.Tensor, tgt_tok
 
 def _fallback(mask: torch.Tensor, fwd_c: torch.Tensor, member: torch.Tensor, key: torch.Tensor,
               what: str) -> torch.Tensor:
-    """Where a set is empty but the class has reference patches, keep its single best forward match."""
+    """Where a set is empty but the class has reference patches, keep its single best forward match
+    (computed for every set and applied where needed: no host read)."""
     empty = ~mask.any(-1) & member.any(-1)  # (B, C)
-    if not bool(empty.any()):
-        return mask
     k = torch.where(member, key[:, None], torch.full_like(key[:, None], float("-inf")))  # (B, C, Nr)
     best_ref = k.argmax(-1, keepdim=True)
     best_tgt = fwd_c.gather(2, best_ref)
     add = torch.zeros_like(mask).scatter_(2, best_tgt, True) & empty[..., None]
-    log.debug("cycle check left %d %s set(s) empty; kept the best forward match", int(empty.sum()), what)
+    if not accelerator_path(mask.device) and log.isEnabledFor(logging.DEBUG):
+        log.debug("cycle check left %d %s set(s) empty; kept the best forward match", int(empty.sum()), what)
     return mask | add
 
 
@@ -226,18 +228,24 @@ def candidates_to_points(cand: Candidates, grid_size: int, image_size: int,
     sizes = sizes.expand(b, 2) if sizes.dim() == 1 else sizes
     if sizes.shape != (b, 2):
         raise ValueError(f"target_sizes: expected (H, W) or {b} pairs, got {target_sizes!r}")
-    out = {}
-    for name, mask, off in (("positives", cand.positives, cand.offimage_pos),
-                            ("negatives", cand.negatives, cand.offimage_neg),
-                            ("hard_negatives", cand.hard_negatives, None)):
+    kinds = (("positives", cand.positives, cand.offimage_pos), ("negatives", cand.negatives, cand.offimage_neg),
+             ("hard_negatives", cand.hard_negatives, None))
+    padded = []
+    for name, mask, off in kinds:
         flat = mask.reshape(b * c, nt)
         idx = torch.arange(-1, nt, device=flat.device).expand(b * c, nt + 1)
         lead = off.reshape(b * c, 1) if off is not None else torch.zeros(b * c, 1, dtype=torch.bool,
                                                                          device=flat.device)
-        valid = torch.cat([lead, flat], 1)
-        idx, valid = compact(idx[..., None], valid)
-        width = int(valid.sum(-1).max()) if valid.numel() else 0
+        idx, valid = compact(idx[..., None], torch.cat([lead, flat], 1))
+        padded.append((name, idx, valid))
+    # ONE host read for the three widths: the later stages are O(N²) in them, padding to G² is too wide
+    counts = torch.stack([valid.sum(-1).amax() if valid.numel() else valid.new_zeros((), dtype=torch.int64)
+                          for _, _, valid in padded])
+    widths = counts.tolist()
+    out = {}
+    sizes_rows = to_device(sizes.repeat_interleave(c, 0), cand.positives.device)
+    for (name, idx, valid), width in zip(padded, widths):
         idx, valid = idx[:, :width, 0], valid[:, :width]
-        pix = cells_to_pixels(idx, grid_size, image_size, sizes.repeat_interleave(c, 0).to(idx.device))
+        pix = cells_to_pixels(idx, grid_size, image_size, sizes_rows)
         out[name] = (pix.to(torch.float64), valid)
     return out

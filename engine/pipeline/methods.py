@@ -1,16 +1,19 @@
-"""The method family behind ``SegmenterConfig.method`` (docs/algorithm.md §3–§5), one common interface.
+"""The method family behind ``SegmenterConfig.method`` (docs/algorithm.md §1–§5), one common interface.
 
-Every method module (:mod:`.prototypes` for ``protosam``, :mod:`.topk`, :mod:`.matcher`,
-:mod:`.persam`) offers the same two functions, dispatched here:
+Every method module (:mod:`.match_method` for ``match`` — GBMSeg / sat —, :mod:`.prototypes` for
+``protosam``, :mod:`.topk`, :mod:`.matcher`, :mod:`.persam`) offers the same two functions, dispatched here:
 
 - ``prepare(refs: ReferenceSet, backend, config) -> state`` — everything derived from the
-  reference(s) once (prototypes, SAM reference features, ...); the Segmenter caches the state.
-- ``segment_chunk(state, rgbs, backend, config, timer) -> list[TargetOutput]`` — one batch of
-  targets: encoders batched over the chunk, then for every target all of its prompt sets (all
-  classes, all components / subsets) decoded in ONE batched decoder call (PerSAM: one call per
-  cascade step), merged into per-class logits.
+  reference(s) once (pooled tokens, prototypes, SAM reference features, ...); the Segmenter caches it.
+- ``segment_chunk(state, targets, backend, config, timer) -> list[TargetOutput]`` — one batch of
+  :class:`~refseg.pipeline.inputs.PreparedTarget`: encoders batched over the chunk, then the prompt sets
+  (all classes, all components / subsets) decoded through the one decode path of :mod:`.decode`
+  (PerSAM: one call per cascade step), merged into per-class logits. ``config`` is the run's
+  configuration (e.g. with ``fallback`` as the caller asked), not necessarily the Segmenter's.
 
-The ``match`` method (GBMSeg / sat) stays in the Segmenter itself.
+Outputs may hold device tensors (prompts padded with label −1, boxes with NaN rows): the Segmenter
+turns every target's logits into label maps on the device and copies everything to the host at once
+(:func:`refseg.pipeline.results.finish`).
 """
 from __future__ import annotations
 
@@ -22,11 +25,11 @@ import numpy as np
 import torch
 
 from refseg.config import SegmenterConfig
-from refseg.pipeline.decode import DecodedTarget
-from refseg.pipeline.prompt_sets import PromptSets, box_extent, decode_prompt_sets, union_by_owner
+from refseg.pipeline.decode import DecodedSets, DecodedTarget, decode_sets, unite_by_owner
+from refseg.pipeline.prompt_sets import PromptSets, box_extent
 
-MODULES = {"protosam": "refseg.pipeline.prototypes", "topk": "refseg.pipeline.topk",
-           "matcher": "refseg.pipeline.matcher", "persam": "refseg.pipeline.persam"}
+MODULES = {"match": "refseg.pipeline.match_method", "protosam": "refseg.pipeline.prototypes",
+           "topk": "refseg.pipeline.topk", "matcher": "refseg.pipeline.matcher", "persam": "refseg.pipeline.persam"}
 
 
 STAGES = {
@@ -74,12 +77,15 @@ class ReferenceSet:
 class TargetOutput:
     """One target's result before the label map: ``decoded`` (C, H, W) logits and (C,) IoU in
     class order; per class value the prompts used (all sets concatenated: ``points`` (n, 2) float32
-    (x, y) target pixels, ``labels`` (n,) int64) and ``boxes`` (4,) float32 or None."""
+    (x, y) target pixels, ``labels`` (n,) int64) and ``boxes`` (4,) float32 or None. Prompts may also
+    be device tensors padded with label −1 and boxes NaN rows (cut on the host).
+    ``check_positives``: warn on the host when a class got no positive point."""
 
     decoded: DecodedTarget
-    points: dict[int, np.ndarray] = field(default_factory=dict)
-    labels: dict[int, np.ndarray] = field(default_factory=dict)
-    boxes: dict[int, Optional[np.ndarray]] = field(default_factory=dict)
+    points: dict[int, np.ndarray | torch.Tensor] = field(default_factory=dict)
+    labels: dict[int, np.ndarray | torch.Tensor] = field(default_factory=dict)
+    boxes: dict[int, Optional[np.ndarray | torch.Tensor]] = field(default_factory=dict)
+    check_positives: bool = False
 
 
 def patch_tokens(tokens: torch.Tensor, grid_size: int) -> torch.Tensor:
@@ -95,7 +101,7 @@ def patch_tokens(tokens: torch.Tensor, grid_size: int) -> torch.Tensor:
 
 
 def method_module(config: SegmenterConfig):
-    """The stage module implementing ``config.method`` (ValueError for ``match`` / unknown)."""
+    """The stage module implementing ``config.method`` (ValueError for an unknown method)."""
     if config.method not in MODULES:
         raise ValueError(f"method {config.method!r} has no stage module; choose one of {', '.join(MODULES)}")
     return importlib.import_module(MODULES[config.method])
@@ -106,10 +112,9 @@ def prepare(refs: ReferenceSet, backend, config: SegmenterConfig) -> Any:
     return method_module(config).prepare(refs, backend, config)
 
 
-def segment_chunk(state: Any, rgbs: list[np.ndarray], backend, config: SegmenterConfig, timer
-                  ) -> list[TargetOutput]:
-    """Segment a chunk of (H, W, 3) uint8 targets with ``config.method`` (see module docstring)."""
-    return method_module(config).segment_chunk(state, rgbs, backend, config, timer)
+def segment_chunk(state: Any, targets: list, backend, config: SegmenterConfig, timer) -> list[TargetOutput]:
+    """Segment a chunk of :class:`~refseg.pipeline.inputs.PreparedTarget` with ``config.method``."""
+    return method_module(config).segment_chunk(state, targets, backend, config, timer)
 
 
 def empty_output(classes: list[int], original_size: tuple[int, int]) -> TargetOutput:
@@ -121,10 +126,11 @@ def empty_output(classes: list[int], original_size: tuple[int, int]) -> TargetOu
     return out
 
 
-def decode_target_sets(backend, embedding: torch.Tensor, sets: Optional[PromptSets], classes: list[int],
-                       input_size: tuple[int, int], original_size: tuple[int, int], multimask: bool, timer,
+def decode_target_sets(backend, config: SegmenterConfig, embedding: torch.Tensor, sets: Optional[PromptSets],
+                       classes: list[int], input_size: tuple[int, int], original_size: tuple[int, int], timer,
                        keep=None) -> TargetOutput:
-    """Decode all prompt sets of one target in ONE decoder call and unite them per class.
+    """Decode all prompt sets of one target in ONE decoder call and unite them per class
+    (:func:`~refseg.pipeline.decode.decode_sets`, :func:`~refseg.pipeline.decode.unite_by_owner`).
 
     ``sets``: the target's :class:`PromptSets` (``None`` = no prompt at all); ``keep``: optional
     callable ``(sets, decoded) -> (P,) bool`` choosing the sets that enter the union (Matcher's
@@ -133,11 +139,24 @@ def decode_target_sets(backend, embedding: torch.Tensor, sets: Optional[PromptSe
     if sets is None:
         return empty_output(classes, original_size)
     with timer("decoder"):
-        decoded = decode_prompt_sets(backend, embedding, sets, original_size, multimask)
+        decoded = decode_prompt_sets(backend, embedding, sets, input_size, original_size, config.multimask_output)
     with timer("postprocess"):
         chosen = None if keep is None else keep(sets, decoded)
-        merged = union_by_owner(decoded, sets.owner, len(classes), input_size, original_size, chosen)
+        merged = unite_by_owner(backend, config, decoded, [0] * len(sets), sets.owner.tolist(), len(classes),
+                                [input_size], [original_size], chosen)[0]
     return collect_prompts(TargetOutput(merged), sets, classes)
+
+
+def decode_prompt_sets(backend, embedding: torch.Tensor, sets: PromptSets, input_size: tuple[int, int],
+                       original_size: tuple[int, int], multimask: bool,
+                       mask_input: Optional[torch.Tensor] = None) -> DecodedSets:
+    """Every set of one target's :class:`PromptSets` against its (256, 64, 64) embedding, in ONE call
+    (:func:`~refseg.pipeline.decode.decode_sets`); ``mask_input`` (P, 1, 256, 256) low-res logits."""
+    dev = embedding.device
+    index = torch.zeros(len(sets), dtype=torch.int64, device=dev)
+    return decode_sets(backend, embedding[None], index, sets.points.to(dev), sets.labels.to(dev), [input_size],
+                       [original_size], multimask, None if sets.boxes is None else sets.boxes.to(dev),
+                       mask_input=mask_input)
 
 
 def collect_prompts(out: TargetOutput, sets: PromptSets, classes: list[int]) -> TargetOutput:

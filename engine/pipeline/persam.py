@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from refseg.config import SegmenterConfig
 from refseg.models.sam_transforms import postprocess_masks, prepare_images
 from refseg.pipeline.decode import DecodedTarget
-from refseg.pipeline.methods import ReferenceSet, TargetOutput
-from refseg.pipeline.prompt_sets import PromptSets, decode_prompt_sets
+from refseg.pipeline.inputs import PreparedTarget, sam_inputs
+from refseg.pipeline.methods import ReferenceSet, TargetOutput, decode_prompt_sets
+from refseg.pipeline.prompt_sets import PromptSets
 
 SAM_SIDE = 1024
 
@@ -106,12 +107,12 @@ def cascade(backend, embedding: torch.Tensor, sets: PromptSets, input_size: tupl
     """PerSAM's decoding: points -> + mask prompt -> + mask prompt and box (see module docstring)."""
     c = len(sets)
     steps = ["points"]
-    first = decode_prompt_sets(backend, embedding, sets, original_size, multimask=False)
+    first = decode_prompt_sets(backend, embedding, sets, input_size, original_size, multimask=False)
     low, iou = first.low_res, first.iou
     boxes = torch.full((c, 4), float("nan"))
     if refinements >= 1:
         steps.append("mask")
-        second = decode_prompt_sets(backend, embedding, sets, original_size, multimask=True,
+        second = decode_prompt_sets(backend, embedding, sets, input_size, original_size, multimask=True,
                                     mask_input=low[:, None])
         low, iou = second.low_res, second.iou
     if refinements >= 2:
@@ -119,7 +120,7 @@ def cascade(backend, embedding: torch.Tensor, sets: PromptSets, input_size: tupl
         box, ok = mask_boxes(masks)
         steps.append("mask+box")
         boxed = PromptSets(sets.points, sets.labels, sets.owner, box.cpu())
-        third = decode_prompt_sets(backend, embedding, boxed, original_size, multimask=True,
+        third = decode_prompt_sets(backend, embedding, boxed, input_size, original_size, multimask=True,
                                    mask_input=low[:, None])
         okd = ok.to(low.device)
         low = torch.where(okd[:, None, None], third.low_res, low)
@@ -147,16 +148,15 @@ def prepare(refs: ReferenceSet, backend, config: SegmenterConfig) -> PerSAMState
     return PerSAMState(list(refs.classes), torch.stack(protos))
 
 
-def segment_chunk(state: PerSAMState, rgbs: list[np.ndarray], backend, config: SegmenterConfig, timer
+def segment_chunk(state: PerSAMState, targets: list[PreparedTarget], backend, config: SegmenterConfig, timer
                   ) -> list[TargetOutput]:
-    """PerSAM on a chunk of (H, W, 3) uint8 targets (one SAM encoder call for the chunk)."""
+    """PerSAM on a chunk of targets (one SAM encoder call for the chunk)."""
     with timer("sam_encoder"):
-        prepared = prepare_images(rgbs)
-        embeddings = backend.encode_sam(prepared.pixels)
+        embeddings = backend.encode_sam(sam_inputs(targets, backend, config))
     outputs = []
     c = len(state.classes)
-    for i, rgb in enumerate(rgbs):
-        size, inp = tuple(rgb.shape[:2]), prepared.input_sizes[i]
+    for i, target in enumerate(targets):
+        size, inp = target.size, target.sam_input_size
         with timer("prompts"):
             sim = cosine_map(state.prototypes, embeddings[i])
             sim = postprocess_masks(sim[:, None], inp, size)[:, 0]

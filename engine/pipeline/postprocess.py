@@ -1,13 +1,24 @@
 """Mask post-processing: connected components, largest filled region, small-component removal, holes.
 
-Everything is vectorised torch (runs on the mask's device, no OpenCV/SciPy): connected components
-use min-label propagation with hooking and pointer jumping, which converges in a few rounds for
-real masks instead of one round per pixel of component diameter.
+Everything is vectorised torch on the masks' device (no OpenCV/SciPy) and works on a whole batch of
+masks at once, (M, H, W). Connected components use min-label propagation with hooking and pointer
+jumping over one flat index space for all M masks: every pixel ends up pointing at its component's
+root, the component's first pixel in raster order. A round (hook + two jumps) never increases a
+label, so a round that changes nothing means the labelling is final; that test is the only host read,
+made once every :data:`ROUNDS_PER_CHECK` rounds on the accelerator path (extra rounds after the fixed
+point change nothing), every round on the CPU, and it does not grow with the number of masks.
+Component sizes, the largest component and the holes touching no border are then found with
+scatters over the root index, no data-dependent shapes.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .accelerator import accelerator_path
+
+ROUNDS_PER_CHECK = 8
+"""Propagation rounds between two convergence reads on the accelerator path (most masks need 2–6)."""
 
 _OFFSETS = {
     4: ((-1, 0), (1, 0), (0, -1), (0, 1)),
@@ -16,17 +27,56 @@ _OFFSETS = {
 
 
 def _neighbour_min(lab: torch.Tensor, connectivity: int, sentinel: int) -> torch.Tensor:
-    """Minimum of ``lab`` (H, W) over each pixel and its 4/8 neighbours; outside = ``sentinel``."""
-    h, w = lab.shape
-    padded = F.pad(lab[None, None], (1, 1, 1, 1), value=sentinel)[0, 0]
+    """Minimum of ``lab`` (M, H, W) over each pixel and its 4/8 neighbours; outside = ``sentinel``."""
+    h, w = lab.shape[-2:]
+    padded = F.pad(lab[:, None], (1, 1, 1, 1), value=sentinel)[:, 0]
     out = lab.clone()
     for dy, dx in _OFFSETS[connectivity]:
-        out = torch.minimum(out, padded[1 + dy:1 + dy + h, 1 + dx:1 + dx + w])
+        out = torch.minimum(out, padded[:, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w])
     return out
 
 
+def component_roots(masks: torch.Tensor, connectivity: int = 8) -> torch.Tensor:
+    """Root of every pixel's connected component, for a batch of binary masks.
+
+    Args:
+        masks: (M, H, W) bool (or 0/1).
+        connectivity: 4 or 8.
+
+    Returns:
+        (M, H, W) int64: for a foreground pixel, the flat index ``m·H·W + y·W + x`` of the first pixel
+        (raster order) of its component in mask m; ``M·H·W`` for background.
+    """
+    if connectivity not in _OFFSETS:
+        raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
+    fg = masks.bool()
+    m, h, w = fg.shape
+    n = m * h * w
+    idx = torch.arange(n, device=fg.device)
+    # lab[p] <= p always; roots satisfy lab[r] == r; index n is the background sentinel.
+    lab = torch.cat([torch.where(fg.flatten(), idx, n), idx.new_full((1,), n)])
+    check_every = ROUNDS_PER_CHECK if accelerator_path(fg.device) else 1
+    while True:
+        for _ in range(check_every):
+            before = lab
+            nb = _neighbour_min(lab[:n].view(m, h, w), connectivity, n).flatten()
+            nb = torch.where(fg.flatten(), nb, n)
+            # Hook: each pixel's current label takes the smallest label seen next to that pixel.
+            lab = lab.scatter_reduce(0, lab[:n], nb, reduce="amin")
+            lab = lab[lab]
+            lab = lab[lab]  # two pointer jumps
+        if not bool((lab != before).any()):  # the last round changed nothing: final
+            return lab[:n].view(m, h, w)
+
+
+def component_sizes(roots: torch.Tensor) -> torch.Tensor:
+    """(M·H·W,) int64 pixel count of the component rooted at each flat index (0 where none)."""
+    n = roots.numel()
+    return torch.bincount(roots.flatten(), minlength=n + 1)[:n]
+
+
 def label_components(mask: torch.Tensor, connectivity: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Label the connected components of a binary mask.
+    """Label the connected components of one binary mask (numbered; reads the count to the host).
 
     Args:
         mask: (H, W) bool (or 0/1) tensor.
@@ -37,78 +87,70 @@ def label_components(mask: torch.Tensor, connectivity: int = 8) -> tuple[torch.T
             of each component's first pixel.
         sizes: (K,) int64 pixel counts of components 1..K.
     """
-    if connectivity not in _OFFSETS:
-        raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
     fg = mask.bool()
-    h, w = fg.shape
-    n = h * w
-    flat_fg = fg.flatten()
-    # lab[p] is a pixel index that p points to; lab[p] <= p always, roots satisfy lab[r] == r.
-    # Index n is a sentinel for background so that gathers never go out of range.
-    lab = torch.full((n + 1,), n, dtype=torch.int64, device=mask.device)
-    idx = torch.arange(n, device=mask.device)
-    lab[:n][flat_fg] = idx[flat_fg]
-    fg_idx = idx[flat_fg]
-    if fg_idx.numel() == 0:
+    roots = component_roots(fg[None], connectivity)[0]
+    if not bool(fg.any()):
         return torch.zeros_like(fg, dtype=torch.int64), torch.zeros(0, dtype=torch.int64, device=mask.device)
-    while True:
-        nb = _neighbour_min(lab[:n].view(h, w), connectivity, n).flatten()[fg_idx]
-        own = lab[fg_idx]
-        if bool((nb >= own).all()):
-            break
-        # Hook: each root takes the smallest label seen next to any pixel pointing at it.
-        lab.scatter_reduce_(0, own, nb, reduce="amin")
-        # Pointer jumping until every pixel points at a root.
-        while True:
-            nxt = lab[lab]
-            if torch.equal(nxt, lab):
-                break
-            lab = nxt
-    roots = lab[:n][flat_fg]
-    uniq, inverse = torch.unique(roots, return_inverse=True)  # sorted: raster order of first pixel
-    labels = torch.zeros(n, dtype=torch.int64, device=mask.device)
-    labels[flat_fg] = inverse + 1
-    sizes = torch.bincount(inverse, minlength=uniq.numel())
-    return labels.view(h, w), sizes
+    uniq, inverse = torch.unique(roots[fg], return_inverse=True)  # sorted: raster order of first pixel
+    labels = torch.zeros(fg.shape, dtype=torch.int64, device=mask.device)
+    labels[fg] = inverse + 1
+    return labels, torch.bincount(inverse, minlength=uniq.numel())
+
+
+def fill_holes_batch(masks: torch.Tensor) -> torch.Tensor:
+    """Fill background regions (4-connected) that touch no image border, for (M, H, W) bool masks."""
+    masks = masks.bool()
+    m, h, w = masks.shape
+    n = m * h * w
+    roots = component_roots(~masks, connectivity=4)
+    border = torch.cat([roots[:, 0], roots[:, -1], roots[:, :, 0], roots[:, :, -1]], 1).flatten()
+    outside = torch.zeros(n + 1, dtype=torch.bool, device=masks.device)
+    outside[border] = True
+    outside[n] = True  # the sentinel: foreground pixels
+    return masks | ~outside[roots]
 
 
 def fill_holes(mask: torch.Tensor) -> torch.Tensor:
     """Fill background regions (4-connected) that do not touch the image border. (H, W) bool."""
-    bg = ~mask.bool()
-    labels, _ = label_components(bg, connectivity=4)
-    border = torch.cat([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
-    outside = torch.zeros(int(labels.max()) + 1, dtype=torch.bool, device=mask.device)
-    outside[border] = True
-    outside[0] = True  # label 0 is the foreground itself
-    return mask.bool() | ~outside[labels]
+    return fill_holes_batch(mask[None])[0]
+
+
+def clean_masks(masks: torch.Tensor, keep_largest: bool = False, min_component_fraction: float = 0.0,
+                holes: bool = False) -> torch.Tensor:
+    """Post-process a batch of binary masks, each on its own.
+
+    Args:
+        masks: (M, H, W) bool.
+        keep_largest: keep only the largest 8-connected component with its holes filled (the
+            "largest filled external contour" of the GBMSeg release); ties: the first in raster order.
+        min_component_fraction: otherwise drop components smaller than this fraction of the
+            largest one of the same mask (0 keeps all).
+        holes: fill holes of what remains.
+
+    Returns:
+        (M, H, W) bool.
+    """
+    masks = masks.bool()
+    if not (keep_largest or min_component_fraction > 0 or holes) or masks.numel() == 0:
+        return masks
+    if keep_largest or min_component_fraction > 0:
+        m = masks.shape[0]
+        roots = component_roots(masks, connectivity=8)
+        sizes = component_sizes(roots).view(m, -1)  # (M, H·W): size by root position within its mask
+        sizes = torch.cat([sizes, sizes.new_zeros(m, 1)], 1)  # a zero column for background pixels
+        local = torch.where(masks, roots % (sizes.shape[1] - 1), sizes.shape[1] - 1).view(m, -1)
+        size_of = sizes.gather(1, local).view_as(masks)
+        if keep_largest:
+            # argmax returns the first maximum: the component whose first pixel comes first
+            keep_root = sizes.argmax(1).view(m, 1, 1)
+            masks = masks & (local.view_as(masks) == keep_root) & (sizes.amax(1) > 0).view(m, 1, 1)
+            holes = True
+        else:
+            masks = masks & (size_of >= min_component_fraction * sizes.amax(1).view(m, 1, 1))
+    return fill_holes_batch(masks) if holes else masks
 
 
 def clean_mask(mask: torch.Tensor, keep_largest: bool = False, min_component_fraction: float = 0.0,
                holes: bool = False) -> torch.Tensor:
-    """Post-process one binary mask.
-
-    Args:
-        mask: (H, W) bool.
-        keep_largest: keep only the largest 8-connected component with its holes filled (the
-            "largest filled external contour" of the GBMSeg release).
-        min_component_fraction: otherwise drop components smaller than this fraction of the
-            largest one (0 keeps all).
-        holes: fill holes of what remains.
-
-    Returns:
-        (H, W) bool.
-    """
-    mask = mask.bool()
-    if not (keep_largest or min_component_fraction > 0 or holes) or not bool(mask.any()):
-        return mask
-    if keep_largest or min_component_fraction > 0:
-        labels, sizes = label_components(mask, connectivity=8)
-        if keep_largest:
-            keep = torch.zeros(sizes.numel() + 1, dtype=torch.bool, device=mask.device)
-            keep[1 + int(torch.argmax(sizes))] = True
-            holes = True
-        else:
-            keep = torch.cat([torch.zeros(1, dtype=torch.bool, device=mask.device),
-                              sizes >= min_component_fraction * sizes.max()])
-        mask = keep[labels]
-    return fill_holes(mask) if holes else mask
+    """:func:`clean_masks` of one (H, W) bool mask."""
+    return clean_masks(mask[None], keep_largest, min_component_fraction, holes)[0]

@@ -18,6 +18,13 @@ Order of operations for every prompt set (one target × one class), following do
 
 Radii are converted to pixels per target with :meth:`SegmenterConfig.radius_px`. Points are (x, y) in
 target pixels, positives first, then negatives, then hard negatives, each in walk order.
+
+On the CPU the C++ prompt engine (:mod:`.native`) runs the stage when built. On the accelerator path
+(:mod:`.accelerator`) the torch code below runs on the device on padded, masked tensors: choices that
+depend only on the config are made on the host, sets are thinned by one k-means call for all sets
+(no selection of the sets that need it), and the only host reads are the leader search's convergence
+tests (:func:`~.grouping.greedy_leaders`) and, when neither ``kmeans_k`` nor ``max_points`` bounds the
+set sizes, one read of the widest set.
 """
 from __future__ import annotations
 
@@ -30,10 +37,16 @@ import torch
 
 from ..config import SegmenterConfig
 from . import native
+from .accelerator import accelerator_path, to_device
 from .grouping import (compact, deduplicate, group_by_radius, mean_distance, min_sq_distance,
-                       pairwise_sq_dist, take_points)
+                       pairwise_sq_dist, take_points, trimmed_width)
 
 log = logging.getLogger(__name__)
+
+
+MAX_STATIC_WIDTH = 64
+"""Widest prompt set the accelerator path pads to without reading the true width (k-means and
+``max_points`` bound it from the config); wider bounds cost one host read of the widest set."""
 
 
 @dataclass
@@ -90,34 +103,32 @@ def kmeans_thin(points: torch.Tensor, valid: torch.Tensor, k: int, iters: int = 
     """(P, N) bool keep-mask thinning every set with more than ``k`` valid points to ``k`` points.
 
     ``valid`` must be compacted (valid entries first). One batched ``refseg.kernels.kmeans`` call on
-    the sets that need it; in each cluster the member nearest the centre (ties: earliest) is kept.
+    all sets (each problem is independent of the others; sets of at most ``k`` points keep theirs, so no
+    set needs to be selected on the host); in each cluster the member nearest the centre (ties:
+    earliest) is kept.
     """
-    counts = valid.sum(-1)
-    big = counts > k
-    if k <= 0 or not bool(big.any()):
+    if k <= 0 or points.shape[1] <= k:
         return valid
     from refseg.kernels import kmeans  # the one clustering seam (Triton / torch)
 
-    sub, sub_counts = points[big].to(torch.float32), counts[big]
-    centres, assign, _ = kmeans(sub, sub_counts, k, iters=iters, seed=seed, init="k-means++")
-    n = points.shape[1]
-    sub_valid = valid[big]
+    counts = valid.sum(-1)
+    big = counts > k
+    centres, assign, _ = kmeans(points.to(torch.float32), counts, k, iters=iters, seed=seed, init="k-means++")
+    p, n = valid.shape
     near = centres.to(torch.float64).gather(1, assign.clamp(min=0)[..., None].expand(-1, -1, 2))
-    d = ((sub.to(torch.float64) - near) ** 2).sum(-1)
-    d = torch.where(sub_valid, d, torch.full_like(d, float("inf")))
-    cluster = torch.where(sub_valid, assign.clamp(min=0), torch.full_like(assign, k))
-    best = torch.full((len(sub), k + 1), float("inf"), dtype=torch.float64, device=points.device)
+    d = ((points.to(torch.float64) - near) ** 2).sum(-1)
+    d = torch.where(valid, d, torch.full_like(d, float("inf")))
+    cluster = torch.where(valid, assign.clamp(min=0), torch.full_like(assign, k))
+    best = torch.full((p, k + 1), float("inf"), dtype=torch.float64, device=points.device)
     best = best.scatter_reduce(1, cluster, d, reduce="amin", include_self=True)
-    winner = sub_valid & (d == best.gather(1, cluster))
+    winner = valid & (d == best.gather(1, cluster))
     idx = torch.arange(n, device=points.device).expand_as(winner)
-    first = torch.full((len(sub), k + 1), n, dtype=torch.int64, device=points.device)
+    first = torch.full((p, k + 1), n, dtype=torch.int64, device=points.device)
     first = first.scatter_reduce(1, cluster, torch.where(winner, idx, torch.full_like(idx, n)),
                                  reduce="amin", include_self=True)[:, :k]
-    keep_sub = torch.zeros(len(sub), n + 1, dtype=torch.bool, device=points.device)
-    keep_sub.scatter_(1, first, True)
-    keep = valid.clone()
-    keep[big] = keep_sub[:, :n]
-    return keep
+    thinned = torch.zeros(p, n + 1, dtype=torch.bool, device=points.device)
+    thinned.scatter_(1, first, True)
+    return torch.where(big[:, None], thinned[:, :n], valid)
 
 
 def _radius(config: SegmenterConfig, key: str, sizes: torch.Tensor) -> torch.Tensor:
@@ -128,16 +139,18 @@ def _radius(config: SegmenterConfig, key: str, sizes: torch.Tensor) -> torch.Ten
     return value * sizes.amax(-1).to(torch.float64)
 
 
-def _group(points: torch.Tensor, valid: torch.Tensor, radius: torch.Tensor, other: torch.Tensor,
-           other_valid: torch.Tensor, sq_dist_other: Optional[torch.Tensor] = None):
-    """Greedy grouping of de-duplicated sets; representative = largest mean distance to ``other``.
+def _group(points: torch.Tensor, valid: torch.Tensor, config: SegmenterConfig, key: str, sizes: torch.Tensor,
+           other: torch.Tensor, other_valid: torch.Tensor, sq_dist_other: Optional[torch.Tensor] = None):
+    """Greedy grouping of de-duplicated sets with radius field ``key``; representative = largest mean
+    distance to ``other``. Whether the radius is 0 is the config's (no host read).
 
     Returns (points (P, K, 2), valid (P, K), order (P, K) indices into the input, -1 = padding).
     """
-    score = None
-    if bool((radius > 0).any()):  # r = 0 only merges duplicates: no score needed
+    if float(getattr(config, key)) > 0:
         score = mean_distance(points, valid, other, other_valid, sq_dist_other)
-    order = group_by_radius(points, valid, radius, score)
+        order = group_by_radius(points, valid, _radius(config, key, sizes), score)
+    else:  # r = 0 only merges duplicates: no score needed
+        order = group_by_radius(points, valid, 0.0)
     out, out_valid = take_points(points, order)
     return out, out_valid, order
 
@@ -158,9 +171,11 @@ def engineer_padded(pos: torch.Tensor, pos_valid: torch.Tensor, neg: torch.Tenso
     Returns:
         :class:`PromptBatch` on the inputs' device.
     """
-    fast = native.engineer_padded(pos, pos_valid, neg, neg_valid, sizes, config, hard, hard_valid, dtype)
-    if fast is not None:  # the C++ prompt engine (refseg._C) on the CPU: identical results
-        return PromptBatch(*fast)
+    accel = accelerator_path(pos.device)
+    if not accel:
+        fast = native.engineer_padded(pos, pos_valid, neg, neg_valid, sizes, config, hard, hard_valid, dtype)
+        if fast is not None:  # the C++ prompt engine (refseg._C) on the CPU: identical results
+            return PromptBatch(*fast)
     if not config.gbmseg_offimage_quirk:
         pos_valid, neg_valid = pos_valid & on_image(pos, sizes), neg_valid & on_image(neg, sizes)
         if hard is not None:
@@ -168,43 +183,66 @@ def engineer_padded(pos: torch.Tensor, pos_valid: torch.Tensor, neg: torch.Tenso
     pos_valid, neg_valid = deduplicate(pos, pos_valid), deduplicate(neg, neg_valid)
 
     # positives: grouped against the de-duplicated negatives
-    pos, pos_valid, _ = _group(pos, pos_valid, _radius(config, "pos_radius", sizes), neg, neg_valid)
+    pos, pos_valid, _ = _group(pos, pos_valid, config, "pos_radius", sizes, neg, neg_valid)
 
     # negatives: grouped against the final positives, then exclusion around the positives; the
     # negative-to-positive distances are computed once for both
     excl = _radius(config, "exclusion_radius", sizes)
-    d_np = pairwise_sq_dist(neg, pos) if bool((excl > 0).any()) else None
-    neg, neg_valid, order = _group(neg, neg_valid, _radius(config, "neg_radius", sizes), pos, pos_valid, d_np)
+    d_np = pairwise_sq_dist(neg, pos) if config.exclusion_radius > 0 else None
+    neg, neg_valid, order = _group(neg, neg_valid, config, "neg_radius", sizes, pos, pos_valid, d_np)
     if d_np is not None:
         rows = d_np.gather(1, order.clamp(min=0)[..., None].expand(-1, -1, d_np.shape[2]))
         nearest = min_sq_distance(neg, pos, pos_valid, rows)
         kept = neg_valid & (nearest >= (excl * excl)[:, None])
-        if config.fallback:
+        if config.fallback:  # a set whose negatives were all excluded keeps the farthest one
             lost = neg_valid.any(-1) & ~kept.any(-1)
-            if bool(lost.any()):
-                far = torch.where(neg_valid, nearest, torch.full_like(nearest, -1.0)).argmax(-1)
-                kept[lost, far[lost]] = True
+            far = torch.where(neg_valid, nearest, torch.full_like(nearest, -1.0)).argmax(-1)
+            kept |= lost[:, None] & (torch.arange(kept.shape[1], device=kept.device) == far[:, None])
+            if not accel and log.isEnabledFor(logging.DEBUG):
                 log.debug("exclusion removed every negative in %d set(s); kept the farthest one",
                           int(lost.sum()))
         neg, neg_valid = compact(neg, kept)
 
     if config.kmeans_k > 0:
-        pos, pos_valid = compact(pos, kmeans_thin(pos, pos_valid, config.kmeans_k, config.kmeans_iters,
-                                                  config.kmeans_seed))
-        neg, neg_valid = compact(neg, kmeans_thin(neg, neg_valid, config.kmeans_k, config.kmeans_iters,
-                                                  config.kmeans_seed))
+        pos, pos_valid, neg, neg_valid = _thin(pos, pos_valid, neg, neg_valid, config)
 
     if hard is not None and hard.shape[1]:
         hard_valid = deduplicate(hard, hard_valid)
-        hard, hard_valid, _ = _group(hard, hard_valid, _radius(config, "hard_radius", sizes), pos, pos_valid)
+        hard, hard_valid, _ = _group(hard, hard_valid, config, "hard_radius", sizes, pos, pos_valid)
         neg, neg_valid = torch.cat([neg, hard], 1), torch.cat([neg_valid, hard_valid], 1)
         neg, neg_valid = compact(neg, neg_valid)
 
-    if not bool(pos_valid.any(-1).all()):
-        log.warning("%d prompt set(s) have no positive point", int((~pos_valid.any(-1)).sum()))
+    if not accel:  # on the accelerator path the caller warns from the host copy of the prompts
+        warn_missing_positives(pos_valid.any(-1))
     if config.max_points > 0:
         pos_valid, neg_valid = _cap(pos_valid, neg_valid, config.max_points)
-    return _assemble(pos, pos_valid, neg, neg_valid, config.use_box, dtype)
+    return _assemble(pos, pos_valid, neg, neg_valid, config.use_box, dtype, config.max_points)
+
+
+def warn_missing_positives(has_positive: torch.Tensor | np.ndarray) -> None:
+    """One warning when some of the (P,) prompt sets have no positive point."""
+    missing = int((~has_positive).sum())
+    if missing:
+        log.warning("%d prompt set(s) have no positive point", missing)
+
+
+def _thin(pos, pos_valid, neg, neg_valid, config: SegmenterConfig):
+    """k-means thinning of positives and negatives in ONE call (2P problems), then both cut to K
+    columns: a thinned set holds at most K points, so that width is known without a host read."""
+    k = config.kmeans_k
+    width = max(pos.shape[1], neg.shape[1])
+
+    def widen(points, valid):
+        extra = width - points.shape[1]
+        return (torch.nn.functional.pad(points, (0, 0, 0, extra)),
+                torch.nn.functional.pad(valid, (0, extra), value=False))
+
+    (pp, pv), (nn_, nv) = widen(pos, pos_valid), widen(neg, neg_valid)
+    keep = kmeans_thin(torch.cat([pp, nn_]), torch.cat([pv, nv]), k, config.kmeans_iters, config.kmeans_seed)
+    p = pos.shape[0]
+    pos, pos_valid = compact(pp, keep[:p])
+    neg, neg_valid = compact(nn_, keep[p:])
+    return pos[:, :k], pos_valid[:, :k], neg[:, :k], neg_valid[:, :k]
 
 
 def _cap(pos_valid: torch.Tensor, neg_valid: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,7 +255,8 @@ def _cap(pos_valid: torch.Tensor, neg_valid: torch.Tensor, m: int) -> tuple[torc
     return pos_valid & (rank_pos < keep_pos[:, None]), neg_valid & (rank_neg < keep_neg[:, None])
 
 
-def _assemble(pos, pos_valid, neg, neg_valid, use_box: bool, dtype: torch.dtype) -> PromptBatch:
+def _assemble(pos, pos_valid, neg, neg_valid, use_box: bool, dtype: torch.dtype, max_points: int = 0
+              ) -> PromptBatch:
     pts = torch.cat([pos, neg], 1)
     valid = torch.cat([pos_valid, neg_valid], 1)
     lab = torch.cat([torch.ones_like(pos_valid, dtype=torch.int64),
@@ -226,7 +265,11 @@ def _assemble(pos, pos_valid, neg, neg_valid, use_box: bool, dtype: torch.dtype)
     pts, valid2 = compact(pts, valid)
     lab, _ = compact(lab[..., None], valid)
     num = valid.sum(-1)
-    width = int(num.max()) if num.numel() else 0
+    full = pts.shape[1] if max_points <= 0 else min(pts.shape[1], max_points)
+    if accelerator_path(pts.device) and full > MAX_STATIC_WIDTH:  # unbounded by the config: one read
+        width = int(num.max()) if num.numel() else 0
+    else:
+        width = trimmed_width(num, full)
     points = torch.where(valid2[..., None], pts, torch.zeros_like(pts))[:, :width].to(dtype)
     labels = torch.where(valid2, lab[..., 0], torch.full_like(lab[..., 0], -1))[:, :width]
     boxes = None
@@ -238,7 +281,7 @@ def _assemble(pos, pos_valid, neg, neg_valid, use_box: bool, dtype: torch.dtype)
         lo = torch.where(valid_b, pos_b, torch.full_like(pos_b, big)).amin(1)
         hi = torch.where(valid_b, pos_b, torch.full_like(pos_b, -big)).amax(1)
         boxes = torch.cat([lo, hi], -1).to(dtype)
-        boxes[~pos_valid.any(-1)] = float("nan")
+        boxes = torch.where(pos_valid.any(-1, keepdim=True), boxes, torch.full_like(boxes, float("nan")))
     return PromptBatch(points=points, labels=labels, num_points=num, boxes=boxes)
 
 
@@ -338,4 +381,4 @@ def prompts_from_candidates(cand, config: SegmenterConfig, target_sizes, device=
                                         for k in ("positives", "negatives", "hard_negatives"))
     if not config.hard_negatives:
         hard = hv = None
-    return engineer_padded(pos, pv, neg, nv, sizes.to(dev), config, hard, hv, dtype)
+    return engineer_padded(pos, pv, neg, nv, to_device(sizes, dev), config, hard, hv, dtype)

@@ -24,9 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from refseg.config import SegmenterConfig
-from refseg.models.sam_transforms import prepare_images
-from refseg.pipeline.features import dinov2_batch
 from refseg.pipeline.grid import resize_binary_mask
+from refseg.pipeline.inputs import PreparedTarget, dinov2_inputs, sam_inputs
 from refseg.pipeline.methods import ReferenceSet, TargetOutput, decode_target_sets, patch_tokens
 from refseg.pipeline.postprocess import label_components
 from refseg.pipeline.prompt_sets import PromptSets
@@ -221,17 +220,16 @@ def probabilities(state: ProtoState, tokens: torch.Tensor, config: SegmenterConf
     return torch.sigmoid(up).reshape(tokens.shape[0], len(state.prototypes), s, s)
 
 
-def segment_chunk(state: ProtoState, rgbs: list[np.ndarray], backend, config: SegmenterConfig, timer
+def segment_chunk(state: ProtoState, targets: list[PreparedTarget], backend, config: SegmenterConfig, timer
                   ) -> list[TargetOutput]:
-    """ProtoSAM on a chunk of (H, W, 3) uint8 targets (see :mod:`refseg.pipeline.methods`)."""
+    """ProtoSAM on a chunk of targets (see :mod:`refseg.pipeline.methods`)."""
     with timer("dinov2"):
-        tokens = patch_tokens(backend.encode_dinov2(dinov2_batch(rgbs, config.image_size)), config.grid_size)
+        tokens = backend.encode_dinov2(dinov2_inputs(targets, backend, config))
+        tokens = patch_tokens(tokens, config.grid_size)
     with timer("prompts"):
         probs = probabilities(state, tokens, config).cpu()
-        sets = [target_sets(list(probs[b]), config, tuple(rgbs[b].shape[:2])) for b in range(len(rgbs))]
+        sets = [target_sets(list(probs[b]), config, t.size) for b, t in enumerate(targets)]
     with timer("sam_encoder"):
-        prepared = prepare_images(rgbs)
-        embeddings = backend.encode_sam(prepared.pixels)
-    return [decode_target_sets(backend, embeddings[b], sets[b], state.classes, prepared.input_sizes[b],
-                               tuple(rgbs[b].shape[:2]), config.multimask_output, timer)
-            for b in range(len(rgbs))]
+        embeddings = backend.encode_sam(sam_inputs(targets, backend, config))
+    return [decode_target_sets(backend, config, embeddings[b], sets[b], state.classes, t.sam_input_size, t.size,
+                               timer) for b, t in enumerate(targets)]

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from refseg.config import SegmenterConfig
-from refseg.models.sam_transforms import prepare_images
-from refseg.pipeline.decode import decode_target
+from refseg.pipeline.decode import decode_batch
 from refseg.pipeline.features import dinov2_batch
+from refseg.pipeline.inputs import PreparedTarget, sam_inputs
 from refseg.pipeline.grid import FG, cells_to_pixels
 from refseg.pipeline.methods import ReferenceSet, TargetOutput, patch_tokens
 from refseg.pipeline.prompts import PromptBatch
@@ -137,9 +137,10 @@ def view_probabilities(state: TopKState, tokens: torch.Tensor, config: Segmenter
     return torch.stack(out)
 
 
-def segment_chunk(state: TopKState, rgbs: list[np.ndarray], backend, config: SegmenterConfig, timer
+def segment_chunk(state: TopKState, targets: list[PreparedTarget], backend, config: SegmenterConfig, timer
                   ) -> list[TargetOutput]:
-    """Top-K prompts on a chunk of (H, W, 3) uint8 targets; all classes of a target in one call."""
+    """Top-K prompts on a chunk of targets; all prompt sets of the chunk in one decoder call."""
+    rgbs = [t.rgb for t in targets]
     g, b, c = config.grid_size, len(rgbs), len(state.classes)
     views_in = rgbs + ([np.ascontiguousarray(im[:, ::-1]) for im in rgbs] if config.topk_flip else [])
     with timer("dinov2"):
@@ -158,15 +159,14 @@ def segment_chunk(state: TopKState, rgbs: list[np.ndarray], backend, config: Seg
         prompts = _assemble(pos_px, pos_ok.reshape(b * c, -1).cpu(), neg_px, neg_ok.reshape(b * c, -1).cpu(),
                             config.use_box)
     with timer("sam_encoder"):
-        prepared = prepare_images(rgbs)
-        embeddings = backend.encode_sam(prepared.pixels)
+        embeddings = backend.encode_sam(sam_inputs(targets, backend, config))
+    with timer("decoder"):
+        decoded = decode_batch(backend, embeddings, prompts, c,
+                               [t.sam_input_size for t in targets], [t.size for t in targets], config)
     outputs = []
     for i in range(b):
         rows = list(range(i * c, (i + 1) * c))
-        with timer("decoder"):
-            decoded = decode_target(backend, embeddings[i], prompts, rows, prepared.input_sizes[i],
-                                    tuple(rgbs[i].shape[:2]), config)
-        out = TargetOutput(decoded)
+        out = TargetOutput(decoded[i])
         for j, cls in enumerate(state.classes):
             out.points[cls], out.labels[cls] = prompts.prompt(rows[j])
             box = None if prompts.boxes is None else prompts.boxes[rows[j]].numpy()

@@ -1,8 +1,8 @@
 """ONNX Runtime and TensorRT backends: the exported graphs behind the torch backend's interface.
 
-Both offer ``encode_dinov2``, ``encode_sam`` and ``decode`` with the tensors of
+Both implement :class:`refseg.runtime.backend.Backend` with the tensors of
 :class:`refseg.runtime.torch_backend.TorchBackend` (float32 in and out, prompts in SAM's 1024
-frame, (x, y) order), plus ``name``, ``device`` and ``config``, so either drops in for it.
+frame, (x, y) order): ``decode_batch`` runs the decoder graph image by image.
 
 Where the graphs come from (``engine_dir``):
 
@@ -41,6 +41,7 @@ import torch
 from refseg.config import SegmenterConfig
 from refseg.optional import require
 from refseg.runtime import io_names as io
+from refseg.runtime.backend import decode_image_by_image
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,14 @@ class ExportedBackend(abc.ABC):
                              f"mask_outputs={self.mask_outputs!r}; multimask={multimask} needs a "
                              "re-export")
         return masks, iou
+
+    def decode_batch(self, embeddings: torch.Tensor, image_index: torch.Tensor, coords: torch.Tensor,
+                     labels: torch.Tensor, point_mask: torch.Tensor | None = None,
+                     boxes: torch.Tensor | None = None, multimask: bool = False,
+                     mask_input: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sets of several images: one decoder-graph call per image (no batched decoder graph)."""
+        return decode_image_by_image(self, embeddings, image_index, coords, labels, point_mask, boxes,
+                                     multimask, mask_input)
 
 
 def _symbols(shapes: dict, inputs: dict[str, torch.Tensor]) -> dict[str, int]:

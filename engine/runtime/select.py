@@ -84,6 +84,7 @@ def create_backend(name: str, config: SegmenterConfig, sam_checkpoint=None, dino
             backend = TorchBackend(dinov2, sam, dev, config.precision, config.feature_key,
                                    compile=compile)
             backend.config = config
+            backend.fixed_batch = config.batch_size  # compiled encoders: one shape, one graph
             return backend
         try:
             from refseg.runtime.exported import create_exported_backend

@@ -7,11 +7,16 @@ and yields one :class:`StreamOutput` per item, in input order. A failing item (u
 small, a model error that a retry one by one isolates) yields an output with ``error`` set; the stream
 goes on. Errors raised while loading or validating name the item's key.
 
-Pipeline: reader threads (decode + validate + resize for both encoders) -> a bounded window of
-items read ahead -> batches -> DINOv2 and SAM encoders (pinned memory and non-blocking copies on
-CUDA) -> matching and prompt engineering on the device -> one decoder call for all prompt sets of
-the batch -> post-processing -> the consumer (the folder job hands outputs to a bounded
-:class:`refseg.runtime.writer.BackgroundWriter`).
+Pipeline: reader threads (decode + validate; on the CPU path both resizes; on the accelerator path the
+uint8 pixels are pinned and copied to the device on a side stream) -> a bounded window of items read
+ahead, so the copies of batches n+1, n+2 overlap batch n -> resizes and normalisation, DINOv2 and SAM
+encoders, matching and prompt engineering on the device -> one decoder call for all prompt sets of the
+batch -> label maps on the device -> one copy to the host -> the consumer (the folder job hands
+outputs to a bounded :class:`refseg.runtime.writer.BackgroundWriter`).
+
+A segmenter for this module offers ``config`` (``batch_size``), ``prepare_target(image, source)`` and
+``segment_prepared(targets, fallback=None)``; the jobs call its ``stream`` method
+(:meth:`refseg.Segmenter.stream` runs :func:`stream_segment`; the Ray pool of :mod:`refseg.jobs.ray_pool` its own).
 
     items = (StreamItem(key=str(p), load=functools.partial(read_image, p)) for p in paths)
     for out in stream_segment(segmenter, items):
@@ -94,9 +99,10 @@ class _Batcher:
     """Runs batches on the models: halves the batch on out-of-memory (reported once), retries a
     failing batch one by one so that only the items that fail themselves are marked failed."""
 
-    def __init__(self, segmenter, step: int):
+    def __init__(self, segmenter, step: int, fallback: bool | None = None):
         self.segmenter = segmenter
         self.step = step
+        self.fallback = fallback
         self.oom_reported = False
 
     def run(self, batch: list[_Loaded]) -> None:
@@ -106,7 +112,8 @@ class _Batcher:
 
     def _run(self, good: list[_Loaded]) -> None:
         try:
-            results = self.segmenter.segment_prepared([b.target for b in good])
+            extra = {} if self.fallback is None else {"fallback": self.fallback}
+            results = self.segmenter.segment_prepared([b.target for b in good], **extra)
         except Exception as exc:
             if is_out_of_memory(exc) and len(good) > 1:
                 self._halve(len(good), exc)
@@ -146,14 +153,16 @@ def default_workers() -> int:
 
 
 def stream_segment(segmenter, items: Iterable[StreamItem], batch_size: int | None = None,
-                   prefetch: int = 2, workers: int | None = None) -> Iterator[StreamOutput]:
+                   prefetch: int = 2, workers: int | None = None, fallback: bool | None = None
+                   ) -> Iterator[StreamOutput]:
     """Segment ``items`` with ``segmenter`` (reference already set), yielding outputs in input order.
 
     Reader threads decode each item (``item.load``) and prepare it for the encoders
-    (``segmenter.prepare_target``: RGB conversion, the too-small check, both resizes); at most
-    ``(prefetch + 1) * batch_size`` items are read ahead, so memory does not grow with the number
-    of items. Batches go through ``segmenter.segment_prepared`` (one call per encoder, one decoder
-    call). A CUDA out-of-memory halves the batch size for the rest of the stream (logged once).
+    (``segmenter.prepare_target``: RGB conversion, the too-small check, the CPU path's resizes or the
+    accelerator path's copy to the device); at most ``(prefetch + 1) * batch_size`` items are read
+    ahead, so memory does not grow with the number of items. Batches go through
+    ``segmenter.segment_prepared`` (one call per encoder, one decoder call). A CUDA out-of-memory halves
+    the batch size for the rest of the stream (logged once).
 
     Args:
         segmenter: a :class:`refseg.Segmenter` whose reference is set.
@@ -161,8 +170,9 @@ def stream_segment(segmenter, items: Iterable[StreamItem], batch_size: int | Non
         batch_size: targets per encoder call; ``None`` uses ``segmenter.config.batch_size``.
         prefetch: batches decoded ahead of the one on the models.
         workers: reader threads (default :func:`default_workers`).
+        fallback: passed to ``segment_prepared`` (None: the config's).
     """
-    batcher = _Batcher(segmenter, max(1, batch_size or segmenter.config.batch_size))
+    batcher = _Batcher(segmenter, max(1, batch_size or segmenter.config.batch_size), fallback)
     iterator = iter(items)
     window: deque[Future] = deque()
     pool = ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="refseg-read")
@@ -179,7 +189,7 @@ def stream_segment(segmenter, items: Iterable[StreamItem], batch_size: int | Non
         fill()
         while window:
             batch = [window.popleft().result() for _ in range(min(batcher.step, len(window)))]
-            fill()  # the readers work on the next batches while this one is on the models
+            fill()  # the readers work on (and copy) the next batches while this one is on the models
             batcher.run(batch)
             for b in batch:
                 yield b.out

@@ -1,7 +1,7 @@
-"""The PyTorch backend: DINOv2 and SAM modules run eagerly (optionally in fp16/bf16).
+"""The PyTorch backend: DINOv2 and SAM modules run eagerly (optionally in fp16/bf16), or compiled.
 
-Every backend offers the same three calls, with the same tensors as the exported graphs
-(names in :mod:`refseg.runtime.io_names`):
+Every backend implements :class:`refseg.runtime.backend.Backend`, with the same tensors as the
+exported graphs (names in :mod:`refseg.runtime.io_names`):
 
 - ``encode_dinov2(images (B, 3, S, S) float32) -> tokens (B, N, D)``, float32, or float16 / bfloat16 when
   the encoders run in that precision: the match kernel then gets them as they are (tensor cores on a GPU)
@@ -11,8 +11,8 @@ Every backend offers the same three calls, with the same tensors as the exported
   coordinates in SAM's 1024 frame, (x, y) order, labels 1 = positive, 0 = negative, -1 = padding;
   ``mask_input`` are low-res logits of an earlier decode (mask prompt, e.g. PerSAM's cascade).
 
-The torch backend adds ``decode_batch`` (prompt sets of several images in one call, see
-:mod:`refseg.pipeline.decode`).
+and ``decode_batch`` (prompt sets of several images; one padded, masked call on the accelerator path,
+image by image on the CPU path, see :mod:`refseg.pipeline.decode`).
 
 Precision: ``fp32`` (default), ``fp16``, ``bf16`` or ``auto`` (:func:`resolve_precision`). On CUDA
 fp16/bf16 run the encoders in half precision with LayerNorms in fp32 (inside the models) and
@@ -20,9 +20,12 @@ softmax accumulated in fp32 (SDPA kernels). On the CPU bf16 pays only where the 
 bf16 arithmetic (AVX512-BF16 or AMX); elsewhere it is emulated and slower than fp32, so ``auto``
 keeps fp32 there and an explicit ``bf16`` is warned about.
 
-``compile=True`` wraps both encoders in ``torch.compile``; on CUDA with mode ``reduce-overhead``
-(CUDA graphs: one graph per batch shape, so fixed batch sizes pay most), elsewhere the default
-inductor mode.
+``compile=True`` (or :meth:`TorchBackend.compile`) wraps both encoders in ``torch.compile``: inductor fuses
+the LayerNorms, GELUs and residual adds into the GEMMs' neighbours; on CUDA mode ``reduce-overhead``
+also captures CUDA graphs. Graphs are per input shape, so a compiled backend pads every encoder call on
+the accelerator path to the next power of two up to ``fixed_batch`` images (the configured batch size):
+a few fixed shapes (1, 2, 4, ... 16), a graph each, and no recompilation for the odd-sized last batch of
+a stream while batch 1 keeps its own small graph.
 """
 from __future__ import annotations
 
@@ -31,6 +34,9 @@ import os
 
 import torch
 from torch import nn
+
+from refseg.pipeline.accelerator import accelerator_path
+from refseg.runtime.backend import decode_image_by_image
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +81,21 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def compile_module(module: nn.Module, device: torch.device, backend: str | None = None) -> nn.Module:
-    """``torch.compile`` for an encoder: CUDA graphs (``reduce-overhead``) on CUDA, default elsewhere.
-
-    ``backend`` (or ``$REFSEG_COMPILE_BACKEND``) picks the torch.compile backend, e.g. ``eager`` to
-    check tracing without a C++ toolchain.
-    """
+def compile_mode(device: torch.device, backend=None, mode: str | None = "auto") -> tuple[object, str | None]:
+    """The (torch.compile backend, mode) :func:`compile_module` uses: ``backend`` or
+    ``$REFSEG_COMPILE_BACKEND`` or inductor; ``mode="auto"`` is CUDA graphs (``reduce-overhead``) on CUDA
+    with inductor, the default mode elsewhere (modes are inductor's: other backends get None)."""
     backend = backend or os.environ.get("REFSEG_COMPILE_BACKEND") or "inductor"
-    mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
+    if mode in ("auto", "default"):
+        mode = "reduce-overhead" if mode == "auto" and device.type == "cuda" and backend == "inductor" else None
+    return backend, (mode if backend == "inductor" else None)
+
+
+def compile_module(module, device: torch.device, backend=None, mode: str | None = "auto"):
+    """``torch.compile`` an encoder (a module or its bound ``forward_features``) for ``device``, static
+    shapes; backend and mode as :func:`compile_mode` resolves them (e.g. backend ``eager`` checks tracing
+    without a C++ toolchain; a callable backend sees every captured graph)."""
+    backend, mode = compile_mode(device, backend, mode)
     return torch.compile(module, backend=backend, mode=mode, dynamic=False)
 
 
@@ -91,18 +104,19 @@ class TorchBackend:
 
     Args:
         dinov2: DINOv2 module (``forward_features``).
-        sam: SAM module with ``image_encoder``, ``prompt_encoder``, ``mask_decoder``; None for a
-            matching-only backend (``encode_dinov2`` alone: ``refseg segment --propagate`` decodes with SAM 2).
+        sam: SAM module with ``image_encoder``, ``prompt_encoder``, ``mask_decoder``; None: a matching-only
+            backend (``encode_dinov2`` alone; ``refseg segment --propagate`` decodes with SAM 2).
         device: torch device.
         precision: ``fp32``, ``fp16``, ``bf16`` or ``auto`` for the encoders (the decoder and all
             outputs stay fp32; LayerNorms compute in fp32 inside the models). The resolved choice
             is :attr:`precision`.
         feature_key: which ``forward_features`` entry to use as tokens; ``encode_dinov2`` returns its
             (B, G·G, D) patch rows only (``x_prenorm`` also holds the class and register tokens).
-        compile: ``torch.compile`` both encoders (:func:`compile_module`).
+        compile: ``torch.compile`` both encoders (:func:`compile_module`; see :meth:`compile`).
     """
 
     name = "torch"
+    fixed_batch: int | None = None  # compiled encoders: calls padded to power-of-two sizes up to this
 
     def __init__(self, dinov2: nn.Module, sam: nn.Module | None, device: torch.device,
                  precision: str = "fp32", feature_key: str = "x_norm_patchtokens",
@@ -117,75 +131,93 @@ class TorchBackend:
             self.sam.prompt_encoder.to(device=device)
             self.sam.mask_decoder.to(device=device)
         self.feature_key = feature_key
-        self.sam_size = 1024 if sam is None else sam.img_size  # side of SAM's square input (1024 for every SAM)
-        self.compiled = compile
+        self.sam_size = 1024 if sam is None else sam.img_size  # SAM's square input side (1024 for every SAM)
+        self.compiled = False
+        self.compile_mode: str | None = None
         self._dinov2_features = self.dinov2.forward_features
         self._sam_encoder = None if sam is None else self.sam.image_encoder
         if compile:
-            self._dinov2_features = compile_module(self.dinov2.forward_features, device)
-            if sam is not None:
-                self._sam_encoder = compile_module(self.sam.image_encoder, device)
+            self.compile()
+
+    def compile(self, mode: str | None = "auto", backend=None) -> "TorchBackend":
+        """Wrap the encoder calls this backend makes in ``torch.compile`` (:func:`compile_module`), in place.
+
+        Args:
+            mode: ``auto`` (CUDA graphs on CUDA), ``None`` / ``default``, ``reduce-overhead``, ...
+            backend: torch.compile backend (name or callable; default inductor or ``$REFSEG_COMPILE_BACKEND``).
+        """
+        self._dinov2_features = compile_module(self.dinov2.forward_features, self.device, backend, mode)
+        if self.sam is not None:
+            self._sam_encoder = compile_module(self.sam.image_encoder, self.device, backend, mode)
+        self.compiled = True
+        self.compile_mode = compile_mode(self.device, backend, mode)[1]
+        log.info("torch backend: encoders compiled (mode %s)", self.compile_mode or "default")
+        return self
 
     def _chunks(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The encoder calls of a batch: all at once on a GPU; image by image on the CPU, where the
-        encoders are compute-bound and a batch only enlarges the working set (SAM-B at batch 4 took 9 %
-        longer than four single calls on a 2-core EPYC; the results are the same either way)."""
+        """The encoder calls of a batch: all at once on the accelerator path; image by image on the CPU
+        path, where the encoders are compute-bound and a batch only enlarges the working set (SAM-B at
+        batch 4 took 9 % longer than four single calls on a 2-core EPYC; the results are the same either
+        way). Compiled encoders get batches padded to a power of two (at most :attr:`fixed_batch`)."""
         x = images.to(self.device, self.dtype, non_blocking=True)
-        return x.split(1) if self.device.type == "cpu" and len(x) > 1 else (x,)
+        if not accelerator_path(self.device) and len(x) > 1:
+            return x.split(1)
+        if self.compiled and self.fixed_batch and len(x) < self.fixed_batch:
+            size = min(self.fixed_batch, 1 << (len(x) - 1).bit_length())
+            if size > len(x):
+                return (torch.cat([x, x.new_zeros(size - len(x), *x.shape[1:])]),)
+        return (x,)
+
+    def _keep(self, out: torch.Tensor, n: int) -> torch.Tensor:
+        """The first ``n`` rows of an encoder output; a copy under CUDA graphs (whose output buffers
+        the next replay overwrites)."""
+        out = out[:n]
+        return out.clone() if self.compiled and self.compile_mode == "reduce-overhead" else out
 
     @torch.inference_mode()
     def encode_dinov2(self, images: torch.Tensor) -> torch.Tensor:
-        parts = []
+        parts, left = [], len(images)
         for x in self._chunks(images):
             out = self._dinov2_features(x)
             tokens = out[self.feature_key]  # encoder dtype: no fp32 copy before matching
             # x_prenorm starts with the class (and register) tokens: every backend returns patch tokens only
-            parts.append(tokens[:, tokens.shape[1] - out["x_norm_patchtokens"].shape[1]:])
+            parts.append(self._keep(tokens[:, tokens.shape[1] - out["x_norm_patchtokens"].shape[1]:],
+                                    min(left, len(x))))
+            left -= len(x)
         return torch.cat(parts)
 
     @torch.inference_mode()
     def encode_sam(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self._sam_encoder(x).float() for x in self._chunks(images)])
+        parts, left = [], len(images)
+        for x in self._chunks(images):
+            parts.append(self._keep(self._sam_encoder(x), min(left, len(x))).float())
+            left -= len(x)
+        return torch.cat(parts)
 
     @torch.inference_mode()
     def decode_batch(self, embeddings: torch.Tensor, image_index: torch.Tensor, coords: torch.Tensor,
                      labels: torch.Tensor, point_mask: torch.Tensor | None = None,
-                     boxes: torch.Tensor | None = None, multimask: bool = False
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode P prompt sets of several images in one call.
+                     boxes: torch.Tensor | None = None, multimask: bool = False,
+                     mask_input: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode P prompt sets of several images (:meth:`refseg.runtime.backend.Backend.decode_batch`).
 
-        Args:
-            embeddings: (T, 256, 64, 64); image_index: (P,) int64, the image of each set.
-            coords, labels, boxes: as :meth:`decode`; point_mask: (P, N) bool, False = batch
-                padding that attention ignores (None: all points count).
+        On the accelerator path: ONE decoder call for all sets, padding columns masked out of attention.
+        On the CPU path: one call per image (compute-bound: one call buys nothing there), each trimmed
+        to its own sets' width, so the masks do not depend on which images share the batch.
 
         Returns:
             low-res logits (P, C, 256, 256) and predicted IoU (P, C), C = 3 or 1.
         """
+        if not accelerator_path(self.device):
+            return decode_image_by_image(self, embeddings, image_index, coords, labels, point_mask, boxes,
+                                         multimask, mask_input)
         dev = self.device
-        index = image_index.to(dev)
-        coords, labels = coords.to(dev, torch.float32), labels.to(dev)
-        boxes = None if boxes is None else boxes.to(dev, torch.float32)
-        point_mask = None if point_mask is None else point_mask.to(dev)
-        if dev.type == "cpu" and point_mask is not None:
-            # One call per image on the CPU (compute-bound: one call buys nothing there), each trimmed to
-            # its own sets' width: the very call the image alone makes, so the masks do not depend on
-            # which images share its batch.
-            low_res, iou, emb = [], [], embeddings.to(dev, torch.float32)
-            groups = [(index == t).nonzero().flatten() for t in index.unique_consecutive()]
-            for rows in groups:
-                width = int(point_mask[rows].sum(1).max())
-                pm = point_mask[rows, :width]
-                low, score = self.sam.decode(
-                    emb[index[rows]], coords[rows, :width], labels[rows, :width],
-                    None if boxes is None else boxes[rows], multimask_output=multimask,
-                    point_mask=None if bool(pm.all()) else pm)
-                low_res.append(low)
-                iou.append(score)
-            order = torch.cat(groups).argsort()
-            return torch.cat(low_res)[order], torch.cat(iou)[order]
-        emb = embeddings.to(dev, torch.float32)[index]
-        return self.sam.decode(emb, coords, labels, boxes, multimask_output=multimask, point_mask=point_mask)
+        emb = embeddings.to(dev, torch.float32)[image_index.to(dev)]
+        return self.sam.decode(emb, coords.to(dev, torch.float32), labels.to(dev),
+                               None if boxes is None else boxes.to(dev, torch.float32),
+                               mask_input=None if mask_input is None else mask_input.to(dev, torch.float32),
+                               multimask_output=multimask,
+                               point_mask=None if point_mask is None else point_mask.to(dev))
 
     @torch.inference_mode()
     def decode(self, embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor,
