@@ -10,6 +10,7 @@ What each test compares against:
   anchors, a forward pass from the earliest first anchor and a backward pass from the latest, per label the
   forward result from its first anchor on and the backward one before it, larger logit wins: label maps
   equal, slice by slice;
+* streaming: the predictor's feature cache, counted while a volume is propagated (at most its two frames);
 * absent objects (the object-score head's bias lowered, as tests/test_video_parity.py does): no voxel, every
   visited slice counted absent; oversize masks: dropped, listed, the pass stopped after three.
 """
@@ -196,6 +197,24 @@ def test_absent_object_gives_no_voxel(ct, sam2_files):
     track = result.tracks[LIVER]
     assert result.slices == {} and track.slices_with_voxels == 0
     assert track.absent == 8 and result.tracked >= 8  # every slice of the extent decided "absent"
+
+
+def test_slice_features_streamed(ct, sam2_files, monkeypatch):
+    """Every slice is encoded, but at most the predictor's few cached frames hold image features at once."""
+    predictor = refseg.VideoPredictor(sam2_files[1], image_size=IMAGE_SIZE)
+    held, encoded = [], []
+    cached, encode = predictor._features, predictor.model.encode_frame
+
+    def features(state, frame_idx):
+        out = cached(state, frame_idx)
+        held.append(len(state.features))
+        return out
+
+    monkeypatch.setattr(predictor, "_features", features)
+    monkeypatch.setattr(predictor.model, "encode_frame", lambda pixels: encoded.append(1) or encode(pixels))
+    result = propagate_volume(predictor, _source(ct, [LIVER]), _task([LIVER], ct), ct[0])
+    assert result.tracked >= 8 and len(encoded) >= 8
+    assert max(held) <= predictor.feature_cache_frames == 2
 
 
 def test_oversize_masks_dropped_reported_and_the_pass_stopped(ct, sam2_files, caplog):

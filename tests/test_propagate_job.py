@@ -78,7 +78,7 @@ def test_label_values_in_the_target_geometry_summary_eval_and_resume(case, monke
     root, ref, labels, target, target_labels, files, common = case
     out = root / "out" / "t.nii.gz"
     argv = ["segment", "-r", str(ref), "-m", str(labels), "-i", str(target), "-o", str(out), "--label", "5",
-            "--sam-checkpoint", str(files["present"]), "--max-area-ratio", "20", *common]
+            "--sam", "sam2.1_hiera_t", "--sam-checkpoint", str(files["present"]), "--max-area-ratio", "20", *common]
     with caplog.at_level(logging.INFO):
         assert main([*argv, "--progress", "log"]) == 0
     written, source = nib.load(str(out)), nib.load(str(target))
@@ -103,7 +103,7 @@ def test_label_values_in_the_target_geometry_summary_eval_and_resume(case, monke
     _no_models(monkeypatch)
     assert main([*argv, "--resume"]) == 0 and _record(out)["skipped"] == 1
     plain = [a for a in argv if a != "--propagate"]
-    plain = plain[:plain.index("--sam-checkpoint")] + plain[plain.index("--max-area-ratio") + 2:]
+    plain = plain[:plain.index("--sam")] + plain[plain.index("--max-area-ratio") + 2:]
     plain = plain[:plain.index("--sam-image-size")] + plain[plain.index("--sam-image-size") + 2:]
     for extra, words in ((plain, "mode.propagate: {"), ([*argv, "--anchors", "2"], "mode.propagate.anchors: 3 -> 2")):
         caplog.clear()
