@@ -39,7 +39,7 @@ def split_volume(folder: Path, data: Path = DATA) -> tuple[Path, Path, Path, Pat
             affine = img.affine.copy()
             affine[:3, 2] = img.affine[:3, 2] * 2
             affine[:3, 3] = img.affine[:3, :3] @ np.array([0, 0, parity]) + img.affine[:3, 3]
-            path = folder / f"{'reference' if parity == 0 else 'target'}_{name.split('_')[1]}"
+            path = folder / f"{'reference' if parity == 0 else 'target'}_{name.removeprefix('example_')}"
             nib.Nifti1Image(np.asanyarray(img.dataobj)[..., parity::2], affine, header=img.header).to_filename(
                 str(path))
             out.append(path)

@@ -11,11 +11,13 @@ the reference is the same data under another file name (cross-volume mode, every
 checkpoints (SAM 2 model as named, DINOv2 of the ``sat`` preset, ViT-B/14 at 518), written once by the parent.
 
 Per run it prints one JSON line (peak MiB, slices visited by SAM 2, probes, seconds); per model one line
-with the peak for ``--extrapolate`` slices: the largest measured peak plus, per further slice, what a slice
-adds for good in this job, counted from the shapes: its SAM 2 memory-bank entry (the ``bank_kib_per_frame``
-of :mod:`video_memory`, 769 KiB at a 1024 input) per label, the target's int16 voxels twice (the array read
-and its canonical copy) and the uint8 output slice. The two measured peaks give the measured growth for
-comparison (allocator noise of ~0.1 GiB dominates it at these slice counts).
+with the peak for ``--extrapolate`` slices: the largest measured peak plus, per further slice, the larger of
+the measured growth per slice (first and last slice count) and what a slice adds for good, counted from the
+shapes: its SAM 2 memory-bank entry per label (769 KiB at a 1024 input, ``bank_kib_per_frame`` of
+:mod:`video_memory`), the target's and the reference's int16 voxels (the canonical arrays are views), the
+reference label map's int64 voxels twice (as read and its canonical copy) and the uint8 output twice (the
+array and the copy written). Measure with a fixed ``--batch-size`` below 16 to separate that growth from the DINOv2 batch of
+the probes, which grows with the slice count up to the preset's batch (16 slices) and then stays.
 """
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ def write_volume(folder: Path, slices: int, side: int = 512) -> tuple[Path, Path
     return paths
 
 
-def child(folder: str, sam: str, threads: int) -> dict:
+def child(folder: str, sam: str, threads: int, batch_size: int | None) -> dict:
     import torch
 
     from refseg.cli import main
@@ -72,10 +74,11 @@ def child(folder: str, sam: str, threads: int) -> dict:
     code = main(["-q", "segment", "-r", files["reference"], "-m", files["labels"], "-i", files["target"],
                  "-o", str(out), "--label", str(LABEL), "--propagate", "--sam", sam, "--sam-checkpoint", files["sam"],
                  "--dinov2-checkpoint", files["dinov2"], "-d", "cpu", "--max-area-ratio", "1000",
-                 "--progress", "off"])
+                 "--progress", "off", *(["--batch-size", str(batch_size)] if batch_size else [])])
     seconds = time.perf_counter() - start
     record = json.loads(out.with_name("out.summary.json").read_text())["volumes"][0]
-    return {"sam": sam, "exit": code, "slices": record["slices_segmented"], "peak_mib_imports": before,
+    return {"sam": sam, "batch_size": batch_size, "exit": code, "slices": record["slices_segmented"],
+            "peak_mib_imports": before,
             "peak_mib": peak_mib(), "slices_tracked": record["propagation"]["slices_tracked"],
             "probed": len(record["propagation"]["probed_slices"]),
             "label": record["propagation"]["labels"].get(str(LABEL)), "seconds": seconds}
@@ -87,10 +90,13 @@ def main() -> None:
     parser.add_argument("--slices", nargs="+", type=int, default=[8, 16])
     parser.add_argument("--extrapolate", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, help="slices per DINOv2 call of the probes (default: the "
+                        "preset's 16; the probes of up to 16 slices are one batch, so a fixed smaller batch "
+                        "separates what grows with the slice count from the batch's activations)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], args.child[1], args.threads)))
+        print(json.dumps(child(args.child[0], args.child[1], args.threads, args.batch_size)))
         return
     from refseg.testing.random_checkpoints import write_random_checkpoints
 
@@ -107,17 +113,22 @@ def main() -> None:
                 "target": str(target), "reference": str(reference), "labels": str(labels),
                 "sam": str(checkpoint), "dinov2": str(dinov2)}))
             out = subprocess.run([sys.executable, __file__, "--child", str(folder), sam, "--threads",
-                                  str(args.threads)], check=True, capture_output=True, text=True,
+                                  str(args.threads), *(["--batch-size", str(args.batch_size)] if args.batch_size
+                                                       else [])], check=True, capture_output=True, text=True,
                                  env=dict(os.environ, PYTHONWARNINGS="ignore"))
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(json.dumps(runs[-1]), flush=True)
         largest = max(runs, key=lambda r: r["peak_mib"])
-        per_slice = (BANK_KIB_PER_SLICE_1024 + 2 * 512 * 512 * 2 / 1024 + 512 * 512 / 1024) / 1024
-        line = {"sam": sam, "mib_per_slice": per_slice, "extrapolated_slices": args.extrapolate,
-                "extrapolated_peak_mib": largest["peak_mib"] + per_slice * (args.extrapolate - largest["slices"])}
+        voxels = 512 * 512 / 2 ** 20  # MiB per byte of a voxel, one slice
+        counted = BANK_KIB_PER_SLICE_1024 / 1024 + voxels * (2 + 2 + 2 * 8 + 2 * 1)
+        line = {"sam": sam, "counted_mib_per_slice": counted}
+        per_slice = counted
         if len(runs) >= 2:
             (n0, p0), (n1, p1) = [(r["slices"], r["peak_mib"]) for r in (runs[0], runs[-1])]
             line["measured_mib_per_slice"] = (p1 - p0) / (n1 - n0)
+            per_slice = max(counted, line["measured_mib_per_slice"])
+        line.update(extrapolated_slices=args.extrapolate, extrapolated_peak_mib=largest["peak_mib"]
+                    + per_slice * (args.extrapolate - largest["slices"]))
         print(json.dumps(line), flush=True)
 
 

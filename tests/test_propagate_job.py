@@ -32,18 +32,12 @@ SCORE_BIAS = "sam_mask_decoder.pred_obj_score_head.layers.2.bias"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
+def one_thread(one_torch_thread):
     """One torch thread; the matching on its torch reference (the Triton kernel under TRITON_INTERPRET takes
     minutes at 224 px; tests/test_kernel_match.py checks the two agree)."""
-    before, saved = torch.get_num_threads(), os.environ.get("REFSEG_DISABLE_MATCH")
-    torch.set_num_threads(1)
-    os.environ["REFSEG_DISABLE_MATCH"] = "1"
-    yield
-    torch.set_num_threads(before)
-    if saved is None:
-        os.environ.pop("REFSEG_DISABLE_MATCH", None)
-    else:
-        os.environ["REFSEG_DISABLE_MATCH"] = saved
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("REFSEG_DISABLE_MATCH", "1")
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +197,7 @@ def test_a_bad_volume_fails_alone(case, tmp_path):
     assert (out / "good.nii.gz").is_file() and not (out / "broken.nii.gz").exists()
 
 
-def test_ray_by_volume_equals_the_local_run(case, tmp_path):
+def test_ray_by_volume_equals_the_local_run(case, tmp_path, monkeypatch):
     ray = pytest.importorskip("ray", reason="Ray is the optional 'dist' extra")
     root, ref, labels, target, _, files, common = case
     inputs = tmp_path / "in"
@@ -212,8 +206,7 @@ def test_ray_by_volume_equals_the_local_run(case, tmp_path):
         (inputs / f"{name}.nii.gz").write_bytes(target.read_bytes())
     argv = ["segment", "-r", str(ref), "-m", str(labels), "-i", str(inputs), "--label", "5",
             "--sam-checkpoint", str(files["present"]), "--max-area-ratio", "20", *common]
-    saved = os.environ.get("REFSEG_DISABLE_ONEDNN")
-    os.environ["REFSEG_DISABLE_ONEDNN"] = "1"  # one GEMM path for the driver and the actor
+    monkeypatch.setenv("REFSEG_DISABLE_ONEDNN", "1")  # one GEMM path for the driver and the actor
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 1024 ** 2)
     try:
         torch.set_num_threads(os.cpu_count() or 1)  # the one actor's threads (default_threads(1))
@@ -222,10 +215,6 @@ def test_ray_by_volume_equals_the_local_run(case, tmp_path):
     finally:
         torch.set_num_threads(1)
         ray.shutdown()
-        if saved is None:
-            os.environ.pop("REFSEG_DISABLE_ONEDNN", None)
-        else:
-            os.environ["REFSEG_DISABLE_ONEDNN"] = saved
     for name in ("a", "b"):
         local, remote = (gzip.decompress((tmp_path / d / f"{name}.nii.gz").read_bytes()) for d in ("local", "ray"))
         assert local == remote

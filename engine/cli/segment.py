@@ -76,7 +76,7 @@ def _add_volumes(p: argparse.ArgumentParser) -> None:
     g.add_argument("--series", help="SeriesInstanceUID to read when a DICOM folder holds several")
     g.add_argument("--pair-by", choices=["stem", "order"], help="per-slice PNG masks of a DICOM series: by file "
                    "stem (default) or the i-th mask by name for the i-th file by InstanceNumber")
-    g = p.add_argument_group("volumes with SAM 2 memory (docs/volumes.md)")
+    g = p.add_argument_group("volumes with SAM 2 memory (docs/propagate.md)")
     g.add_argument("--propagate", action="store_true", help="prompt a few anchor slices per label from the "
                    "matching, then propagate through the label's extent with SAM 2 memory (--sam / "
                    "--sam-checkpoint: a SAM 2, SAM 2.1 or MedSAM2 model; default sam2.1_hiera_t)")
