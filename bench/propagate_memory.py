@@ -16,8 +16,9 @@ the measured growth per slice (first and last slice count) and what a slice adds
 shapes: its SAM 2 memory-bank entry per label (769 KiB at a 1024 input, ``bank_kib_per_frame`` of
 :mod:`video_memory`), the target's and the reference's int16 voxels (the canonical arrays are views), the
 reference label map's int64 voxels twice (as read and its canonical copy) and the uint8 output twice (the
-array and the copy written). Measure with a fixed ``--batch-size`` below 16 to separate that growth from the DINOv2 batch of
-the probes, which grows with the slice count up to the preset's batch (16 slices) and then stays.
+array and the copy written). Measure with a fixed ``--batch-size`` below 16 to separate that growth from the
+DINOv2 batch of the probes, which grows with the slice count up to the preset's batch (16 slices) and then
+stays.
 """
 from __future__ import annotations
 
