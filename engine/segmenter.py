@@ -58,12 +58,15 @@ class Segmenter:
         engine_dir: folder written by ``refseg export`` for the exported backends; ``None`` uses
             (and on first use fills) the export cache under ``~/.cache/refseg/exports``.
         compile: ``torch.compile`` both encoders (torch backend; CUDA graphs on CUDA).
+        with_sam: False loads the matching encoder alone (torch backend): the Segmenter matches and prompts
+            (:meth:`match_prompts`) but cannot decode (``refseg segment --propagate`` decodes with SAM 2).
     """
 
     def __init__(self, config: SegmenterConfig, sam_checkpoint: str | os.PathLike | None = None,
                  dinov2_checkpoint: str | os.PathLike | None = None, device: str = "auto",
                  backend: str = "torch", engine_dir: str | os.PathLike | None = None,
-                 compile: bool = False, dinov3_checkpoint: str | os.PathLike | None = None):
+                 compile: bool = False, dinov3_checkpoint: str | os.PathLike | None = None,
+                 with_sam: bool = True):
         if device == "auto" and config.device is not None:
             device = config.device  # an explicit device argument wins over the config's
         from refseg.export.cache_fill import fill_export_folder  # the runtime never imports export
@@ -71,7 +74,9 @@ class Segmenter:
         self.backend = create_backend(backend, config, sam_checkpoint=sam_checkpoint,
                                       dinov2_checkpoint=dinov2_checkpoint, device=device,
                                       engine_dir=engine_dir, compile=compile,
-                                      exporter=fill_export_folder, dinov3_checkpoint=dinov3_checkpoint)
+                                      exporter=fill_export_folder, dinov3_checkpoint=dinov3_checkpoint,
+                                      with_sam=with_sam)
+        self.with_sam = with_sam
         self.config = self.backend.config  # model names as actually loaded
         self.device = self.backend.device
         self.sam_size = self.backend.sam_size  # SAM's square input side
@@ -283,6 +288,9 @@ class Segmenter:
         """
         if not targets:
             return []
+        if not self.with_sam:
+            raise RuntimeError("this Segmenter was built with_sam=False: it matches and prompts (match_prompts) "
+                               "but holds no SAM to decode")
         config = self.config
         if fallback is not None and fallback != config.fallback:
             config = config.replace(fallback=fallback)
@@ -293,6 +301,34 @@ class Segmenter:
         for result in results:
             result.timings = dict(shared)
         return results
+
+    @torch.inference_mode()
+    def match_prompts(self, images: list[np.ndarray], fallback: bool | None = None) -> list[dict]:
+        """The match method's prompts for each image, without decoding: the very prompts
+        :meth:`segment_batch` decodes (:func:`refseg.pipeline.match_method.class_prompts`: one DINOv2 call,
+        matching with the cycle check, the physical-space stage), SAM not run (nor needed: a Segmenter
+        built ``with_sam=False`` answers this).
+
+        Args:
+            images: (H, W) or (H, W, C) arrays, as :meth:`segment`; ``fallback``: as there.
+
+        Returns:
+            Per image, class value -> :class:`refseg.pipeline.match_method.ClassPrompts` (points in the
+            image's (x, y) pixels, labels, box, and the class's number of cycle-consistent positive matches).
+
+        Raises:
+            ValueError: ``config.method`` is not ``match`` (the other methods make their prompts from
+                prototype or decoded masks), or an image smaller than one patch.
+        """
+        from refseg.pipeline.match_method import class_prompts
+
+        config = self.config if fallback is None else self.config.replace(fallback=fallback)
+        if config.method != "match":
+            raise ValueError(f"match_prompts: method {config.method!r} makes no matching prompts (method 'match')")
+        targets = [self.prepare_target(image, f"images[{i}]") for i, image in enumerate(images)]
+        if not targets:
+            return []
+        return class_prompts(self._prepared_method(), targets, self.backend, config, StageTimer(self.device))
 
     def _prepared_method(self):
         """``methods.prepare`` of ``config.method`` for the current references (cached)."""

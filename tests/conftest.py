@@ -55,3 +55,13 @@ def kvasir_dir():
     if not (KVASIR / "images").is_dir():
         pytest.skip(f"Kvasir pairs not found at {KVASIR} (shared test data absent in this clone)")
     return KVASIR
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch intra-op thread for a test module (``pytestmark = pytest.mark.usefixtures(...)``): on a loaded
+    shared CPU two spinning threads run small ops several times slower; results do not depend on it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

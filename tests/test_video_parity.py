@@ -51,14 +51,7 @@ FILES = {"sam2.1_hiera_t": "sam2.1_hiera_tiny.pt", "sam2_hiera_t": "sam2_hiera_t
 CONFIGS = {"sam2.1_hiera_t": "configs/sam2.1/sam2.1_hiera_t.yaml", "sam2_hiera_t": "configs/sam2/sam2_hiera_t.yaml"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a loaded shared CPU, two spinning threads run these small ops ~8x slower
-    (results do not depend on it)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", autouse=True)

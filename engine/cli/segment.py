@@ -20,7 +20,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="output folder (a single volume: OUT.nii.gz)")
     p.add_argument("--preset", default="sat", help="configuration preset: sat, sat-v3, gbmseg, protosam, topk, "
                    "matcher, persam (`refseg presets` lists their stages and models)")
-    p.add_argument("--sam", help="SAM model name (vit_b, vit_l, vit_h, medsam); default: preset's")
+    p.add_argument("--sam", help="SAM model name (vit_b, vit_l, vit_h, medsam; with --propagate sam2.1_hiera_t, "
+                   "... medsam2); default: preset's")
     p.add_argument("--dinov2", help="DINOv2 model name (vits14 ... vitg14_reg); default: preset's")
     p.add_argument("--dinov3", help="DINOv3 model name (vits16 ... vith16plus): match with DINOv3 (gated weights, "
                    "looked up in $REFSEG_CHECKPOINT_DIR / ~/.cache/refseg, never downloaded)")
@@ -81,6 +82,16 @@ def _add_volumes(p: argparse.ArgumentParser) -> None:
     g.add_argument("--series", help="SeriesInstanceUID to read when a DICOM folder holds several")
     g.add_argument("--pair-by", choices=["stem", "order"], help="per-slice PNG masks of a DICOM series: by file "
                    "stem (default) or the i-th mask by name for the i-th file by InstanceNumber")
+    g = p.add_argument_group("volumes with SAM 2 memory (docs/propagate.md)")
+    g.add_argument("--propagate", action="store_true", help="prompt a few anchor slices per label from the "
+                   "matching, then propagate through the label's extent with SAM 2 memory (--sam / "
+                   "--sam-checkpoint: a SAM 2, SAM 2.1 or MedSAM2 model; default sam2.1_hiera_t)")
+    g.add_argument("--anchors", type=int, help="anchor slices per label, spread over its extent (default 3; "
+                   "same-volume mode: the labelled slices)")
+    g.add_argument("--max-area-ratio", type=float, help="drop (and report) a propagated mask larger than this "
+                   "multiple of the label's largest reference area (default 2.0)")
+    g.add_argument("--sam-image-size", type=int, help="SAM 2 input side, a multiple of 32 (default: the "
+                   "model's, 1024; MedSAM2 512)")
 
 
 def _add_slides(p: argparse.ArgumentParser) -> None:

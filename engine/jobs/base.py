@@ -92,6 +92,7 @@ JOB_ARGUMENTS: dict[str, Any] = {
     "progress": "auto", "ray": None, "ray_workers": None, "gpus_per_worker": None,
     "window": None, "label": None, "axis": None, "slices": None, "reference_slices": None,
     "pool_references": False, "reference_chunks": None, "series": None, "pair_by": None,
+    "propagate": False, "anchors": None, "max_area_ratio": None, "sam_image_size": None,
     "slide": False, "region": [], "level": None, "mpp": None, "tile_size": None, "overlap": None,
     "min_tissue": None, "no_tissue_detection": False, "thumbnail_size": None, "preview_size": None,
     "simplify": None, "class_name": [], "slide_reader": None, "keep_tiles": False,
@@ -165,6 +166,11 @@ class Job(abc.ABC):
         """Items per model call (``None``: the configuration's ``batch_size``)."""
         return None
 
+    def item_count(self, out) -> int:
+        """Items (images, slices, tiles) one stream output stands for, for progress and ``items_segmented``:
+        1, or a whole volume's slices when a volume is one stream item (``--propagate``)."""
+        return 1
+
     # ------------------------------------------------------------------ the run
     def run(self) -> int:
         """Run the job (see the module docstring); returns the exit code (0 or 1)."""
@@ -225,10 +231,11 @@ class Job(abc.ABC):
             for item_pass in passes:
                 progress.grow(item_pass.count)
                 for out in self.runner.stream(item_pass.items, self.batch_size()):
+                    count = self.item_count(out)
                     if out.error is None:
-                        self.summary.items_segmented += 1
+                        self.summary.items_segmented += count
                     self.consume(out)
-                    progress.update(1)
+                    progress.update(count)
         finally:
             passes.close()  # a mode's clean-up (e.g. an unfinished GeoJSON temporary) runs now, not at GC
             progress.close()

@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
+from refseg.config import SAM_MODELS
 from refseg.optional import require
 
 MODE_WORDS = {"folder": "a folder or file of 2-D images", "volume": "volumes (NIfTI / DICOM)",
@@ -28,6 +29,10 @@ FLAG_MODES: dict[str, tuple[str, tuple[str, ...]]] = {
     "--reference-chunks": ("reference_chunks", ("volume",)),
     "--series": ("series", ("volume",)),
     "--pair-by": ("pair_by", ("volume",)),
+    "--propagate": ("propagate", ("volume",)),
+    "--anchors": ("anchors", ("volume",)),
+    "--max-area-ratio": ("max_area_ratio", ("volume",)),
+    "--sam-image-size": ("sam_image_size", ("volume",)),
     # slide references (--region, --level, --mpp, --slide-reader) also serve folder jobs
     "--region": ("region", ("folder", "slide")),
     "--level": ("level", ("folder", "slide")),
@@ -63,6 +68,50 @@ def check_flags(args: argparse.Namespace, mode: str) -> None:
                          "without --resume every input is computed anyway")
     if args.ray is None and (given(args, "ray_workers") or given(args, "gpus_per_worker")):
         raise ValueError("--ray-workers / --gpus-per-worker go with --ray")
+    if not given(args, "propagate"):
+        from refseg.models.sam2 import SAM2_SPECS
+
+        if args.sam in SAM2_SPECS:
+            raise ValueError(f"--sam {args.sam}: SAM 2 models segment volumes with --propagate; the per-slice "
+                             f"pipeline takes {', '.join(SAM_MODELS)}")
+        alone = [flag for flag in PROPAGATE_FLAGS if given(args, FLAG_MODES[flag][0])]
+        if alone:
+            raise ValueError(f"{' '.join(alone)}: go{'es' if len(alone) == 1 else ''} with --propagate")
+
+
+PROPAGATE_FLAGS = ("--anchors", "--max-area-ratio", "--sam-image-size")
+"""Options of ``--propagate`` only."""
+
+
+def check_propagation(args: argparse.Namespace, config) -> str | None:
+    """``--propagate``: the options that fit it, and the SAM 2 checkpoint, before any model loads.
+
+    Refused, naming the option: a per-slice SAM name (``--sam vit_b``), a SAM checkpoint of another family
+    (the message names the SAM 2 models), a preset whose method is not ``match`` (the anchors' prompts are
+    the match method's), and the options propagation does not use: ``--backend`` other than torch,
+    ``--engine-dir``, ``--compile``, ``--precision`` other than fp32.
+
+    Returns:
+        The SAM 2 model name (``--sam``, read off ``--sam-checkpoint``, or the default ``sam2.1_hiera_t``).
+    """
+    from refseg.models.build import DEFAULT_SAM2, sam2_checkpoint_name
+    from refseg.models.sam2 import SAM2_SPECS
+
+    if args.sam is not None and args.sam not in SAM2_SPECS:
+        raise ValueError(f"--sam {args.sam}: --propagate runs SAM 2 memory; name one of {', '.join(SAM2_SPECS)} "
+                         f"(or give its --sam-checkpoint)")
+    if config.method != "match":
+        raise ValueError(f"--preset {args.preset}: its method {config.method!r} has no anchor prompts for "
+                         f"--propagate; use a preset of the match method (sat, gbmseg)")
+    unused = [flag for flag, value in (("--backend", args.backend not in (None, "torch")),
+                                      ("--engine-dir", args.engine_dir is not None), ("--compile", args.compile),
+                                      ("--precision", args.precision not in (None, "fp32"))) if value]
+    if unused:
+        raise ValueError(f"{' '.join(unused)}: not used by --propagate (SAM 2 memory and the matching run "
+                         f"with torch in fp32); remove {'it' if len(unused) == 1 else 'them'}")
+    if args.sam_checkpoint is not None:
+        return sam2_checkpoint_name(args.sam_checkpoint, args.sam)
+    return args.sam or DEFAULT_SAM2
 
 
 def require_extras(mode: str, args: argparse.Namespace, dicom: bool = False) -> None:

@@ -35,6 +35,8 @@ def config_from_args(args: argparse.Namespace):
     """
     from refseg.config import SegmenterConfig
 
+    from refseg.models.sam2 import SAM2_SPECS
+
     v3 = [f for f, v in (("--dinov3", args.dinov3), ("--dinov3-checkpoint", args.dinov3_checkpoint)) if v]
     v2 = [f for f, v in (("--dinov2", args.dinov2), ("--dinov2-checkpoint", args.dinov2_checkpoint)) if v]
     if v3 and v2:
@@ -42,8 +44,10 @@ def config_from_args(args: argparse.Namespace):
     config = SegmenterConfig.from_preset(args.preset)
     if v3 or v2:
         config = config.with_encoder("dinov3" if v3 else "dinov2")
+    # a SAM 2 name is the --propagate model (refseg.jobs.propagate_worker), not the per-slice pipeline's SAM
+    sam = None if args.sam in SAM2_SPECS else args.sam
     explicit = {k: v for k, v in {
-        "sam": args.sam, "dinov2": args.dinov2, "dinov3": args.dinov3, "batch_size": args.batch_size,
+        "sam": sam, "dinov2": args.dinov2, "dinov3": args.dinov3, "batch_size": args.batch_size,
         "image_size": args.image_size, "metric": args.metric, "precision": args.precision,
     }.items() if v is not None}
     config = config.replace(**explicit)
@@ -57,7 +61,8 @@ class SegmenterSpec:
     ``threads``: torch intra-op threads of the process that builds it (0 = leave torch's default);
     ``window``: :meth:`refseg.Segmenter.set_window` (``None`` = the reference's own window).
     ``names_given``: the ``--dinov2``, ``--dinov3`` and ``--sam`` names typed by the user, checked against the
-    checkpoint files by :meth:`check` (the encoder's by ``config.encoder``). ``dinov3_checkpoint``: a DINOv3 file or Hugging Face folder.
+    checkpoint files by :meth:`check` (the encoder's by ``config.encoder``). ``dinov3_checkpoint``: a DINOv3
+    file or Hugging Face folder.
     """
 
     config: Any  # SegmenterConfig
@@ -123,7 +128,8 @@ def loaded_models(segmenter) -> dict[str, Any]:
     backend and device."""
     config = segmenter.config
     encoder = getattr(config, "encoder", "dinov2")
-    return {encoder: getattr(config, encoder, None), "sam": getattr(config, "sam", None),
+    sam = getattr(segmenter, "sam_name", None) or getattr(config, "sam", None)  # --propagate: the SAM 2 model
+    return {encoder: getattr(config, encoder, None), "sam": sam,
             "backend": getattr(getattr(segmenter, "backend", None), "name", None),
             "device": str(getattr(segmenter, "device", "cpu"))}
 

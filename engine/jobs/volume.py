@@ -23,6 +23,7 @@ import numpy as np
 
 from refseg.jobs.base import ItemPass, Job, Unit, job_files
 from refseg.jobs.segmenter_spec import LocalRunner, SegmenterSpec
+from refseg.io.volume import slice_range
 from refseg.jobs.volume_plan import (DEFAULT_CHUNKS, AXIS_NAMES, VolumePlan, VolumeSegmentation, drop_unprompted,
                                      plan_volume, read_canonical_slice, reference_shots)
 
@@ -158,14 +159,30 @@ def run_volume_plan(segmenter, plan: VolumePlan, batch_size: int | None = None) 
     return run.result()
 
 
+def _given(task):
+    return task
+
+
+def _raise(error: BaseException):
+    raise error
+
+
 class VolumeJob(Job):
     """``refseg segment`` on volumes (see the module docstring). Segmenters decode with ``fallback=False``
-    (a label with no positive point on a slice stays empty there), set in the spec from the start."""
+    (a label with no positive point on a slice stays empty there), set in the spec from the start.
+
+    ``--propagate`` (:mod:`refseg.jobs.propagate`): a stream item is a whole volume (Ray distributes
+    volumes), the references are the matching's reference slices all at once (set once for every volume of
+    another file; same-volume: that volume's labelled slices), and the models are a matching Segmenter and
+    SAM 2 (:class:`refseg.jobs.propagate_worker.PropagationSpec`).
+    """
 
     mode = "volume"
 
     def __init__(self, args, config, runner=None, **runner_options):
         super().__init__(args, config.replace(fallback=False), runner=runner, **runner_options)
+        self.propagate = bool(args.propagate)
+        self._planned: dict[int, tuple[Unit, VolumePlan]] = {}  # --propagate: volumes in the stream
 
     def needs_dicom(self) -> bool:
         from refseg.io.volume import is_nifti_path
@@ -177,9 +194,17 @@ class VolumeJob(Job):
         from refseg.io.intensity import parse_window
         from refseg.io.writers import prepare_output_folder
         from refseg.jobs.checks import output_file
-        from refseg.io.volume import slice_range
 
         args = self.args
+        if self.propagate:  # the SAM 2 checkpoint and the options that fit, before reading any volume
+            from refseg.jobs.checks import check_propagation
+            from refseg.jobs.propagate import DEFAULT_ANCHORS, DEFAULT_MAX_AREA_RATIO, PropagationSettings
+
+            self.sam2 = check_propagation(args, self.config)
+            self.settings = PropagationSettings(
+                anchors=DEFAULT_ANCHORS if args.anchors is None else args.anchors,
+                max_area_ratio=DEFAULT_MAX_AREA_RATIO if args.max_area_ratio is None else args.max_area_ratio,
+                sam_image_size=args.sam_image_size)
         if len(args.reference) != 1 or len(args.reference_mask) != 1:
             raise ValueError("volumes take one -r/-m pair (use --pool-references for n-shot from its slices)")
         self.axis = DEFAULT_AXIS if args.axis is None else args.axis
@@ -206,8 +231,8 @@ class VolumeJob(Job):
                                  reference_slices=_reference_slices(args.reference_slices),
                                  pool_references=args.pool_references, window=window, config=self.config,
                                  chunks=DEFAULT_CHUNKS if args.reference_chunks is None else args.reference_chunks)
-        plan_volume(self.reference, self.labels_volume, reference=self.reference,
-                    **{**self.plan_options, "slices": None})
+        self.reference_plan = plan_volume(self.reference, self.labels_volume, reference=self.reference,
+                                          **{**self.plan_options, "slices": None})
         protected = {p.resolve() for p in (self.ref_path, mask_path, *inputs)}
         for path, out_path in zip(inputs, out_paths):
             if out_path.exists() and out_path.resolve() in protected:
@@ -217,6 +242,10 @@ class VolumeJob(Job):
                             AXIS_NAMES[self.axis])
             self.units.append(Unit(path, [out_path], out_path))
         self.spec = SegmenterSpec.from_args(args, self.config, window)
+        if self.propagate:
+            from refseg.jobs.propagate_worker import PropagationSpec
+
+            self.spec = PropagationSpec.for_propagation(self.spec, self.sam2, self.settings)
 
     def reference_digests(self) -> list[str]:
         from refseg.segmenter import reference_digest
@@ -227,16 +256,28 @@ class VolumeJob(Job):
         a = self.args
         return {"window": a.window, "labels": a.label, "axis": self.axis, "slices": a.slices,
                 "reference_slices": a.reference_slices, "pool_references": a.pool_references,
-                "chunks": self.plan_options["chunks"], "series": a.series, "pair_by": a.pair_by or "stem"}
+                "chunks": self.plan_options["chunks"], "series": a.series, "pair_by": a.pair_by or "stem",
+                **({"propagate": {"sam": self.sam2, "anchors": self.settings.anchors,
+                                  "max_area_ratio": self.settings.max_area_ratio,
+                                  "sam_image_size": self.settings.sam_image_size}} if self.propagate else {})}
 
     def unit_done(self, unit: Unit) -> bool:
         from refseg.io.volume import is_readable_nifti
 
         return unit.data.exists() and is_readable_nifti(unit.data)
 
+    def batch_size(self) -> int | None:
+        return 1 if self.propagate else None  # --propagate: one volume per call (slices per DINOv2 call: config)
+
+    def item_count(self, out) -> int:
+        return out.item.meta[1] if self.propagate else 1
+
     def passes(self, units: list[Unit]) -> Iterator[ItemPass]:
         from refseg.io import volume as vio
 
+        if self.propagate:
+            yield from self._propagation_passes(units)
+            return
         for unit in units:
             try:
                 same = unit.path.resolve() == self.ref_path.resolve()
@@ -248,27 +289,130 @@ class VolumeJob(Job):
                 continue
             self.current = VolumeRun(plan, (str(unit.path), self.args.series) if self.runner.remote else None)
             yield from self.current.passes(self.runner)
-            self._write(unit, target, self.current.result())
+            self._write(unit, plan, self.current.result())
 
     def consume(self, out) -> None:
-        self.current.consume(out)
+        if self.propagate:
+            self._consume_propagation(out)
+        else:
+            self.current.consume(out)
 
-    def _write(self, unit: Unit, target, result: VolumeSegmentation) -> None:
+    # ------------------------------------------------------------------ --propagate
+    def _same(self, unit: Unit) -> bool:
+        return unit.path.resolve() == self.ref_path.resolve()
+
+    def _propagation_passes(self, units: list[Unit]) -> Iterator[ItemPass]:
+        """One pass holding every volume of another file (references set once: Ray spreads the volumes over
+        its actors), then one pass per same-volume unit (its own labelled slices as references)."""
+        from refseg.io.volume import canonical_length
+
+        self.summary.config = {**self.summary.config, "sam": self.summary.models["sam"]}  # SAM 2, as loaded
+        others = [u for u in units if not self._same(u)]
+        if others:
+            problem = self._set_references(self.reference_plan)
+            if problem is not None:
+                for unit in others:
+                    self.summary.add_failure(unit.path, problem)
+            else:
+                counts = []
+                for unit in others:
+                    try:
+                        counts.append(len(slice_range(self.args.slices, canonical_length(
+                            unit.path, self.axis, self.args.series), str(unit.path), AXIS_NAMES[self.axis])))
+                    except ValueError:
+                        counts.append(0)  # the plan fails below, naming the problem
+                items = (self._propagation_item(unit, count) for unit, count in zip(others, counts))
+                yield ItemPass(items, sum(counts))
+        for unit in filter(self._same, units):
+            try:
+                plan = plan_volume(self.reference, self.labels_volume, reference=None, **self.plan_options)
+            except ValueError as exc:
+                self.summary.add_failure(unit.path, exc)
+                continue
+            problem = self._set_references(plan)
+            if problem is not None:
+                self.summary.add_failure(unit.path, problem)
+                continue
+            yield ItemPass([self._propagation_item(unit, len(plan.targets), plan)], len(plan.targets))
+
+    def _set_references(self, plan: VolumePlan) -> str | None:
+        """The matching's references for ``plan`` (all its reference slices at once); a problem as text."""
+        from refseg.jobs.propagate import matching_reference_slices
+
+        slices = tuple(matching_reference_slices(plan))
+        shots = reference_shots(plan, slices, self.runner.config)
+        if not shots:
+            return f"reference slices {list(slices)}: no label covers a whole patch"
+        try:
+            self.runner.set_references(shots)
+        except ValueError as exc:
+            return f"reference slices {list(slices)}: {exc}"
+        missing = sorted(set(plan.labels) - set(self.runner.classes))
+        if missing:
+            log.warning("label(s) %s have no usable reference patch on slices %s; not segmented", missing,
+                        list(slices))
+        return None
+
+    def _propagation_item(self, unit: Unit, count: int, plan: VolumePlan | None = None):
+        """The stream item of one volume: its :class:`~refseg.jobs.propagate.PropagationTask` (planned here,
+        on the driver; a volume that cannot be planned becomes an item whose load raises, so the stream
+        reports it in order)."""
+        import functools
+
+        from refseg.io import volume as vio
+        from refseg.jobs.propagate import propagation_task
+        from refseg.runtime.stream import StreamItem
+
+        index = len(self._planned)
+        try:
+            if plan is None:
+                target = vio.read_volume(unit.path, series_uid=self.args.series)
+                plan = plan_volume(target, self.labels_volume, reference=self.reference, **self.plan_options)
+            source = (str(unit.path), self.args.series) if self.runner.remote else None
+            load = functools.partial(_given, propagation_task(plan, self.settings, source))
+            self._planned[index] = (unit, plan)
+        except Exception as exc:  # one bad volume never stops the others
+            load = functools.partial(_raise, exc)
+            self._planned[index] = (unit, None)
+        return StreamItem(key=str(unit.path), load=load, meta=(index, count))
+
+    def _consume_propagation(self, out) -> None:
+        import dataclasses
+
+        from refseg.io.volume import put_slice_view
+        from refseg.jobs.propagate import matching_reference_slices
+
+        unit, plan = self._planned.pop(out.item.meta[0])
+        if out.error is not None:
+            self.summary.add_failure(unit.path, out.error)
+            return
+        found = out.result
+        run = VolumeRun(plan)
+        for t, image in found.slices.items():
+            put_slice_view(run.out, plan.axis, t, image)
+        run.segmented = list(plan.targets)
+        references = matching_reference_slices(plan if plan.same_volume else self.reference_plan)
+        result = dataclasses.replace(run.result(), seconds=found.seconds, reference_slices=[tuple(references)])
+        self._write(unit, plan, result, {"propagation": {
+            "sam": self.summary.models["sam"], "anchors": self.settings.anchors,
+            "max_area_ratio": self.settings.max_area_ratio, "probed_slices": found.probed,
+            "slices_tracked": found.tracked, "labels": {str(c): t.record() for c, t in found.tracks.items()}}})
+
+    def _write(self, unit: Unit, plan: VolumePlan, result: VolumeSegmentation, extra: dict | None = None) -> None:
         from refseg.io.volume import write_label_volume
 
         try:
-            write_label_volume(unit.data, result.labels, target)
+            write_label_volume(unit.data, result.labels, plan.target)
         except Exception as exc:
             self.summary.add_failure(unit.path, exc)
             return
-        plan = self.current.plan
         self.summary.records.append({
             "path": str(unit.path), "output": str(unit.data), "seconds": round(result.seconds, 3),
             "slices_segmented": len(result.segmented), "slices_copied": len(result.copied),
             "slices_per_second": round(result.slices_per_second, 4),
             "window": [plan.window.lo, plan.window.hi, plan.window.source], "labels": plan.labels,
             "reference_slices": [list(s) for s in result.reference_slices],
-            "failed_slices": {str(k): v for k, v in sorted(result.failed.items())}})
+            "failed_slices": {str(k): v for k, v in sorted(result.failed.items())}, **(extra or {})})
         if result.failed:
             self.summary.add_failure(unit.path, f"{len(result.failed)} slice(s) failed and were left empty: "
                                      + "; ".join(f"slice {k}: {v}" for k, v in sorted(result.failed.items())[:5]))

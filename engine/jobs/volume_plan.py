@@ -58,7 +58,8 @@ class VolumePlan:
     """Validated inputs of one volume run (pure numpy; built before any model loads).
 
     ``groups`` maps a tuple of canonical reference slice indices to the canonical target slices that use
-    them, in target order. ``copied`` are target slices taken from the labels (same-volume mode).
+    them, in target order. ``copied`` are target slices taken from the labels (``same_volume`` mode: the
+    labels mark slices of the target itself).
     """
 
     target: Volume
@@ -73,6 +74,7 @@ class VolumePlan:
     target_canonical: np.ndarray = field(repr=False, default=None)
     reference_canonical: np.ndarray = field(repr=False, default=None)
     labels_canonical: np.ndarray = field(repr=False, default=None)
+    same_volume: bool = False
 
 
 @dataclass
@@ -253,7 +255,7 @@ def plan_volume(target: Volume | np.ndarray, reference_labels: Volume | np.ndarr
             raise ValueError(f"{reference.path}: the reference volume is constant (no contrast to window)")
     return VolumePlan(target=target, reference=reference, labels=labels, axis=axis, targets=targets,
                       groups=groups, copied=copied, window=window, name=name, target_canonical=tgt_can,
-                      reference_canonical=ref_can, labels_canonical=lab_can)
+                      reference_canonical=ref_can, labels_canonical=lab_can, same_volume=same_volume)
 
 
 def reference_shots(plan: VolumePlan, slices: tuple[int, ...], config) -> list[tuple[np.ndarray, np.ndarray, str]]:
@@ -291,11 +293,15 @@ def _canonical_volume(path: str, series_uid: str | None, stamp: tuple) -> np.nda
     return reorientation(volume.affine).apply(volume.data)
 
 
-def read_canonical_slice(path: str, series_uid: str | None, axis: int, index: int, window: Window) -> np.ndarray:
-    """(H, W) uint8 slice ``index`` along canonical ``axis`` of the volume file ``path``, through ``window``.
-
-    The picklable slice loader of Ray runs (an actor reads the file itself): the last volume read is
-    kept per process (keyed by path, series, size and mtime), so a slice batch costs one read per actor.
-    """
+def canonical_volume(path: str, series_uid: str | None = None) -> np.ndarray:
+    """The canonical (closest RAS+) array of the volume file ``path``, as Ray actors read their inputs: the
+    last volume read is kept per process (keyed by path, series, size and mtime), so the slice batches of
+    one volume cost one read per actor."""
     stat = os.stat(path)
-    return window.apply(slice_view(_canonical_volume(path, series_uid, (stat.st_size, stat.st_mtime_ns)), axis, index))
+    return _canonical_volume(path, series_uid, (stat.st_size, stat.st_mtime_ns))
+
+
+def read_canonical_slice(path: str, series_uid: str | None, axis: int, index: int, window: Window) -> np.ndarray:
+    """(H, W) uint8 slice ``index`` along canonical ``axis`` of the volume file ``path``, through ``window``
+    (the picklable slice loader of Ray runs; the volume is read once per actor: :func:`canonical_volume`)."""
+    return window.apply(slice_view(canonical_volume(path, series_uid), axis, index))

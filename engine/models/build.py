@@ -215,8 +215,8 @@ def resolve_model_checkpoints(encoder_model: str | None = None, sam: str | None 
     """Locate both checkpoints (the matching encoder's and SAM's) before either is read; every problem is
     reported in one error.
 
-    ``encoder_model`` / ``sam`` are model names (default ``vitb14`` or ``vitb16`` / ``vit_b``) whose official
-    file is looked up (``$REFSEG_CHECKPOINT_DIR``, ``~/.cache/refseg``; for DINOv3 also its Hugging Face folder)
+    ``encoder_model`` / ``sam`` are model names (default ``vitb14`` or ``vitb16`` / ``vit_b``; ``sam`` may be a
+    SAM 2 name) whose official file is looked up (``$REFSEG_CHECKPOINT_DIR``, ``~/.cache/refseg``; for DINOv3 also its Hugging Face folder)
     when no explicit file is given. Nothing is downloaded while an explicit file or a gated one (DINOv3: never
     downloaded) is missing; then missing official files are downloaded (``download``).
 
@@ -230,8 +230,9 @@ def resolve_model_checkpoints(encoder_model: str | None = None, sam: str | None 
         raise ValueError(f"unknown encoder {encoder!r}; choose one of {', '.join(ENCODERS)}")
     kind, specs, default = ENCODERS[encoder]
     requests = []
+    sam_specs = SAM2_SPECS if sam in SAM2_SPECS else SAM_SPECS  # a SAM 2 name: its official file
     for kind, specs, default, name, explicit in ((kind, specs, default, encoder_model, encoder_checkpoint),
-                                                 ("SAM", SAM_SPECS, DEFAULT_SAM, sam, sam_checkpoint)):
+                                                 ("SAM", sam_specs, DEFAULT_SAM, sam, sam_checkpoint)):
         name = name or default
         if name not in specs:
             raise ValueError(f"unknown {kind} model {name!r}; choose one of {', '.join(specs)}")
@@ -289,6 +290,28 @@ def peek_dinov3_name(path: PathLike) -> str:
 
         return spec_from_config(read_config(folder), str(folder)).name
     return _official_dinov3_name(_peek_state_dict(path), path)
+
+
+def sam2_checkpoint_name(path: PathLike, name: str | None = None) -> str:
+    """The SAM 2 model name of the checkpoint ``path`` (read without its weights where the format allows).
+
+    Raises:
+        CheckpointError: the file is not a SAM 2 / 2.1 / MedSAM2 checkpoint (naming the SAM 2 models), or
+            ``name`` contradicts it (``medsam2`` fits any SAM 2.1 tiny file).
+    """
+    from .sam2_state_dict import infer_sam2_name
+
+    state = _peek_state_dict(Path(path))
+    family = checkpoint_family(state)
+    if family != "SAM 2":
+        raise CheckpointError(f"{path} is a {family} checkpoint; SAM 2 memory needs a SAM 2 / 2.1 / MedSAM2 "
+                              f"checkpoint: {', '.join(SAM2_SPECS)}")
+    found = infer_sam2_name(state, os.fspath(path))
+    fits = name in (None, found) or (name == "medsam2" and found == "sam2.1_hiera_t")
+    if not fits:
+        raise CheckpointError(f"--sam {name} contradicts {path}, which holds {found}; drop the name to use the "
+                              f"checkpoint's model, or give the checkpoint of the model named")
+    return name or found
 
 
 def check_model_names(encoder_model: str | None, sam: str | None, encoder_checkpoint: PathLike,

@@ -37,9 +37,11 @@ def select_encoder(config: SegmenterConfig, dinov2_checkpoint=None, dinov3_check
     return switched
 
 
-def load_models(config: SegmenterConfig, sam_checkpoint=None, dinov2_checkpoint=None, dinov3_checkpoint=None):
+def load_models(config: SegmenterConfig, sam_checkpoint=None, dinov2_checkpoint=None, dinov3_checkpoint=None,
+                with_sam: bool = True):
     """Build the matching encoder (DINOv2 or DINOv3, ``config.encoder``) and SAM for ``config``; explicit
-    checkpoints decide the model size (and the encoder: :func:`select_encoder`).
+    checkpoints decide the model size (and the encoder: :func:`select_encoder`). ``with_sam=False``: the
+    encoder alone (the SAM module returned is None).
 
     Returns:
         (encoder module, sam module, config) where config's ``encoder`` / ``dinov2`` or ``dinov3`` / ``sam``
@@ -55,9 +57,11 @@ def load_models(config: SegmenterConfig, sam_checkpoint=None, dinov2_checkpoint=
 
     config = select_encoder(config, dinov2_checkpoint, dinov3_checkpoint)
     explicit = dinov3_checkpoint if config.encoder == "dinov3" else dinov2_checkpoint
-    # Both files are located first: every missing one is reported in one message, before any load.
-    encoder_path, sam_path = resolve_model_checkpoints(config.encoder_model, config.sam, explicit, sam_checkpoint,
-                                                       encoder=config.encoder)
+    if with_sam:  # both files are located first: every missing one is reported in one message, before any load
+        encoder_path, sam_path = resolve_model_checkpoints(config.encoder_model, config.sam, explicit,
+                                                           sam_checkpoint, encoder=config.encoder)
+    else:  # matching only: the encoder's file alone (located by its build)
+        encoder_path = explicit
     if config.encoder == "dinov3":
         encoder, specs = build_dinov3(None if explicit else config.dinov3, encoder_path), DINOV3_SPECS
     else:
@@ -67,14 +71,14 @@ def load_models(config: SegmenterConfig, sam_checkpoint=None, dinov2_checkpoint=
                          f"{config.patch_size}-px patches for {config.encoder}")
     # "medsam" is a ViT-B fine-tune: the name (and so MedSAM's pre-processing) is kept for any ViT-B file.
     sam_name = None if sam_checkpoint and config.sam != "medsam" else config.sam
-    sam = build_sam(sam_name, sam_path)
+    sam = build_sam(sam_name, sam_path) if with_sam else None
     changes = {}
     # Reduced-depth test models have no official name: the config keeps the one it has.
     if encoder.spec.name != config.encoder_model and encoder.spec.name in specs:
         log.debug("%s %s from %s (config named %s)", config.encoder, encoder.spec.name, explicit,
                   config.encoder_model)
         changes[config.encoder] = encoder.spec.name
-    if sam.spec.name != config.sam and sam.spec.name in SAM_SPECS:
+    if sam is not None and sam.spec.name != config.sam and sam.spec.name in SAM_SPECS:
         log.debug("SAM %s from %s (config named %s)", sam.spec.name, sam_checkpoint, config.sam)
         changes["sam"] = sam.spec.name
     return encoder, sam, config.replace(**changes) if changes else config
@@ -82,8 +86,9 @@ def load_models(config: SegmenterConfig, sam_checkpoint=None, dinov2_checkpoint=
 
 def create_backend(name: str, config: SegmenterConfig, sam_checkpoint=None, dinov2_checkpoint=None,
                    device: str = "auto", engine_dir: str | os.PathLike | None = None,
-                   compile: bool = False, exporter=None, dinov3_checkpoint=None):
-    """Create the runtime backend ``name`` for ``config`` on ``device``.
+                   compile: bool = False, exporter=None, dinov3_checkpoint=None, with_sam: bool = True):
+    """Create the runtime backend ``name`` for ``config`` on ``device`` (``with_sam=False``: the torch
+    backend with the matching encoder alone, for matching without decoding).
 
     The matching encoder is ``config.encoder``'s, or the one an explicit ``dinov2_checkpoint`` /
     ``dinov3_checkpoint`` (file or Hugging Face folder) holds (:func:`select_encoder`).
@@ -99,6 +104,8 @@ def create_backend(name: str, config: SegmenterConfig, sam_checkpoint=None, dino
     """
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if not with_sam and name != "torch":
+        raise ValueError(f"backend {name!r}: a matching-only backend (no SAM) is torch only")
     dev = resolve_device(device)
     config = select_encoder(config, dinov2_checkpoint, dinov3_checkpoint)
     if config.precision == "auto":  # resolved once for this device; the config says what ran
@@ -106,7 +113,8 @@ def create_backend(name: str, config: SegmenterConfig, sam_checkpoint=None, dino
     candidates = ["tensorrt", "onnxruntime", "torch"] if name == "auto" else [name]
     for candidate in candidates:
         if candidate == "torch":
-            encoder, sam, config = load_models(config, sam_checkpoint, dinov2_checkpoint, dinov3_checkpoint)
+            encoder, sam, config = load_models(config, sam_checkpoint, dinov2_checkpoint, dinov3_checkpoint,
+                                               with_sam)
             backend = TorchBackend(encoder, sam, dev, config.precision, config.feature_key,
                                    compile=compile)
             backend.config = config

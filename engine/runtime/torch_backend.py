@@ -104,7 +104,8 @@ class TorchBackend:
 
     Args:
         dinov2: DINOv2 module (``forward_features``).
-        sam: SAM module with ``image_encoder``, ``prompt_encoder``, ``mask_decoder``.
+        sam: SAM module with ``image_encoder``, ``prompt_encoder``, ``mask_decoder``; None: a matching-only
+            backend (``encode_dinov2`` alone; ``refseg segment --propagate`` decodes with SAM 2).
         device: torch device.
         precision: ``fp32``, ``fp16``, ``bf16`` or ``auto`` for the encoders (the decoder and all
             outputs stay fp32; LayerNorms compute in fp32 inside the models). The resolved choice
@@ -117,23 +118,24 @@ class TorchBackend:
     name = "torch"
     fixed_batch: int | None = None  # compiled encoders: calls padded to power-of-two sizes up to this
 
-    def __init__(self, dinov2: nn.Module, sam: nn.Module, device: torch.device,
+    def __init__(self, dinov2: nn.Module, sam: nn.Module | None, device: torch.device,
                  precision: str = "fp32", feature_key: str = "x_norm_patchtokens",
                  compile: bool = False):
         self.device = device
         self.precision = resolve_precision(precision, device)
         self.dtype = DTYPES[self.precision]
         self.dinov2 = dinov2.to(device=device, dtype=self.dtype).eval()
-        self.sam = sam.eval()
-        self.sam.image_encoder.to(device=device, dtype=self.dtype)
-        self.sam.prompt_encoder.to(device=device)
-        self.sam.mask_decoder.to(device=device)
+        self.sam = None if sam is None else sam.eval()
+        if sam is not None:
+            self.sam.image_encoder.to(device=device, dtype=self.dtype)
+            self.sam.prompt_encoder.to(device=device)
+            self.sam.mask_decoder.to(device=device)
         self.feature_key = feature_key
-        self.sam_size = sam.img_size  # side of SAM's square input (1024 for every released SAM)
+        self.sam_size = 1024 if sam is None else sam.img_size  # SAM's square input side (1024 for every SAM)
         self.compiled = False
         self.compile_mode: str | None = None
         self._dinov2_features = self.dinov2.forward_features
-        self._sam_encoder = self.sam.image_encoder
+        self._sam_encoder = None if sam is None else self.sam.image_encoder
         if compile:
             self.compile()
 
@@ -145,7 +147,8 @@ class TorchBackend:
             backend: torch.compile backend (name or callable; default inductor or ``$REFSEG_COMPILE_BACKEND``).
         """
         self._dinov2_features = compile_module(self.dinov2.forward_features, self.device, backend, mode)
-        self._sam_encoder = compile_module(self.sam.image_encoder, self.device, backend, mode)
+        if self.sam is not None:
+            self._sam_encoder = compile_module(self.sam.image_encoder, self.device, backend, mode)
         self.compiled = True
         self.compile_mode = compile_mode(self.device, backend, mode)[1]
         log.info("torch backend: encoders compiled (mode %s)", self.compile_mode or "default")
