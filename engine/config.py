@@ -33,10 +33,13 @@ PATCH_SIZE = 14
 DINOV2_MODELS = ("vits14", "vitb14", "vitl14", "vitg14",
                  "vits14_reg", "vitb14_reg", "vitl14_reg", "vitg14_reg")
 SAM_MODELS = ("vit_b", "vit_l", "vit_h", "medsam")
+SAM2_MODELS = ("sam2.1_hiera_t", "sam2.1_hiera_s", "sam2.1_hiera_b+", "sam2.1_hiera_l",
+               "sam2_hiera_t", "sam2_hiera_s", "sam2_hiera_b+", "sam2_hiera_l", "medsam2")
+"""SAM 2 / 2.1 (Hiera tiny, small, base_plus, large) and MedSAM2: the names of refseg.models.SAM2_SPECS."""
 FEATURE_KEYS = ("x_norm_patchtokens", "x_prenorm")
 _CHOICES = {
     "dinov2": DINOV2_MODELS,
-    "sam": SAM_MODELS,
+    "sam": SAM_MODELS + SAM2_MODELS,
     "feature_key": FEATURE_KEYS,
     "metric": ("euclidean", "cosine"),
     "grid_rule": ("all", "any", "fraction"),
@@ -55,7 +58,9 @@ _FALSE = ("0", "false", "no", "off")
 class SegmenterConfig:
     """Every setting of the refseg pipeline (immutable; derive variants with :meth:`replace`).
 
-    Encoders: ``dinov2`` (official hub name), ``sam`` (``vit_b``/``vit_l``/``vit_h``), ``image_size``
+    Encoders: ``dinov2`` (official hub name), ``sam`` (``vit_b``/``vit_l``/``vit_h``/``medsam``, or a SAM 2
+    model of :data:`SAM2_MODELS`), ``sam_image_size`` (SAM 2 only: its square input side, a multiple of
+    32; None = the model's, 1024, MedSAM2 512), ``image_size``
     S of the square DINOv2 input (multiple of 14; grid S/14 per side), ``feature_key`` (which DINOv2
     output dict entry is matched).
     Grid: ``grid_rule`` — ``all`` (cell FG only if all 14×14 pixels are FG, BG only if all are BG,
@@ -70,7 +75,9 @@ class SegmenterConfig:
     ``max_points`` (0 = no cap) caps points per prompt set (positives + negatives);
     ``fallback`` supplies one point when a class ends up empty.
     Decoding: ``use_box`` (box from the positive extent), ``multimask_output`` (then argmax
-    predicted IoU), ``keep_largest_contour``, ``min_component_fraction`` (drop components smaller
+    predicted IoU), ``drop_absent`` (SAM 2 only: a prompt set whose object-score logit is <= 0 gives no
+    mask, instead of the mask ``SAM2ImagePredictor`` would still return; SAM (ViT) has no object score),
+    ``keep_largest_contour``, ``min_component_fraction`` (drop components smaller
     than this share of the largest; 0 = off), ``fill_holes``.
     Runtime: ``batch_size`` targets per encoder call, ``precision`` of the encoders (``auto``:
     bf16 on CUDA GPUs with bf16, fp16 on older ones, fp32 on CPUs; see
@@ -97,6 +104,7 @@ class SegmenterConfig:
     # encoders
     dinov2: str = "vitb14"
     sam: str = "vit_b"
+    sam_image_size: Optional[int] = None
     image_size: int = 518
     feature_key: str = "x_norm_patchtokens"
     # mask -> patch grid
@@ -123,6 +131,7 @@ class SegmenterConfig:
     # SAM decoding and post-processing
     use_box: bool = False
     multimask_output: bool = True
+    drop_absent: bool = True
     keep_largest_contour: bool = False
     min_component_fraction: float = 0.3
     fill_holes: bool = False
@@ -184,6 +193,9 @@ class SegmenterConfig:
                 raise ValueError(f"SegmenterConfig.{key}={getattr(self, key)} must be >= 0 (0 = off)")
         if self.kmeans_iters < 1:
             raise ValueError(f"SegmenterConfig.kmeans_iters={self.kmeans_iters} must be >= 1")
+        if self.sam_image_size is not None and (self.sam_image_size <= 0 or self.sam_image_size % 32):
+            raise ValueError(f"SegmenterConfig.sam_image_size={self.sam_image_size} must be a positive multiple "
+                             "of 32 (SAM 2's input side) or None")
         if self.batch_size < 1:
             raise ValueError(f"SegmenterConfig.batch_size={self.batch_size} must be >= 1")
         if self.max_points == 1:
@@ -334,7 +346,10 @@ PRESETS: dict[str, SegmenterConfig] = {
         radius_unit="pixel", pos_radius=0.0, neg_radius=64.0, exclusion_radius=128.0, hard_radius=64.0,
         kmeans_k=0, max_points=0, fallback=False,
         use_box=False, multimask_output=False, keep_largest_contour=False, min_component_fraction=0.0,
-        fill_holes=False, batch_size=1),
+        fill_holes=False, batch_size=1,
+        # with a SAM 2 model: the decoder's mask for every prompt set, as the image predictor gives it
+        # (the release had no object score; fallback=False already forces no prompt)
+        drop_absent=False),
     # §3 ProtoSAM: prototypes on DINOv2-L @672 -> coarse mask -> per-component points + box.
     "protosam": SegmenterConfig(
         name="protosam", method="protosam", dinov2="vitl14", sam="vit_h", image_size=672,

@@ -19,7 +19,8 @@ def fill_export_folder(folder: str | os.PathLike, config: SegmenterConfig,
 
     Args:
         folder: an empty folder (the runtime's temporary sibling of its cache entry).
-        config: ``precision`` (fp32 / fp16) and ``image_size`` (DINOv2 input side, pixels) of the graphs.
+        config: ``precision`` (fp32 / fp16), ``image_size`` (DINOv2 input side, pixels) and ``sam_image_size``
+            (SAM 2's, None = the model's) of the graphs.
         dinov2_checkpoint, sam_checkpoint: the resolved checkpoint files (their sizes decide the models).
         max_batch: largest encoder batch recorded for the TensorRT profiles.
 
@@ -32,4 +33,4 @@ def fill_export_folder(folder: str | os.PathLike, config: SegmenterConfig,
     from refseg.export.onnx_export import export_models
 
     return export_models(folder, dinov2_checkpoint, sam_checkpoint, precision=config.precision,
-                         image_size=config.image_size, max_batch=max_batch)
+                         image_size=config.image_size, max_batch=max_batch, sam_image_size=config.sam_image_size)

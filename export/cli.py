@@ -39,7 +39,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--dinov2-checkpoint", help="official DINOv2 checkpoint (default: --dinov2's file)")
     p.add_argument("--sam-checkpoint", help="official SAM checkpoint (default: --sam's file)")
     p.add_argument("--dinov2", help="DINOv2 model name when no checkpoint is given (vitb14 ...)")
-    p.add_argument("--sam", help="SAM model name when no checkpoint is given (vit_b ...)")
+    p.add_argument("--sam", help="SAM model name when no checkpoint is given (vit_b ..., sam2.1_hiera_t ...); a "
+                   "SAM 2 checkpoint gives SAM 2's graphs")
+    p.add_argument("--sam-image-size", type=int, help="SAM 2's input side (multiple of 32; default the model's)")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
                    help="encoder precision baked into the graphs (LayerNorm/Softmax stay fp32)")
@@ -75,7 +77,7 @@ def run_export(args: argparse.Namespace) -> int:
     manifest = export_models(args.output, args.dinov2_checkpoint, args.sam_checkpoint,
                              dinov2=args.dinov2, sam=args.sam, precision=args.precision,
                              image_size=args.image_size, max_batch=args.max_batch, opset=args.opset,
-                             device=args.device)
+                             device=args.device, sam_image_size=args.sam_image_size)
     for key, graph in manifest["graphs"].items():
         sys.stdout.write(f"{key}: {', '.join(graph['files'])} ({graph['precision']})\n")
     if "tensorrt" in args.formats:

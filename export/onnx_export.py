@@ -18,6 +18,10 @@ bias form instead (~30 % faster under ONNX Runtime on a CPU, where nothing fuses
 manifest records which: ``graphs.sam_encoder.attention``). Precision ``fp16`` bakes half precision into the encoders' graphs with
 LayerNorm and Softmax kept in fp32 (:mod:`refseg.export.fp16`); the decoder (3.6 GFLOP per
 prompt set) stays fp32, like the torch backend's. Every graph passes ``onnx.checker``.
+
+A SAM 2 / 2.1 / MedSAM2 checkpoint gives SAM 2's encoder and decoder graphs instead
+(:func:`refseg.export.sam2_onnx.export_sam2_graphs`: ``sam2_encoder.onnx``, ``sam2_decoder.onnx``, under the
+same manifest keys, marked ``"family": "sam2"``), at the model's input side or ``sam_image_size``.
 """
 from __future__ import annotations
 
@@ -147,20 +151,22 @@ def export_models(out_dir: str | os.PathLike, dinov2_checkpoint: str | os.PathLi
                   sam: str | None = None, precision: str = "fp32", image_size: int = 518,
                   max_batch: int = 16, opset: int = DEFAULT_OPSET,
                   device: str | torch.device = "cpu", dinov2_model: nn.Module | None = None,
-                  sam_model: nn.Module | None = None) -> dict:
-    """Export the three graphs of one (DINOv2, SAM) pair into ``out_dir`` with its manifest.
+                  sam_model: nn.Module | None = None, sam_image_size: int | None = None) -> dict:
+    """Export the three graphs of one (DINOv2, SAM or SAM 2) pair into ``out_dir`` with its manifest.
 
     Args:
         out_dir: output folder (created). An existing manifest is removed first, so a folder
             whose export is interrupted is never taken for a complete one.
         dinov2_checkpoint, sam_checkpoint: official checkpoint files; None looks up the official
             files of ``dinov2`` / ``sam`` (see :func:`refseg.models.build_dinov2`).
-        dinov2, sam: model names (inferred from the checkpoints when None).
+        dinov2, sam: model names (inferred from the checkpoints when None); ``sam`` may name a SAM 2 model,
+            and a SAM 2 checkpoint gives SAM 2's graphs.
         precision: ``fp32`` or ``fp16`` (encoders; the decoder stays fp32).
         image_size: DINOv2 input side S (multiple of 14); fixed in the graph.
         max_batch: largest encoder batch the export is meant for (recorded; TensorRT profiles).
         dinov2_model, sam_model: already built modules to export instead of loading checkpoints
             (tests); their checkpoints are recorded as None.
+        sam_image_size: SAM 2's input side (multiple of 32; default the model's), fixed in its graphs.
 
     Returns:
         The manifest dict (also written to ``out_dir/manifest.json``).
@@ -175,11 +181,11 @@ def export_models(out_dir: str | os.PathLike, dinov2_checkpoint: str | os.PathLi
     if image_size <= 0 or image_size % 14:
         raise ValueError(f"image_size {image_size} is not a positive multiple of the DINOv2 patch "
                          "size 14 (e.g. 518, 560)")
-    from refseg.models.build import build_dinov2, build_sam
+    from refseg.models.build import SAM_FAMILY_SPECS, build_dinov2, build_sam_family
     from refseg.models.dinov2 import DINOV2_SPECS
-    from refseg.models.sam import SAM_SPECS
+    from refseg.models.sam2 import Sam2
 
-    for kind, name, specs in (("DINOv2", dinov2, DINOV2_SPECS), ("SAM", sam, SAM_SPECS)):
+    for kind, name, specs in (("DINOv2", dinov2, DINOV2_SPECS), ("SAM", sam, SAM_FAMILY_SPECS)):
         if name is not None and name not in specs:
             raise ValueError(f"unsupported {kind} model {name!r} for export; choose one of "
                              f"{', '.join(specs)}")
@@ -192,22 +198,25 @@ def export_models(out_dir: str | os.PathLike, dinov2_checkpoint: str | os.PathLi
         dinov2_model = build_dinov2(dinov2, dinov2_checkpoint)
         dinov2_checkpoint = dinov2_checkpoint or _official_path(dinov2_model.spec.checkpoint)
     if sam_model is None:
-        sam_model = build_sam(sam, sam_checkpoint)
+        sam_model = build_sam_family(sam, sam_checkpoint, image_size=sam_image_size)
         sam_checkpoint = sam_checkpoint or _official_path(sam_model.spec.checkpoint)
     checkpoints["dinov2"] = checkpoint_record(dinov2_checkpoint)
     checkpoints["sam"] = checkpoint_record(sam_checkpoint)
     dinov2_model = dinov2_model.float().eval()
     sam_model = sam_model.float().eval()
-    graphs = {
-        "dinov2": export_graph(Dinov2Export(dinov2_model, image_size),
-                               out_dir / GRAPH_FILES["dinov2"], precision, opset, device),
-        "sam_encoder": export_graph(SamEncoderExport(sam_model), out_dir / GRAPH_FILES["sam_encoder"],
-                                    precision, opset, device),
-        "sam_decoder": export_graph(SamDecoderExport(sam_model, "all"),
-                                    out_dir / GRAPH_FILES["sam_decoder"], "fp32", opset, device),
-    }
-    graphs["sam_decoder"]["mask_outputs"] = "all"
-    graphs["sam_encoder"]["attention"] = attention_form(torch.device(device), traced=True)
+    graphs = {"dinov2": export_graph(Dinov2Export(dinov2_model, image_size),
+                                     out_dir / GRAPH_FILES["dinov2"], precision, opset, device)}
+    if isinstance(sam_model, Sam2):
+        from refseg.export.sam2_onnx import export_sam2_graphs
+
+        graphs.update(export_sam2_graphs(sam_model, out_dir, precision, opset, device))
+    else:
+        graphs["sam_encoder"] = export_graph(SamEncoderExport(sam_model), out_dir / GRAPH_FILES["sam_encoder"],
+                                             precision, opset, device)
+        graphs["sam_decoder"] = export_graph(SamDecoderExport(sam_model, "all"),
+                                             out_dir / GRAPH_FILES["sam_decoder"], "fp32", opset, device)
+        graphs["sam_decoder"]["mask_outputs"] = "all"
+        graphs["sam_encoder"]["attention"] = attention_form(torch.device(device), traced=True)
     manifest = build_manifest(out_dir, graphs, precision=precision, image_size=image_size,
                               models={"dinov2": dinov2_model.spec.name, "sam": sam_model.spec.name},
                               checkpoints=checkpoints, opset=opset, max_batch=max_batch)
