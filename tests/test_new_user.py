@@ -136,6 +136,10 @@ class _FakeSegmenter:
     def segment_prepared(self, targets):
         return [_FakeResult(t.shape[:2]) for t in targets]
 
+    def stream(self, items, batch_size=None):  # the real streaming runtime over the fake models
+        from refseg.runtime.stream import stream_segment
+        return stream_segment(self, items, batch_size=batch_size)
+
 
 def test_write_failures_are_per_input_and_summary_failure_hides_nothing(tmp_path, caplog):
     from refseg.jobs.folder import run_folder

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .sam_transforms import PreparedImages, _as_rgb_uint8
+from .sam_transforms import PreparedImages, _as_rgb_uint8, channel_constant
 
 PIXEL_MEAN = (0.485, 0.456, 0.406)
 """RGB mean of SAM 2's input normalisation, on the 0–1 scale."""
@@ -37,9 +37,7 @@ def normalize_resize(image: torch.Tensor, image_size: int) -> torch.Tensor:
     if tuple(x.shape[-2:]) != (image_size, image_size):
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False,
                           antialias=True)
-    mean = torch.tensor(PIXEL_MEAN, dtype=torch.float32, device=x.device).view(3, 1, 1)
-    std = torch.tensor(PIXEL_STD, dtype=torch.float32, device=x.device).view(3, 1, 1)
-    return (x - mean) / std
+    return (x - channel_constant(PIXEL_MEAN, x.device)) / channel_constant(PIXEL_STD, x.device)
 
 
 def prepare_images(images: Sequence[np.ndarray], image_size: int = 1024,

@@ -20,6 +20,8 @@ anti_aliasing=True, preserve_range=True)``, computed here with ``scipy.ndimage``
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -80,8 +82,10 @@ def resize_coords(coords: np.ndarray | torch.Tensor, original_size: tuple[int, i
     if coords.shape[-1] != 2:
         raise ValueError(f"resize_coords: coords must be (..., 2) (x, y), got {tuple(coords.shape)}")
     if isinstance(coords, torch.Tensor):
-        scale = torch.tensor([new_w / old_w, new_h / old_h], dtype=torch.float64, device=coords.device)
-        return (coords.to(torch.float64) * scale).to(torch.float32)
+        out = coords.to(torch.float64, copy=True)  # scalars, not a tensor: no host -> device copy to wait on
+        out[..., 0] *= new_w / old_w
+        out[..., 1] *= new_h / old_h
+        return out.to(torch.float32)
     return np.asarray(coords, dtype=np.float64) * np.array([new_w / old_w, new_h / old_h])
 
 
@@ -96,6 +100,18 @@ def resize_boxes(boxes: np.ndarray | torch.Tensor, original_size: tuple[int, int
     return out.reshape(*boxes.shape[:-1], 4)
 
 
+@functools.lru_cache(maxsize=None)
+def _channel_constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):  # a normal tensor: usable both inside and outside inference mode
+        return torch.tensor(values, dtype=torch.float32, device=device).view(len(values), 1, 1)
+
+
+def channel_constant(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    """(C, 1, 1) float32 ``values`` on ``device``, made once per device and reused: building it per call is a
+    host -> device copy that makes the host wait for the work queued on a GPU."""
+    return _channel_constant(tuple(float(v) for v in values), torch.device(device))
+
+
 def normalize_pad(image: torch.Tensor, img_size: int = 1024,
                   pixel_mean: Sequence[float] = PIXEL_MEAN,
                   pixel_std: Sequence[float] = PIXEL_STD) -> torch.Tensor:
@@ -107,8 +123,7 @@ def normalize_pad(image: torch.Tensor, img_size: int = 1024,
     if image.dim() != 4 or image.shape[1] != 3 or h > img_size or w > img_size:
         raise ValueError(f"normalize_pad: image must be (B, 3, h, w) with h, w <= {img_size}, "
                          f"got {tuple(image.shape)}")
-    mean = torch.tensor(pixel_mean, dtype=torch.float32, device=image.device).view(3, 1, 1)
-    std = torch.tensor(pixel_std, dtype=torch.float32, device=image.device).view(3, 1, 1)
+    mean, std = channel_constant(pixel_mean, image.device), channel_constant(pixel_std, image.device)
     x = (image.to(torch.float32) - mean) / std
     return F.pad(x, (0, img_size - w, 0, img_size - h))
 
