@@ -108,6 +108,7 @@ class ExportedBackend(abc.ABC):
         return self._run("sam_encoder", {io.SAM_ENCODER_INPUT: images}, (io.SAM_ENCODER_OUTPUT,))[0]
 
     max_points: int | None = None  # the decoder graph's largest point count (None: any)
+    is_sam2: bool = False  # SAM 2's graphs (set from the manifest in __init__)
 
     def _fit_points(self, coords: torch.Tensor, labels: torch.Tensor, extra: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:

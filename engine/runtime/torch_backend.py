@@ -135,7 +135,6 @@ class TorchBackend:
         self.sam = sam.eval().to(device=device)  # prompt encoder and decoder stay fp32
         self.sam.image_encoder.to(dtype=self.dtype)
         self.feature_key = feature_key
-        self.is_sam2 = isinstance(sam, Sam2)
         self.drop_absent = drop_absent
         # side of SAM's square input (1024 for every released SAM and SAM 2; MedSAM2 512)
         self.sam_size = sam.image_size if self.is_sam2 else sam.img_size
@@ -191,6 +190,11 @@ class TorchBackend:
                                     min(left, len(x))))
             left -= len(x)
         return torch.cat(parts)
+
+    @property
+    def is_sam2(self) -> bool:
+        """Whether the SAM stage is SAM 2 / 2.1 / MedSAM2 (from the model itself)."""
+        return isinstance(self.sam, Sam2)
 
     @torch.inference_mode()
     def encode_sam(self, images: torch.Tensor) -> torch.Tensor | Sam2Embedding:
