@@ -96,14 +96,15 @@ def run_one(sam: str, folder: Path, data: Path, images: int, device: str, image_
             "sam_encoder_gflop": encoder_flops / 1e9, **memory.to_dict()}
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| SAM stage | input | s/img | SAM encoder s/img | decoder s/img | GFLOP/img (encoder) | peak MiB |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        lines.append(f"| {r['sam']} | {r['sam_input']} | {r['s_per_image']:.2f} | {r['sam_encoder_s']:.2f} | "
-                     f"{r['decoder_s']:.3f} | {r['gflop_per_image']:.0f} ({r['sam_encoder_gflop']:.0f}) | "
-                     f"{r['peak_mib']:.0f} |")
-    return "\n".join(lines)
+HEADER = ("| SAM stage | input | s/img | SAM encoder s/img | decoder s/img | GFLOP/img (encoder) | peak MiB |\n"
+          "| --- | --- | --- | --- | --- | --- | --- |")
+
+
+def row_line(r: dict) -> str:
+    """One Markdown row of the table under :data:`HEADER`."""
+    return (f"| {r['sam']} | {r['sam_input']} | {r['s_per_image']:.2f} | {r['sam_encoder_s']:.2f} | "
+            f"{r['decoder_s']:.3f} | {r['gflop_per_image']:.0f} ({r['sam_encoder_gflop']:.0f}) | "
+            f"{r['peak_mib']:.0f} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,9 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         row = run_one(args.one, args.workdir, args.data, args.images, args.device, args.image_size)
         sys.stdout.write(json.dumps(row) + "\n")
         return 0
+    sys.stdout.write(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
+                     f"{args.images} targets, sat preset, DINOv2 ViT-S/14 @ {args.image_size}\n\n{HEADER}\n")
+    sys.stdout.flush()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for sam in args.models.split(","):
+        for sam in args.models.split(","):  # a row as soon as it is measured (a caller's timeout keeps those)
             child = subprocess.run(
                 [sys.executable, __file__, "--one", sam, "--workdir", tmp,
                  *(["--data", str(args.data)] if args.data else []),
@@ -136,10 +140,9 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stderr.write(child.stderr[-3000:])
                 return child.returncode
             rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
-            logging.warning("%s: %.2f s/img", sam, rows[-1]["s_per_image"])
-    sys.stdout.write(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
-                     f"{args.images} {rows[0]['data']} targets, sat preset, DINOv2 ViT-S/14 @ "
-                     f"{args.image_size}\n\n{table(rows)}\n")
+            sys.stdout.write(row_line(rows[-1]) + "\n")
+            sys.stdout.flush()
+    sys.stdout.write(f"\ntargets: {rows[0]['data']}\n")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0
