@@ -8,7 +8,8 @@
 # 16 MiB, at most 2 folders deep (checked before the script ends):
 #   summary.md    the headline table first: DINOv2-B@518 + SAM-B, sat preset, bf16 and fp32, batch 1 and 16,
 #                 img/s, batch-1 latency, peak GPU MiB, per-stage ms; the research-style baseline and the
-#                 ratio; the kernel rows (match fp16/bf16/fp32, k-means vs their torch references)
+#                 ratio; the kernel rows (match fp16/bf16/fp32, k-means vs their torch references); then, when
+#                 >= 90 s are left, SAM-B vs SAM 2.1 tiny / base_plus as the SAM stage (bench/bench_sam2.py)
 #   results.json  every row with its numbers (python -m refseg.benchmark.headline)
 #   card.txt      the card, CUDA, package versions, which exported backends can run here (and why not)
 #   tests.txt     the GPU tests' summary (pytest -q), or why they did not run
@@ -28,7 +29,7 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY=1 ;;
     --out) RESULT_DIR="$2"; shift ;;
     --no-compile) COMPILE=0 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -111,9 +112,25 @@ timeout "$LEFT" "$PY" -m refseg.benchmark.headline --out "$RESULT_DIR" --budget 
   >"$WORK/headline.log" 2>&1 || STATUS=1
 tail -n 5 "$WORK/headline.log"
 
+step "4b/5 SAM stage rows: SAM-B, SAM 2.1 tiny and base_plus (bench/bench_sam2.py), if time is left"
+LEFT=$(( BUDGET - $(elapsed) - 20 ))
+if [ "$DRY" = 1 ]; then
+  echo "SAM stage rows: not in the dry run (full-size models)" >"$WORK/sam2.log"
+elif [ "$LEFT" -lt 90 ]; then
+  echo "SAM stage rows: skipped, ${LEFT} s left" >"$WORK/sam2.log"
+else
+  # random weights under $WORK (removed by the trap even after a timeout); rows appended to summary.md as
+  # they are measured; a failure here is reported, it does not fail the check
+  { echo; echo "SAM stage (sat, DINOv2-S/14 @ 448, bf16 auto precision, random weights, 4 synthetic or Kvasir targets):"
+    TMPDIR="$WORK" timeout $(( LEFT < 150 ? LEFT : 150 )) "$PY" "$ROOT/bench/bench_sam2.py" --device cuda \
+      --images 4 --image-size 448 2>"$WORK/sam2.log" || echo "(SAM stage rows stopped: see log.txt)"
+  } >>"$RESULT_DIR/summary.md"
+fi
+tail -n 3 "$WORK/sam2.log"
+
 step "5/5 summary"
 {
-  for log in "$WORK"/tests.log "$WORK"/headline.log; do
+  for log in "$WORK"/tests.log "$WORK"/headline.log "$WORK"/sam2.log; do
     [ -f "$log" ] && { echo "---- $(basename "$log") (last 150 lines)"; tail -n 150 "$log"; }
   done
 } >"$RESULT_DIR/log.txt"

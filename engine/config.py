@@ -42,13 +42,16 @@ DINOV3_MODELS = ("vits16", "vits16plus", "vitb16", "vitl16", "vitl16_sat493m", "
 # images that share its batch (docs/dinov3.md).
 FEATURE_DEBIAS = ("auto", "none", "project")
 SAM_MODELS = ("vit_b", "vit_l", "vit_h", "medsam")
+SAM2_MODELS = ("sam2.1_hiera_t", "sam2.1_hiera_s", "sam2.1_hiera_b+", "sam2.1_hiera_l",
+               "sam2_hiera_t", "sam2_hiera_s", "sam2_hiera_b+", "sam2_hiera_l", "medsam2")
+"""SAM 2 / 2.1 (Hiera tiny, small, base_plus, large) and MedSAM2: the names of refseg.models.SAM2_SPECS."""
 FEATURE_KEYS = ("x_norm_patchtokens", "x_prenorm")
 _CHOICES = {
     "encoder": tuple(ENCODER_PATCH_SIZE),
     "dinov2": DINOV2_MODELS,
     "dinov3": DINOV3_MODELS,
     "feature_debias": FEATURE_DEBIAS,
-    "sam": SAM_MODELS,
+    "sam": SAM_MODELS + SAM2_MODELS,
     "feature_key": FEATURE_KEYS,
     "metric": ("euclidean", "cosine"),
     "grid_rule": ("all", "any", "fraction"),
@@ -68,7 +71,9 @@ class SegmenterConfig:
     """Every setting of the refseg pipeline (immutable; derive variants with :meth:`replace`).
 
     Encoders: ``encoder`` — the matching encoder, ``dinov2`` (model ``dinov2``, official hub name) or
-    ``dinov3`` (model ``dinov3``: ``vits16`` ... ``vith16plus``); ``sam`` (``vit_b``/``vit_l``/``vit_h``),
+    ``dinov3`` (model ``dinov3``: ``vits16`` ... ``vith16plus``); ``sam`` (``vit_b``/``vit_l``/``vit_h``/``medsam``,
+    or a SAM 2 model of :data:`SAM2_MODELS`), ``sam_image_size`` (SAM 2 only: its square input side, a multiple
+    of 32; None = the model's, 1024, MedSAM2 512),
     ``image_size`` S of the square matching-encoder input (a multiple of :attr:`patch_size`, 14 for DINOv2
     and 16 for DINOv3; grid S/patch per side), ``feature_key`` (which ``forward_features`` entry is matched).
     ``feature_debias`` removes the positional component of the tokens before they are matched
@@ -86,7 +91,9 @@ class SegmenterConfig:
     ``max_points`` (0 = no cap) caps points per prompt set (positives + negatives);
     ``fallback`` supplies one point when a class ends up empty.
     Decoding: ``use_box`` (box from the positive extent), ``multimask_output`` (then argmax
-    predicted IoU), ``keep_largest_contour``, ``min_component_fraction`` (drop components smaller
+    predicted IoU), ``drop_absent`` (SAM 2 only: a prompt set whose object-score logit is <= 0 gives no
+    mask, instead of the mask ``SAM2ImagePredictor`` would still return; SAM (ViT) has no object score),
+    ``keep_largest_contour``, ``min_component_fraction`` (drop components smaller
     than this share of the largest; 0 = off), ``fill_holes``.
     Runtime: ``batch_size`` targets per encoder call, ``precision`` of the encoders (``auto``:
     bf16 on CUDA GPUs with bf16, fp16 on older ones, fp32 on CPUs; see
@@ -115,6 +122,7 @@ class SegmenterConfig:
     dinov2: str = "vitb14"
     dinov3: str = "vitb16"
     sam: str = "vit_b"
+    sam_image_size: Optional[int] = None
     image_size: int = 518
     feature_key: str = "x_norm_patchtokens"
     feature_debias: str = "auto"
@@ -143,6 +151,7 @@ class SegmenterConfig:
     # SAM decoding and post-processing
     use_box: bool = False
     multimask_output: bool = True
+    drop_absent: bool = True
     keep_largest_contour: bool = False
     min_component_fraction: float = 0.3
     fill_holes: bool = False
@@ -209,6 +218,9 @@ class SegmenterConfig:
                 raise ValueError(f"SegmenterConfig.{key}={getattr(self, key)} must be >= 0 (0 = off)")
         if self.kmeans_iters < 1:
             raise ValueError(f"SegmenterConfig.kmeans_iters={self.kmeans_iters} must be >= 1")
+        if self.sam_image_size is not None and (self.sam_image_size <= 0 or self.sam_image_size % 32):
+            raise ValueError(f"SegmenterConfig.sam_image_size={self.sam_image_size} must be a positive multiple "
+                             "of 32 (SAM 2's input side) or None")
         if self.batch_size < 1:
             raise ValueError(f"SegmenterConfig.batch_size={self.batch_size} must be >= 1")
         if self.max_points == 1:
@@ -392,7 +404,10 @@ PRESETS: dict[str, SegmenterConfig] = {
         radius_unit="pixel", pos_radius=0.0, neg_radius=64.0, exclusion_radius=128.0, hard_radius=64.0,
         kmeans_k=0, max_points=0, fallback=False,
         use_box=False, multimask_output=False, keep_largest_contour=False, min_component_fraction=0.0,
-        fill_holes=False, batch_size=1),
+        fill_holes=False, batch_size=1,
+        # with a SAM 2 model: the decoder's mask for every prompt set, as the image predictor gives it
+        # (the release had no object score; fallback=False already forces no prompt)
+        drop_absent=False),
     # §3 ProtoSAM: prototypes on DINOv2-L @672 -> coarse mask -> per-component points + box.
     "protosam": SegmenterConfig(
         name="protosam", method="protosam", dinov2="vitl14", sam="vit_h", image_size=672,

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 
 class Segmenter:
-    """One-shot reference-guided segmentation (DINOv2 / DINOv3 matching -> prompts -> SAM).
+    """One-shot reference-guided segmentation (DINOv2 / DINOv3 matching -> prompts -> SAM or SAM 2).
 
     Args:
         config: the configuration (see :class:`refseg.SegmenterConfig` and its presets).
@@ -80,7 +80,7 @@ class Segmenter:
         self.config = self.backend.config  # model names as actually loaded
         self.device = self.backend.device
         self.sam_size = self.backend.sam_size  # SAM's square input side
-        self._medsam = preprocessing_for(self.config.sam) == "medsam"  # MedSAM's own pre-processing
+        self._sam_preprocessing = preprocessing_for(self.config.sam)  # sam, medsam or sam2
         self.profile = False  # True: stage timings synchronise around each stage (serialises the GPU)
         self._ref_tokens: list[torch.Tensor] = []   # each (T, D)
         self._ref_grids: list[dict[int, torch.Tensor]] = []  # each class -> (T,) int8 {1, 0, -1}
@@ -272,8 +272,8 @@ class Segmenter:
             ValueError: naming ``source``: not (H, W)/(H, W, C), or smaller than one encoder patch.
         """
         return prepare_target(image, image_size=self.config.image_size, patch_size=self.config.patch_size,
-                              sam_size=self.sam_size,
-                              medsam=self._medsam, device=self.device, window=self.window, source=source)
+                              sam_size=self.sam_size, preprocessing=self._sam_preprocessing, device=self.device,
+                              window=self.window, source=source)
 
     @torch.inference_mode()
     def segment_prepared(self, targets: list[PreparedTarget], fallback: bool | None = None

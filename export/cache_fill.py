@@ -20,7 +20,8 @@ def fill_export_folder(folder: str | os.PathLike, config: SegmenterConfig,
 
     Args:
         folder: an empty folder (the runtime's temporary sibling of its cache entry).
-        config: ``encoder``, ``precision`` (fp32 / fp16) and ``image_size`` (encoder input side, pixels).
+        config: ``encoder``, ``precision`` (fp32 / fp16), ``image_size`` (encoder input side, pixels) and
+            ``sam_image_size`` (SAM 2's, None = the model's) of the graphs.
         encoder_checkpoint, sam_checkpoint: the resolved checkpoints (their sizes decide the models).
         max_batch: largest encoder batch recorded for the TensorRT profiles.
 
@@ -34,4 +35,5 @@ def fill_export_folder(folder: str | os.PathLike, config: SegmenterConfig,
 
     encoder = {f"{config.encoder}_checkpoint": encoder_checkpoint}
     return export_models(folder, sam_checkpoint=sam_checkpoint, precision=config.precision,
-                         image_size=config.image_size, max_batch=max_batch, encoder=config.encoder, **encoder)
+                         image_size=config.image_size, max_batch=max_batch, encoder=config.encoder,
+                         sam_image_size=config.sam_image_size, **encoder)

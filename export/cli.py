@@ -47,7 +47,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     names.add_argument("--dinov2", help="DINOv2 model name when no checkpoint is given (vitb14 ...)")
     names.add_argument("--dinov3", help="DINOv3 model name (vitb16 ...): its gated file or folder is looked up in "
                        "$REFSEG_CHECKPOINT_DIR / ~/.cache/refseg, never downloaded")
-    p.add_argument("--sam", help="SAM model name when no checkpoint is given (vit_b ...)")
+    p.add_argument("--sam", help="SAM model name when no checkpoint is given (vit_b ..., sam2.1_hiera_t ...); a "
+                   "SAM 2 checkpoint gives SAM 2's graphs")
+    p.add_argument("--sam-image-size", type=int, help="SAM 2's input side (multiple of 32; default the model's)")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
                    help="encoder precision baked into the graphs (LayerNorm/Softmax stay fp32)")
@@ -103,7 +105,8 @@ def run_export(args: argparse.Namespace) -> int:
                              dinov2=args.dinov2, sam=args.sam, precision=args.precision,
                              image_size=args.image_size, max_batch=args.max_batch, opset=args.opset,
                              device=args.device, encoder="dinov3" if dinov3 else "dinov2",
-                             dinov3_checkpoint=args.dinov3_checkpoint, dinov3=args.dinov3)
+                             dinov3_checkpoint=args.dinov3_checkpoint, dinov3=args.dinov3,
+                             sam_image_size=args.sam_image_size)
     for key, graph in manifest["graphs"].items():
         sys.stdout.write(f"{key}: {', '.join(graph['files'])} ({graph['precision']})\n")
     if "tensorrt" in args.formats:

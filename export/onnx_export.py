@@ -20,6 +20,10 @@ bias form instead (~30 % faster under ONNX Runtime on a CPU, where nothing fuses
 manifest records which: ``graphs.sam_encoder.attention``). Precision ``fp16`` bakes half precision into the encoders' graphs with
 LayerNorm and Softmax kept in fp32 (:mod:`refseg.export.fp16`); the decoder (3.6 GFLOP per
 prompt set) stays fp32, like the torch backend's. Every graph passes ``onnx.checker``.
+
+A SAM 2 / 2.1 / MedSAM2 checkpoint gives SAM 2's encoder and decoder graphs instead
+(:func:`refseg.export.sam2_onnx.export_sam2_graphs`: ``sam2_encoder.onnx``, ``sam2_decoder.onnx``, under the
+same manifest keys, marked ``"family": "sam2"``), at the model's input side or ``sam_image_size``.
 """
 from __future__ import annotations
 
@@ -150,15 +154,17 @@ def export_models(out_dir: str | os.PathLike, dinov2_checkpoint: str | os.PathLi
                   max_batch: int = 16, opset: int = DEFAULT_OPSET,
                   device: str | torch.device = "cpu", dinov2_model: nn.Module | None = None,
                   sam_model: nn.Module | None = None, encoder: str | None = None,
-                  dinov3_checkpoint: str | os.PathLike | None = None, dinov3: str | None = None) -> dict:
-    """Export the three graphs of one (matching encoder, SAM) pair into ``out_dir`` with its manifest.
+                  dinov3_checkpoint: str | os.PathLike | None = None, dinov3: str | None = None,
+                  sam_image_size: int | None = None) -> dict:
+    """Export the three graphs of one (matching encoder, SAM or SAM 2) pair into ``out_dir`` with its manifest.
 
     Args:
         out_dir: output folder (created). An existing manifest is removed first, so a folder
             whose export is interrupted is never taken for a complete one.
         dinov2_checkpoint, sam_checkpoint: official checkpoint files; None looks up the official
             files of ``dinov2`` / ``sam`` (see :func:`refseg.models.build_dinov2`).
-        dinov2, sam: model names (inferred from the checkpoints when None).
+        dinov2, sam: model names (inferred from the checkpoints when None); ``sam`` may name a SAM 2 model,
+            and a SAM 2 checkpoint gives SAM 2's graphs.
         precision: ``fp32`` or ``fp16`` (encoders; the decoder stays fp32).
         image_size: encoder input side S (a multiple of its patch size: 14 DINOv2, 16 DINOv3); fixed in
             the graph.
@@ -169,6 +175,7 @@ def export_models(out_dir: str | os.PathLike, dinov2_checkpoint: str | os.PathLi
             ``dinov2_model`` is a DINOv3 module, else ``dinov2``.
         dinov3_checkpoint, dinov3: the DINOv3 ``.pth`` or Hugging Face folder / model name (gated weights:
             looked up, never downloaded; see :func:`refseg.models.build_dinov3`).
+        sam_image_size: SAM 2's input side (multiple of 32; default the model's), fixed in its graphs.
 
     Returns:
         The manifest dict (also written to ``out_dir/manifest.json``).
@@ -177,10 +184,10 @@ def export_models(out_dir: str | os.PathLike, dinov2_checkpoint: str | os.PathLi
         ValueError: bad precision/opset/image size/max_batch; CheckpointError for unusable files.
     """
     from refseg.config import ENCODER_PATCH_SIZE
-    from refseg.models.build import build_dinov2, build_dinov3, build_sam
+    from refseg.models.build import SAM_FAMILY_SPECS, build_dinov2, build_dinov3, build_sam_family
     from refseg.models.dinov2 import DINOV2_SPECS
     from refseg.models.dinov3 import DINOV3_SPECS, Dinov3VisionTransformer
-    from refseg.models.sam import SAM_SPECS
+    from refseg.models.sam2 import Sam2
 
     if encoder is None:
         encoder = "dinov3" if (dinov3_checkpoint is not None or dinov3 is not None
@@ -199,7 +206,7 @@ def export_models(out_dir: str | os.PathLike, dinov2_checkpoint: str | os.PathLi
                          f"size {patch} (e.g. {'518, 560' if patch == 14 else '512, 448'})")
 
     for kind, name, specs in (("DINOv2", dinov2, DINOV2_SPECS), ("DINOv3", dinov3, DINOV3_SPECS),
-                              ("SAM", sam, SAM_SPECS)):
+                              ("SAM", sam, SAM_FAMILY_SPECS)):
         if name is not None and name not in specs:
             raise ValueError(f"unsupported {kind} model {name!r} for export; choose one of "
                              f"{', '.join(specs)}")
@@ -216,7 +223,7 @@ def export_models(out_dir: str | os.PathLike, dinov2_checkpoint: str | os.PathLi
     if dinov2_model.patch_size != patch:
         raise ValueError(f"the {encoder} model has {dinov2_model.patch_size}-px patches, not {patch}")
     if sam_model is None:
-        sam_model = build_sam(sam, sam_checkpoint)
+        sam_model = build_sam_family(sam, sam_checkpoint, image_size=sam_image_size)
         sam_checkpoint = sam_checkpoint or _official_path(sam_model.spec.checkpoint)
     checkpoints[encoder] = checkpoint_record(encoder_checkpoint)
     checkpoints["sam"] = checkpoint_record(sam_checkpoint)
@@ -228,15 +235,18 @@ def export_models(out_dir: str | os.PathLike, dinov2_checkpoint: str | os.PathLi
         encoder_graph = Dinov3Export(dinov2_model, image_size)
     else:
         encoder_graph = Dinov2Export(dinov2_model, image_size)
-    graphs = {
-        "dinov2": export_graph(encoder_graph, out_dir / GRAPH_FILES["dinov2"], precision, opset, device),
-        "sam_encoder": export_graph(SamEncoderExport(sam_model), out_dir / GRAPH_FILES["sam_encoder"],
-                                    precision, opset, device),
-        "sam_decoder": export_graph(SamDecoderExport(sam_model, "all"),
-                                    out_dir / GRAPH_FILES["sam_decoder"], "fp32", opset, device),
-    }
-    graphs["sam_decoder"]["mask_outputs"] = "all"
-    graphs["sam_encoder"]["attention"] = attention_form(torch.device(device), traced=True)
+    graphs = {"dinov2": export_graph(encoder_graph, out_dir / GRAPH_FILES["dinov2"], precision, opset, device)}
+    if isinstance(sam_model, Sam2):
+        from refseg.export.sam2_onnx import export_sam2_graphs
+
+        graphs.update(export_sam2_graphs(sam_model, out_dir, precision, opset, device))
+    else:
+        graphs["sam_encoder"] = export_graph(SamEncoderExport(sam_model), out_dir / GRAPH_FILES["sam_encoder"],
+                                             precision, opset, device)
+        graphs["sam_decoder"] = export_graph(SamDecoderExport(sam_model, "all"),
+                                             out_dir / GRAPH_FILES["sam_decoder"], "fp32", opset, device)
+        graphs["sam_decoder"]["mask_outputs"] = "all"
+        graphs["sam_encoder"]["attention"] = attention_form(torch.device(device), traced=True)
     manifest = build_manifest(out_dir, graphs, precision=precision, image_size=image_size,
                               models={encoder: dinov2_model.spec.name, "sam": sam_model.spec.name},
                               checkpoints=checkpoints, opset=opset, max_batch=max_batch, encoder=encoder)

@@ -5,8 +5,8 @@ Usage::
     records = export_sam2("exports/sam2_t", sam_checkpoint="sam2.1_hiera_tiny.pt")
 
 writes ``sam2_encoder.onnx`` and ``sam2_decoder.onnx`` (graphs traced with
-:func:`refseg.export.onnx_export.export_graph`: TorchScript exporter, opset >= 17, fp32, checked by
-``onnx.checker``). The graphs call the model's own methods (:class:`refseg.models.sam2.Sam2`):
+:func:`refseg.export.onnx_export.export_graph`: TorchScript exporter, opset >= 17, checked by
+``onnx.checker``; the encoder fp32 or fp16 (LayerNorm and Softmax kept in fp32), the decoder fp32). The graphs call the model's own methods (:class:`refseg.models.sam2.Sam2`):
 
 * encoder: ``images`` (B, 3, S, S) float32, normalised as ``refseg.models.sam2_transforms`` does ->
   ``image_embed`` (B, 256, S/16, S/16), ``high_res_feats_0`` (B, 32, S/4, S/4), ``high_res_feats_1``
@@ -22,8 +22,10 @@ writes ``sam2_encoder.onnx`` and ``sam2_decoder.onnx`` (graphs traced with
   padding point). Multimask and dynamic-multimask selection are left to the caller
   (``Sam2MaskDecoder.select_masks`` on the outputs).
 
-The graph names live here until the runtime reads SAM 2 graphs (then they move to
-``refseg.runtime.io_names`` beside SAM's).
+File and tensor names are :mod:`refseg.runtime.io_names`' (``SAM2_*``), which the ONNX Runtime backend reads:
+``refseg export`` of a SAM 2 checkpoint writes these two graphs beside ``dinov2.onnx`` under the graph keys
+``sam_encoder`` / ``sam_decoder`` (records marked ``"family": "sam2"``), see
+:func:`refseg.export.onnx_export.export_models`.
 """
 from __future__ import annotations
 
@@ -37,14 +39,12 @@ from torch import nn
 from refseg.export.onnx_export import DEFAULT_OPSET, export_graph
 from refseg.export.wrappers import GraphIO
 from refseg.models.sam2 import Sam2Embedding
+from refseg.runtime import io_names as io
 
 log = logging.getLogger(__name__)
 
-GRAPH_FILES = {"sam2_encoder": "sam2_encoder.onnx", "sam2_decoder": "sam2_decoder.onnx"}
-ENCODER_INPUT = "images"
-ENCODER_OUTPUTS = ("image_embed", "high_res_feats_0", "high_res_feats_1")
-DECODER_INPUTS = ENCODER_OUTPUTS + ("point_coords", "point_labels", "mask_input", "has_mask_input")
-DECODER_OUTPUTS = ("low_res_masks", "iou_predictions", "object_score_logits")
+ENCODER_INPUT, ENCODER_OUTPUTS = io.SAM2_ENCODER_INPUT, io.SAM2_ENCODER_OUTPUTS
+DECODER_INPUTS, DECODER_OUTPUTS = io.SAM2_DECODER_INPUTS, io.SAM2_DECODER_OUTPUTS
 
 
 class Sam2EncoderExport(nn.Module):
@@ -66,7 +66,7 @@ class Sam2EncoderExport(nn.Module):
         return (torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)),)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return tuple(self.model.encode_image(images))
+        return self.model.encode_image(images).parts()
 
 
 class Sam2DecoderExport(nn.Module):
@@ -81,12 +81,13 @@ class Sam2DecoderExport(nn.Module):
         low = 4 * grid
         self.io = GraphIO(
             inputs=DECODER_INPUTS, outputs=DECODER_OUTPUTS,
-            shapes={"image_embed": [1, dim, grid, grid], "high_res_feats_0": [1, dim // 8, low, low],
-                    "high_res_feats_1": [1, dim // 4, 2 * grid, 2 * grid],
-                    "point_coords": ["prompt_sets", "points", 2], "point_labels": ["prompt_sets", "points"],
-                    "mask_input": ["mask_sets", 1, low, low], "has_mask_input": [1],
-                    "low_res_masks": ["prompt_sets", 4, low, low], "iou_predictions": ["prompt_sets", 4],
-                    "object_score_logits": ["prompt_sets", 1]})
+            shapes={io.SAM2_IMAGE_EMBED: [1, dim, grid, grid], io.SAM2_HIGH_RES_0: [1, dim // 8, low, low],
+                    io.SAM2_HIGH_RES_1: [1, dim // 4, 2 * grid, 2 * grid],
+                    io.SAM_DECODER_COORDS: ["prompt_sets", "points", 2],
+                    io.SAM_DECODER_LABELS: ["prompt_sets", "points"],
+                    io.SAM_DECODER_MASK_INPUT: ["mask_sets", 1, low, low], io.SAM_DECODER_HAS_MASK: [1],
+                    io.SAM_DECODER_MASKS: ["prompt_sets", 4, low, low], io.SAM_DECODER_IOU: ["prompt_sets", 4],
+                    io.SAM2_OBJECT_SCORE: ["prompt_sets", 1]})
 
     def example_inputs(self, prompt_sets: int = 2, points: int = 4) -> tuple[torch.Tensor, ...]:
         """Random features, a box and points per set (packed, with the padding point), a zero mask."""
@@ -98,7 +99,7 @@ class Sam2DecoderExport(nn.Module):
         labels = torch.randint(0, 2, (prompt_sets, points), generator=gen).float()
         labels[:, :2] = torch.tensor([2.0, 3.0])
         labels[:, -1] = -1
-        low = shapes["mask_input"][-1]
+        low = shapes[io.SAM_DECODER_MASK_INPUT][-1]
         return (*features, coords, labels, torch.zeros(1, 1, low, low), torch.zeros(1))
 
     def forward(self, image_embed: torch.Tensor, high_res_feats_0: torch.Tensor, high_res_feats_1: torch.Tensor,
@@ -111,10 +112,36 @@ class Sam2DecoderExport(nn.Module):
         return out.masks, out.iou, out.object_score_logits
 
 
+def export_sam2_graphs(model: nn.Module, out_dir: str | os.PathLike, precision: str = "fp32",
+                       opset: int = DEFAULT_OPSET, device: str | torch.device = "cpu") -> dict:
+    """Trace the SAM 2 encoder (in ``precision``: fp32, or fp16 with LayerNorm / Softmax in fp32) and the
+    decoder (fp32) of ``model`` into ``out_dir`` (:data:`refseg.runtime.io_names.SAM2_GRAPH_FILES`).
+
+    Returns:
+        ``{"sam_encoder": record, "sam_decoder": record}``: the records of ``export_graph`` (files,
+        precision, input and output shapes) marked ``"family": "sam2"``, as the manifest holds them.
+    """
+    model = model.float().eval()
+    out_dir = Path(out_dir)
+    records = {
+        "sam_encoder": export_graph(Sam2EncoderExport(model), out_dir / io.SAM2_GRAPH_FILES["sam_encoder"],
+                                    precision, opset, device),
+        "sam_decoder": export_graph(Sam2DecoderExport(model), out_dir / io.SAM2_GRAPH_FILES["sam_decoder"], "fp32",
+                                    opset, device),
+    }
+    records["sam_decoder"]["mask_outputs"] = "all"
+    for record in records.values():
+        record[io.SAM_FAMILY_KEY] = io.SAM2_FAMILY
+    log.info("SAM 2 graphs of %s (input %d, encoder %s) written to %s", model.spec.name, model.spec.image_size,
+             precision, out_dir)
+    return records
+
+
 def export_sam2(out_dir: str | os.PathLike, sam_checkpoint: str | os.PathLike | None = None, *,
                 sam: str | None = None, model: nn.Module | None = None, opset: int = DEFAULT_OPSET,
-                device: str | torch.device = "cpu") -> dict:
-    """Export the SAM 2 encoder and decoder graphs of one checkpoint into ``out_dir``.
+                device: str | torch.device = "cpu", precision: str = "fp32") -> dict:
+    """Export the SAM 2 encoder and decoder graphs of one checkpoint into ``out_dir`` (no manifest: a folder
+    the backends run comes from :func:`refseg.export.onnx_export.export_models`, ``refseg export``).
 
     Args:
         out_dir: output folder (created).
@@ -123,22 +150,13 @@ def export_sam2(out_dir: str | os.PathLike, sam_checkpoint: str | os.PathLike | 
         model: an already built :class:`~refseg.models.sam2.Sam2` to export instead (tests; any input size).
         opset: ONNX opset, >= 17.
         device: where the trace runs.
+        precision: the encoder's (``fp32`` / ``fp16``); the decoder is fp32.
 
     Returns:
-        ``{"sam2_encoder": record, "sam2_decoder": record}`` with the records of ``export_graph``
-        (files, precision, input and output shapes).
+        :func:`export_sam2_graphs`' records.
     """
     if model is None:
         from refseg.models.build import build_sam2
 
         model = build_sam2(sam, sam_checkpoint)
-    model = model.float().eval()
-    out_dir = Path(out_dir)
-    records = {
-        "sam2_encoder": export_graph(Sam2EncoderExport(model), out_dir / GRAPH_FILES["sam2_encoder"], "fp32",
-                                     opset, device),
-        "sam2_decoder": export_graph(Sam2DecoderExport(model), out_dir / GRAPH_FILES["sam2_decoder"], "fp32",
-                                     opset, device),
-    }
-    log.info("SAM 2 export of %s (input %d) written to %s", model.spec.name, model.spec.image_size, out_dir)
-    return records
+    return export_sam2_graphs(model, out_dir, precision, opset, device)

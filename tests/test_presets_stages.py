@@ -74,7 +74,7 @@ def canvas(h, w, blobs):
 def prepared(image, config):
     """A target as the Segmenter's readers prepare it (CPU path)."""
     return prepare_target(image, image_size=config.image_size, patch_size=config.patch_size, sam_size=1024,
-                          medsam=False, device="cpu")
+                          device="cpu")
 
 
 def reference(config, backend, blobs=((28, 28, 84, 84),), size=112):

@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from refseg.export.sam2_onnx import GRAPH_FILES, Sam2DecoderExport, Sam2EncoderExport, export_sam2
+from refseg.export.sam2_onnx import Sam2DecoderExport, Sam2EncoderExport, export_sam2
 from refseg.models.sam2 import SAM2_SPECS
 from refseg.models.sam2_state_dict import random_sam2
+from refseg.runtime.io_names import SAM2_GRAPH_FILES
 
 ort = pytest.importorskip("onnxruntime", reason="the onnx extra")
 SIZE = 256
@@ -35,10 +36,10 @@ def model():
 def sessions(model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("sam2_onnx")
     records = export_sam2(folder, model=model)
-    assert records["sam2_decoder"]["outputs"]["low_res_masks"]["shape"] == ["prompt_sets", 4, 64, 64]
+    assert records["sam_decoder"]["outputs"]["low_res_masks"]["shape"] == ["prompt_sets", 4, 64, 64]
     options = ort.SessionOptions()
-    return tuple(ort.InferenceSession(str(folder / GRAPH_FILES[name]), options, providers=["CPUExecutionProvider"])
-                 for name in ("sam2_encoder", "sam2_decoder"))
+    return tuple(ort.InferenceSession(str(folder / SAM2_GRAPH_FILES[name]), options, providers=["CPUExecutionProvider"])
+                 for name in ("sam_encoder", "sam_decoder"))
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_encoder(sessions, embedding):
     images, reference = embedding
     outputs = sessions[0].run(None, {"images": images.numpy()})
     assert len(outputs) == 3
-    for out, ref in zip(outputs, reference):
+    for out, ref in zip(outputs, reference.parts()):
         assert out.shape == tuple(ref.shape)
         assert np.abs(out - ref.numpy()).max() <= 1e-4 * max(1.0, float(ref.abs().max()))
 
@@ -69,7 +70,7 @@ def test_decoder(model, sessions, embedding):
     cases = [(coords, labels, None, None), (coords[:, :1], labels[:, :1], boxes, None), (coords, labels, None, mask)]
     for point_coords, point_labels, box, mask_input in cases:
         packed_coords, packed_labels = model.pack_prompts(point_coords, point_labels, box)
-        feed = dict(zip(("image_embed", "high_res_feats_0", "high_res_feats_1"), (t.numpy() for t in image)))
+        feed = dict(zip(("image_embed", "high_res_feats_0", "high_res_feats_1"), (t.numpy() for t in image.parts())))
         feed.update(point_coords=packed_coords.numpy(), point_labels=packed_labels.numpy(),
                     mask_input=(mask_input if mask_input is not None else torch.zeros(1, 1, 64, 64)).numpy(),
                     has_mask_input=np.array([0.0 if mask_input is None else 1.0], np.float32))

@@ -37,6 +37,9 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     for row in describe_presets(PRESETS):
         sys.stdout.write(f"{row['preset']:<9} method={row['method']:<8} dinov2={row['dinov2']}  sam={row['sam']}\n"
                          f"          {row['stages']}\n")
+    from refseg.config import SAM2_MODELS, SAM_MODELS
+
+    sys.stdout.write(f"--sam (any preset): SAM {', '.join(SAM_MODELS)}; SAM 2 {', '.join(SAM2_MODELS)}\n")
     return 0
 
 

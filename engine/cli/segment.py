@@ -20,8 +20,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="output folder (a single volume: OUT.nii.gz)")
     p.add_argument("--preset", default="sat", help="configuration preset: sat, sat-v3, gbmseg, protosam, topk, "
                    "matcher, persam (`refseg presets` lists their stages and models)")
-    p.add_argument("--sam", help="SAM model name (vit_b, vit_l, vit_h, medsam; with --propagate sam2.1_hiera_t, "
-                   "... medsam2); default: preset's")
+    p.add_argument("--sam", help="SAM model name: vit_b, vit_l, vit_h, medsam, or SAM 2: sam2.1_hiera_t|s|b+|l, "
+                   "sam2_hiera_t|s|b+|l, medsam2 (`refseg presets` lists them; --propagate needs SAM 2); default: "
+                   "preset's. A SAM 2 file given to --sam-checkpoint is recognised from its keys")
     p.add_argument("--dinov2", help="DINOv2 model name (vits14 ... vitg14_reg); default: preset's")
     p.add_argument("--dinov3", help="DINOv3 model name (vits16 ... vith16plus): match with DINOv3 (gated weights, "
                    "looked up in $REFSEG_CHECKPOINT_DIR / ~/.cache/refseg, never downloaded)")

@@ -9,7 +9,6 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from refseg.config import SAM_MODELS
 from refseg.optional import require
 
 MODE_WORDS = {"folder": "a folder or file of 2-D images", "volume": "volumes (NIfTI / DICOM)",
@@ -69,11 +68,6 @@ def check_flags(args: argparse.Namespace, mode: str) -> None:
     if args.ray is None and (given(args, "ray_workers") or given(args, "gpus_per_worker")):
         raise ValueError("--ray-workers / --gpus-per-worker go with --ray")
     if not given(args, "propagate"):
-        from refseg.models.sam2 import SAM2_SPECS
-
-        if args.sam in SAM2_SPECS:
-            raise ValueError(f"--sam {args.sam}: SAM 2 models segment volumes with --propagate; the per-slice "
-                             f"pipeline takes {', '.join(SAM_MODELS)}")
         alone = [flag for flag in PROPAGATE_FLAGS if given(args, FLAG_MODES[flag][0])]
         if alone:
             raise ValueError(f"{' '.join(alone)}: go{'es' if len(alone) == 1 else ''} with --propagate")

@@ -35,8 +35,6 @@ def config_from_args(args: argparse.Namespace):
     """
     from refseg.config import SegmenterConfig
 
-    from refseg.models.sam2 import SAM2_SPECS
-
     v3 = [f for f, v in (("--dinov3", args.dinov3), ("--dinov3-checkpoint", args.dinov3_checkpoint)) if v]
     v2 = [f for f, v in (("--dinov2", args.dinov2), ("--dinov2-checkpoint", args.dinov2_checkpoint)) if v]
     if v3 and v2:
@@ -44,10 +42,8 @@ def config_from_args(args: argparse.Namespace):
     config = SegmenterConfig.from_preset(args.preset)
     if v3 or v2:
         config = config.with_encoder("dinov3" if v3 else "dinov2")
-    # a SAM 2 name is the --propagate model (refseg.jobs.propagate_worker), not the per-slice pipeline's SAM
-    sam = None if args.sam in SAM2_SPECS else args.sam
     explicit = {k: v for k, v in {
-        "sam": sam, "dinov2": args.dinov2, "dinov3": args.dinov3, "batch_size": args.batch_size,
+        "sam": args.sam, "dinov2": args.dinov2, "dinov3": args.dinov3, "batch_size": args.batch_size,
         "image_size": args.image_size, "metric": args.metric, "precision": args.precision,
     }.items() if v is not None}
     config = config.replace(**explicit)

@@ -15,7 +15,8 @@ from .dinov3 import DINOV3_SPECS, dinov3_from_state_dict, infer_dinov3_name
 from .dinov3_hf import CONFIG_NAME, is_hf_layout, load_hf_folder
 from .sam import SAM_SPECS, infer_sam_spec, sam_from_state_dict
 from .sam2 import SAM2_SPECS
-from .sam2_state_dict import is_sam2_state_dict, sam2_from_state_dict
+from .sam2 import get_spec as sam2_get_spec
+from .sam2_state_dict import infer_sam2_name, is_sam2_state_dict, sam2_from_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ def build_dinov3(name: str | None = None, checkpoint: PathLike | None = None) ->
 
 
 def build_sam2(name: str | None = None, checkpoint: PathLike | None = None,
-               download: bool = True) -> nn.Module:
+               download: bool = True, image_size: int | None = None) -> nn.Module:
     """Build SAM 2 / SAM 2.1 / MedSAM2 for images (Hiera encoder + neck, prompt encoder, mask decoder)
     with official weights, eval mode, CPU.
 
@@ -189,12 +190,63 @@ def build_sam2(name: str | None = None, checkpoint: PathLike | None = None,
             (weights under ``"model"``). When ``None`` the official file is looked up / downloaded as
             for :func:`build_dinov2`.
         download: allow the download.
+        image_size: the square input side, a multiple of 32 (default: the model's, 1024; MedSAM2 512). SAM 2
+            runs at other sizes (the official ``image_size`` setting): smaller is faster and coarser.
 
     Raises:
         CheckpointError: missing/unreadable file, a checkpoint of another model, or any key or shape
             that does not fit (the memory modules' keys included; see ``refseg.models.sam2_state_dict``).
+        ValueError: unknown name, or an image size that is not a positive multiple of 32.
     """
-    return _build("SAM 2", SAM2_SPECS, DEFAULT_SAM2, sam2_from_state_dict, name, checkpoint, download)
+    if image_size is not None and (image_size <= 0 or image_size % 32):
+        raise ValueError(f"SAM 2 image_size must be a positive multiple of 32, got {image_size}")
+
+    def load(state: dict, name: str | None, source: str) -> nn.Module:
+        spec = sam2_get_spec(name or infer_sam2_name(unwrap_state_dict(state, source), source))
+        if image_size is not None:
+            spec = dataclasses.replace(spec, image_size=image_size)
+        return sam2_from_state_dict(state, spec, source)
+
+    return _build("SAM 2", SAM2_SPECS, DEFAULT_SAM2, load, name, checkpoint, download)
+
+
+SAM_FAMILY_SPECS = {**SAM_SPECS, **SAM2_SPECS}
+"""Every name ``--sam`` / ``SegmenterConfig.sam`` takes: SAM (ViT), MedSAM, SAM 2 / 2.1 and MedSAM2."""
+
+
+def build_sam_family(name: str | None = None, checkpoint: PathLike | None = None, *,
+                     image_size: int | None = None, download: bool = True) -> nn.Module:
+    """SAM (:func:`build_sam`) or SAM 2 (:func:`build_sam2`), whichever the checkpoint holds.
+
+    The family comes from the checkpoint's keys (a ViT image encoder: SAM, MedSAM; a Hiera trunk: SAM 2,
+    SAM 2.1, MedSAM2), or from ``name`` when no checkpoint is given. ``name`` must then be one of that
+    family's names (or None: inferred from the file).
+
+    Args:
+        image_size: SAM 2's square input side (see :func:`build_sam2`); SAM (ViT) takes none.
+
+    Raises:
+        CheckpointError: as the builders, or a ``name`` of the other family (the message names both).
+        ValueError: unknown name; ``image_size`` for a SAM (ViT) model.
+    """
+    if name is not None and name not in SAM_FAMILY_SPECS:
+        raise ValueError(f"unknown SAM model {name!r}; choose one of {', '.join(SAM_FAMILY_SPECS)}")
+    if checkpoint is not None:
+        family = checkpoint_family(_peek_state_dict(Path(checkpoint)))
+    else:
+        family = "SAM 2" if (name or DEFAULT_SAM) in SAM2_SPECS else "SAM"
+    if family not in ("SAM", "SAM 2"):
+        raise CheckpointError(f"{checkpoint}: this is a {family} checkpoint, not a SAM-family one")
+    wanted = None if name is None else ("SAM 2" if name in SAM2_SPECS else "SAM")
+    if wanted is not None and wanted != family:
+        raise CheckpointError(f"{checkpoint}: this is a {family} checkpoint, not {wanted} {name!r}; drop the "
+                              "name to use the checkpoint's model, or give the checkpoint of the model named")
+    if family == "SAM 2":
+        return build_sam2(name, checkpoint, download, image_size)
+    if image_size is not None:
+        raise ValueError(f"a SAM input side ({image_size}) is for SAM 2 models only; SAM (ViT) takes its "
+                         "checkpoint's (1024)")
+    return build_sam(name, checkpoint, download)
 
 
 def _layout(spec) -> tuple:
@@ -209,15 +261,21 @@ ENCODERS = {"dinov2": ("DINOv2", DINOV2_SPECS, DEFAULT_DINOV2), "dinov3": ("DINO
 """The matching encoders: config name -> (display name, specs, default model)."""
 
 
+def _trunk(spec) -> tuple:
+    """A SAM 2 spec's weights layout: :func:`_layout` without the input side, which the weights do not fix
+    (``medsam2`` fits any SAM 2.1 tiny file, as ``medsam`` fits any SAM ViT-B one)."""
+    return tuple(item for item in _layout(spec) if item[0] != "image_size")
+
+
 def resolve_model_checkpoints(encoder_model: str | None = None, sam: str | None = None,
                               encoder_checkpoint: PathLike | None = None, sam_checkpoint: PathLike | None = None,
                               download: bool = True, encoder: str = "dinov2") -> tuple[Path, Path]:
     """Locate both checkpoints (the matching encoder's and SAM's) before either is read; every problem is
     reported in one error.
 
-    ``encoder_model`` / ``sam`` are model names (default ``vitb14`` or ``vitb16`` / ``vit_b``; ``sam`` may be a
-    SAM 2 name) whose official file is looked up (``$REFSEG_CHECKPOINT_DIR``, ``~/.cache/refseg``; for DINOv3 also its Hugging Face folder)
-    when no explicit file is given. Nothing is downloaded while an explicit file or a gated one (DINOv3: never
+    ``encoder_model`` / ``sam`` are model names (default ``vitb14`` or ``vitb16`` / ``vit_b``; ``sam`` may name a
+    SAM 2 model) whose official file is looked up (``$REFSEG_CHECKPOINT_DIR``, ``~/.cache/refseg``; for DINOv3
+    also its Hugging Face folder) when no explicit file is given. Nothing is downloaded while an explicit file or a gated one (DINOv3: never
     downloaded) is missing; then missing official files are downloaded (``download``).
 
     Returns:
@@ -230,9 +288,8 @@ def resolve_model_checkpoints(encoder_model: str | None = None, sam: str | None 
         raise ValueError(f"unknown encoder {encoder!r}; choose one of {', '.join(ENCODERS)}")
     kind, specs, default = ENCODERS[encoder]
     requests = []
-    sam_specs = SAM2_SPECS if sam in SAM2_SPECS else SAM_SPECS  # a SAM 2 name: its official file
     for kind, specs, default, name, explicit in ((kind, specs, default, encoder_model, encoder_checkpoint),
-                                                 ("SAM", sam_specs, DEFAULT_SAM, sam, sam_checkpoint)):
+                                                 ("SAM", SAM_FAMILY_SPECS, DEFAULT_SAM, sam, sam_checkpoint)):
         name = name or default
         if name not in specs:
             raise ValueError(f"unknown {kind} model {name!r}; choose one of {', '.join(specs)}")
@@ -299,15 +356,13 @@ def sam2_checkpoint_name(path: PathLike, name: str | None = None) -> str:
         CheckpointError: the file is not a SAM 2 / 2.1 / MedSAM2 checkpoint (naming the SAM 2 models), or
             ``name`` contradicts it (``medsam2`` fits any SAM 2.1 tiny file).
     """
-    from .sam2_state_dict import infer_sam2_name
-
     state = _peek_state_dict(Path(path))
     family = checkpoint_family(state)
     if family != "SAM 2":
         raise CheckpointError(f"{path} is a {family} checkpoint; SAM 2 memory needs a SAM 2 / 2.1 / MedSAM2 "
                               f"checkpoint: {', '.join(SAM2_SPECS)}")
     found = infer_sam2_name(state, os.fspath(path))
-    fits = name in (None, found) or (name == "medsam2" and found == "sam2.1_hiera_t")
+    fits = name in (None, found) or (name in SAM2_SPECS and _trunk(SAM2_SPECS[found]) == _trunk(SAM2_SPECS[name]))
     if not fits:
         raise CheckpointError(f"--sam {name} contradicts {path}, which holds {found}; drop the name to use the "
                               f"checkpoint's model, or give the checkpoint of the model named")
@@ -318,7 +373,8 @@ def check_model_names(encoder_model: str | None, sam: str | None, encoder_checkp
                       sam_checkpoint: PathLike, encoder: str = "dinov2") -> None:
     """Refuse model names given explicitly (``--dinov2`` / ``--dinov3`` / ``--sam``) that contradict the
     architecture of the checkpoint (a DINOv3 checkpoint also refuses being anything else). ``medsam`` fits
-    any SAM ViT-B-layout file (MedSAM is a ViT-B fine-tune).
+    any SAM ViT-B-layout file (MedSAM is a ViT-B fine-tune), ``medsam2`` any SAM 2.1 tiny one; a SAM 2 name
+    needs a SAM 2 file and a SAM name a SAM file.
 
     Raises:
         CheckpointError: naming the file, its architecture and the name asked for.
@@ -340,7 +396,17 @@ def check_model_names(encoder_model: str | None, sam: str | None, encoder_checkp
                                 f"{found}")
     if sam is not None:
         state = _peek_state_dict(Path(sam_checkpoint))
-        if "image_encoder.pos_embed" not in state:
+        family = checkpoint_family(state)
+        if sam in SAM2_SPECS:
+            if family != "SAM 2":
+                problems.append(f"{sam_checkpoint} is a {family} checkpoint, not SAM 2 {sam!r}")
+            else:
+                found = infer_sam2_name(state, os.fspath(sam_checkpoint))
+                if _trunk(SAM2_SPECS[found]) != _trunk(SAM2_SPECS[sam]):
+                    problems.append(f"--sam {sam} contradicts {sam_checkpoint}, which holds SAM 2 {found}")
+        elif family == "SAM 2":
+            problems.append(f"{sam_checkpoint} is a SAM 2 checkpoint, not SAM {sam!r}")
+        elif "image_encoder.pos_embed" not in state:
             problems.append(f"{sam_checkpoint} is not a SAM checkpoint (asked for SAM {sam!r})")
         else:
             spec = infer_sam_spec(state, os.fspath(sam_checkpoint))

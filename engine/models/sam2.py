@@ -14,12 +14,12 @@ Typical use::
     low_res, iou, obj = model.decode(emb, point_coords=pts, point_labels=lab, multimask_output=True)
 
 ``decode`` returns an object-score logit per prompt set (> 0: the object is present), which SAM (ViT)
-does not have; ``SAM2ImagePredictor`` ignores it, the video predictor uses it.
+does not have; ``SAM2ImagePredictor`` ignores it, the video predictor uses it (:data:`NO_OBJ_SCORE`,
+:func:`drop_absent`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -93,23 +93,79 @@ def get_spec(name: str) -> Sam2Spec:
     return SAM2_SPECS[name]
 
 
-class Sam2Embedding(NamedTuple):
+NO_OBJ_SCORE = -1024.0
+"""Mask logit of every pixel of a prompt set whose object score says "absent" (SAM 2's own constant)."""
+LOW_RES_LIMIT = 32.0
+"""``SAM2ImagePredictor`` returns low-resolution logits clamped to [-32, 32]; fed back as mask prompts they
+are in that range (refseg's pipeline clamps the mask prompts it passes on to SAM 2 likewise)."""
+
+
+def drop_absent(masks: torch.Tensor, iou: torch.Tensor, object_score_logits: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt sets whose object-score logit is <= 0 get no mask: their logits become :data:`NO_OBJ_SCORE`
+    (what SAM 2's video model does with them) and their predicted IoU 0.
+
+    Args:
+        masks: (P, M, h, w) logits; iou: (P, M); object_score_logits: (P, 1).
+
+    Returns:
+        (masks, iou) of the same shapes and dtypes (no host read: one ``torch.where`` each).
+    """
+    present = object_score_logits > 0
+    return (torch.where(present[..., None, None], masks, NO_OBJ_SCORE).to(masks.dtype),
+            torch.where(present, iou, 0.0).to(iou.dtype))
+
+
+@dataclass(eq=False)
+class Sam2Embedding:
     """The image encoding the SAM 2 decoder needs, for B images.
 
     image_embed: (B, 256, S/16, S/16), the stride-16 neck level plus ``no_mem_embed``;
     high_res_s0: (B, 32, S/4, S/4); high_res_s1: (B, 64, S/8, S/8) (projected by the decoder's
-    ``conv_s0`` / ``conv_s1``). Index images with :meth:`select`.
+    ``conv_s0`` / ``conv_s1``).
+
+    It indexes like SAM's (B, 256, h, w) embedding tensor along the image axis, every part alike:
+    ``emb[i]`` is image i without the batch axis, ``emb[None]`` adds one, ``emb[index_tensor]``
+    gathers; :meth:`select` keeps the batch axis for an int. :meth:`parts` gives the three tensors.
     """
 
     image_embed: torch.Tensor
     high_res_s0: torch.Tensor
     high_res_s1: torch.Tensor
 
+    def parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image_embed, high_res_s0, high_res_s1)."""
+        return self.image_embed, self.high_res_s0, self.high_res_s1
+
+    def __getitem__(self, index) -> Sam2Embedding:
+        return Sam2Embedding(*(t[index] for t in self.parts()))
+
     def select(self, index: int | slice | torch.Tensor) -> Sam2Embedding:
         """The embedding of some images (an int keeps the batch axis: batch 1)."""
         if isinstance(index, int):
             index = slice(index, index + 1)
-        return Sam2Embedding(*(t[index] for t in self))
+        return self[index]
+
+    @property
+    def device(self) -> torch.device:
+        return self.image_embed.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the three tensors (16.8 MB per image in fp32 at a 1024 input)."""
+        return sum(t.numel() * t.element_size() for t in self.parts())
+
+    def to(self, *args, **kwargs) -> Sam2Embedding:
+        """``Tensor.to`` applied to every part."""
+        return Sam2Embedding(*(t.to(*args, **kwargs) for t in self.parts()))
+
+    def float(self) -> Sam2Embedding:
+        return self.to(torch.float32)
+
+    @staticmethod
+    def cat(embeddings: list[Sam2Embedding]) -> Sam2Embedding:
+        """Concatenate batches along the image axis."""
+        return Sam2Embedding(*(torch.cat(list(parts)) for parts in zip(*(e.parts() for e in embeddings))))
 
 
 class Sam2ImageEncoder(nn.Module):
@@ -162,7 +218,13 @@ class Sam2(nn.Module):
         size = self.spec.image_size
         if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, size, size):
             raise ValueError(f"Sam2.encode_image: pixels must be (B, 3, {size}, {size}), got {tuple(pixels.shape)}")
-        level0, level1, level2 = self.image_encoder(pixels)
+        return self.embed_levels(self.image_encoder(pixels))
+
+    def embed_levels(self, levels: list[torch.Tensor]) -> Sam2Embedding:
+        """The image encoder's three neck levels (B, 256, S/4, S/4), (B, 256, S/8, S/8), (B, 256, S/16, S/16)
+        -> :class:`Sam2Embedding` (what :meth:`encode_image` does after the encoder; a backend running the
+        encoder in fp16 / bf16 passes the levels in fp32, so the decoder side stays fp32)."""
+        level0, level1, level2 = levels
         s0, s1 = self.sam_mask_decoder.project_high_res(level0, level1)
         image_embed = level2 + self.no_mem_embed.reshape(1, -1, 1, 1).to(level2.dtype)
         return Sam2Embedding(image_embed, s0, s1)

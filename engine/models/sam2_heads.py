@@ -30,6 +30,9 @@ from torch import nn
 from .sam_mask_decoder import MLP, MaskDecoder
 from .sam_prompt_encoder import PromptEncoder
 
+STABILITY_DELTA, STABILITY_THRESH = 0.05, 0.98
+"""The official dynamic-multimask stability test (``build_sam2(apply_postprocessing=True)``)."""
+
 
 class Sam2PromptEncoder(PromptEncoder):
     """SAM's :class:`PromptEncoder` where labels 2 / 3 (box corners given as points) add the
@@ -76,8 +79,8 @@ class Sam2MaskDecoder(MaskDecoder):
 
     def __init__(self, transformer_dim: int = 256, use_high_res_features: bool = True,
                  pred_obj_scores: bool = True, pred_obj_scores_mlp: bool = True,
-                 iou_prediction_use_sigmoid: bool = True, dynamic_multimask_stability_delta: float = 0.05,
-                 dynamic_multimask_stability_thresh: float = 0.98) -> None:
+                 iou_prediction_use_sigmoid: bool = True, dynamic_multimask_stability_delta: float = STABILITY_DELTA,
+                 dynamic_multimask_stability_thresh: float = STABILITY_THRESH) -> None:
         super().__init__(transformer_dim=transformer_dim)
         self.pred_obj_scores = pred_obj_scores
         if pred_obj_scores:
@@ -167,27 +170,14 @@ class Sam2MaskDecoder(MaskDecoder):
         return out.masks, out.iou
 
     def stability_scores(self, mask_logits: torch.Tensor) -> torch.Tensor:
-        """(..., H, W) logits -> (...) area(logit > delta) / area(logit > -delta) (1 where both are 0)."""
-        flat = mask_logits.flatten(-2)
-        inner = (flat > self.stability_delta).sum(-1).float()
-        outer = (flat > -self.stability_delta).sum(-1).float()
-        return torch.where(outer > 0, inner / outer.clamp(min=1), torch.ones_like(inner))
+        """(..., H, W) logits -> (...) stability scores (:func:`stability_scores` with this decoder's delta)."""
+        return stability_scores(mask_logits, self.stability_delta)
 
     def select_masks(self, masks: torch.Tensor, iou: torch.Tensor, multimask_output: bool,
                      dynamic_multimask: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pick the returned outputs from all four: 1..3 when ``multimask_output``, else 0; with
-        ``dynamic_multimask`` a single-mask output whose stability score is below the threshold is
-        replaced by the multimask output of highest predicted IoU. Returns (B, M, H, W), (B, M)."""
-        if multimask_output:
-            return masks[:, 1:], iou[:, 1:]
-        if not dynamic_multimask:
-            return masks[:, :1], iou[:, :1]
-        best = iou[:, 1:].argmax(dim=-1, keepdim=True)  # (B, 1)
-        index = (best + 1)[:, :, None, None].expand(-1, -1, masks.shape[-2], masks.shape[-1])
-        best_masks, best_iou = masks.gather(1, index), iou.gather(1, best + 1)
-        stable = self.stability_scores(masks[:, :1]) >= self.stability_thresh  # (B, 1)
-        return (torch.where(stable[..., None, None], masks[:, :1], best_masks),
-                torch.where(stable, iou[:, :1], best_iou))
+        """:func:`select_masks` with this decoder's stability delta and threshold."""
+        return select_masks(masks, iou, multimask_output, dynamic_multimask, self.stability_delta,
+                            self.stability_thresh)
 
     def forward(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor,
                 sparse_prompt_embeddings: torch.Tensor, dense_prompt_embeddings: torch.Tensor,
@@ -205,3 +195,30 @@ class Sam2MaskDecoder(MaskDecoder):
         masks, iou = self.select_masks(out.masks, out.iou, multimask_output, dynamic_multimask)
         return masks, iou, out.object_score_logits
 
+
+
+def stability_scores(mask_logits: torch.Tensor, delta: float = STABILITY_DELTA) -> torch.Tensor:
+    """(..., H, W) logits -> (...) area(logit > delta) / area(logit > -delta) (1 where both are 0)."""
+    flat = mask_logits.flatten(-2)
+    inner = (flat > delta).sum(-1).float()
+    outer = (flat > -delta).sum(-1).float()
+    return torch.where(outer > 0, inner / outer.clamp(min=1), torch.ones_like(inner))
+
+
+def select_masks(masks: torch.Tensor, iou: torch.Tensor, multimask_output: bool, dynamic_multimask: bool = False,
+                 delta: float = STABILITY_DELTA, thresh: float = STABILITY_THRESH
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick the returned outputs from all four mask tokens (masks (B, 4, H, W), iou (B, 4)): 1..3 when
+    ``multimask_output``, else 0; with ``dynamic_multimask`` a single-mask output whose stability score is
+    below ``thresh`` is replaced by the multimask output of highest predicted IoU (no host read).
+    Returns (B, M, H, W), (B, M). Shared by the model and the exported backends (which get all four)."""
+    if multimask_output:
+        return masks[:, 1:], iou[:, 1:]
+    if not dynamic_multimask:
+        return masks[:, :1], iou[:, :1]
+    best = iou[:, 1:].argmax(dim=-1, keepdim=True)  # (B, 1)
+    index = (best + 1)[:, :, None, None].expand(-1, -1, masks.shape[-2], masks.shape[-1])
+    best_masks, best_iou = masks.gather(1, index), iou.gather(1, best + 1)
+    stable = stability_scores(masks[:, :1], delta) >= thresh  # (B, 1)
+    return (torch.where(stable[..., None, None], masks[:, :1], best_masks),
+            torch.where(stable, iou[:, :1], best_iou))

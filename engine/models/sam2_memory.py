@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoints import load_into, unwrap_state_dict
-from .sam2 import Sam2, Sam2Spec, get_spec
+from .sam2 import NO_OBJ_SCORE, Sam2, Sam2Spec, get_spec  # noqa: F401 (NO_OBJ_SCORE re-exported)
 from .sam2_memory_attention import MemoryAttention
 from .sam2_memory_bank import MemoryBank, pointer_position_encoding, select_memories, select_object_pointers
 from .sam2_memory_encoder import MemoryEncoder
@@ -38,8 +38,6 @@ from .sam2_neck import sine_position_encoding
 from .sam2_state_dict import check_memory_keys, infer_sam2_name, split_state_dict
 from .sam_mask_decoder import MLP
 
-NO_OBJ_SCORE = -1024.0
-"""Mask logit of every pixel of a frame where the object score says "absent"."""
 MEM_DIM = 64
 
 

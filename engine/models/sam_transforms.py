@@ -148,8 +148,14 @@ PREPROCESSING = ("sam", "medsam")
 
 
 def preprocessing_for(sam_name: str) -> str:
-    """The pre-processing a SAM model was trained with: ``"medsam"`` for MedSAM, else ``"sam"``."""
-    return "medsam" if sam_name == "medsam" else "sam"
+    """The pre-processing a SAM-family model was trained with: ``"medsam"`` for MedSAM, ``"sam2"`` for SAM 2 /
+    2.1 / MedSAM2 (stretched to its square input, ImageNet mean / std: :mod:`refseg.models.sam2_transforms`),
+    else ``"sam"``."""
+    from .sam2 import SAM2_SPECS  # the SAM 2 names (sam2 imports nothing of this module)
+
+    if sam_name == "medsam":
+        return "medsam"
+    return "sam2" if sam_name in SAM2_SPECS else "sam"
 
 
 def medsam_resize(image: np.ndarray, size: int = 1024) -> np.ndarray:

@@ -14,6 +14,14 @@ their logits); :func:`decode_batch` is the match method's case, one set per (tar
 On the accelerator path (:mod:`.accelerator`) nothing here reads the device: every set is decoded
 (empty ones are masked afterwards), shapes come from the host-known image sizes. On the CPU path the
 empty sets are dropped first (one read) and the backend decodes image by image.
+
+SAM 2 (``config.sam`` a SAM 2 model, :func:`refseg.models.sam_transforms.preprocessing_for` ``"sam2"``) goes
+through the same functions: its embeddings are :class:`refseg.models.sam2.Sam2Embedding` batches, which index
+by image like SAM's (T, 256, 64, 64) tensor; targets are stretched to its S x S input (no padding: the input
+size of every target is (S, S) and points scale by S/W, S/H); its (S/4)² low-res logits go to the target's
+frame in one bilinear step, as ``SAM2ImagePredictor`` does (MedSAM likewise). The backend applies SAM 2's
+object score (``config.drop_absent``): a set said absent comes back as NO_OBJ_SCORE logits and IoU 0,
+i.e. no mask, with no host read.
 """
 from __future__ import annotations
 
@@ -47,7 +55,7 @@ class DecodedTarget:
 @dataclass
 class DecodedSets:
     """Decoder output of P sets: ``low_res`` (P, 256, 256) logits of the chosen mask (highest
-    predicted IoU with multimask output), ``iou`` (P,) its predicted IoU."""
+    predicted IoU with multimask output; SAM 2: (P, S/4, S/4)), ``iou`` (P,) its predicted IoU."""
 
     low_res: torch.Tensor
     iou: torch.Tensor
@@ -55,7 +63,7 @@ class DecodedSets:
 
 def _input_scale(original_sizes: list[Size], input_sizes: list[Size], device) -> torch.Tensor:
     """(T, 2) float64 (x, y) factors from each original (H, W) frame to its (h, w) inside SAM's input
-    (SAM: longest side resized; MedSAM: stretched to the square)."""
+    (SAM: longest side resized; MedSAM, SAM 2: stretched to the square)."""
     scale = [(nw / w, nh / h) for (h, w), (nh, nw) in zip(original_sizes, input_sizes)]
     return to_device(scale, device, torch.float64)
 
@@ -94,7 +102,7 @@ def decode_sets(backend, embeddings: torch.Tensor, image_index: torch.Tensor, po
 
     Args:
         backend: a :class:`refseg.runtime.backend.Backend`.
-        embeddings: (T, 256, 64, 64) SAM image embeddings.
+        embeddings: (T, 256, 64, 64) SAM image embeddings, or a T-image ``Sam2Embedding``.
         image_index: (P,) int64 target of each set.
         points: (P, M, 2) (x, y) target pixels; labels: (P, M) 1 / 0 / −1 (padding).
         input_sizes, original_sizes: per target (h, w) inside SAM's input and (H, W).
@@ -102,7 +110,7 @@ def decode_sets(backend, embeddings: torch.Tensor, image_index: torch.Tensor, po
         boxes: (P, 4) XYXY target pixels, or None.
         own_width: (P,) int64 the width each set is padded to in its own target's call; columns past it
             are masked out of attention. None: all M columns take part.
-        mask_input: (P, 1, 256, 256) low-res logits as mask prompts, or None.
+        mask_input: (P, 1, 256, 256) low-res logits as mask prompts (SAM 2: (P, 1, S/4, S/4)), or None.
     """
     dev = points.device
     scale = _input_scale(original_sizes, input_sizes, dev)[image_index.to(dev)]  # (P, 2)
@@ -120,11 +128,13 @@ def decode_sets(backend, embeddings: torch.Tensor, image_index: torch.Tensor, po
     return DecodedSets(low_res[pick, best], scores[pick, best])
 
 
-def upsample(backend, config: SegmenterConfig, low_res: torch.Tensor, input_size: Size, original_size: Size
-             ) -> torch.Tensor:
-    """(n, 256, 256) low-res logits -> (n, H, W) logits in the target's frame (MedSAM: one step)."""
-    return postprocess_masks(low_res[:, None], input_size, original_size, backend.sam_size,
-                             direct=preprocessing_for(config.sam) == "medsam")[:, 0]
+def upsample(backend, config: Optional[SegmenterConfig], low_res: torch.Tensor, input_size: Size,
+             original_size: Size) -> torch.Tensor:
+    """(n, h, w) low-res logits -> (n, H, W) logits in the target's frame: SAM's upscale to its padded
+    ``backend.sam_size`` input, crop and resize; one bilinear step for MedSAM and SAM 2 (stretched inputs).
+    ``config`` None: SAM's."""
+    direct = config is not None and preprocessing_for(config.sam) in ("medsam", "sam2")
+    return postprocess_masks(low_res[:, None], input_size, original_size, backend.sam_size, direct=direct)[:, 0]
 
 
 def unite_by_owner(backend, config: SegmenterConfig, decoded: DecodedSets, image_index: list[int],
@@ -179,7 +189,8 @@ def decode_batch(backend, embeddings: torch.Tensor, prompts: PromptBatch, num_cl
     """Decode the prompt sets of T targets (C classes each, one set per class) in one decoder call.
 
     Args:
-        embeddings: (T, 256, 64, 64) SAM image embeddings (64 = ``backend.sam_size`` / 16).
+        embeddings: (T, 256, 64, 64) SAM image embeddings (64 = ``backend.sam_size`` / 16), or a SAM 2
+            ``Sam2Embedding`` of T images.
         prompts: T·C sets, target-major (set = t · C + c), points (x, y) in target pixels.
         input_sizes: per target (h, w) inside SAM's square input; original_sizes: per target (H, W).
 
@@ -210,8 +221,8 @@ def decode_batch(backend, embeddings: torch.Tensor, prompts: PromptBatch, num_cl
 
 def decode_target(backend, embedding: torch.Tensor, prompts: PromptBatch, rows: list[int], input_size: Size,
                   original_size: Size, config: SegmenterConfig) -> DecodedTarget:
-    """Decode the sets ``rows`` of ``prompts`` (one per class) against one (256, 64, 64) embedding:
-    :func:`decode_batch` for one target."""
+    """Decode the sets ``rows`` of ``prompts`` (one per class) against one (256, 64, 64) embedding (or one
+    image's ``Sam2Embedding``): :func:`decode_batch` for one target."""
     rows_t = to_device(rows, prompts.points.device)
     own = PromptBatch(prompts.points[rows_t], prompts.labels[rows_t], prompts.num_points[rows_t],
                       None if prompts.boxes is None else prompts.boxes[rows_t])

@@ -13,7 +13,10 @@ A target goes through three steps:
    the normalisations; CPU path: the resized arrays normalised. Both give the same tensors.
 
 MedSAM's own pre-processing (a Gaussian-filtered cubic spline, scipy) stays on the host readers on both
-paths; its min-max normalisation then runs on the device.
+paths; its min-max normalisation then runs on the device. SAM 2's (the target stretched to its S x S input
+with antialiased bilinear interpolation on [0, 1] values, then ImageNet mean / std:
+:func:`refseg.models.sam2_transforms.normalize_resize`) runs in :func:`sam_inputs` on both paths, targets of
+one size together, from the reader's pixels (CPU path) or the staged ones (accelerator path).
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import torch
 from refseg.config import SegmenterConfig
 from refseg.io.intensity import Window
 from refseg.io.raster import to_rgb_uint8
+from refseg.models.sam2_transforms import normalize_resize
 from refseg.models.sam_transforms import (medsam_resize, normalize_pad, preprocess_shape, preprocessing_for,
                                           resize_image)
 from refseg.pipeline.accelerator import accelerator_path, to_device
@@ -43,8 +47,8 @@ class PreparedTarget:
         rgb: (H, W, 3) uint8, the target in its own geometry.
         dinov2: (S, S, 3) uint8 resized for DINOv2 (bicubic), or None on the accelerator path.
         sam: (h, w, 3) uint8 resized so the longer side is SAM's input side (before padding); MedSAM:
-            its stretched (side, side, 3) square; None on the accelerator path (SAM).
-        sam_input_size: (h, w) of the image inside SAM's square input.
+            its stretched (side, side, 3) square; None on the accelerator path (SAM) and for SAM 2.
+        sam_input_size: (h, w) of the image inside SAM's square input ((side, side) for MedSAM and SAM 2).
         pixels: (H, W, 3) uint8 on the device once :func:`stage_targets` copied it, else None.
     """
 
@@ -61,14 +65,17 @@ class PreparedTarget:
         return int(self.rgb.shape[0]), int(self.rgb.shape[1])
 
 
-def prepare_target(image: np.ndarray, *, image_size: int, patch_size: int, sam_size: int, medsam: bool,
-                   device: torch.device, window: Optional[Window] = None, source: str = "image") -> PreparedTarget:
+def prepare_target(image: np.ndarray, *, image_size: int, patch_size: int, sam_size: int,
+                   device: torch.device, preprocessing: str = "sam", window: Optional[Window] = None,
+                   source: str = "image") -> PreparedTarget:
     """Validate one target and prepare it for the encoders (the work of the stream's reader threads).
 
     Args:
         image: (H, W) or (H, W, C) array of any dtype (:func:`refseg.io.raster.to_rgb_uint8`).
         image_size: matching-encoder input side S; patch_size: its patch side (an image must hold one patch);
-            sam_size: SAM's input side; medsam: MedSAM's pre-processing.
+            sam_size: SAM's input side.
+        preprocessing: the SAM model's (:func:`refseg.models.sam_transforms.preprocessing_for`): ``sam``,
+            ``medsam`` or ``sam2``.
         device: the models' device (decides the path, :func:`.accelerator.accelerator_path`).
 
     Raises:
@@ -82,15 +89,17 @@ def prepare_target(image: np.ndarray, *, image_size: int, patch_size: int, sam_s
         raise ValueError(f"{source}: {rgb.shape[1]}x{rgb.shape[0]} (W x H) is smaller than one "
                          f"{patch_size}x{patch_size} patch")
     rgb = np.require(rgb, requirements="CW")  # torch.from_numpy needs writable C arrays
-    if medsam:
+    if preprocessing == "medsam":
         sam, input_size = np.require(medsam_resize(rgb, sam_size), requirements="CW"), (sam_size, sam_size)
+    elif preprocessing == "sam2":  # stretched in sam_inputs
+        sam, input_size = None, (sam_size, sam_size)
     else:
         sam, input_size = None, preprocess_shape(rgb.shape[0], rgb.shape[1], sam_size)
     if accelerator_path(device):
         target = PreparedTarget(rgb, None, sam, input_size)
         stage_targets([target], device)
         return target
-    if not medsam:
+    if preprocessing == "sam":
         sam = np.require(resize_image(rgb, sam_size), requirements="CW")
     return PreparedTarget(rgb, np.require(resize_rgb(rgb, image_size), requirements="CW"), sam, input_size)
 
@@ -168,9 +177,19 @@ def dinov2_inputs(targets: list[PreparedTarget], backend, config: SegmenterConfi
 
 def sam_inputs(targets: list[PreparedTarget], backend, config: SegmenterConfig) -> torch.Tensor:
     """(B, 3, side, side) float32 SAM inputs on ``backend.device`` (side = ``backend.sam_size``):
-    (x − mean) / std and zero padding (SAM), or MedSAM's min-max scaling of its stretched square."""
+    (x − mean) / std and zero padding (SAM), MedSAM's min-max scaling of its stretched square, or SAM 2's
+    stretch and ImageNet normalisation."""
     device, sam_size = torch.device(backend.device), backend.sam_size
-    if preprocessing_for(config.sam) == "medsam":  # min-max to [0, 1] of the whole image, float64 as its script
+    preprocessing = preprocessing_for(config.sam)
+    if preprocessing == "sam2":
+        pixels = (_device_pixels(targets, device) if accelerator_path(device)
+                  else [torch.from_numpy(t.rgb) for t in targets])
+        out = torch.empty(len(targets), 3, sam_size, sam_size, device=device)
+        for members in _by_size(targets).values():
+            batch = torch.stack([pixels[i] for i in members]).to(device).permute(0, 3, 1, 2)
+            out[to_device(members, device)] = normalize_resize(batch, sam_size)
+        return out
+    if preprocessing == "medsam":  # min-max to [0, 1] of the whole image, float64 as its script
         values = to_device(torch.stack([torch.from_numpy(t.sam) for t in targets]), device)
         values = values.permute(0, 3, 1, 2).double()
         lo = values.amin((1, 2, 3), keepdim=True)

@@ -12,6 +12,10 @@
    after (a) / (b) / (c). Every step decodes all classes of a target in one call. A class whose (b)
    mask is empty keeps (b)'s result (no box to give).
 Target-guided attention and target semantic prompting (PerSAM's decoder changes) are not used.
+
+With SAM 2 the prototype comes from the stride-16 ``image_embed`` of its :class:`~refseg.models.sam2.Sam2Embedding`
+(S/16 cells of its stretched S x S input: no padding), references are prepared as SAM 2 prepares images, and
+maps and masks reach the target's frame in one bilinear step (:func:`refseg.pipeline.decode.upsample`).
 """
 from __future__ import annotations
 
@@ -22,8 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from refseg.config import SegmenterConfig
-from refseg.models.sam_transforms import postprocess_masks, prepare_images
-from refseg.pipeline.decode import DecodedTarget
+from refseg.models import sam2_transforms
+from refseg.models.sam2 import Sam2Embedding
+from refseg.models.sam_transforms import prepare_images, preprocessing_for
+from refseg.pipeline.decode import DecodedTarget, upsample
 from refseg.pipeline.inputs import PreparedTarget, sam_inputs
 from refseg.pipeline.methods import ReferenceSet, TargetOutput, decode_prompt_sets
 from refseg.pipeline.prompt_sets import PromptSets
@@ -31,16 +37,18 @@ from refseg.pipeline.prompt_sets import PromptSets
 SAM_SIDE = 1024
 
 
-def mask_to_embedding_grid(mask: np.ndarray, input_size: tuple[int, int], grid: int = 64) -> torch.Tensor:
+def mask_to_embedding_grid(mask: np.ndarray, input_size: tuple[int, int], grid: int = 64,
+                           side: int = SAM_SIDE) -> torch.Tensor:
     """(H, W) bool mask -> (grid, grid) bool cells of the SAM embedding it covers.
 
-    The mask is bilinearly resized to ``input_size`` (h, w) inside the zero-padded 1024² frame, then
-    bilinearly to ``grid``² and thresholded > 0. An empty result keeps the cell of its maximum.
+    The mask is bilinearly resized to ``input_size`` (h, w) inside the zero-padded side² frame (1024²;
+    SAM 2: (h, w) = (side, side), no padding), then bilinearly to ``grid``² and thresholded > 0. An
+    empty result keeps the cell of its maximum.
     """
     h, w = input_size
     m = torch.from_numpy(np.asarray(mask, dtype=np.float32))[None, None]
     m = F.interpolate(m, (h, w), mode="bilinear", align_corners=False)
-    m = F.pad(m, (0, SAM_SIDE - w, 0, SAM_SIDE - h))
+    m = F.pad(m, (0, side - w, 0, side - h))
     m = F.interpolate(m, (grid, grid), mode="bilinear", align_corners=False)[0, 0]
     out = m > 0
     if not bool(out.any()):
@@ -55,6 +63,11 @@ def prototype(embeddings: list[torch.Tensor], cells: list[torch.Tensor]) -> torc
     """
     feats = torch.cat([e.flatten(1).T[c.flatten().to(e.device)] for e, c in zip(embeddings, cells)])
     return F.normalize(feats.float().mean(0), dim=0)
+
+
+def stride16_features(embedding: torch.Tensor | Sam2Embedding) -> torch.Tensor:
+    """The (256, h, w) map the prototype lives in: SAM's embedding, SAM 2's ``image_embed``."""
+    return embedding.image_embed if isinstance(embedding, Sam2Embedding) else embedding
 
 
 def cosine_map(prototypes: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
@@ -93,7 +106,7 @@ def mask_boxes(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass
 class CascadeResult:
-    """Final low-res logits (C, 256, 256), IoU (C,), boxes (C, 4) used in the last step (NaN rows
+    """Final low-res logits (C, h, w), IoU (C,), boxes (C, 4) used in the last step (NaN rows
     where none), and ``steps``: the name of every decoder call, in order."""
 
     low_res: torch.Tensor
@@ -103,8 +116,10 @@ class CascadeResult:
 
 
 def cascade(backend, embedding: torch.Tensor, sets: PromptSets, input_size: tuple[int, int],
-            original_size: tuple[int, int], refinements: int = 2) -> CascadeResult:
-    """PerSAM's decoding: points -> + mask prompt -> + mask prompt and box (see module docstring)."""
+            original_size: tuple[int, int], refinements: int = 2,
+            config: SegmenterConfig | None = None) -> CascadeResult:
+    """PerSAM's decoding: points -> + mask prompt -> + mask prompt and box (see module docstring).
+    ``config`` says how masks reach the target's frame for the box (:func:`~.decode.upsample`; None: SAM's)."""
     c = len(sets)
     steps = ["points"]
     first = decode_prompt_sets(backend, embedding, sets, input_size, original_size, multimask=False)
@@ -116,7 +131,7 @@ def cascade(backend, embedding: torch.Tensor, sets: PromptSets, input_size: tupl
                                     mask_input=low[:, None])
         low, iou = second.low_res, second.iou
     if refinements >= 2:
-        masks = postprocess_masks(low[:, None], input_size, original_size)[:, 0] > 0
+        masks = upsample(backend, config, low, input_size, original_size) > 0
         box, ok = mask_boxes(masks)
         steps.append("mask+box")
         boxed = PromptSets(sets.points, sets.labels, sets.owner, box.cpu())
@@ -138,11 +153,17 @@ class PerSAMState:
 
 def prepare(refs: ReferenceSet, backend, config: SegmenterConfig) -> PerSAMState:
     """Encode every reference with SAM once and build one prototype per class."""
-    prepared = prepare_images(refs.rgbs)
+    side = backend.sam_size
+    if preprocessing_for(config.sam) == "sam2":
+        prepared = sam2_transforms.prepare_images(refs.rgbs, side)
+    else:
+        prepared = prepare_images(refs.rgbs, side)
     embeddings = backend.encode_sam(prepared.pixels)
+    grid = stride16_features(embeddings[0]).shape[-1]
     protos = []
     for c in refs.classes:
-        pairs = [(embeddings[r], mask_to_embedding_grid(refs.masks[r] == c, prepared.input_sizes[r]))
+        pairs = [(stride16_features(embeddings[r]),
+                  mask_to_embedding_grid(refs.masks[r] == c, prepared.input_sizes[r], grid, side))
                  for r in range(len(refs.rgbs)) if bool((refs.masks[r] == c).any())]
         protos.append(prototype([e for e, _ in pairs], [m for _, m in pairs]))
     return PerSAMState(list(refs.classes), torch.stack(protos))
@@ -158,14 +179,13 @@ def segment_chunk(state: PerSAMState, targets: list[PreparedTarget], backend, co
     for i, target in enumerate(targets):
         size, inp = target.size, target.sam_input_size
         with timer("prompts"):
-            sim = cosine_map(state.prototypes, embeddings[i])
-            sim = postprocess_masks(sim[:, None], inp, size)[:, 0]
+            sim = upsample(backend, config, cosine_map(state.prototypes, stride16_features(embeddings[i])), inp, size)
             pos, neg = select_points(sim)
             sets = PromptSets(torch.stack([pos, neg], 1).cpu(),
                               torch.tensor([[1, 0]] * c, dtype=torch.int64), torch.arange(c))
         with timer("decoder"):
-            res = cascade(backend, embeddings[i], sets, inp, size, config.persam_refinements)
-            logits = postprocess_masks(res.low_res[:, None], inp, size)[:, 0]
+            res = cascade(backend, embeddings[i], sets, inp, size, config.persam_refinements, config)
+            logits = upsample(backend, config, res.low_res, inp, size)
         out = TargetOutput(DecodedTarget(logits, res.iou))
         for j, cls in enumerate(state.classes):
             out.points[cls] = sets.points[j].numpy().astype(np.float32)

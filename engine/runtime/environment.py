@@ -53,7 +53,10 @@ def collect() -> dict:
         import onnxruntime
 
         info["onnxruntime_providers"] = onnxruntime.get_available_providers()
+    from refseg.config import SAM2_MODELS, SAM_MODELS
     from refseg.models.checkpoints import cache_dir, search_dirs
+
+    info["sam_models"] = f"SAM {', '.join(SAM_MODELS)}; SAM 2 {', '.join(SAM2_MODELS)} (--sam)"
 
     info["checkpoint_dirs"] = [str(d) for d in search_dirs()]
     info["checkpoints_found"] = sorted(
@@ -81,6 +84,7 @@ def describe() -> str:
         ("onnxruntime", (f"{info['onnxruntime']} providers: {', '.join(info['onnxruntime_providers'])}"
                          if info["onnxruntime"] else "not installed (pip install 'refseg[onnx]')")),
         ("tensorrt", info["tensorrt"] or "not installed (pip install 'refseg[gpu]')"),
+        ("sam models", info["sam_models"]),
         ("checkpoint dirs", " > ".join(info["checkpoint_dirs"])),
         ("checkpoints", ", ".join(info["checkpoints_found"]) or "none found"),
         ("engine cache", f"{info['engine_cache']} ({len(info['engines_cached'])} engines)"),

@@ -4,6 +4,13 @@ Both implement :class:`refseg.runtime.backend.Backend` with the tensors of
 :class:`refseg.runtime.torch_backend.TorchBackend` (float32 in and out, prompts in SAM's 1024
 frame, (x, y) order): ``decode_batch`` runs the decoder graph image by image.
 
+An export of a SAM 2 / 2.1 / MedSAM2 checkpoint holds SAM 2's graphs under the same keys (records marked
+``"family": "sam2"``, names ``io_names.SAM2_*``): ``encode_sam`` then returns a
+:class:`refseg.models.sam2.Sam2Embedding`, ``decode`` packs prompts as ``Sam2.pack_prompts`` does, picks the
+outputs from the graph's four mask tokens with the model's own rule (multimask, or dynamic multimask for a
+single mask), clamps mask prompts to [-32, 32] and applies the object score (``config.drop_absent``) as the
+torch backend does.
+
 Where the graphs come from (``engine_dir``):
 
 * given: a folder written by ``refseg export``; its manifest must match the request (matching encoder
@@ -39,6 +46,8 @@ import numpy as np
 import torch
 
 from refseg.config import SegmenterConfig
+from refseg.models.sam2 import LOW_RES_LIMIT, Sam2, Sam2Embedding, drop_absent
+from refseg.models.sam2_heads import select_masks
 from refseg.optional import require
 from refseg.runtime import io_names as io
 from refseg.runtime.backend import decode_image_by_image
@@ -66,8 +75,13 @@ class ExportedBackend(abc.ABC):
         self.precision = manifest["precision"]
         self.image_size = int(manifest["image_size"])
         self.mask_outputs = manifest["graphs"]["sam_decoder"].get("mask_outputs", "all")
-        shape = manifest["graphs"]["sam_encoder"]["inputs"][io.SAM_ENCODER_INPUT]["shape"]
+        encoder = manifest["graphs"]["sam_encoder"]
+        self.is_sam2 = encoder.get(io.SAM_FAMILY_KEY) == io.SAM2_FAMILY
+        shape = encoder["inputs"][io.SAM2_ENCODER_INPUT if self.is_sam2 else io.SAM_ENCODER_INPUT]["shape"]
         self.sam_size = int(shape[-1])
+        if self.is_sam2 and config.sam_image_size not in (None, self.sam_size):
+            raise ValueError(f"{self.export_dir}: the SAM 2 graphs take {self.sam_size}-px inputs, not "
+                             f"sam_image_size={config.sam_image_size}; export again with that size")
         self._cap_logged: set[tuple[int, int]] = set()
 
     @abc.abstractmethod
@@ -86,12 +100,16 @@ class ExportedBackend(abc.ABC):
         self._check(images, self.image_size, f"{self.name} encode_dinov2")
         return self._run("dinov2", {io.DINOV2_INPUT: images}, (io.DINOV2_PATCH_TOKENS,))[0]
 
-    def encode_sam(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, 1024, 1024) normalised, zero-padded float -> embeddings (B, 256, 64, 64) float32."""
+    def encode_sam(self, images: torch.Tensor) -> torch.Tensor | Sam2Embedding:
+        """(B, 3, 1024, 1024) normalised, zero-padded float -> embeddings (B, 256, 64, 64) float32; SAM 2:
+        (B, 3, S, S) stretched, normalised -> :class:`~refseg.models.sam2.Sam2Embedding` (float32)."""
         self._check(images, self.sam_size, f"{self.name} encode_sam")
+        if self.is_sam2:
+            return Sam2Embedding(*self._run("sam_encoder", {io.SAM2_ENCODER_INPUT: images}, io.SAM2_ENCODER_OUTPUTS))
         return self._run("sam_encoder", {io.SAM_ENCODER_INPUT: images}, (io.SAM_ENCODER_OUTPUT,))[0]
 
     max_points: int | None = None  # the decoder graph's largest point count (None: any)
+    is_sam2: bool = False  # SAM 2's graphs (set from the manifest in __init__)
 
     def _fit_points(self, coords: torch.Tensor, labels: torch.Tensor, extra: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,6 +153,8 @@ class ExportedBackend(abc.ABC):
                              f"{tuple(coords.shape)} and {tuple(labels.shape)}")
         if boxes is not None and tuple(boxes.shape) != (coords.shape[0], 4):
             raise ValueError(f"{self.name} decode: boxes must be (P, 4), got {tuple(boxes.shape)}")
+        if self.is_sam2:
+            return self._decode_sam2(embedding, coords, labels, boxes, multimask, mask_input)
         coords, labels = self._fit_points(coords, labels, 1 if boxes is None else 2)
         points, point_labels = io.pack_prompts(coords, labels, boxes)
         low = 4 * embedding.shape[-1]
@@ -155,6 +175,26 @@ class ExportedBackend(abc.ABC):
                              f"mask_outputs={self.mask_outputs!r}; multimask={multimask} needs a "
                              "re-export")
         return masks, iou
+
+    def _decode_sam2(self, embedding: Sam2Embedding, coords: torch.Tensor, labels: torch.Tensor,
+                     boxes: torch.Tensor | None, multimask: bool, mask_input: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`decode` with SAM 2's graph: ``embedding`` one image's Sam2Embedding (no batch axis),
+        coords in its S x S frame, mask_input (P, 1, S/4, S/4)."""
+        coords, labels = self._fit_points(coords, labels, 1 if boxes is None else 3)
+        points, point_labels = Sam2.pack_prompts(coords.float(), labels.float(), boxes)
+        low = 4 * embedding.image_embed.shape[-1]
+        if mask_input is not None and tuple(mask_input.shape) != (coords.shape[0], 1, low, low):
+            raise ValueError(f"{self.name} decode: mask_input must be ({coords.shape[0]}, 1, {low}, {low}), "
+                             f"got {tuple(mask_input.shape)}")
+        feeds = dict(zip(io.SAM2_ENCODER_OUTPUTS, (t.float()[None] for t in embedding.parts())))
+        feeds.update({io.SAM_DECODER_COORDS: points, io.SAM_DECODER_LABELS: point_labels,
+                      io.SAM_DECODER_MASK_INPUT: (torch.zeros(1, 1, low, low) if mask_input is None
+                                                  else mask_input.float().clamp(-LOW_RES_LIMIT, LOW_RES_LIMIT)),
+                      io.SAM_DECODER_HAS_MASK: torch.zeros(1) if mask_input is None else torch.ones(1)})
+        masks, iou, score = self._run("sam_decoder", feeds, io.SAM2_DECODER_OUTPUTS)
+        masks, iou = select_masks(masks, iou, multimask, dynamic_multimask=True)
+        return drop_absent(masks, iou, score) if self.config.drop_absent else (masks, iou)
 
     def decode_batch(self, embeddings: torch.Tensor, image_index: torch.Tensor, coords: torch.Tensor,
                      labels: torch.Tensor, point_mask: torch.Tensor | None = None,
@@ -314,6 +354,8 @@ def default_export_dir(config: SegmenterConfig, encoder_checkpoint: Path, sam_ch
     fields = {"layout": EXPORT_LAYOUT, config.encoder: file_identity(encoder_checkpoint),
               "sam": file_identity(sam_checkpoint), "image_size": config.image_size,
               "precision": config.precision, "max_batch": max_batch}
+    if config.sam_image_size is not None:  # SAM 2 at another input side: other graphs
+        fields["sam_image_size"] = config.sam_image_size
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
     return cache_dir() / "exports" / (f"{config.encoder_model}-{config.sam}-{config.image_size}-"
                                       f"{config.precision}-{digest}")

@@ -5,7 +5,8 @@ graphs (and so of the TensorRT engines) with these constants, and the ONNX Runti
 backends read files and feed tensors by them; ``manifest.json`` lists them for callers outside
 Python. :func:`pack_prompts` is the decoder graph's prompt convention, used by the backends and by
 the export's own checks. This is the only runtime module that :mod:`refseg.export` imports. Shapes use ``B`` (images), ``P`` (prompt sets), ``N``
-(points per set), ``S`` (DINOv2 input side), ``T`` (patch tokens = (S/14)²), ``D`` (token width).
+(points per set), ``S`` (DINOv2 input side; SAM 2's input side in the SAM 2 names), ``T`` (patch tokens =
+(S/14)²), ``D`` (token width).
 """
 from __future__ import annotations
 
@@ -40,6 +41,25 @@ SAM_DECODER_MASKS = "low_res_masks"          # (P, C, 256, 256) logits, C = 3 mu
 # 1..3 the multimask ones; manifest "mask_outputs": "all"); the backends slice C = 3 or 1 from it.
 SAM_DECODER_IOU = "iou_predictions"          # (P, C)
 SAM_DECODER_OUTPUTS = (SAM_DECODER_MASKS, SAM_DECODER_IOU)
+
+# SAM 2 / 2.1 / MedSAM2: the same two graph keys ("sam_encoder", "sam_decoder"), other files and tensors.
+# Their manifest records say SAM_FAMILY_KEY: SAM2_FAMILY (SAM's records: "sam" or nothing). S is the SAM 2
+# input side (1024; MedSAM2 512; the encoder graph's input shape says which).
+SAM_FAMILY_KEY = "family"
+SAM2_FAMILY = "sam2"
+SAM2_GRAPH_FILES = {"sam_encoder": "sam2_encoder.onnx", "sam_decoder": "sam2_decoder.onnx"}
+SAM2_ENCODER_INPUT = "images"                 # (B, 3, S, S) float: stretched, ImageNet-normalised
+SAM2_IMAGE_EMBED = "image_embed"              # (B, 256, S/16, S/16), no_mem_embed added
+SAM2_HIGH_RES_0 = "high_res_feats_0"          # (B, 32, S/4, S/4)
+SAM2_HIGH_RES_1 = "high_res_feats_1"          # (B, 64, S/8, S/8)
+SAM2_ENCODER_OUTPUTS = (SAM2_IMAGE_EMBED, SAM2_HIGH_RES_0, SAM2_HIGH_RES_1)
+# The decoder: P prompt sets against one image (the three features with batch 1); prompts packed by
+# refseg.models.sam2.Sam2.pack_prompts (box corners first, then the points, then ONE padding point);
+# mask_input (M, 1, S/4, S/4), M = 1 or P.
+SAM2_DECODER_INPUTS = SAM2_ENCODER_OUTPUTS + (SAM_DECODER_COORDS, SAM_DECODER_LABELS, SAM_DECODER_MASK_INPUT,
+                                              SAM_DECODER_HAS_MASK)
+SAM2_OBJECT_SCORE = "object_score_logits"     # (P, 1): > 0 = the object is present
+SAM2_DECODER_OUTPUTS = (SAM_DECODER_MASKS, SAM_DECODER_IOU, SAM2_OBJECT_SCORE)  # masks (P, 4, S/4, S/4): all tokens
 
 
 def pack_prompts(coords: torch.Tensor, labels: torch.Tensor,

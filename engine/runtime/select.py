@@ -39,21 +39,23 @@ def select_encoder(config: SegmenterConfig, dinov2_checkpoint=None, dinov3_check
 
 def load_models(config: SegmenterConfig, sam_checkpoint=None, dinov2_checkpoint=None, dinov3_checkpoint=None,
                 with_sam: bool = True):
-    """Build the matching encoder (DINOv2 or DINOv3, ``config.encoder``) and SAM for ``config``; explicit
-    checkpoints decide the model size (and the encoder: :func:`select_encoder`). ``with_sam=False``: the
-    encoder alone (the SAM module returned is None).
+    """Build the matching encoder (DINOv2 or DINOv3, ``config.encoder``) and SAM or SAM 2 for ``config``;
+    explicit checkpoints decide the model and its size (and the encoder: :func:`select_encoder`).
+    ``with_sam=False``: the encoder alone (the SAM module returned is None).
 
     Returns:
         (encoder module, sam module, config) where config's ``encoder`` / ``dinov2`` or ``dinov3`` / ``sam``
-        names are those of the checkpoints actually loaded (a ``medsam*`` file is MedSAM; ``sam="medsam"``
-        keeps MedSAM for any ViT-B-layout file).
+        names are those of the checkpoints actually loaded (a ``medsam*`` file is MedSAM, a ``MedSAM2*`` file
+        MedSAM2; ``sam="medsam"`` keeps MedSAM for any ViT-B-layout file, ``sam="medsam2"`` MedSAM2 for any
+        SAM 2.1 tiny one; a SAM 2 file is SAM 2 whatever ``sam`` says). ``config.sam_image_size`` sets SAM 2's
+        input.
 
     Raises:
         CheckpointError: every missing file in one message (nothing is loaded then; DINOv3 weights are gated
             and never downloaded), or a file that does not fit the model.
     """
-    from refseg.models import DINOV2_SPECS, DINOV3_SPECS, SAM_SPECS, build_dinov2, build_dinov3, build_sam
-    from refseg.models.build import resolve_model_checkpoints
+    from refseg.models import DINOV2_SPECS, DINOV3_SPECS, build_dinov2, build_dinov3
+    from refseg.models.build import SAM_FAMILY_SPECS, build_sam_family, resolve_model_checkpoints
 
     config = select_encoder(config, dinov2_checkpoint, dinov3_checkpoint)
     explicit = dinov3_checkpoint if config.encoder == "dinov3" else dinov2_checkpoint
@@ -69,16 +71,17 @@ def load_models(config: SegmenterConfig, sam_checkpoint=None, dinov2_checkpoint=
     if encoder.patch_size != config.patch_size:
         raise ValueError(f"{encoder_path}: {config.encoder} model with {encoder.patch_size}-px patches; refseg reads "
                          f"{config.patch_size}-px patches for {config.encoder}")
-    # "medsam" is a ViT-B fine-tune: the name (and so MedSAM's pre-processing) is kept for any ViT-B file.
-    sam_name = None if sam_checkpoint and config.sam != "medsam" else config.sam
-    sam = build_sam(sam_name, sam_path) if with_sam else None
+    # An explicit file decides the model (SAM or SAM 2, from its keys). "medsam" / "medsam2" are fine-tunes of
+    # ViT-B / SAM 2.1 tiny: the name (MedSAM's pre-processing, MedSAM2's 512 input) is kept for such files.
+    sam_name = None if sam_checkpoint and config.sam not in ("medsam", "medsam2") else config.sam
+    sam = build_sam_family(sam_name, sam_path, image_size=config.sam_image_size) if with_sam else None
     changes = {}
     # Reduced-depth test models have no official name: the config keeps the one it has.
     if encoder.spec.name != config.encoder_model and encoder.spec.name in specs:
         log.debug("%s %s from %s (config named %s)", config.encoder, encoder.spec.name, explicit,
                   config.encoder_model)
         changes[config.encoder] = encoder.spec.name
-    if sam is not None and sam.spec.name != config.sam and sam.spec.name in SAM_SPECS:
+    if sam is not None and sam.spec.name != config.sam and sam.spec.name in SAM_FAMILY_SPECS:
         log.debug("SAM %s from %s (config named %s)", sam.spec.name, sam_checkpoint, config.sam)
         changes["sam"] = sam.spec.name
     return encoder, sam, config.replace(**changes) if changes else config
@@ -116,7 +119,7 @@ def create_backend(name: str, config: SegmenterConfig, sam_checkpoint=None, dino
             encoder, sam, config = load_models(config, sam_checkpoint, dinov2_checkpoint, dinov3_checkpoint,
                                                with_sam)
             backend = TorchBackend(encoder, sam, dev, config.precision, config.feature_key,
-                                   compile=compile)
+                                   compile=compile, drop_absent=config.drop_absent)
             backend.config = config
             backend.fixed_batch = config.batch_size  # compiled encoders: one shape, one graph
             return backend

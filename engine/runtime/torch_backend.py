@@ -5,11 +5,16 @@ exported graphs (names in :mod:`refseg.runtime.io_names`):
 
 - ``encode_dinov2(images (B, 3, S, S) float32) -> tokens (B, N, D)``, float32, or float16 / bfloat16 when
   the encoders run in that precision: the match kernel then gets them as they are (tensor cores on a GPU)
-- ``encode_sam(images (B, 3, 1024, 1024) float32) -> embeddings (B, 256, 64, 64) float32``
+- ``encode_sam(images (B, 3, 1024, 1024) float32) -> embeddings (B, 256, 64, 64) float32``; with a SAM 2
+  model a :class:`refseg.models.sam2.Sam2Embedding` batch (fp32; it indexes by image like the tensor)
 - ``decode(embedding (256, 64, 64), coords (P, N, 2), labels (P, N), boxes (P, 4) | None,
   multimask, mask_input (P, 1, 256, 256) | None) -> (low_res_logits (P, C, 256, 256), iou (P, C))``,
   coordinates in SAM's 1024 frame, (x, y) order, labels 1 = positive, 0 = negative, -1 = padding;
-  ``mask_input`` are low-res logits of an earlier decode (mask prompt, e.g. PerSAM's cascade).
+  ``mask_input`` are low-res logits of an earlier decode (mask prompt, e.g. PerSAM's cascade). SAM 2:
+  coordinates in its S x S input frame, low-res logits (P, C, S/4, S/4); a single mask falls back to the
+  best multimask one when unstable (dynamic multimask, the official default), mask prompts enter clamped to
+  [-32, 32] (the range ``SAM2ImagePredictor`` returns low-res logits in), and with ``drop_absent`` a
+  prompt set whose object-score logit is <= 0 gets no mask (:func:`refseg.models.sam2.drop_absent`).
 
 and ``decode_batch`` (prompt sets of several images; one padded, masked call on the accelerator path,
 image by image on the CPU path, see :mod:`refseg.pipeline.decode`).
@@ -35,6 +40,7 @@ import os
 import torch
 from torch import nn
 
+from refseg.models.sam2 import LOW_RES_LIMIT, Sam2, Sam2Embedding, drop_absent
 from refseg.pipeline.accelerator import accelerator_path
 from refseg.runtime.backend import decode_image_by_image
 
@@ -104,8 +110,9 @@ class TorchBackend:
 
     Args:
         dinov2: DINOv2 module (``forward_features``).
-        sam: SAM module with ``image_encoder``, ``prompt_encoder``, ``mask_decoder``; None: a matching-only
-            backend (``encode_dinov2`` alone; ``refseg segment --propagate`` decodes with SAM 2).
+        sam: SAM module (``image_encoder``, ``prompt_encoder``, ``mask_decoder``) or SAM 2
+            (:class:`refseg.models.sam2.Sam2`); None: a matching-only backend (``encode_dinov2`` alone;
+            ``refseg segment --propagate`` decodes with SAM 2).
         device: torch device.
         precision: ``fp32``, ``fp16``, ``bf16`` or ``auto`` for the encoders (the decoder and all
             outputs stay fp32; LayerNorms compute in fp32 inside the models). The resolved choice
@@ -113,6 +120,7 @@ class TorchBackend:
         feature_key: which ``forward_features`` entry to use as tokens; ``encode_dinov2`` returns its
             (B, G·G, D) patch rows only (``x_prenorm`` also holds the class and register tokens).
         compile: ``torch.compile`` both encoders (:func:`compile_module`; see :meth:`compile`).
+        drop_absent: SAM 2 only: prompt sets whose object score says "absent" give no mask.
     """
 
     name = "torch"
@@ -120,18 +128,18 @@ class TorchBackend:
 
     def __init__(self, dinov2: nn.Module, sam: nn.Module | None, device: torch.device,
                  precision: str = "fp32", feature_key: str = "x_norm_patchtokens",
-                 compile: bool = False):
+                 compile: bool = False, drop_absent: bool = True):
         self.device = device
         self.precision = resolve_precision(precision, device)
         self.dtype = DTYPES[self.precision]
         self.dinov2 = dinov2.to(device=device, dtype=self.dtype).eval()
-        self.sam = None if sam is None else sam.eval()
+        self.sam = None if sam is None else sam.eval().to(device=device)  # prompt encoder, decoder stay fp32
         if sam is not None:
-            self.sam.image_encoder.to(device=device, dtype=self.dtype)
-            self.sam.prompt_encoder.to(device=device)
-            self.sam.mask_decoder.to(device=device)
+            self.sam.image_encoder.to(dtype=self.dtype)
         self.feature_key = feature_key
-        self.sam_size = 1024 if sam is None else sam.img_size  # SAM's square input side (1024 for every SAM)
+        self.drop_absent = drop_absent
+        # side of SAM's square input (1024 for every released SAM and SAM 2; MedSAM2 512)
+        self.sam_size = 1024 if sam is None else sam.image_size if self.is_sam2 else sam.img_size
         self.compiled = False
         self.compile_mode: str | None = None
         self._dinov2_features = self.dinov2.forward_features
@@ -186,13 +194,40 @@ class TorchBackend:
             left -= len(x)
         return torch.cat(parts)
 
+    @property
+    def is_sam2(self) -> bool:
+        """Whether the SAM stage is SAM 2 / 2.1 / MedSAM2 (from the model itself)."""
+        return isinstance(self.sam, Sam2)
+
     @torch.inference_mode()
-    def encode_sam(self, images: torch.Tensor) -> torch.Tensor:
+    def encode_sam(self, images: torch.Tensor) -> torch.Tensor | Sam2Embedding:
         parts, left = [], len(images)
         for x in self._chunks(images):
-            parts.append(self._keep(self._sam_encoder(x), min(left, len(x))).float())
+            out, n = self._sam_encoder(x), min(left, len(x))
+            if self.is_sam2:  # neck levels in the encoder's dtype -> the fp32 embedding the decoder takes
+                parts.append(self.sam.embed_levels([self._keep(level, n).float() for level in out]))
+            else:
+                parts.append(self._keep(out, n).float())
             left -= len(x)
-        return torch.cat(parts)
+        if len(parts) == 1:
+            return parts[0]
+        return Sam2Embedding.cat(parts) if self.is_sam2 else torch.cat(parts)
+
+    def _decode(self, embeddings, coords: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor | None,
+                mask_input: torch.Tensor | None, multimask: bool, point_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's decode on device tensors (1 or P embeddings, P sets) -> (low-res logits, IoU)."""
+        dev = self.device
+        kwargs = dict(mask_input=None if mask_input is None else mask_input.to(dev, torch.float32),
+                      multimask_output=multimask, point_mask=None if point_mask is None else point_mask.to(dev))
+        boxes = None if boxes is None else boxes.to(dev, torch.float32)
+        if not self.is_sam2:
+            return self.sam.decode(embeddings, coords.to(dev, torch.float32), labels.to(dev), boxes, **kwargs)
+        if mask_input is not None:  # as SAM2ImagePredictor returns the low-res logits a caller feeds back
+            kwargs["mask_input"] = kwargs["mask_input"].clamp(-LOW_RES_LIMIT, LOW_RES_LIMIT)
+        low_res, iou, score = self.sam.decode(embeddings, coords.to(dev, torch.float32), labels.to(dev), boxes,
+                                              dynamic_multimask=True, **kwargs)
+        return drop_absent(low_res, iou, score) if self.drop_absent else (low_res, iou)
 
     @torch.inference_mode()
     def decode_batch(self, embeddings: torch.Tensor, image_index: torch.Tensor, coords: torch.Tensor,
@@ -206,25 +241,17 @@ class TorchBackend:
         to its own sets' width, so the masks do not depend on which images share the batch.
 
         Returns:
-            low-res logits (P, C, 256, 256) and predicted IoU (P, C), C = 3 or 1.
+            low-res logits (P, C, 256, 256) and predicted IoU (P, C), C = 3 or 1 (SAM 2: (P, C, S/4, S/4)).
         """
         if not accelerator_path(self.device):
             return decode_image_by_image(self, embeddings, image_index, coords, labels, point_mask, boxes,
                                          multimask, mask_input)
-        dev = self.device
-        emb = embeddings.to(dev, torch.float32)[image_index.to(dev)]
-        return self.sam.decode(emb, coords.to(dev, torch.float32), labels.to(dev),
-                               None if boxes is None else boxes.to(dev, torch.float32),
-                               mask_input=None if mask_input is None else mask_input.to(dev, torch.float32),
-                               multimask_output=multimask,
-                               point_mask=None if point_mask is None else point_mask.to(dev))
+        emb = embeddings.to(self.device, torch.float32)[image_index.to(self.device)]  # one embedding per set
+        return self._decode(emb, coords, labels, boxes, mask_input, multimask, point_mask)
 
     @torch.inference_mode()
     def decode(self, embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor,
                boxes: torch.Tensor | None = None, multimask: bool = False,
                mask_input: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        dev = self.device
-        return self.sam.decode(embedding.to(dev, torch.float32)[None], coords.to(dev, torch.float32),
-                               labels.to(dev), None if boxes is None else boxes.to(dev, torch.float32),
-                               mask_input=None if mask_input is None else mask_input.to(dev, torch.float32),
-                               multimask_output=multimask)
+        return self._decode(embedding.to(self.device, torch.float32)[None], coords, labels, boxes, mask_input,
+                            multimask)
