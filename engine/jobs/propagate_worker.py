@@ -39,21 +39,18 @@ class PropagationSpec(SegmenterSpec):
         """Locate the matching encoder's and the SAM 2 checkpoint (every missing one in one message), refuse
         a checkpoint that is not SAM 2 (naming the SAM 2 models) and a ``--dinov2`` / ``--dinov3`` name that
         contradicts its file; no model is loaded."""
-        from refseg.models.build import check_model_names, resolve_model_checkpoints, sam2_checkpoint_name
+        from refseg.models.build import check_model_names, sam2_checkpoint_name
 
-        explicit, encoder = self.encoder_checkpoint, self.config.encoder
-        encoder_path, sam_path = resolve_model_checkpoints(self.config.encoder_model, self.sam2, explicit,
-                                                           self.sam_checkpoint, encoder=encoder)
+        encoder_path, sam_path = self.checkpoint_files(self.sam2)
         sam2_checkpoint_name(sam_path, self.sam2)
-        dinov2, dinov3, _ = self.names_given
-        name = dinov3 if encoder == "dinov3" else dinov2
-        check_model_names(name if explicit else None, None, encoder_path, sam_path, encoder=encoder)
+        check_model_names(self.encoder_name_given if self.encoder_checkpoint else None, None, encoder_path,
+                          sam_path, encoder=self.config.encoder)
 
     def build(self) -> "VolumePropagator":
-        """Load the matching encoder (a matching-only Segmenter) and SAM 2 (a VideoPredictor) on the spec's device."""
+        """Load the matching encoder (a matching-only Segmenter) and SAM 2 (a VideoPredictor) on the spec's
+        device."""
         import torch
 
-        from refseg.models.build import resolve_model_checkpoints
         from refseg.segmenter import Segmenter
         from refseg.video_predictor import VideoPredictor
 
@@ -61,8 +58,7 @@ class PropagationSpec(SegmenterSpec):
             torch.set_num_threads(self.threads)
         matcher = Segmenter(self.config, dinov2_checkpoint=self.dinov2_checkpoint,
                             dinov3_checkpoint=self.dinov3_checkpoint, device=self.device, with_sam=False)
-        _, sam_path = resolve_model_checkpoints(self.config.encoder_model, self.sam2, self.encoder_checkpoint,
-                                                self.sam_checkpoint, encoder=self.config.encoder)
+        _, sam_path = self.checkpoint_files(self.sam2)
         predictor = VideoPredictor(sam_path, device=matcher.device, sam=self.sam2,
                                    image_size=self.settings.sam_image_size)
         return VolumePropagator(matcher.set_window(self.window), predictor)

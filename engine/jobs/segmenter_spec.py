@@ -87,22 +87,34 @@ class SegmenterSpec:
         """The matching encoder's explicit checkpoint (``config.encoder``'s)."""
         return self.dinov3_checkpoint if self.config.encoder == "dinov3" else self.dinov2_checkpoint
 
+    @property
+    def encoder_name_given(self) -> str | None:
+        """The ``--dinov2`` / ``--dinov3`` name the user typed for the matching encoder, if any."""
+        dinov2, dinov3, _ = self.names_given
+        return dinov3 if self.config.encoder == "dinov3" else dinov2
+
+    def checkpoint_files(self, sam: str | None) -> tuple:
+        """(encoder file or folder, SAM file) located for this spec and the SAM-family model ``sam``, every
+        missing one in one :class:`~refseg.models.checkpoints.CheckpointError`; nothing is loaded."""
+        from refseg.models.build import resolve_model_checkpoints
+
+        return resolve_model_checkpoints(self.config.encoder_model, sam, self.encoder_checkpoint,
+                                         self.sam_checkpoint, encoder=self.config.encoder)
+
     def check(self) -> None:
         """Locate both checkpoints (every missing one in one message; DINOv3's gated weights are looked up,
         never downloaded) and refuse ``--dinov2`` / ``--dinov3`` / ``--sam`` names that contradict them (or a
         checkpoint of another family); no model is loaded. Exported backends with an ``--engine-dir`` and no
         checkpoint need no file."""
-        from refseg.models.build import check_model_names, resolve_model_checkpoints
+        from refseg.models.build import check_model_names
 
         explicit = self.encoder_checkpoint
         if self.engine_dir is not None and not (explicit or self.sam_checkpoint):
             return
-        encoder_path, sam_path = resolve_model_checkpoints(self.config.encoder_model, self.config.sam, explicit,
-                                                           self.sam_checkpoint, encoder=self.config.encoder)
-        dinov2, dinov3, sam = self.names_given
-        name = dinov3 if self.config.encoder == "dinov3" else dinov2
-        check_model_names(name if explicit else None, sam if self.sam_checkpoint else None, encoder_path,
-                          sam_path, encoder=self.config.encoder)
+        encoder_path, sam_path = self.checkpoint_files(self.config.sam)
+        sam = self.names_given[2]
+        check_model_names(self.encoder_name_given if explicit else None, sam if self.sam_checkpoint else None,
+                          encoder_path, sam_path, encoder=self.config.encoder)
 
     def build(self):
         """Load the models: a :class:`refseg.Segmenter` with this spec's window (no reference yet)."""
