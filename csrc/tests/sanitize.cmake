@@ -14,7 +14,10 @@ run("${CMAKE_COMMAND}" --build "${BUILD_DIR}" --parallel 2 --target test_c_api t
 string(TIMESTAMP t1 "%s")
 set(supp "${SOURCE_DIR}/csrc/tests/sanitizers.supp")
 if(SANITIZER STREQUAL "address")
-  set(ENV{ASAN_OPTIONS} "detect_leaks=1:abort_on_error=0:halt_on_error=1")
+  # intercept_tls_get_addr=0: GCC 12's LeakSanitizer misreads glibc 2.36's dynamic TLS records (it scanned a
+  # "DTLS" range starting at 0x5bad2 and its tracer died with SIGSEGV at exit, depending only on memory layout);
+  # static TLS, stacks and the heap are still scanned
+  set(ENV{ASAN_OPTIONS} "detect_leaks=1:abort_on_error=0:halt_on_error=1:intercept_tls_get_addr=0")
   set(ENV{LSAN_OPTIONS} "suppressions=${SOURCE_DIR}/csrc/tests/lsan.supp:print_suppressions=0")
   set(ENV{UBSAN_OPTIONS} "print_stacktrace=1:halt_on_error=1")
   run("${BUILD_DIR}/csrc/tests/test_c_api")
