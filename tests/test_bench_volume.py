@@ -77,6 +77,17 @@ def test_rows_of_both_modes_with_speed_memory_and_dice(run):
     assert not (out / "throughput.png").exists()
 
 
+def test_report_rewritten_from_results(run, tmp_path):
+    from refseg.cli import main
+
+    out, code = run
+    assert code == 0
+    assert main(["bench", "-o", str(tmp_path), "--from-results", str(out / "results.json")]) == 0
+    assert (tmp_path / "results.md").read_text() == (out / "results.md").read_text()
+    assert main(["bench", "-o", str(tmp_path), "--from-results", str(out / "results.json"), "--readme",
+                 str(tmp_path / "README.md")]) == 2  # the README table is the suite's
+
+
 def test_dice_equals_numpy_on_the_written_label_maps(run):
     out, code = run
     assert code == 0

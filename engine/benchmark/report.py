@@ -1,7 +1,8 @@
 """Writers of a benchmark run: ``results.json``, ``results.md`` (tables) and ``throughput.png``.
 
 The JSON is the results dict of :func:`refseg.benchmark.suite.run_suite` (or of
-:func:`refseg.benchmark.volume_rows.run_volume_rows`) as it is (numpy scalars and paths converted). The plot needs matplotlib (``pip install 'refseg[bench]'``), imported only here.
+:func:`refseg.benchmark.volume_rows.run_volume_rows`) as it is (numpy scalars and paths converted). The
+plot needs matplotlib (``pip install 'refseg[bench]'``), imported only here.
 """
 from __future__ import annotations
 

@@ -65,9 +65,11 @@ def sample_folder(data_dir: str | os.PathLike | None = None) -> Path:
 def split_volume(sample: Path, folder: Path) -> tuple[Path, Path, Path, Path]:
     """Write (reference CT, reference labels, target CT, target labels) into ``folder``: the even and the odd
     slices (last array axis) of the sample, each with its affine (slice step doubled, origin shifted)."""
-    import nibabel as nib
     import numpy as np
 
+    from refseg.optional import require
+
+    nib = require("nibabel", "io", "refseg bench --volume (NIfTI)")
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for parity, role in ((0, "reference"), (1, "target")):
@@ -216,9 +218,9 @@ def run_volume_rows(out_dir: str | os.PathLike, device: str = "auto", sam_checkp
                 f"{sam2_image_size or 'its own input side'}, window {WINDOW}, device {dev}; Dice over the "
                 "segmented target slices.")
     return {**run_header(dev, load_start), "quick": False, "volume": True,
-            "config": {"settings": settings, "labels": labels, "structures": {str(c): STRUCTURES.get(c) for c in labels},
-                       "slices": slices, "image_size": image_size, "sam2_image_size": sam2_image_size,
-                       "window": WINDOW},
+            "config": {"settings": settings, "labels": labels,
+                       "structures": {str(c): STRUCTURES.get(c) for c in labels}, "slices": slices,
+                       "image_size": image_size, "sam2_image_size": sam2_image_size, "window": WINDOW},
             "checkpoints": sources, "random_weights": random,
             "data": [{"name": DATASET, "source": str(sample), "reference": str(ref), "target": str(target)}],
             "rows": rows, "skipped_rows": [], "parity": {}, "ratios": compute_ratios(rows), "notes": [],
@@ -226,6 +228,7 @@ def run_volume_rows(out_dir: str | os.PathLike, device: str = "auto", sam_checkp
 
 
 def _depth(path: Path) -> int:
+    """Number of slices along the last axis of a NIfTI file (the split is written in RAS+ order)."""
     import nibabel as nib
 
     return int(nib.load(str(path)).shape[2])

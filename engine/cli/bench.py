@@ -24,7 +24,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = subparsers.add_parser(
         "bench", help="benchmark suite: per-stage speed, memory, accuracy vs a research-style baseline",
         description="Measure every model on every backend present, the matching + prompt stage and the "
-                    "pipeline end to end, against a research-style implementation in the same run.")
+                    "pipeline end to end, against a research-style implementation in the same run; with --volume, "
+                    "per-slice matching vs --propagate on the sample CT instead.")
     p.add_argument("-o", "--output", required=True, help="output folder (results.json, results.md, throughput.png)")
     p.add_argument("--quick", action="store_true",
                    help="small models (DINOv2-S at 224/518, SAM-B), gbmseg + sat presets, 8 images x 3 passes, "
