@@ -5,6 +5,7 @@
 - :mod:`.data`: the Kvasir pairs and GBMSeg example, or synthetic images.
 - :mod:`.variants`: torch eager / bf16 / fp16 / compile / CUDA graphs, official modules, ONNX Runtime, TensorRT.
 - :mod:`.model_rows`, :mod:`.pipeline_rows`, :mod:`.prompt_stage`: the rows.
+- :mod:`.volume_rows`: ``refseg bench --volume``: per-slice matching vs ``--propagate`` on the sample CT.
 - :mod:`.suite`: :func:`run_suite`; :mod:`.report`: :func:`write_report` (JSON, Markdown, PNG).
 - :mod:`.headline`: the GPU check's rows (``bench/gpu_check.sh``): headline table, baseline, kernels.
 """

@@ -158,15 +158,16 @@ class CheckpointStore:
         return any(v["source"] == "random" for v in self.sources.values())
 
     def path(self, kind: str, name: str) -> Path:
-        """The checkpoint file of ``kind`` (``sam`` / ``dinov2``) model ``name``."""
+        """The checkpoint file of ``kind`` (``sam`` / ``sam2`` / ``dinov2``) model ``name``."""
         if (kind, name) in self.paths:
             return self.paths[(kind, name)]
         from refseg.models.checkpoints import find_checkpoint
         from refseg.models.dinov2 import DINOV2_SPECS
         from refseg.models.sam import SAM_SPECS
+        from refseg.models.sam2 import SAM2_SPECS
         from refseg.testing.random_checkpoints import write_random_checkpoints
 
-        spec = (SAM_SPECS if kind == "sam" else DINOV2_SPECS)[name]
+        spec = {"sam": SAM_SPECS, "sam2": SAM2_SPECS, "dinov2": DINOV2_SPECS}[kind][name]
         found = find_checkpoint(spec.checkpoint) if spec.checkpoint is not None else None
         if found is not None:
             self._record(kind, name, found, "found")
@@ -175,7 +176,7 @@ class CheckpointStore:
         if not target.is_file():
             log.warning("no %s checkpoint for %s: writing random weights to %s (speed numbers only; "
                         "masks and accuracy figures are meaningless)", kind, name, target)
-            write_random_checkpoints(self.folder, sam=[name] if kind == "sam" else [],
+            write_random_checkpoints(self.folder, sam=[name] if kind in ("sam", "sam2") else [],
                                      dinov2=[name] if kind == "dinov2" else [])
         self._record(kind, name, target, "random")
         return target

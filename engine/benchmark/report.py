@@ -1,7 +1,8 @@
 """Writers of a benchmark run: ``results.json``, ``results.md`` (tables) and ``throughput.png``.
 
-The JSON is the results dict of :func:`refseg.benchmark.suite.run_suite` as it is (numpy scalars and
-paths converted). The plot needs matplotlib (``pip install 'refseg[bench]'``), imported only here.
+The JSON is the results dict of :func:`refseg.benchmark.suite.run_suite` (or of
+:func:`refseg.benchmark.volume_rows.run_volume_rows`) as it is (numpy scalars and paths converted). The
+plot needs matplotlib (``pip install 'refseg[bench]'``), imported only here.
 """
 from __future__ import annotations
 
@@ -168,10 +169,33 @@ def update_readme(results: dict, readme: str | os.PathLike) -> Path:
     return path
 
 
+def _volume(results: dict) -> list[str]:
+    """The volume rows (``refseg bench --volume``): the random-weights warning, the settings, one line per mode
+    with its speed, memory and the Dice of every structure."""
+    from .volume_rows import RANDOM_NOTE, SECTION, TITLE
+
+    rows = [r for r in results["rows"] if r["section"] == SECTION]
+    if not rows:
+        return []
+    config = results.get("config", {})
+    labels = config.get("labels") or sorted({int(c) for r in rows for c in r["dice"]})
+    names = config.get("structures") or {}
+    out = [f"## {TITLE}", ""]
+    if results.get("random_weights"):
+        out += [RANDOM_NOTE + " The timings are of one run.", ""]
+    if config.get("settings"):
+        out += [config["settings"], ""]
+    body = [[r["mode"], str(r["slices"]), _f(r["seconds"]), _f(r["slices_per_second"]), _f(r.get("wall_s")),
+             _memory(r), *[_f(r["dice"].get(str(c)), 3) for c in labels]] for r in rows]
+    return out + _table(["mode", "slices", "s", "slices/s", "wall s (with model loading)", "peak MiB (rise)",
+                         *[f"Dice {names.get(str(c)) or c} ({c})" for c in labels]], body) + [""]
+
+
 def markdown(results: dict) -> str:
     """The report as Markdown: machine, ratios, parity, end-to-end, prompt stage, model rows, skips."""
     m, v, rows = results["machine"], results["versions"], results["rows"]
-    out = [f"# refseg benchmark ({'quick' if results['quick'] else 'full'})", ""]
+    kind = "volume" if results.get("volume") else "quick" if results["quick"] else "full"
+    out = [f"# refseg benchmark ({kind})", ""]
     out += [f"- device: `{results['device']}` — CPU {m.get('cpu')} ({m.get('cpu_count')} cores, torch threads "
             f"{m.get('torch_threads')}); GPU {m.get('gpu_name') or 'none'}",
             f"- torch {v.get('torch')}, triton {v.get('triton')}, onnxruntime {v.get('onnxruntime')}, "
@@ -229,6 +253,7 @@ def markdown(results: dict) -> str:
                 for r in models]
         out += _table(["stage", "model", "variant", "batch", "p50 ms", "p95 ms", "items/s", "GFLOP/call",
                        "TFLOP/s", "of peak", "peak MiB (rise)", "agreement", ""], body) + [""]
+    out += _volume(results)
     skipped = results.get("config", {}).get("skipped_variants", []) + results.get("skipped_rows", [])
     if skipped:
         out += ["## Skipped", ""] + [f"- {s.get('variant') or s.get('row')}: {s['reason']}" for s in skipped] + [""]
@@ -274,7 +299,8 @@ def plot(results: dict, path: Path) -> None:
 
 
 def write_report(results: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write ``results.json``, ``results.md`` and ``throughput.png`` into ``out_dir``; returns the paths.
+    """Write ``results.json``, ``results.md`` and ``throughput.png`` (not for ``--volume`` results, which have
+    no image rows) into ``out_dir``; returns the paths.
 
     Raises:
         refseg.optional.MissingDependencyError: matplotlib is not installed (the JSON and Markdown
@@ -285,6 +311,9 @@ def write_report(results: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     paths = {"json": out / "results.json", "markdown": out / "results.md", "plot": out / "throughput.png"}
     write_json(results, paths["json"])
     paths["markdown"].write_text(markdown(results))
+    if results.get("volume"):  # no image rows to plot
+        del paths["plot"]
+        return paths
     from refseg.optional import require
 
     require("matplotlib", "bench", "the benchmark plot (throughput.png)")

@@ -76,6 +76,40 @@ def _load_average() -> list[float] | None:
         return None
 
 
+def start_run(threads: int | None) -> list[float] | None:
+    """Set torch's CPU ``threads`` (None: leave them), warn when the machine is busy; returns the load
+    averages at the start (for :func:`run_header`).
+
+    Raises:
+        ValueError: ``threads`` < 1.
+    """
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads={threads}: must be >= 1")
+        torch.set_num_threads(threads)
+    load_start = _load_average()
+    if load_start and load_start[0] > (os.cpu_count() or 1):
+        log.warning("this machine is busy (load average %.1f on %d cores): timings will be slow and noisy; "
+                    "multi-threaded ops suffer most (try --threads 1)", load_start[0], os.cpu_count() or 1)
+    return load_start
+
+
+def run_header(device, load_start: list[float] | None, final: bool = True) -> dict:
+    """The fields every ``results.json`` starts with: schema, time, command, device, machine (with the load
+    averages at ``load_start`` and now), package versions and the git commit."""
+    return {
+        "schema": "refseg-bench/1" if final else "refseg-bench/1-partial",
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "device": str(device),
+        "machine": {**machine(device), "load_average_start": load_start, "load_average_end": _load_average()},
+        "versions": versions(),
+        "git": git_commit(),
+    }
+
+
 def _find(rows: list[dict], **match) -> list[dict]:
     return [r for r in rows if all(r.get(k) == v for k, v in match.items())]
 
@@ -209,14 +243,7 @@ def run_suite(out_dir: str | os.PathLike, quick: bool = False, device: str = "au
     from refseg.runtime.torch_backend import resolve_device
 
     wall = time.perf_counter()
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"threads={threads}: must be >= 1")
-        torch.set_num_threads(threads)
-    load_start = _load_average()
-    if load_start and load_start[0] > (os.cpu_count() or 1):
-        log.warning("this machine is busy (load average %.1f on %d cores): timings will be slow and noisy; "
-                    "multi-threaded ops suffer most (try --threads 1)", load_start[0], os.cpu_count() or 1)
+    load_start = start_run(threads)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
@@ -255,14 +282,8 @@ def run_suite(out_dir: str | os.PathLike, quick: bool = False, device: str = "au
         rows = [r for p in pipelines + extra for r in p.rows] + model_rows.rows
         ratios = compute_ratios(rows)
         return {
-            "schema": "refseg-bench/1" if final else "refseg-bench/1-partial",
-            "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(sys.argv),
+            **run_header(dev, load_start, final),
             "quick": plan.quick,
-            "device": str(dev),
-            "machine": {**machine(dev), "load_average_start": load_start, "load_average_end": _load_average()},
-            "versions": versions(),
-            "git": git_commit(),
             "config": {"plan": plan.to_dict(),
                        "pipelines": {p.spec.label: p.config.to_dict() for p in pipelines},
                        "variants": [v.to_dict() for v in variants], "skipped_variants": skipped_variants},
