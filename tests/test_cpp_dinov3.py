@@ -157,3 +157,14 @@ def test_bad_basis_file_is_refused_at_load(v3, kvasir_dir, tmp_path):
     ref, mask, target = kvasir_files(kvasir_dir, 0)
     proc = run_cli(bad, [(ref, mask)], tmp_path / "out", target, extra=["--preset", "sat-v3"], expect=2)
     assert "positional_basis.f32" in proc.stderr and "bytes" in proc.stderr
+    manifest = json.loads((v3["export"] / "manifest.json").read_text())
+    (bad / "manifest.json").unlink()
+    for change, message in (({"mode": "center"}, "this refseg applies 'project' or 'none'"),
+                            ({"dtype": "float16"}, "this refseg reads float32"),
+                            ({"rank": 7}, "do not describe a (D, rank) basis")):
+        (bad / "manifest.json").write_text(json.dumps({**manifest, "feature_debias": {**manifest["feature_debias"],
+                                                                                        **change}}))
+        proc = run_cli(bad, [(ref, mask)], tmp_path / "out", target, extra=["--preset", "sat-v3"], expect=2)
+        assert "feature_debias" in proc.stderr and message in proc.stderr, proc.stderr
+    proc = run_cli(v3["export"], [(ref, mask)], tmp_path / "out", target, expect=2)  # sat's patch size is 14
+    assert "has 16-px patches, params ask for 14" in proc.stderr
