@@ -32,6 +32,7 @@ import torch
 import cpp_model
 from refseg.config import SegmenterConfig
 from test_cpp_pipeline import MIN_AGREEMENT, agreement, kvasir_files, needs_cli, rgb, run_cli
+from test_cpp_pipeline import eager_env  # noqa: F401  (fixture: the pure-torch reference's switches)
 
 PAIRS = (0, 1, 2)
 RANK = 48  # the largest rank for 49 tokens: at 20 the random model's prompts do not change (see the docstring)
@@ -43,15 +44,6 @@ log = logging.getLogger(__name__)
 def v3(tmp_path_factory):
     """{"sam", "dinov3", "export"}: the checkpoints and their AOTInductor export with the positional basis."""
     return cpp_model.write_dinov3_model(tmp_path_factory.mktemp("cpp_dinov3"), debias_rank=RANK)
-
-
-@pytest.fixture(scope="module")
-def eager_env():
-    """Keep the Python reference off the C++ prompt engine and the Triton kernels."""
-    with pytest.MonkeyPatch.context() as mp:
-        for switch in ("REFSEG_DISABLE_NATIVE", "REFSEG_DISABLE_MATCH", "REFSEG_DISABLE_KMEANS"):
-            mp.setenv(switch, "1")
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -70,7 +70,8 @@ Manifest read_manifest(const std::string& dir) {
         const json::Value* shape = debias->find("shape");
         const json::Value* rank = debias->find("rank");
         const json::Value* dtype = debias->find("dtype");
-        if (!file || !shape || !rank || !dtype) throw json::Error("feature_debias: project needs file, shape, rank, dtype", 0);
+        if (!file || !shape || !rank || !dtype)
+          throw json::Error("feature_debias: project needs file, shape, rank, dtype", 0);
         m.debias_file = file->as_string("feature_debias.file");
         if (m.debias_file.empty() || m.debias_file.find_first_of("/\\") != std::string::npos || m.debias_file[0] == '.')
           throw json::Error("feature_debias.file '" + m.debias_file + "' is not a file name in the folder", 0);
@@ -83,7 +84,8 @@ Manifest read_manifest(const std::string& dir) {
         if (d < 1 || d > 1 << 16 || r < 1 || r >= d || r != rank->as_int("feature_debias.rank"))
           throw json::Error("feature_debias: shape [" + std::to_string(d) + ", " + std::to_string(r) +
                                 "] and rank " + rank->text + " do not describe a (D, rank) basis with rank < D", 0);
-        if (const json::Value* normalize = debias->find("normalize"); normalize && !normalize->as_bool("feature_debias.normalize"))
+        const json::Value* normalize = debias->find("normalize");
+        if (normalize && !normalize->as_bool("feature_debias.normalize"))
           throw json::Error("feature_debias.normalize false: this refseg projects L2-normalised tokens only", 0);
         m.debias_dim = static_cast<int>(d);
         m.debias_rank = static_cast<int>(r);

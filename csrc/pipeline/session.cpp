@@ -1,7 +1,7 @@
 // Session: references and targets through the stages of refseg.Segmenter with the torch backend, in the same
-// arithmetic (features.dinov2_batch, feature_norm.project_out, grid.label_mask_to_grids, kernels.match_reference, matching / prompts,
-// sam_transforms.resize_image / normalize_pad / resize_coords / postprocess_masks, decode.decode_target,
-// postprocess.clean_mask, decode.to_label_map).
+// arithmetic (features.dinov2_batch, feature_norm.project_out, grid.label_mask_to_grids, kernels.match_reference,
+// matching / prompts, sam_transforms.resize_image / normalize_pad / resize_coords / postprocess_masks,
+// decode.decode_target, postprocess.clean_mask, decode.to_label_map).
 #include <ATen/ATen.h>
 
 #include <algorithm>
