@@ -7,7 +7,11 @@ keep the positional order and names of :mod:`refseg.runtime.io_names`; the manif
 :mod:`refseg.export.manifest`) records them with their shapes plus ``"format": "aoti"`` and the
 device the packages were compiled for (``cpu`` here; ``cuda`` when exported on a GPU).
 
-Shapes: DINOv2 ``images`` (1, 3, S, S); SAM encoder ``images`` (1, 3, 1024, 1024); decoder
+The matching encoder is DINOv2 or DINOv3 (``Dinov2Export`` / ``Dinov3Export``: position table or RoPE
+tables constant in the graph), always in ``dinov2.pt2``; for DINOv3 (``feature_debias`` ``project``) the folder
+also holds the positional basis the C++ pipeline projects the tokens with (:mod:`refseg.export.debias_basis`).
+
+Shapes: encoder ``images`` (1, 3, S, S); SAM encoder ``images`` (1, 3, 1024, 1024); decoder
 ``point_coords`` (P, N, 2) / ``point_labels`` (P, N) with P and N dynamic, ``mask_input``
 (1, 1, 256, 256) shared. The C++ pipeline runs one image at a time, so encoder batches are 1.
 """
@@ -21,9 +25,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from refseg.config import ENCODER_PATCH_SIZE
+from refseg.export.debias_basis import debias_record, resolve_debias
+from refseg.export.dinov3_onnx import Dinov3Export
 from refseg.export.manifest import build_manifest, checkpoint_record, write_manifest
 from refseg.export.wrappers import Dinov2Export, SamDecoderExport, SamEncoderExport
-from refseg.runtime.io_names import MANIFEST_NAME, pack_prompts
+from refseg.models.dinov3 import Dinov3VisionTransformer
+from refseg.runtime.io_names import MANIFEST_NAME, POSITIONAL_BASIS_FILE, pack_prompts
 
 log = logging.getLogger(__name__)
 
@@ -71,22 +79,33 @@ def compile_graph(wrapper: nn.Module, args: tuple, path: Path, dynamic_shapes=No
 
 
 def export_aoti(out_dir: str | os.PathLike, dinov2_model: nn.Module, sam_model: nn.Module, *, image_size: int,
-                dinov2_checkpoint=None, sam_checkpoint=None, device: str = "cpu") -> dict:
+                dinov2_checkpoint=None, sam_checkpoint=None, device: str = "cpu", feature_debias: str = "auto",
+                debias_rank: int | None = None) -> dict:
     """Write ``dinov2.pt2``, ``sam_encoder.pt2``, ``sam_decoder.pt2`` and the manifest into ``out_dir``.
 
     Args:
-        dinov2_model, sam_model: built models (:func:`refseg.models.build.build_dinov2` / ``build_sam``).
-        image_size: DINOv2 input side S (multiple of 14), fixed in the package.
+        dinov2_model, sam_model: built models (:func:`refseg.models.build.build_dinov2` or ``build_dinov3``,
+            ``build_sam``); the matching encoder's package is ``dinov2.pt2`` whichever it is.
+        image_size: encoder input side S (a multiple of its patch size: 14 DINOv2, 16 DINOv3), fixed in the package.
         dinov2_checkpoint, sam_checkpoint: their files, recorded in the manifest (None: not recorded).
         device: ``cpu`` or ``cuda``: the packages run on that device only.
+        feature_debias, debias_rank: ``SegmenterConfig``'s fields (``auto``: project for DINOv3; None: the
+            config's rank); with ``project`` the folder gets the positional basis the C++ pipeline applies
+            (:mod:`refseg.export.debias_basis`).
     """
-    if image_size <= 0 or image_size % 14:
-        raise ValueError(f"image_size {image_size} is not a positive multiple of 14")
+    encoder = "dinov3" if isinstance(dinov2_model, Dinov3VisionTransformer) else "dinov2"
+    patch = ENCODER_PATCH_SIZE[encoder]
+    if image_size <= 0 or image_size % patch:
+        raise ValueError(f"image_size {image_size} is not a positive multiple of the {encoder} patch size {patch}")
+    mode, rank = resolve_debias(encoder, feature_debias, debias_rank)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST_NAME).unlink(missing_ok=True)  # an interrupted export leaves no manifest
+    (out_dir / POSITIONAL_BASIS_FILE).unlink(missing_ok=True)  # nor a basis of an earlier export
     dev = torch.device(device)
-    dino = Dinov2Export(dinov2_model.float().eval().to(dev), image_size).eval()
+    wrapper = Dinov3Export if encoder == "dinov3" else Dinov2Export
+    dino = wrapper(dinov2_model.float().eval().to(dev), image_size).eval()
+    debias = debias_record(out_dir, dino, image_size, mode, rank)  # before the slow compiles: a bad rank fails here
     enc = SamEncoderExport(sam_model.float().eval().to(dev)).eval()
     dec = SamDecoderExport(sam_model, "all").eval()
     to = lambda args: tuple(a.to(dev) for a in args)  # noqa: E731
@@ -102,15 +121,15 @@ def export_aoti(out_dir: str | os.PathLike, dinov2_model: nn.Module, sam_model: 
     for key in ("dinov2", "sam_encoder"):
         graphs[key]["shapes"][graphs[key]["inputs"][0]][0] = 1
     manifest = build_manifest(out_dir, graphs, precision="fp32", image_size=image_size,
-                              models={"dinov2": dinov2_model.spec.name, "sam": sam_model.spec.name},
-                              checkpoints={"dinov2": checkpoint_record(dinov2_checkpoint),
+                              models={encoder: dinov2_model.spec.name, "sam": sam_model.spec.name},
+                              checkpoints={encoder: checkpoint_record(dinov2_checkpoint),
                                            "sam": checkpoint_record(sam_checkpoint)},
-                              opset=0, max_batch=1)
+                              opset=0, max_batch=1, encoder=encoder, feature_debias=debias)
     manifest["export_format"] = AOTI_FORMAT
     manifest["device"] = dev.type
     write_manifest(out_dir, manifest)
-    log.info("AOTInductor export written to %s (DINOv2 %s @%d, SAM %s, %s)", out_dir, dinov2_model.spec.name,
-             image_size, sam_model.spec.name, dev.type)
+    log.info("AOTInductor export written to %s (%s %s @%d, feature_debias %s, SAM %s, %s)", out_dir, encoder,
+             dinov2_model.spec.name, image_size, mode, sam_model.spec.name, dev.type)
     return manifest
 
 
@@ -170,20 +189,21 @@ def run_from_args(args) -> int:
     """``refseg export --format aoti`` (arguments of :mod:`refseg.export.cli`); returns the exit code."""
     import sys
 
-    from refseg.models.build import build_dinov2, build_sam
+    from refseg.models.build import build_dinov2, build_dinov3, build_sam
 
-    if args.image_size <= 0 or args.image_size % 14:
-        log.error("--image-size %d is not a positive multiple of 14 (e.g. 518, 560)", args.image_size)
-        return 2
+    dinov3 = args.dinov3_checkpoint is not None or args.dinov3 is not None  # image size checked by the caller
     if args.precision != "fp32":
         log.error("--format aoti exports fp32 packages only (got --precision %s)", args.precision)
         return 2
     device = "cuda" if str(args.device).startswith("cuda") else "cpu"
-    dinov2 = build_dinov2(args.dinov2, args.dinov2_checkpoint)
+    if dinov3:
+        encoder, checkpoint = build_dinov3(args.dinov3, args.dinov3_checkpoint), args.dinov3_checkpoint
+    else:
+        encoder, checkpoint = build_dinov2(args.dinov2, args.dinov2_checkpoint), args.dinov2_checkpoint
     sam = build_sam(args.sam, args.sam_checkpoint)
-    manifest = export_aoti(args.output, dinov2, sam, image_size=args.image_size,
-                           dinov2_checkpoint=args.dinov2_checkpoint, sam_checkpoint=args.sam_checkpoint,
-                           device=device)
+    manifest = export_aoti(args.output, encoder, sam, image_size=args.image_size,
+                           dinov2_checkpoint=checkpoint, sam_checkpoint=args.sam_checkpoint,
+                           device=device, feature_debias=args.feature_debias, debias_rank=args.debias_rank)
     for key, graph in manifest["graphs"].items():
         sys.stdout.write(f"{key}: {', '.join(graph['files'])} (aoti, {device})\n")
     return 0

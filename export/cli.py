@@ -5,6 +5,8 @@
                   --format onnx,tensorrt
     refseg export --dinov3-checkpoint dinov3-vitb16-pretrain-lvd1689m/ --sam-checkpoint sam_vit_b_01ec64.pth \\
                   -o exports/v3_b          # DINOv3 graph at 512 (the manifest records encoder + patch size)
+    refseg export --dinov3-checkpoint dinov3-vitb16-pretrain-lvd1689m/ --sam-checkpoint sam_vit_b_01ec64.pth \
+                  --format aoti -o exports/v3_aoti   # C++ packages + the positional basis (positional_basis.f32)
 
 Exit codes: 0 written; 2 bad arguments, unusable checkpoints, or TensorRT requested where it
 cannot run (the ONNX graphs are written first and stay valid).
@@ -14,6 +16,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+
+from refseg.config import ENCODER_PATCH_SIZE, FEATURE_DEBIAS
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="onnx (default), onnx,tensorrt, or aoti (AOTInductor packages for the C++ core)")
     p.add_argument("--image-size", type=int, help="encoder input side: a multiple of its patch size (default 518 "
                    "for DINOv2, 512 for DINOv3)")
+    p.add_argument("--feature-debias", choices=FEATURE_DEBIAS, default="auto",
+                   help="positional projection the export records (auto: project for DINOv3, none for DINOv2); "
+                        "project writes the basis the C++ pipeline applies (docs/dinov3.md)")
+    p.add_argument("--debias-rank", type=int, help="rank of that basis (default: SegmenterConfig.debias_rank, 20)")
     p.add_argument("--max-batch", type=int, default=16, help="largest encoder batch (TensorRT profiles)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
     p.add_argument("-d", "--device", default="cpu",
@@ -77,14 +85,19 @@ def run_export(args: argparse.Namespace) -> int:
     if args.dinov2_checkpoint is not None and args.dinov3 is not None:
         log.error("--dinov3 names a DINOv3 model, --dinov2-checkpoint a DINOv2 one: give one encoder")
         return 2
+    if args.debias_rank is not None and args.debias_rank < 1:
+        log.error("--debias-rank %d: the positional basis needs a rank >= 1", args.debias_rank)
+        return 2
     if args.image_size is None:
         from refseg.config import SegmenterConfig
 
         args.image_size = SegmenterConfig().with_encoder("dinov3" if dinov3 else "dinov2").image_size
+    patch = ENCODER_PATCH_SIZE["dinov3" if dinov3 else "dinov2"]
+    if args.image_size <= 0 or args.image_size % patch:
+        log.error("--image-size %d is not a positive multiple of the %s patch size %d (e.g. %s)", args.image_size,
+                  "DINOv3" if dinov3 else "DINOv2", patch, "512, 448" if dinov3 else "518, 560")
+        return 2
     if "aoti" in args.formats:  # AOTInductor packages for the C++ core
-        if dinov3:
-            log.error("--format aoti exports DINOv2 only; export DINOv3 with --format onnx")
-            return 2
         from refseg.export.aoti import run_from_args
         return run_from_args(args)
     try:
@@ -94,19 +107,13 @@ def run_export(args: argparse.Namespace) -> int:
         return 2
     from refseg.export.onnx_export import export_models
 
-    from refseg.config import ENCODER_PATCH_SIZE
-
-    patch = ENCODER_PATCH_SIZE["dinov3" if dinov3 else "dinov2"]
-    if args.image_size <= 0 or args.image_size % patch:
-        log.error("--image-size %d is not a positive multiple of the %s patch size %d (e.g. %s)", args.image_size,
-                  "DINOv3" if dinov3 else "DINOv2", patch, "512, 448" if dinov3 else "518, 560")
-        return 2
     manifest = export_models(args.output, args.dinov2_checkpoint, args.sam_checkpoint,
                              dinov2=args.dinov2, sam=args.sam, precision=args.precision,
                              image_size=args.image_size, max_batch=args.max_batch, opset=args.opset,
                              device=args.device, encoder="dinov3" if dinov3 else "dinov2",
                              dinov3_checkpoint=args.dinov3_checkpoint, dinov3=args.dinov3,
-                             sam_image_size=args.sam_image_size)
+                             sam_image_size=args.sam_image_size, feature_debias=args.feature_debias,
+                             debias_rank=args.debias_rank)
     for key, graph in manifest["graphs"].items():
         sys.stdout.write(f"{key}: {', '.join(graph['files'])} ({graph['precision']})\n")
     if "tensorrt" in args.formats:

@@ -3,7 +3,7 @@
 ``images`` (B, 3, H, W) float32, ImageNet-normalised -> ``patch_tokens`` (B, T, D) (``x_norm_patchtokens``,
 T = (H/16)(W/16)) and ``cls_token`` (B, D): the tensor names of :mod:`refseg.runtime.io_names`, so a
 runtime that feeds the DINOv2 graph feeds this one the same way. H and W are fixed when the wrapper is
-built: the RoPE sine/cosine tables are computed once here (``Dinov3VisionTransformer.rope``) and enter
+built: the RoPE sine/cosine tables are computed once (:class:`refseg.export.wrappers.Dinov3Export`) and enter
 the graph as constants; the batch is dynamic. Tracing, fp16 conversion, shape stamping and
 ``onnx.checker`` are :func:`refseg.export.onnx_export.export_graph`'s.
 
@@ -21,60 +21,12 @@ import torch
 from torch import nn
 
 from refseg.export.onnx_export import DEFAULT_OPSET, export_graph
-from refseg.export.wrappers import GraphIO
+from refseg.export.wrappers import Dinov3Export, image_hw
 from refseg.models.dinov3 import Dinov3VisionTransformer
-from refseg.runtime import io_names as io
+
+__all__ = ["Dinov3Export", "export_dinov3"]  # the wrapper lives in refseg.export.wrappers (AOTI uses it too)
 
 log = logging.getLogger(__name__)
-
-
-def _size(image_size: int | tuple[int, int]) -> tuple[int, int]:
-    if isinstance(image_size, int):
-        return image_size, image_size
-    height, width = (int(v) for v in image_size)
-    return height, width
-
-
-class Dinov3Export(nn.Module):
-    """DINOv3 -> (``patch_tokens`` (B, T, D), ``cls_token`` (B, D)) at a fixed input size.
-
-    Args:
-        model: a :class:`Dinov3VisionTransformer` (eval mode; its parameters are shared, not copied).
-        image_size: S (square) or (H, W), multiples of 16.
-
-    The forward pass is the model's ``prepare_tokens`` + ``features_from_tokens`` (its
-    ``forward_features`` for ``masks=None``) with the RoPE tables held as buffers.
-    """
-
-    def __init__(self, model: Dinov3VisionTransformer, image_size: int | tuple[int, int]) -> None:
-        super().__init__()
-        height, width = _size(image_size)
-        patch = model.patch_size
-        if min(height, width) <= 0 or height % patch or width % patch:
-            raise ValueError(f"Dinov3Export: image size {height}x{width} (HxW) is not a positive multiple of "
-                             f"the patch size {patch}")
-        self.model = model
-        self.image_size = (height, width)
-        with torch.no_grad():
-            sin, cos = model.rope((height // patch, width // patch))
-        self.register_buffer("rope_sin", sin.clone(), persistent=False)
-        self.register_buffer("rope_cos", cos.clone(), persistent=False)
-        self.num_tokens = (height // patch) * (width // patch)
-        self.io = GraphIO(
-            inputs=(io.DINOV2_INPUT,), outputs=io.DINOV2_OUTPUTS,
-            shapes={io.DINOV2_INPUT: ["batch", 3, height, width],
-                    io.DINOV2_PATCH_TOKENS: ["batch", self.num_tokens, model.embed_dim],
-                    io.DINOV2_CLS_TOKEN: ["batch", model.embed_dim]})
-
-    def example_inputs(self, batch: int = 2) -> tuple[torch.Tensor, ...]:
-        """Random ``images`` of the export size (batch 2 keeps the traced batch symbolic)."""
-        gen = torch.Generator().manual_seed(0)
-        return (torch.randn(batch, 3, *self.image_size, generator=gen),)
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self.model.prepare_tokens(images)
-        features = self.model.features_from_tokens(tokens, (self.rope_sin, self.rope_cos))
-        return features["x_norm_patchtokens"], features["x_norm_clstoken"]
 
 
 def export_dinov3(model: Dinov3VisionTransformer | str | os.PathLike, path: str | os.PathLike,
@@ -97,6 +49,6 @@ def export_dinov3(model: Dinov3VisionTransformer | str | os.PathLike, path: str 
         model = build_dinov3(checkpoint=model)
     model = model.float().eval()
     record = export_graph(Dinov3Export(model, image_size), path, precision, opset, device)
-    record.update(model=model.spec.name, image_size=list(_size(image_size)))
+    record.update(model=model.spec.name, image_size=list(image_hw(image_size)))
     log.info("DINOv3 %s exported at %s to %s (%s)", model.spec.name, record["image_size"], path, precision)
     return record

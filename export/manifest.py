@@ -1,7 +1,9 @@
 """``DIR/manifest.json``: what an export folder holds, written by the exporters.
 
 The manifest records the versions that produced the graphs (refseg, torch, onnx, opset), the
-matching encoder (``encoder``: ``dinov2`` / ``dinov3``) and its ``patch_size``, the models and their source
+matching encoder (``encoder``: ``dinov2`` / ``dinov3``) and its ``patch_size``, the positional projection the
+matching applies (``feature_debias``: mode, and for ``project`` the basis file with its shape and rank;
+:mod:`refseg.export.debias_basis`), the models and their source
 checkpoints (path, size, sha256; a Hugging Face folder by its files), the precision and encoder input side,
 every graph's file and input/output names, dtypes and shapes (strings are dynamic dimensions),
 and the sha256 of every file in the folder. It is written last, so a folder whose export was
@@ -23,7 +25,7 @@ from refseg.config import ENCODER_PATCH_SIZE
 from refseg.io.writers import atomic_writer
 from refseg.models.checkpoints import file_identity, sha256_file
 from refseg.optional import versions
-from refseg.runtime.io_names import FORMAT_VERSION, MANIFEST_NAME
+from refseg.runtime.io_names import FEATURE_DEBIAS_KEY, FORMAT_VERSION, MANIFEST_NAME
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,7 @@ def checkpoint_record(path: str | os.PathLike | None) -> dict | None:
 
 def build_manifest(folder: str | os.PathLike, graphs: dict[str, dict], *, precision: str,
                    image_size: int, models: dict[str, str], checkpoints: dict[str, dict | None],
-                   opset: int, max_batch: int, encoder: str = "dinov2") -> dict:
+                   opset: int, max_batch: int, encoder: str = "dinov2", feature_debias: dict | None = None) -> dict:
     """Assemble the manifest of ``folder``; checksums every file in it except the manifest.
 
     Args:
@@ -46,6 +48,8 @@ def build_manifest(folder: str | os.PathLike, graphs: dict[str, dict], *, precis
         models: {encoder: spec name, "sam": spec name}.
         checkpoints: {encoder: :func:`checkpoint_record` or None, "sam": ...}.
         encoder: ``dinov2`` or ``dinov3``; recorded with its patch size (``refseg.config.ENCODER_PATCH_SIZE``).
+        feature_debias: the positional-projection record of :func:`refseg.export.debias_basis.debias_record`
+            (its basis file must already be in ``folder``); None: not recorded (older exports).
     """
     if encoder not in ENCODER_PATCH_SIZE:
         raise ValueError(f"unknown encoder {encoder!r}; choose one of {', '.join(ENCODER_PATCH_SIZE)}")
@@ -56,7 +60,7 @@ def build_manifest(folder: str | os.PathLike, graphs: dict[str, dict], *, precis
         missing = [f for f in graph["files"] if f not in files]
         if missing:
             raise ValueError(f"{folder}: graph {key} names files that are not there: {missing}")
-    return {
+    manifest = {
         "format": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": versions(("refseg", "torch", "onnx", "onnxruntime")),  # what shapes the graphs
@@ -71,6 +75,11 @@ def build_manifest(folder: str | os.PathLike, graphs: dict[str, dict], *, precis
         "graphs": graphs,
         "files": files,
     }
+    if feature_debias is not None:
+        if feature_debias.get("file") and feature_debias["file"] not in files:
+            raise ValueError(f"{folder}: feature_debias names {feature_debias['file']}, which is not there")
+        manifest[FEATURE_DEBIAS_KEY] = dict(feature_debias)
+    return manifest
 
 
 def write_manifest(folder: str | os.PathLike, manifest: dict) -> Path:

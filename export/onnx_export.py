@@ -40,9 +40,10 @@ from torch import nn
 
 from refseg.export.fp16 import convert_float_to_float16, float16_report
 from refseg.export.manifest import build_manifest, checkpoint_record, write_manifest
-from refseg.export.wrappers import Dinov2Export, SamDecoderExport, SamEncoderExport
+from refseg.export.debias_basis import debias_record, resolve_debias
+from refseg.export.wrappers import Dinov2Export, Dinov3Export, SamDecoderExport, SamEncoderExport
 from refseg.models.sam_attention import attention_form
-from refseg.runtime.io_names import GRAPH_FILES, MANIFEST_NAME
+from refseg.runtime.io_names import GRAPH_FILES, MANIFEST_NAME, POSITIONAL_BASIS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,8 @@ def export_models(out_dir: str | os.PathLike, dinov2_checkpoint: str | os.PathLi
                   device: str | torch.device = "cpu", dinov2_model: nn.Module | None = None,
                   sam_model: nn.Module | None = None, encoder: str | None = None,
                   dinov3_checkpoint: str | os.PathLike | None = None, dinov3: str | None = None,
-                  sam_image_size: int | None = None) -> dict:
+                  sam_image_size: int | None = None, feature_debias: str = "auto",
+                  debias_rank: int | None = None) -> dict:
     """Export the three graphs of one (matching encoder, SAM or SAM 2) pair into ``out_dir`` with its manifest.
 
     Args:
@@ -176,6 +178,9 @@ def export_models(out_dir: str | os.PathLike, dinov2_checkpoint: str | os.PathLi
         dinov3_checkpoint, dinov3: the DINOv3 ``.pth`` or Hugging Face folder / model name (gated weights:
             looked up, never downloaded; see :func:`refseg.models.build_dinov3`).
         sam_image_size: SAM 2's input side (multiple of 32; default the model's), fixed in its graphs.
+        feature_debias, debias_rank: ``SegmenterConfig``'s fields (``auto``: project for DINOv3; None: the
+            config's rank); ``project`` writes the positional basis of the fp32 encoder for the C++ pipeline
+            (:mod:`refseg.export.debias_basis`; the Python backends recompute it from the graph).
 
     Returns:
         The manifest dict (also written to ``out_dir/manifest.json``).
@@ -210,8 +215,10 @@ def export_models(out_dir: str | os.PathLike, dinov2_checkpoint: str | os.PathLi
         if name is not None and name not in specs:
             raise ValueError(f"unsupported {kind} model {name!r} for export; choose one of "
                              f"{', '.join(specs)}")
+    debias_mode, debias_rank = resolve_debias(encoder, feature_debias, debias_rank)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / POSITIONAL_BASIS_FILE).unlink(missing_ok=True)  # a basis of an earlier export
     (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
 
     checkpoints = {}
@@ -229,12 +236,9 @@ def export_models(out_dir: str | os.PathLike, dinov2_checkpoint: str | os.PathLi
     checkpoints["sam"] = checkpoint_record(sam_checkpoint)
     dinov2_model = dinov2_model.float().eval()
     sam_model = sam_model.float().eval()
-    if encoder == "dinov3":
-        from refseg.export.dinov3_onnx import Dinov3Export  # imports this module: not at the top
-
-        encoder_graph = Dinov3Export(dinov2_model, image_size)
-    else:
-        encoder_graph = Dinov2Export(dinov2_model, image_size)
+    wrapper = Dinov3Export if encoder == "dinov3" else Dinov2Export
+    encoder_graph = wrapper(dinov2_model, image_size)
+    debias = debias_record(out_dir, encoder_graph, image_size, debias_mode, debias_rank)
     graphs = {"dinov2": export_graph(encoder_graph, out_dir / GRAPH_FILES["dinov2"], precision, opset, device)}
     if isinstance(sam_model, Sam2):
         from refseg.export.sam2_onnx import export_sam2_graphs
@@ -249,7 +253,8 @@ def export_models(out_dir: str | os.PathLike, dinov2_checkpoint: str | os.PathLi
         graphs["sam_encoder"]["attention"] = attention_form(torch.device(device), traced=True)
     manifest = build_manifest(out_dir, graphs, precision=precision, image_size=image_size,
                               models={encoder: dinov2_model.spec.name, "sam": sam_model.spec.name},
-                              checkpoints=checkpoints, opset=opset, max_batch=max_batch, encoder=encoder)
+                              checkpoints=checkpoints, opset=opset, max_batch=max_batch, encoder=encoder,
+                              feature_debias=debias)
     write_manifest(out_dir, manifest)
     log.info("export written to %s (%s, %s %s @%d, SAM %s)", out_dir, precision, encoder,
              dinov2_model.spec.name, image_size, sam_model.spec.name)

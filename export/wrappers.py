@@ -7,6 +7,8 @@ positional inputs and tuple outputs are the graph's, named by :mod:`refseg.runti
   ``cls_token`` (B, D), T = (S/14)². S is fixed when the wrapper is built: the position table is
   resampled once here (``DinoVisionTransformer.position_embedding``) and enters the graph as one
   constant, so the graph holds no bicubic resize.
+* :class:`Dinov3Export`: the same names and shapes for DINOv3 at a fixed (H, W) (multiples of 16,
+  T = (H/16)(W/16)); the RoPE sine/cosine tables are computed once here and enter the graph as constants.
 * :class:`SamEncoderExport`: ``images`` (B, 3, 1024, 1024) float32 -> ``image_embeddings``
   (B, 256, 64, 64).
 * :class:`SamDecoderExport`: P prompt sets against one image embedding, the calling convention
@@ -27,6 +29,7 @@ import torch
 from torch import nn
 
 from refseg.models.dinov2 import DinoVisionTransformer
+from refseg.models.dinov3 import Dinov3VisionTransformer
 from refseg.runtime import io_names as io
 
 MASK_OUTPUTS = ("all", "multi", "single")  # decoder mask sets an export can return
@@ -88,6 +91,56 @@ class Dinov2Export(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.model.features_from_tokens(self.model.tokens_with_positions(images, self.pos_embed))
+        return features["x_norm_patchtokens"], features["x_norm_clstoken"]
+
+
+def image_hw(image_size: int | tuple[int, int]) -> tuple[int, int]:
+    """(H, W) of a side S or an (H, W) pair."""
+    if isinstance(image_size, int):
+        return image_size, image_size
+    height, width = (int(v) for v in image_size)
+    return height, width
+
+
+class Dinov3Export(nn.Module):
+    """DINOv3 -> (``patch_tokens`` (B, T, D), ``cls_token`` (B, D)) at a fixed input size.
+
+    Args:
+        model: a :class:`Dinov3VisionTransformer` (eval mode; its parameters are shared, not copied).
+        image_size: S (square) or (H, W), multiples of 16.
+
+    The forward pass is the model's ``prepare_tokens`` + ``features_from_tokens`` (its
+    ``forward_features`` for ``masks=None``) with the RoPE tables held as buffers.
+    """
+
+    def __init__(self, model: Dinov3VisionTransformer, image_size: int | tuple[int, int]) -> None:
+        super().__init__()
+        height, width = image_hw(image_size)
+        patch = model.patch_size
+        if min(height, width) <= 0 or height % patch or width % patch:
+            raise ValueError(f"Dinov3Export: image size {height}x{width} (HxW) is not a positive multiple of "
+                             f"the patch size {patch}")
+        self.model = model
+        self.image_size = (height, width)
+        with torch.no_grad():
+            sin, cos = model.rope((height // patch, width // patch))
+        self.register_buffer("rope_sin", sin.clone(), persistent=False)
+        self.register_buffer("rope_cos", cos.clone(), persistent=False)
+        self.num_tokens = (height // patch) * (width // patch)
+        self.io = GraphIO(
+            inputs=(io.DINOV2_INPUT,), outputs=io.DINOV2_OUTPUTS,
+            shapes={io.DINOV2_INPUT: ["batch", 3, height, width],
+                    io.DINOV2_PATCH_TOKENS: ["batch", self.num_tokens, model.embed_dim],
+                    io.DINOV2_CLS_TOKEN: ["batch", model.embed_dim]})
+
+    def example_inputs(self, batch: int = 2) -> tuple[torch.Tensor, ...]:
+        """Random ``images`` of the export size (batch 2 keeps the traced batch symbolic)."""
+        gen = torch.Generator().manual_seed(0)
+        return (torch.randn(batch, 3, *self.image_size, generator=gen),)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.model.prepare_tokens(images)
+        features = self.model.features_from_tokens(tokens, (self.rope_sin, self.rope_cos))
         return features["x_norm_patchtokens"], features["x_norm_clstoken"]
 
 

@@ -156,6 +156,20 @@ def test_exported_encoder_through_onnxruntime_matches_transformers(exported, hf_
     x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
     got = backend.encode_dinov2(x).double().numpy()
     assert np.abs(got - hf_patch_tokens(model, x)).max() <= TOL
+    # the positional basis stored for the C++ pipeline: projecting with it is INSID3's projection of
+    # transformers' tokens with transformers' blank-image tokens (numpy)
+    from refseg.export.debias_basis import read_basis
+
+    record = manifest["feature_debias"]
+    assert record["mode"] == "project" and record["rank"] == RANK and record["file"] in manifest["files"]
+    basis = read_basis(exported, record).double().numpy()
+    blank = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(1, 3, 1, 1)
+    blank_tokens = hf_patch_tokens(model, blank.expand(1, 3, SIZE, SIZE).contiguous())[0]
+    tokens = hf_patch_tokens(model, x)
+    unit = tokens / np.linalg.norm(tokens, axis=-1, keepdims=True)
+    projected = unit - (unit @ basis) @ basis.T
+    projected /= np.linalg.norm(projected, axis=-1, keepdims=True)
+    assert np.abs(projected - insid3_projection(tokens, blank_tokens, RANK)).max() <= TOL
 
 
 def test_segment_folder_through_the_exported_backend(exported, hf_model, pair, tiny_checkpoints, tmp_path):

@@ -8,12 +8,38 @@
 
 namespace refseg::presets {
 
-constexpr const char* kNames[] = {"sat", "gbmseg"};
+constexpr const char* kNames[] = {"sat", "sat-v3", "gbmseg"};
 
 // Sets the fields preset `name` decides; false for a name the C++ pipeline does not run.
 inline bool apply(const char* name, refseg_params* p) {
   if (std::strcmp(name, "sat") == 0) {
     p->prompts.patch_size = 14;
+    p->prompts.grid_rule = REFSEG_GRID_ALL;
+    p->prompts.grid_fraction = 0.95;
+    p->prompts.gbmseg_skip_last = 0;
+    p->prompts.gbmseg_offimage_quirk = 0;
+    p->prompts.radius_in_pixels = 0;
+    p->prompts.pos_radius = 0.125;
+    p->prompts.neg_radius = 0.125;
+    p->prompts.exclusion_radius = 0.125;
+    p->prompts.hard_radius = 0.125;
+    p->prompts.kmeans_k = 16;
+    p->prompts.kmeans_iters = 100;
+    p->prompts.kmeans_seed = 0;
+    p->prompts.max_points = 0;
+    p->prompts.fallback = 1;
+    p->prompts.use_box = 0;
+    p->metric_euclidean = 0;
+    p->cycle_check = 1;
+    p->hard_negatives = 0;
+    p->multimask_output = 1;
+    p->keep_largest_contour = 0;
+    p->min_component_fraction = 0.3;
+    p->fill_holes = 0;
+    return true;
+  }
+  if (std::strcmp(name, "sat-v3") == 0) {
+    p->prompts.patch_size = 16;
     p->prompts.grid_rule = REFSEG_GRID_ALL;
     p->prompts.grid_fraction = 0.95;
     p->prompts.gbmseg_skip_last = 0;

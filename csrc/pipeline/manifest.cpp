@@ -60,6 +60,39 @@ Manifest read_manifest(const std::string& dir) {
         }
       }
     }
+    if (const json::Value* debias = root.find("feature_debias")) {
+      if (!debias->is(json::Type::Object)) throw json::Error("feature_debias: expected an object", 0);
+      const json::Value* mode = debias->find("mode");
+      if (!mode) throw json::Error("feature_debias: no mode", 0);
+      m.debias_mode = mode->as_string("feature_debias.mode");
+      if (m.debias_mode == "project") {
+        const json::Value* file = debias->find("file");
+        const json::Value* shape = debias->find("shape");
+        const json::Value* rank = debias->find("rank");
+        const json::Value* dtype = debias->find("dtype");
+        if (!file || !shape || !rank || !dtype)
+          throw json::Error("feature_debias: project needs file, shape, rank, dtype", 0);
+        m.debias_file = file->as_string("feature_debias.file");
+        if (m.debias_file.empty() || m.debias_file.find_first_of("/\\") != std::string::npos || m.debias_file[0] == '.')
+          throw json::Error("feature_debias.file '" + m.debias_file + "' is not a file name in the folder", 0);
+        if (dtype->as_string("feature_debias.dtype") != "float32")
+          throw json::Error("feature_debias.dtype " + dtype->text + ": this refseg reads float32", 0);
+        if (!shape->is(json::Type::Array) || shape->items.size() != 2)
+          throw json::Error("feature_debias.shape: expected [D, rank]", 0);
+        const int64_t d = shape->items[0].as_int("feature_debias.shape[0]");
+        const int64_t r = shape->items[1].as_int("feature_debias.shape[1]");
+        if (d < 1 || d > 1 << 16 || r < 1 || r >= d || r != rank->as_int("feature_debias.rank"))
+          throw json::Error("feature_debias: shape [" + std::to_string(d) + ", " + std::to_string(r) +
+                                "] and rank " + rank->text + " do not describe a (D, rank) basis with rank < D", 0);
+        const json::Value* normalize = debias->find("normalize");
+        if (normalize && !normalize->as_bool("feature_debias.normalize"))
+          throw json::Error("feature_debias.normalize false: this refseg projects L2-normalised tokens only", 0);
+        m.debias_dim = static_cast<int>(d);
+        m.debias_rank = static_cast<int>(r);
+      } else if (m.debias_mode != "none") {
+        throw json::Error("feature_debias.mode '" + m.debias_mode + "': this refseg applies 'project' or 'none'", 0);
+      }
+    }
     // AOTInductor packages carry "export_format": "aoti" (and their "device"); the ONNX export lists .onnx graphs
     if (const json::Value* kind = root.find("export_format")) {
       m.kind = kind->as_string("export_format");

@@ -20,10 +20,18 @@ struct Manifest {
   std::string dinov2_model;  // models.dinov2 (or models.dinov3) / models.sam ("" when absent)
   std::string sam_model;
   std::map<std::string, std::vector<std::string>> graph_files;  // graphs.<name>.files
+  // "feature_debias" (refseg.export.debias_basis): "none", "project", or "" when the manifest has no record
+  // (exports older than the positional basis). For "project": the basis file in the folder (raw little-endian
+  // float32, row-major (debias_dim, debias_rank)).
+  std::string debias_mode;
+  std::string debias_file;
+  int debias_dim = 0;
+  int debias_rank = 0;
 };
 
 // Reads DIR/manifest.json; throws ArtifactError naming the file and the problem (no manifest, bad JSON,
-// another format version, missing or mistyped keys, an export of neither kind, S not a multiple of the patch size).
+// another format version, missing or mistyped keys, an export of neither kind, S not a multiple of the patch size,
+// a feature_debias record of another mode, dtype or shape).
 Manifest read_manifest(const std::string& dir);
 
 }  // namespace refseg

@@ -1,4 +1,5 @@
-// The C++ pipeline behind refseg_model / refseg_context: DINOv2 -> grid / matching -> prompts -> SAM ->
+// The C++ pipeline behind refseg_model / refseg_context: DINOv2 or DINOv3 (its positional subspace projected
+// out when the export carries the basis) -> grid / matching -> prompts -> SAM ->
 // post-processing, the stages of refseg.Segmenter (method "match") with the torch backend, on the AOTInductor
 // packages of `refseg export --format aoti` or (built with REFSEG_HAVE_TENSORRT) the TensorRT engines of
 // `refseg export --format onnx,tensorrt`, chosen by the folder's manifest. No torch types in this header.
@@ -73,6 +74,11 @@ class Model {
   int image_size() const;
   int patch_size() const;  // the export's encoder patch side (manifest "patch_size", 14 for older exports)
   const std::string& backend_name() const;  // "aoti-cpu" / "tensorrt"
+  // The export's positional basis (manifest "feature_debias" "project": row-major (D, rank) float32, the file
+  // refseg.export.debias_basis wrote), empty when the export matches without it; the Session projects reference
+  // and target tokens with it (refseg.pipeline.feature_norm.project_out).
+  const std::vector<float>& positional_basis() const;
+  int debias_rank() const;  // its rank (0 without a basis)
   const Backend& backend() const;
 
  private:

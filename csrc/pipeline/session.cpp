@@ -1,7 +1,7 @@
 // Session: references and targets through the stages of refseg.Segmenter with the torch backend, in the same
-// arithmetic (features.dinov2_batch, grid.label_mask_to_grids, kernels.match_reference, matching / prompts,
-// sam_transforms.resize_image / normalize_pad / resize_coords / postprocess_masks, decode.decode_target,
-// postprocess.clean_mask, decode.to_label_map).
+// arithmetic (features.dinov2_batch, feature_norm.project_out, grid.label_mask_to_grids, kernels.match_reference,
+// matching / prompts, sam_transforms.resize_image / normalize_pad / resize_coords / postprocess_masks,
+// decode.decode_target, postprocess.clean_mask, decode.to_label_map).
 #include <ATen/ATen.h>
 
 #include <algorithm>
@@ -55,6 +55,15 @@ std::pair<int, int> sam_input_size(int height, int width) {
   return {static_cast<int>(height * scale + 0.5), static_cast<int>(width * scale + 0.5)};
 }
 
+// F.normalize(x, dim=-1): x / max(||x||, eps)
+at::Tensor l2_normalize(const at::Tensor& x) { return x / x.norm(2, {-1}, true).clamp_min(kMatchEps).expand_as(x); }
+
+// feature_norm.project_out (normalize=True): tokens (B, T, D) -> L2-normalise, x - (x U) U^T, L2-normalise
+at::Tensor project_out(const at::Tensor& tokens, const at::Tensor& basis) {
+  const at::Tensor x = l2_normalize(tokens.to(at::kFloat));
+  return l2_normalize(x - at::matmul(at::matmul(x, basis), basis.t())).contiguous();
+}
+
 struct Shot {
   at::Tensor tokens;                          // (T, D)
   std::map<uint8_t, std::vector<int8_t>> grids;  // class -> (T,) labels
@@ -71,11 +80,20 @@ struct Session::Impl {
   std::vector<uint8_t> classes;
   at::Tensor ref_tokens;           // pooled (1, Nr, D); undefined when stale
   std::vector<int8_t> ref_labels;  // (C, Nr)
+  at::Tensor basis;                // (D, rank) positional basis of the export; undefined without one
 
   explicit Impl(const Model& m)
-      : model(m), opt(m.options()), side(m.image_size()), runner(m.backend().runner()) {}
+      : model(m), opt(m.options()), side(m.image_size()), runner(m.backend().runner()) {
+    const std::vector<float>& b = m.positional_basis();
+    if (!b.empty()) {
+      const int64_t rank = m.debias_rank(), dim = static_cast<int64_t>(b.size()) / rank;
+      basis = at::from_blob(const_cast<float*>(b.data()), {dim, rank}, at::kFloat).clone();
+    }
+  }
 
-  // DINOv2 input of each image: bicubic to S x S, ImageNet mean / std
+  // Matching tokens (n, T, D) of each image (feature_norm.encode_for_matching): the encoder's patch tokens of
+  // its input (bicubic to S x S, ImageNet mean / std), projected off the positional subspace when the export
+  // carries the basis (L2-normalised then)
   at::Tensor dinov2(const std::vector<const ImageView*>& images) {
     const int64_t n = static_cast<int64_t>(images.size());
     at::Tensor x = runner->input(Stage::Dinov2, {n, 3, side, side});
@@ -85,7 +103,13 @@ struct Session::Impl {
                                          Filter::Bicubic);
       write_chw(small, side, side, kImagenetMean, kImagenetStd, 255.0f, side, x.data_ptr<float>() + i * 3 * side * side);
     }
-    return runner->dinov2(x);
+    at::Tensor tokens = runner->dinov2(x);
+    if (!basis.defined()) return tokens;
+    if (tokens.size(-1) != basis.size(0))
+      throw ArtifactError("the export's positional basis is " + std::to_string(basis.size(0)) + " x " +
+                          std::to_string(basis.size(1)) + ", its encoder gives tokens of width " +
+                          std::to_string(tokens.size(-1)));
+    return project_out(tokens, basis);
   }
 
   // SAM input of each image: longer side 1024 (PIL bilinear), SAM mean / std, zero padding to 1024 x 1024
@@ -125,9 +149,7 @@ struct Session::Impl {
     const bool cosine = opt.match.cosine;
     at::Tensor score;
     if (cosine) {
-      at::Tensor an = a / a.norm(2, {-1}, true).clamp_min(kMatchEps).expand_as(a);
-      at::Tensor bn = tgt / tgt.norm(2, {-1}, true).clamp_min(kMatchEps).expand_as(tgt);
-      score = at::matmul(an, bn.transpose(1, 2));
+      score = at::matmul(l2_normalize(a), l2_normalize(tgt).transpose(1, 2));
     } else {
       score = at::cdist(a, tgt);
     }

@@ -105,7 +105,7 @@ int main() {
   CHECK(preset.cuda_device == -1 && preset.max_parallel_runs == 0 && preset.progress_callback == nullptr);
   CHECK(refseg_preset_params("gbmseg", &preset) == REFSEG_OK && preset.metric_euclidean == 1);
   refseg_params untouched = preset;
-  CHECK(refseg_preset_params("persam", &preset) == REFSEG_ERR_INVALID_ARGUMENT && error_mentions("sat, gbmseg"));
+  CHECK(refseg_preset_params("persam", &preset) == REFSEG_ERR_INVALID_ARGUMENT && error_mentions("sat, sat-v3, gbmseg"));
   CHECK(std::memcmp(&untouched, &preset, sizeof preset) == 0);
   CHECK(refseg_preset_params(nullptr, &preset) == REFSEG_ERR_INVALID_ARGUMENT);
 

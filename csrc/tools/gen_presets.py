@@ -5,7 +5,7 @@ defaults for Python and C++.
     python csrc/tools/gen_presets.py --check    # exit 1 when the header differs from what it would write
 
 Only presets the C++ pipeline runs are written: method "match" with the nearest-neighbour matcher, the
-x_norm_patchtokens features of the export, SAM's own pre-processing (not MedSAM) and no feature debias. tests/test_cpp_defaults.py
+x_norm_patchtokens features of the export, SAM's own pre-processing (not MedSAM), feature debias none or project. tests/test_cpp_defaults.py
 checks the header is current and compares refseg_default_params() / refseg_preset_params() with the presets.
 """
 from __future__ import annotations
@@ -21,10 +21,11 @@ GRID_RULES = {"all": "REFSEG_GRID_ALL", "any": "REFSEG_GRID_ANY", "fraction": "R
 
 
 def runs_in_cpp(config: SegmenterConfig) -> bool:
-    """True for the presets the C++ pipeline implements (it has no positional projection: ``feature_debias``
-    resolving to ``none``, i.e. DINOv2 presets)."""
+    """True for the presets the C++ pipeline implements. ``feature_debias`` resolving to ``project`` (DINOv3
+    presets) runs with the positional basis the export carries (its manifest's ``feature_debias``, written by
+    ``refseg export --format aoti``), so the preset decides the patch size and the export the basis."""
     return (config.method == "match" and config.matcher == "nn" and config.feature_key == "x_norm_patchtokens"
-            and config.sam != "medsam" and config.debias == "none")
+            and config.sam != "medsam" and config.debias in ("none", "project"))
 
 
 def c_fields(config: SegmenterConfig) -> list[tuple[str, str]]:

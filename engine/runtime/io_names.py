@@ -17,6 +17,12 @@ MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 GRAPH_FILES = {"dinov2": "dinov2.onnx", "sam_encoder": "sam_encoder.onnx",
                "sam_decoder": "sam_decoder.onnx"}
+# The positional basis of a DINOv3 export (refseg.pipeline.feature_norm.positional_basis of the encoder graph's
+# patch tokens of the blank image at S): raw little-endian float32, row-major (D, rank), column j the j-th basis
+# vector. The manifest's FEATURE_DEBIAS_KEY record says the mode ("none" / "project") and, for "project", the
+# file, its shape, rank and dtype; the C++ pipeline projects reference and target tokens with it.
+POSITIONAL_BASIS_FILE = "positional_basis.f32"
+FEATURE_DEBIAS_KEY = "feature_debias"
 
 # DINOv2: images (B, 3, S, S) float, ImageNet-normalised.
 DINOV2_INPUT = "images"
