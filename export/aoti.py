@@ -27,9 +27,8 @@ from torch import nn
 
 from refseg.config import ENCODER_PATCH_SIZE
 from refseg.export.debias_basis import debias_record, resolve_debias
-from refseg.export.dinov3_onnx import Dinov3Export
 from refseg.export.manifest import build_manifest, checkpoint_record, write_manifest
-from refseg.export.wrappers import Dinov2Export, SamDecoderExport, SamEncoderExport
+from refseg.export.wrappers import Dinov2Export, Dinov3Export, SamDecoderExport, SamEncoderExport
 from refseg.models.dinov3 import Dinov3VisionTransformer
 from refseg.runtime.io_names import MANIFEST_NAME, POSITIONAL_BASIS_FILE, pack_prompts
 

@@ -102,3 +102,14 @@ def test_segmenter_hands_the_exporter_to_the_runtime(monkeypatch):
     with pytest.raises(RuntimeError, match="stop here"):
         segmenter.Segmenter(SegmenterConfig(), backend="onnxruntime")
     assert seen["name"] == "onnxruntime" and seen["exporter"] is fill_export_folder
+
+
+def test_aoti_export_needs_no_onnx():
+    """`refseg export --format aoti` (DINOv2 or DINOv3) runs without the onnx extra installed."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nsys.modules['onnx'] = None  # import onnx raises ImportError, as when it is absent\n"
+            "import refseg.export.aoti\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
