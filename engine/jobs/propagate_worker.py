@@ -1,4 +1,5 @@
-"""The models of a ``--propagate`` run: a matching Segmenter (DINOv2 or DINOv3, no SAM) and :class:`refseg.VideoPredictor`.
+"""The models of a ``--propagate`` run: a matching Segmenter (DINOv2 or DINOv3, no SAM) and
+:class:`refseg.VideoPredictor`.
 
 :class:`PropagationSpec` is the job's picklable recipe (a :class:`~refseg.jobs.segmenter_spec.SegmenterSpec`
 plus the SAM 2 model and the propagation settings); :meth:`PropagationSpec.build` loads both models into a
