@@ -90,6 +90,7 @@ NATIVE = Extension(
     "refseg._C", sorted(glob.glob("csrc/core/*.cpp")) + sorted(glob.glob("csrc/api/*.cpp"))
     + ["csrc/pipeline/resample.cpp", "csrc/python/module.cpp"],
     include_dirs=["csrc/include", "csrc/api"], language="c++",
+    depends=sorted(glob.glob("csrc/**/*.h", recursive=True)),  # a changed header (presets.h ...) rebuilds it
     extra_compile_args=["-std=c++17", "-O2", "-ffp-contract=off", "-fvisibility=hidden"])
 
 setup(

@@ -13,7 +13,7 @@ from refseg.config import PRESETS, SegmenterConfig
 
 _C = pytest.importorskip("refseg._C", reason="refseg._C is not built (pip install -e . builds it)")
 ROOT = Path(__file__).resolve().parents[1]
-CPP_PRESETS = ("sat", "gbmseg")  # the presets the C++ pipeline runs (method "match", matcher "nn")
+CPP_PRESETS = ("sat", "sat-v3", "gbmseg")  # the presets the C++ pipeline runs (method "match", matcher "nn")
 
 
 def expected(config: SegmenterConfig) -> dict:
