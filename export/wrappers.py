@@ -53,7 +53,33 @@ class GraphIO:
                 for name, dims in self.shapes.items() if any(isinstance(d, str) for d in dims)}
 
 
-class Dinov2Export(nn.Module):
+def image_hw(image_size: int | tuple[int, int]) -> tuple[int, int]:
+    """(H, W) of a side S or an (H, W) pair."""
+    if isinstance(image_size, int):
+        return image_size, image_size
+    height, width = (int(v) for v in image_size)
+    return height, width
+
+
+class EncoderExport(nn.Module):
+    """What the two matching-encoder wrappers share: the graph contract (``images`` (B, 3, H, W) ->
+    ``patch_tokens`` (B, T, D), ``cls_token`` (B, D)) and example inputs at the fixed (H, W)."""
+
+    def _set_io(self, height: int, width: int, num_tokens: int, dim: int) -> None:
+        self.num_tokens = num_tokens
+        self.io = GraphIO(
+            inputs=(io.DINOV2_INPUT,), outputs=io.DINOV2_OUTPUTS,
+            shapes={io.DINOV2_INPUT: ["batch", 3, height, width],
+                    io.DINOV2_PATCH_TOKENS: ["batch", num_tokens, dim],
+                    io.DINOV2_CLS_TOKEN: ["batch", dim]})
+
+    def example_inputs(self, batch: int = 2) -> tuple[torch.Tensor, ...]:
+        """Random ``images`` of the export size (batch 2 keeps the traced batch symbolic)."""
+        gen = torch.Generator().manual_seed(0)
+        return (torch.randn(batch, 3, *image_hw(self.image_size), generator=gen),)
+
+
+class Dinov2Export(EncoderExport):
     """DINOv2 -> (``patch_tokens`` (B, T, D), ``cls_token`` (B, D)) at a fixed input side S.
 
     Args:
@@ -77,32 +103,14 @@ class Dinov2Export(nn.Module):
         with torch.no_grad():
             pos = model.position_embedding((grid, grid))
         self.register_buffer("pos_embed", pos.detach().to(model.pos_embed.dtype).clone(), persistent=False)
-        self.num_tokens = grid * grid
-        self.io = GraphIO(
-            inputs=(io.DINOV2_INPUT,), outputs=io.DINOV2_OUTPUTS,
-            shapes={io.DINOV2_INPUT: ["batch", 3, image_size, image_size],
-                    io.DINOV2_PATCH_TOKENS: ["batch", self.num_tokens, model.embed_dim],
-                    io.DINOV2_CLS_TOKEN: ["batch", model.embed_dim]})
-
-    def example_inputs(self, batch: int = 2) -> tuple[torch.Tensor, ...]:
-        """Random ``images`` of the export size (batch 2 keeps the traced batch symbolic)."""
-        gen = torch.Generator().manual_seed(0)
-        return (torch.randn(batch, 3, self.image_size, self.image_size, generator=gen),)
+        self._set_io(image_size, image_size, grid * grid, model.embed_dim)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.model.features_from_tokens(self.model.tokens_with_positions(images, self.pos_embed))
         return features["x_norm_patchtokens"], features["x_norm_clstoken"]
 
 
-def image_hw(image_size: int | tuple[int, int]) -> tuple[int, int]:
-    """(H, W) of a side S or an (H, W) pair."""
-    if isinstance(image_size, int):
-        return image_size, image_size
-    height, width = (int(v) for v in image_size)
-    return height, width
-
-
-class Dinov3Export(nn.Module):
+class Dinov3Export(EncoderExport):
     """DINOv3 -> (``patch_tokens`` (B, T, D), ``cls_token`` (B, D)) at a fixed input size.
 
     Args:
@@ -126,17 +134,7 @@ class Dinov3Export(nn.Module):
             sin, cos = model.rope((height // patch, width // patch))
         self.register_buffer("rope_sin", sin.clone(), persistent=False)
         self.register_buffer("rope_cos", cos.clone(), persistent=False)
-        self.num_tokens = (height // patch) * (width // patch)
-        self.io = GraphIO(
-            inputs=(io.DINOV2_INPUT,), outputs=io.DINOV2_OUTPUTS,
-            shapes={io.DINOV2_INPUT: ["batch", 3, height, width],
-                    io.DINOV2_PATCH_TOKENS: ["batch", self.num_tokens, model.embed_dim],
-                    io.DINOV2_CLS_TOKEN: ["batch", model.embed_dim]})
-
-    def example_inputs(self, batch: int = 2) -> tuple[torch.Tensor, ...]:
-        """Random ``images`` of the export size (batch 2 keeps the traced batch symbolic)."""
-        gen = torch.Generator().manual_seed(0)
-        return (torch.randn(batch, 3, *self.image_size, generator=gen),)
+        self._set_io(height, width, (height // patch) * (width // patch), model.embed_dim)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.model.prepare_tokens(images)

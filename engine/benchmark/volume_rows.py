@@ -114,14 +114,10 @@ def checkpoints(out: Path, sam=None, sam2=None, dinov2=None) -> tuple[dict[str, 
 def run_segment_argv(argv: list[str]) -> int:
     """Run ``refseg segment ARGV`` in this process (its own parser, then :func:`refseg.jobs.run_segment`);
     returns the exit code. Bad input raises ``ValueError`` as the job raises it."""
-    import argparse
-
-    from refseg.cli.segment import add_parser
+    from refseg.cli import build_parser
     from refseg.jobs import run_segment
 
-    parser = argparse.ArgumentParser(prog="refseg")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    return run_segment(parser.parse_args(["segment", *argv]))
+    return run_segment(build_parser().parse_args(["segment", *argv]))
 
 
 def measure_mode(mode: str, argv: list[str], out: Path, gt: Path, labels: list[int], slices: str | None,
